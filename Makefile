@@ -1,0 +1,40 @@
+# The two commands of the quickstart: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install install-test demo test lint format prism clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+# Prism serves Twilio's own OpenAPI spec for the contract tests (skipped without npm, required in CI).
+prism:
+	@if command -v npm >/dev/null 2>&1; then \
+		if [ -f tests/package-lock.json ]; then npm ci --prefix tests --no-audit --no-fund --loglevel=error; fi; \
+	else echo "npm not found: the Twilio contract tests will be skipped"; fi
+
+demo: install
+	$(BIN)/reminders demo
+
+test: install-test prism
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check reminders tests benchmarks
+	$(BIN)/ruff format --check reminders
+	$(BIN)/mypy
+
+format: install-test
+	$(BIN)/ruff format reminders tests benchmarks
+	$(BIN)/ruff check --fix reminders tests benchmarks
+
+clean:
+	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""reminders: a proactive customer-reminder engine."""
+
+__version__ = "0.1.0"

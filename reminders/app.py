@@ -1,0 +1,49 @@
+"""The running engine's context: config, rules and connections, each made once and on demand."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import clock, source, store
+from .config import Config, load_config
+from .rules import RuleSet, load_rules
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+
+class App:
+    """What every command needs, loaded lazily: a command that needs no rules never reads them."""
+
+    def __init__(self, config_path: str | Path | None = None, config: Config | None = None) -> None:
+        self._config_path = config_path
+        if config is not None:
+            self.__dict__["config"] = config
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self._config_path)
+
+    @cached_property
+    def ruleset(self) -> RuleSet:
+        return load_rules(self.config)
+
+    @cached_property
+    def state(self) -> Engine:
+        return store.engine_for(self.config.state_url)
+
+    @cached_property
+    def business(self) -> Engine:
+        return source.engine_for(self.config.source_url)
+
+    @cached_property
+    def renderer(self) -> Any:
+        from .render import Renderer
+
+        return Renderer(self.config.templates_path)
+
+    def now(self) -> datetime:
+        return clock.now()

@@ -1,0 +1,317 @@
+"""config.yaml: read once, validated into typed objects.
+
+``${VAR}`` takes a value from the environment (a missing variable is an error naming it and its
+line). Relative paths, SQLite URLs included, are relative to the config file's folder. Unknown keys
+are errors. Secrets (the Twilio token, the SMTP password, ``REMINDERS_SECRET``) come only from the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from . import schedule
+from .errors import ConfigError, Problem
+from .yamlfile import Document, YamlError, load
+
+CONFIG_ENV = "REMINDERS_CONFIG"
+DEFAULT_CONFIG = "config.yaml"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _text(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _window(value: Any) -> Any:
+    return schedule.parse_window(value) if isinstance(value, str) else value
+
+
+def _duration(value: Any) -> Any:
+    return schedule.parse_duration(_text(value)) if isinstance(value, str | int) else value
+
+
+def _zone(value: Any) -> Any:
+    if isinstance(value, str):
+        schedule.zone(value)  # raises ValueError with the name
+    return value
+
+
+Window = Annotated[schedule.Window, BeforeValidator(_window)]
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+ZoneName = Annotated[str, BeforeValidator(_zone)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class SourceConfig(_Model):
+    url: str
+    query_timeout: Duration | None = None
+
+
+class StateConfig(_Model):
+    url: str = "sqlite:///reminders.db"
+
+
+class RedisConfig(_Model):
+    url: str | None = None
+
+
+class SmsConfig(_Model):
+    provider: Literal["twilio", "outbox"]
+    account_sid: str | None = None
+    auth_token: str | None = None
+    from_: str | None = Field(default=None, alias="from")
+    messaging_service_sid: str | None = None
+    api_url: str | None = None
+    quiet_hours: Window | None = schedule.parse_window("21:00-08:00")
+    rate_limit: float | None = Field(default=None, gt=0)
+    max_segments: int = Field(default=3, ge=1)
+    concurrency: int = Field(default=32, ge=1, le=512)
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> SmsConfig:
+        if self.provider == "twilio":
+            missing = [k for k in ("account_sid", "auth_token") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"provider twilio needs {' and '.join(missing)} "
+                    "(e.g. account_sid: ${TWILIO_ACCOUNT_SID})"
+                )
+            if not self.from_ and not self.messaging_service_sid:
+                raise ValueError("provider twilio needs from (a number) or messaging_service_sid")
+        if self.provider == "outbox" and self.path is None:
+            object.__setattr__(self, "path", Path("outbox.jsonl"))
+        return self
+
+
+class EmailConfig(_Model):
+    provider: Literal["smtp", "outbox"]
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    from_: str | None = Field(default=None, alias="from")
+    username: str | None = None
+    password: str | None = None
+    security: Literal["none", "starttls", "ssl"] = "none"
+    timeout: Duration = timedelta(seconds=10)
+    quiet_hours: Window | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> EmailConfig:
+        if self.provider == "smtp" and not self.from_:
+            raise ValueError('provider smtp needs from (e.g. "Acme <care@example.com>")')
+        if self.provider == "outbox" and self.path is None:
+            object.__setattr__(self, "path", Path("outbox.jsonl"))
+        return self
+
+
+class ChannelsConfig(_Model):
+    sms: SmsConfig | None = None
+    email: EmailConfig | None = None
+
+
+class WebConfig(_Model):
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f'"{value}" is not an http(s) URL')
+        return value.rstrip("/") if value else value
+
+
+class RetryConfig(_Model):
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff: Duration = timedelta(seconds=30)
+    max_backoff: Duration = timedelta(hours=1)
+
+
+class SchedulerConfig(_Model):
+    scan_every: Duration = timedelta(minutes=5)
+    dispatch_every: Duration = timedelta(seconds=10)
+
+
+class Config(_Model):
+    """The validated config. ``root`` is the folder relative paths are resolved against."""
+
+    timezone: ZoneName = "UTC"
+    send_window: Window = schedule.parse_window("09:00-20:00")
+    default_region: str = "US"
+    source: SourceConfig
+    state: StateConfig = StateConfig()
+    redis: RedisConfig = RedisConfig()
+    rules: Path = Path("rules")
+    templates: Path = Path("templates")
+    channels: ChannelsConfig = ChannelsConfig()
+    web: WebConfig = WebConfig()
+    requeue_after: Duration = timedelta(minutes=5)
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    retries: RetryConfig = RetryConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    root: Path = Path(".")
+    file: str = DEFAULT_CONFIG
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        import phonenumbers
+
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f'"{value}" is not a region code (examples: US, GB, DE)')
+        return value.upper()
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not value.get("url"):
+            raise ValueError(
+                "source.url is required: the business database (e.g. sqlite:///shop.db)"
+            )
+        return value
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [name for name in ("sms", "email") if getattr(self.channels, name) is not None]
+
+    def channel(self, name: str) -> SmsConfig | EmailConfig:
+        found = getattr(self.channels, name, None)
+        if found is None:
+            raise ConfigError(Problem(f"channel {name} is not configured", self.file))
+        return found
+
+    @property
+    def state_url(self) -> str:
+        return resolve_url(self.state.url, self.root)
+
+    @property
+    def source_url(self) -> str:
+        return resolve_url(self.source.url, self.root)
+
+    @property
+    def rules_path(self) -> Path:
+        return self.root / self.rules
+
+    @property
+    def templates_path(self) -> Path:
+        return self.root / self.templates
+
+    def path(self, relative: Path) -> Path:
+        return relative if relative.is_absolute() else self.root / relative
+
+    @property
+    def data_dir(self) -> Path:
+        """The engine's own folder beside the config (embedded Redis data, locks)."""
+        return self.root / ".reminders"
+
+    def quiet_hours(self, channel: str) -> schedule.Window | None:
+        cfg = getattr(self.channels, channel, None)
+        return cfg.quiet_hours if cfg is not None else None
+
+    def tz(self) -> Any:
+        return schedule.zone(self.timezone)
+
+    def default_send_time(self) -> time:
+        return self.send_window.start
+
+
+def resolve_url(url: str, root: Path) -> str:
+    """Make a relative SQLite URL relative to ``root``; other URLs pass unchanged."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            path = Path(database)
+            if not path.is_absolute():
+                parsed = parsed.set(database=str((root / path).resolve()))
+        return parsed.render_as_string(hide_password=False)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def _substitute(doc: Document, env: dict[str, str]) -> list[Problem]:
+    """Replace ``${VAR}`` in every string, in place; return a problem per missing variable."""
+    problems: list[Problem] = []
+
+    def walk(value: Any, path: tuple[str | int, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, (*path, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, (*path, i)) for i, v in enumerate(value)]
+        if isinstance(value, str) and "${" in value:
+
+            def repl(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if name not in env:
+                    problems.append(doc.problem(path, f"environment variable {name} is not set"))
+                    return ""
+                return env[name]
+
+            return _VAR.sub(repl, value)
+        return value
+
+    doc.data = walk(doc.data, ())
+    return problems
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where the config is: ``-c`` wins, then ``REMINDERS_CONFIG``, then ./config.yaml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+) -> Config:
+    """Read, substitute and validate a config file; :class:`ConfigError` lists every problem."""
+    file = config_path(path)
+    display = str(file)
+    if not file.exists():
+        raise ConfigError(
+            Problem(f"no config file here (pass -c PATH or set {CONFIG_ENV})", display)
+        )
+    try:
+        doc = load(file, display)
+    except YamlError as exc:
+        raise ConfigError(exc.problem) from None
+    if not isinstance(doc.data, dict):
+        raise ConfigError(doc.problem((), "the config must be a mapping of keys (see README)"))
+    problems = _substitute(doc, dict(os.environ) if env is None else env)
+    if problems:
+        raise ConfigError(problems)
+    for reserved in ("root", "file"):
+        if reserved in doc.data:
+            raise ConfigError(doc.problem((reserved,), "unknown key"))
+    data = dict(doc.data, root=file.resolve().parent, file=display)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(doc.problems_from(exc)) from None
+    for key, url in (("source", config.source.url), ("state", config.state.url)):
+        try:
+            make_url(url)
+        except ArgumentError:
+            raise ConfigError(
+                doc.problem((key, "url"), f'"{url}" is not a database URL (e.g. sqlite:///x.db)')
+            ) from None
+    return config

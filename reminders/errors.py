@@ -1,0 +1,103 @@
+"""The engine's errors: one tree, each naming where the problem is.
+
+``InputError`` and its children are the business's mistakes (config, rules, templates): the command
+line exits 2 on them. ``RuntimeFailure`` and its children are failures of the world (a rule's SQL
+failed, a service is unreachable): exit 1. Channel errors say whether retrying can help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RemindersError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the business's input, at a place (file and line when known)."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    warning: bool = False
+
+    def __str__(self) -> str:
+        place = ""
+        if self.file:
+            place = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        kind = "warning: " if self.warning else ""
+        return f"{place}{kind}{self.message}"
+
+
+class InputError(RemindersError):
+    """The business's config, rules or templates are invalid. Carries every problem found."""
+
+    def __init__(self, problems: list[Problem] | Problem | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class ConfigError(InputError):
+    """config.yaml is invalid or names something missing (an environment variable, a file)."""
+
+
+class RuleError(InputError):
+    """A rule file is invalid."""
+
+
+class TemplateError(InputError):
+    """A template is missing, does not compile, or failed to render (names template and line)."""
+
+
+class RuntimeFailure(RemindersError):
+    """Something outside the business's input failed: the command exits 1."""
+
+
+class SourceError(RuntimeFailure):
+    """A rule's query failed against the business database (names the rule and the DB's message)."""
+
+
+class ServiceUnavailable(RuntimeFailure):
+    """Redis, the state DB or another service the engine needs did not answer."""
+
+
+class ChannelError(RemindersError):
+    """Sending failed. ``permanent`` errors are not retried: the next channel is tried instead.
+
+    ``code`` is the provider's own error code when it gave one (Twilio's 21610, an SMTP reply code);
+    ``opt_out`` says the recipient asked not to be contacted on this channel (Twilio 21610).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        code: str | None = None,
+        opt_out: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.code = code
+        self.opt_out = opt_out
+
+
+class TransientError(ChannelError):
+    """A failure that may pass (HTTP 429/5xx, a timeout, SMTP 4xx): retry with backoff."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, permanent=False, code=code)
+
+
+class PermanentError(ChannelError):
+    """A failure that will not pass (invalid number, opted out, SMTP 5xx): try the next channel."""
+
+    def __init__(self, message: str, *, code: str | None = None, opt_out: bool = False) -> None:
+        super().__init__(message, permanent=True, code=code, opt_out=opt_out)

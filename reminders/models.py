@@ -1,0 +1,148 @@
+"""The state DB's tables: the source of truth for what is scheduled and what was sent.
+
+Every table carries the ``reminders_`` prefix (alembic's version table too), so the engine's tables
+can live inside the business's own database without colliding with anything. Times are stored in
+UTC through one column type, :class:`UtcDateTime`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+PREFIX = "reminders_"
+VERSION_TABLE = f"{PREFIX}alembic_version"
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime: refuses naive values, returns aware UTC values on every backend."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state DB: pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            # SQLite has no zone type; stored naive UTC keeps ISO strings sortable.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Lifecycle: pending -> queued -> sending -> sent -> delivered | undelivered; canceled; failed.
+PENDING, QUEUED, SENDING, SENT = "pending", "queued", "sending", "sent"
+DELIVERED, UNDELIVERED, CANCELED, FAILED = "delivered", "undelivered", "canceled", "failed"
+STATUSES = (PENDING, QUEUED, SENDING, SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED)
+OPEN = (PENDING, QUEUED)  # what a scan may still move or cancel
+FINAL = (SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED)
+
+reminder = sa.Table(
+    f"{PREFIX}reminder",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("occurrence", sa.String(255), nullable=False),
+    sa.Column("offset", sa.String(16), nullable=False),
+    sa.Column("customer_id", sa.String(255), nullable=False),
+    # planned_at comes from the due date; send_at is the current send time (deferrals, retries).
+    sa.Column("planned_at", UtcDateTime(), nullable=False),
+    sa.Column("send_at", UtcDateTime(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("channel", sa.String(16)),
+    sa.Column("channel_index", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("reason", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("data", sa.Text, nullable=False),  # the row's values, typed JSON (see codec)
+    sa.Column("row_hash", sa.String(32), nullable=False),
+    sa.Column("job_id", sa.String(64)),
+    sa.Column("queued_at", UtcDateTime()),
+    sa.Column("sent_at", UtcDateTime()),
+    sa.Column("provider_id", sa.String(128)),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("rule", "occurrence", "offset"),
+    sa.Index(None, "status", "send_at"),
+    sa.Index(None, "customer_id"),
+)
+
+event = sa.Table(
+    f"{PREFIX}event",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "reminder_id",
+        BigId,
+        sa.ForeignKey(f"{PREFIX}reminder.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("from_status", sa.String(16)),
+    sa.Column("to_status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Index(None, "reminder_id"),
+)
+
+scan_run = sa.Table(
+    f"{PREFIX}scan_run",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("finished_at", UtcDateTime()),
+    sa.Column("status", sa.String(16), nullable=False),  # running, done, failed
+    sa.Column("rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("moved", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("canceled", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unchanged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("too_late", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Index(None, "rule", "started_at"),
+)
+
+skipped_row = sa.Table(
+    f"{PREFIX}skipped_row",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "scan_run_id",
+        BigId,
+        sa.ForeignKey(f"{PREFIX}scan_run.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("row_number", sa.Integer, nullable=False),
+    sa.Column("occurrence", sa.String(255)),
+    sa.Column("column", sa.String(100)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Index(None, "scan_run_id"),
+)

@@ -1,0 +1,471 @@
+"""Rules: the business's reminder rules (and checks), loaded from YAML and validated at load.
+
+Every error names the file and line of the offending value and says what is allowed. A rule set is
+loaded whole or not at all: one bad rule makes ``load_rules`` raise, so nothing is sent on a
+half-valid rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from dateutil.rrule import rrulestr
+from jinja2 import StrictUndefined, TemplateSyntaxError
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from . import schedule
+from .config import Config, Duration
+from .errors import Problem, RuleError
+from .yamlfile import Document, YamlError, load
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+CUSTOMER_FIELDS = ("id", "phone", "email", "timezone", "locale", "first_name")
+DEFAULT_CUSTOMER = {
+    "id": "customer_id",
+    "phone": "phone",
+    "email": "email",
+    "timezone": "timezone",
+    "locale": "locale",
+    "first_name": "first_name",
+}
+STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+START_WORDS = {"START", "YES", "UNSTOP"}
+HELP_WORDS = {"HELP", "INFO"}
+RESERVED_WORDS = STOP_WORDS | START_WORDS | HELP_WORDS
+PARAM_TYPES = ("int", "str", "float", "bool", "date", "datetime")
+
+
+def _offset(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        return schedule.parse_offset(value)
+    raise ValueError(f"{value!r} is not an offset (examples: -3d, 2w, -1mo, 0d)")
+
+
+def _clock(value: Any) -> Any:
+    if isinstance(value, str):
+        return schedule.parse_clock(value)
+    raise ValueError(f'{value!r} is not a time of day (write it quoted, e.g. at: "10:00")')
+
+
+def _window(value: Any) -> Any:
+    return schedule.parse_window(value) if isinstance(value, str) else value
+
+
+Offset = Annotated[schedule.Offset, BeforeValidator(_offset)]
+Clock = Annotated[time, BeforeValidator(_clock)]
+Window = Annotated[schedule.Window, BeforeValidator(_window)]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a one-word SMS answer does: ``done`` or ``snooze`` by ``delay``."""
+
+    action: Literal["done", "snooze"]
+    delay: timedelta | None = None
+
+
+def _reply(value: Any) -> Any:
+    if isinstance(value, Reply):
+        return value
+    text = str(value).strip() if value is not None else ""
+    if text == "done":
+        return Reply("done")
+    parts = text.split()
+    if len(parts) == 2 and parts[0] == "snooze":
+        try:
+            return Reply("snooze", schedule.parse_duration(parts[1]))
+        except ValueError as exc:
+            raise ValueError(f"snooze needs a delay: {exc}") from None
+    raise ValueError(f'"{text}" is not a reply action (allowed: done, snooze 1d)')
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def _check_sql(value: str) -> str:
+    body = value.strip().rstrip(";").strip()
+    if not body:
+        raise ValueError("the query is empty")
+    if ";" in _strip_sql_literals(body):
+        raise ValueError("one statement only: remove the ';' inside the query")
+    return body
+
+
+def _strip_sql_literals(sql: str) -> str:
+    return re.sub(r"'(?:[^']|'')*'|\"(?:[^\"])*\"|--[^\n]*", "", sql)
+
+
+class Rule(_Model):
+    """One reminder rule, as the business wrote it."""
+
+    name: str
+    description: str = ""
+    query: str
+    occurrence: str
+    due: str
+    offsets: list[Offset] = Field(min_length=1)
+    at: Clock | None = None
+    send_window: Window | None = None
+    grace: Duration = timedelta(days=1)
+    check: str | None = None
+    channels: list[str] = Field(min_length=1)
+    template: str | None = None
+    customer: dict[str, str] = Field(default_factory=dict)
+    recurrence: str | None = None
+    horizon: Duration = timedelta(days=60)
+    replies: dict[str, Annotated[Reply, BeforeValidator(_reply)]] = Field(default_factory=dict)
+    file: str = ""
+    line: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError(f'"{value}" is not a rule name (lowercase letters, digits and -)')
+        return value
+
+    @field_validator("query", "check")
+    @classmethod
+    def _sql(cls, value: str | None) -> str | None:
+        return None if value is None else _check_sql(value)
+
+    @field_validator("due")
+    @classmethod
+    def _due(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+            raise ValueError(f'"{value}" is not a column name of the query')
+        return value
+
+    @field_validator("offsets")
+    @classmethod
+    def _unique_offsets(cls, value: list[schedule.Offset]) -> list[schedule.Offset]:
+        texts = [o.text for o in value]
+        for text in texts:
+            if texts.count(text) > 1:
+                raise ValueError(f"offset {text} is listed twice")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in ("sms", "email"):
+                raise ValueError(f'"{name}" is not a channel (allowed: sms, email)')
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return value
+
+    @field_validator("customer")
+    @classmethod
+    def _customer(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key not in CUSTOMER_FIELDS:
+                raise ValueError(
+                    f'"{key}" is not a customer field (allowed: {", ".join(CUSTOMER_FIELDS)})'
+                )
+        return value
+
+    @field_validator("recurrence")
+    @classmethod
+    def _recurrence(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            rrulestr(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f'"{value}" is not an RFC 5545 RRULE (e.g. FREQ=MONTHLY;BYMONTHDAY=1): {exc}'
+            ) from None
+        return value
+
+    @field_validator("replies")
+    @classmethod
+    def _replies(cls, value: dict[str, Reply]) -> dict[str, Reply]:
+        out = {}
+        for word, reply in value.items():
+            key = str(word).strip().upper()
+            if not re.match(r"^[A-Z0-9]+$", key):
+                raise ValueError(f'"{word}" is not a one-word keyword')
+            if key in RESERVED_WORDS:
+                raise ValueError(
+                    f"{key} is the engine's own keyword (STOP, START, HELP and synonyms)"
+                )
+            out[key] = reply
+        return out
+
+    @model_validator(mode="after")
+    def _occurrence_compiles(self) -> Rule:
+        compile_key(self.occurrence)
+        return self
+
+    @property
+    def template_name(self) -> str:
+        return self.template or self.name
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Customer field -> the query's column for it."""
+        return {**DEFAULT_CUSTOMER, **self.customer}
+
+    def fingerprint(self, config: Config) -> str:
+        """A digest of everything that decides a reminder's schedule (rule and config defaults)."""
+        parts = [
+            self.occurrence,
+            self.due,
+            [o.text for o in self.offsets],
+            str(self.at),
+            str(self.send_window or config.send_window),
+            str(self.grace),
+            self.recurrence,
+            str(self.horizon),
+            json.dumps(self.columns, sort_keys=True),
+            config.timezone,
+        ]
+        return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()
+
+
+class CheckRule(_Model):
+    """A synchronous question to the business DB (the checkout's duplicate-purchase check)."""
+
+    name: str
+    description: str = ""
+    query: str
+    params: dict[str, Literal["int", "str", "float", "bool", "date", "datetime"]] = Field(
+        min_length=1
+    )
+    message: str | None = None
+    timeout: Duration = timedelta(milliseconds=200)
+    file: str = ""
+    line: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError(f'"{value}" is not a check name (lowercase letters, digits and -)')
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _sql(cls, value: str) -> str:
+        return _check_sql(value)
+
+    @model_validator(mode="after")
+    def _params_used(self) -> CheckRule:
+        for param in self.params:
+            if not re.search(rf"(?<!:):{re.escape(param)}\b", self.query):
+                raise ValueError(f"param {param} is not used in the query (write :{param})")
+        return self
+
+
+class _RuleFile(_Model):
+    rules: list[dict[str, Any]] = Field(default_factory=list)
+    checks: list[dict[str, Any]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    rules: list[Rule]
+    checks: list[CheckRule]
+    warnings: list[Problem]
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        known = ", ".join(r.name for r in self.rules) or "none"
+        raise RuleError(Problem(f'no rule named "{name}" (rules: {known})'))
+
+    def check(self, name: str) -> CheckRule:
+        for check in self.checks:
+            if check.name == name:
+                return check
+        known = ", ".join(c.name for c in self.checks) or "none"
+        raise RuleError(Problem(f'no check named "{name}" (checks: {known})'))
+
+
+def rule_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+    return [path]
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_rules(config: Config) -> RuleSet:
+    """Load and validate every rule file. Raises :class:`RuleError` listing every problem."""
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    rules: list[Rule] = []
+    checks: list[CheckRule] = []
+    path = config.rules_path
+    if not path.exists():
+        raise RuleError(Problem(f"no rules at {_display(path, config.root)} (config key rules)"))
+    files = rule_files(path)
+    if not files:
+        raise RuleError(Problem(f"no *.yaml rule files in {_display(path, config.root)}"))
+    for file in files:
+        try:
+            doc = load(file, _display(file, config.root))
+        except YamlError as exc:
+            problems.append(exc.problem)
+            continue
+        found_rules, found_checks, file_problems = _load_file(doc, config, warnings)
+        rules.extend(found_rules)
+        checks.extend(found_checks)
+        problems.extend(file_problems)
+    seen: dict[str, Rule | CheckRule] = {}
+    items: list[Rule | CheckRule] = [*rules, *checks]
+    for item in items:
+        if item.name in seen:
+            first = seen[item.name]
+            problems.append(
+                Problem(
+                    f'name "{item.name}" is used twice (first at {first.file}:{first.line})',
+                    item.file,
+                    item.line,
+                )
+            )
+        seen[item.name] = item
+    if problems:
+        raise RuleError(problems)
+    return RuleSet(rules, checks, warnings)
+
+
+def _load_file(
+    doc: Document, config: Config, warnings: list[Problem]
+) -> tuple[list[Rule], list[CheckRule], list[Problem]]:
+    if doc.data is None:
+        return [], [], [doc.problem((), "the file is empty (expected a rules: list)")]
+    if not isinstance(doc.data, dict):
+        return [], [], [doc.problem((), "expected a mapping with a rules: list")]
+    try:
+        _RuleFile.model_validate(doc.data)
+    except ValidationError as exc:
+        return [], [], doc.problems_from(exc)
+    problems: list[Problem] = []
+    rules: list[Rule] = []
+    checks: list[CheckRule] = []
+    for kind, model, out in (("rules", Rule, rules), ("checks", CheckRule, checks)):
+        for index, raw in enumerate(doc.data.get(kind) or []):
+            where = (kind, index)
+            if not isinstance(raw, dict):
+                problems.append(doc.problem(where, f"{kind}[{index}]: expected a mapping of keys"))
+                continue
+            for reserved in ("file", "line"):
+                if reserved in raw:
+                    problems.append(doc.problem((*where, reserved), f"{reserved}: unknown key"))
+            data = dict(raw, file=doc.file, line=doc.line(where) or 0)
+            try:
+                item = model.model_validate(data)
+            except ValidationError as exc:
+                label = raw.get("name") if isinstance(raw.get("name"), str) else f"{kind}[{index}]"
+                for problem in doc.problems_from(exc, where):
+                    problems.append(
+                        Problem(
+                            f"{kind[:-1]} {label}: {problem.message}", problem.file, problem.line
+                        )
+                    )
+                continue
+            out.append(item)  # type: ignore[arg-type]
+            if isinstance(item, Rule):
+                problems.extend(_against_config(item, doc, where, config, warnings))
+    return rules, checks, problems
+
+
+def _against_config(
+    rule: Rule, doc: Document, where: tuple[str | int, ...], config: Config, warnings: list[Problem]
+) -> list[Problem]:
+    problems = []
+    configured = config.channel_names
+    for index, channel in enumerate(rule.channels):
+        if channel not in configured:
+            problems.append(
+                doc.problem(
+                    (*where, "channels", index),
+                    f"rule {rule.name}: channel {channel} is not configured in {config.file} "
+                    f"(configured: {', '.join(configured) or 'none'})",
+                )
+            )
+    window = rule.send_window or config.send_window
+    if rule.at is not None and not window.contains(rule.at):
+        warnings.append(
+            doc.problem(
+                (*where, "at"),
+                f"rule {rule.name}: at {rule.at:%H:%M} is outside the send window "
+                f"{window.start:%H:%M}-{window.end:%H:%M}; day reminders move to the next opening",
+                warning=True,
+            )
+        )
+    return problems
+
+
+# --- occurrence keys ----------------------------------------------------------------------------
+
+_SIMPLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_sandbox = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+def compile_key(source: str) -> Callable[[Mapping[str, Any]], str]:
+    """Compile an occurrence template into a function of the row.
+
+    ``{{ column }}`` pieces with literal text between them (the common case) are formatted
+    directly, without Jinja, because the scan calls this for every row; anything else runs in
+    Jinja's sandbox. A missing column raises ``KeyError``.
+    """
+    if "{%" not in source and "{#" not in source:
+        pieces = _SIMPLE.split(source)
+        literal_only = all("{{" not in p and "}}" not in p for p in pieces[0::2])
+        if literal_only and len(pieces) > 1:
+            literals = pieces[0::2]
+            names = pieces[1::2]
+
+            def fast(row: Mapping[str, Any]) -> str:
+                out = [literals[0]]
+                for name, literal in zip(names, literals[1:], strict=True):
+                    value = row[name]
+                    if value is None:
+                        raise KeyError(name)
+                    out.append(str(value))
+                    out.append(literal)
+                return "".join(out)
+
+            return fast
+    try:
+        template = _sandbox.from_string(source)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"occurrence is not a valid template: {exc.message}") from None
+    if "{{" not in source and "{%" not in source:
+        raise ValueError(
+            'occurrence must name the row\'s columns, e.g. "{{ rx_id }}" (a constant would '
+            "make every row the same occurrence)"
+        )
+
+    def slow(row: Mapping[str, Any]) -> str:
+        return template.render(dict(row)).strip()
+
+    return slow

@@ -1,0 +1,120 @@
+"""The business's database, opened read-only.
+
+SQLite through a ``mode=ro`` URI; PostgreSQL with ``default_transaction_read_only=on`` set at
+connect. Rows are streamed (a server-side cursor on PostgreSQL), never loaded whole. The engine runs
+one statement per query; rule loading already refuses ``;``-chained statements.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .errors import ServiceUnavailable, SourceError
+
+_engines: dict[str, Engine] = {}
+
+
+def engine_for(url: str, statement_timeout: timedelta | None = None) -> Engine:
+    """The process' read-only engine for the business DB at ``url``."""
+    key = f"{url}|{statement_timeout}"
+    engine = _engines.get(key)
+    if engine is None:
+        engine = _engines[key] = create_engine(url, statement_timeout)
+    return engine
+
+
+def create_engine(url: str, statement_timeout: timedelta | None = None) -> Engine:
+    """A read-only engine: writes through it fail at the database."""
+    parsed = sa.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if not database or database == ":memory:":
+            raise ServiceUnavailable("source.url: a SQLite business DB must be a file")
+        path = Path(database)
+        if not path.exists():
+            raise ServiceUnavailable(f"source.url: no database file at {path}")
+        uri = f"file:{quote(str(path))}?mode=ro"
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+
+        return sa.create_engine("sqlite://", creator=connect)
+    if backend == "postgresql":
+        options = "-c default_transaction_read_only=on"
+        if statement_timeout is not None:
+            options += f" -c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"
+        return sa.create_engine(
+            url, connect_args={"options": options}, pool_pre_ping=True, pool_size=10
+        )
+    if backend in ("mysql", "mariadb"):
+        engine = sa.create_engine(url, pool_pre_ping=True)
+
+        @sa.event.listens_for(engine, "connect")
+        def _read_only(dbapi: Any, _record: Any) -> None:
+            cursor = dbapi.cursor()
+            cursor.execute("SET SESSION TRANSACTION READ ONLY")
+            cursor.close()
+
+        return engine
+    raise ServiceUnavailable(
+        f"source.url: {backend} is not supported (use sqlite, postgresql or mysql)"
+    )
+
+
+_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def parameters(sql: str) -> set[str]:
+    """The ``:name`` parameters a query uses (``::type`` casts and literals excluded)."""
+    stripped = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    return set(_PARAM.findall(stripped))
+
+
+def stream(
+    engine: Engine, sql: str, params: Mapping[str, Any], *, what: str, batch: int = 2000
+) -> Iterator[list[Mapping[str, Any]]]:
+    """Run one read-only query and yield its rows in batches of mappings (column -> value).
+
+    ``what`` names the query in errors ("rule refill-due"). A database error becomes a
+    :class:`SourceError` with the database's own message.
+    """
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(
+                sa.text(sql), dict(params)
+            )
+            yield from result.mappings().partitions(batch)  # type: ignore[misc]
+    except sa.exc.DBAPIError as exc:
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
+            raise ServiceUnavailable(f"{what}: business DB unreachable: {message}") from None
+        raise SourceError(f"{what}: the query failed: {message}") from None
+    except sa.exc.ArgumentError as exc:
+        raise SourceError(f"{what}: {exc}") from None
+    except sa.exc.StatementError as exc:
+        raise SourceError(f"{what}: {exc.orig or exc}") from None
+
+
+def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -> list[str]:
+    """The column names a query returns (runs it, reading no rows)."""
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(sql), dict(params))
+            names = list(result.keys())
+            result.close()
+            return names
+    except sa.exc.DBAPIError as exc:
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise SourceError(f"{what}: the query failed: {message}") from None

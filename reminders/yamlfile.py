@@ -1,0 +1,159 @@
+"""YAML with positions: every value remembers the line it came from.
+
+Errors in config and rule files must name the file and line. ``load`` returns plain Python data plus
+a map from each value's path (the keys and indexes that lead to it, the same shape as a pydantic
+error's ``loc``) to its 1-based line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import Problem
+
+Path_ = tuple[str | int, ...]
+
+# YAML 1.1 reads an unquoted 10:00 as the base-60 integer 600; a time of day is what was meant.
+_SEXAGESIMAL = re.compile(r"^[-+]?\d+(:[0-5]?\d)+(\.\d*)?$")
+
+
+@dataclass
+class Document:
+    """A loaded YAML file: its data and where each value stands."""
+
+    file: str
+    data: Any
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+    def line(self, path: Path_) -> int | None:
+        """The line of the value at ``path``, or of its nearest ancestor that has one."""
+        path = tuple(path)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), None)
+
+    def problem(self, path: Path_, message: str, *, warning: bool = False) -> Problem:
+        return Problem(message, file=self.file, line=self.line(path), warning=warning)
+
+    def problems_from(self, error: ValidationError, prefix: Path_ = ()) -> list[Problem]:
+        """Turn a pydantic error into problems, each with the line of the offending value."""
+        problems = []
+        for item in error.errors():
+            loc = tuple(prefix) + tuple(item["loc"])
+            message = _message(item)
+            where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in item["loc"])
+            where = where.replace(".[", "[")
+            text = f"{where}: {message}" if where else message
+            problems.append(self.problem(loc, text))
+        return problems
+
+
+def _message(item: Any) -> str:
+    kind = item["type"]
+    msg = str(item["msg"])
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling; see the documented keys)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "assertion_error":
+        return msg.removeprefix("Assertion failed, ")
+    value = item.get("input")
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return f"{msg} (got {value!r})"
+    return msg
+
+
+class _Builder(yaml.constructor.SafeConstructor):
+    pass
+
+
+def _scalar(builder: _Builder, node: yaml.ScalarNode) -> Any:
+    if node.tag == "tag:yaml.org,2002:int" and _SEXAGESIMAL.match(node.value):
+        return node.value
+    if node.tag == "tag:yaml.org,2002:float" and _SEXAGESIMAL.match(node.value):
+        return node.value
+    return builder.construct_object(node, deep=True)
+
+
+def _build(
+    builder: _Builder, node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str
+) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        builder.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _scalar(builder, key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str | int) or isinstance(key, bool):
+                raise _LoadError(
+                    Problem("a key must be a plain word", file, key_node.start_mark.line + 1)
+                )
+            if key in result:
+                raise _LoadError(
+                    Problem(f"duplicate key {key!r}", file, key_node.start_mark.line + 1)
+                )
+            result[key] = _build(builder, value_node, (*path, key), lines, file)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(builder, item, (*path, i), lines, file) for i, item in enumerate(node.value)]
+    assert isinstance(node, yaml.ScalarNode)
+    return _scalar(builder, node)
+
+
+class _LoadError(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def loads(text: str, file: str) -> Document:
+    """Parse YAML text. Raises :class:`YamlError` with the file and line on a syntax error."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise YamlError(Problem(f"not valid YAML: {exc.problem}", file, line)) from None
+    if node is None:
+        return Document(file, None, {(): 1})
+    lines: dict[Path_, int] = {}
+    try:
+        data = _build(_Builder(), node, (), lines, file)
+    except _LoadError as exc:
+        raise YamlError(exc.problem) from None
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise YamlError(
+            Problem(f"not valid YAML: {exc.problem}", file, mark.line + 1 if mark else None)
+        ) from None
+    return Document(file, data, lines)
+
+
+def load(path: Path, display: str | None = None) -> Document:
+    """Read and parse a YAML file; ``display`` is the name errors use (default: the path)."""
+    name = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise YamlError(Problem(f"cannot read: {exc.strerror}", name)) from None
+    except UnicodeDecodeError:
+        raise YamlError(Problem("not UTF-8 text", name)) from None
+    return loads(text, name)
+
+
+class YamlError(Exception):
+    """A YAML file could not be parsed; carries the problem with its place."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem

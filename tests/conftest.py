@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests import services
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests set the engine clock explicitly; an ambient REMINDERS_NOW/CONFIG must not leak in."""
+    for var in ("REMINDERS_NOW", "REMINDERS_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A flushed Redis database of the tests' own (db 13), flushed again afterwards."""
+    import redis
+
+    url = services.redis_url(int(os.environ.get("REMINDERS_TEST_REDIS_DB", "13")))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards)."""
+    with services.postgres_database() as url:
+        yield url

@@ -1,0 +1,75 @@
+"""Real services for the tests: Redis, PostgreSQL, an SMTP server, Prism.
+
+A test that needs a service skips with the reason when the service is absent, and fails when
+``CI=true`` (CI must run everything).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+REDIS_HOST = os.environ.get("REMINDERS_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("REMINDERS_TEST_REDIS_PORT", "6379"))
+PG_DSN = os.environ.get(
+    "REMINDERS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test locally, fail it in CI."""
+    if IN_CI:
+        pytest.fail(f"required service unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_url(db: int) -> str:
+    """A URL for Redis database ``db`` on the test server (skips/fails when Redis is absent)."""
+    if not port_open(REDIS_HOST, REDIS_PORT):
+        unavailable(f"Redis is not running on {REDIS_HOST}:{REDIS_PORT}")
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """Create a throw-away PostgreSQL database and yield its SQLAlchemy URL; dropped afterwards."""
+    import sqlalchemy as sa
+
+    if not port_open("127.0.0.1", 5432):
+        unavailable("PostgreSQL is not running on 127.0.0.1:5432")
+    name = f"reminders_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_DSN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:  # pragma: no cover - depends on the machine
+        admin.dispose()
+        unavailable(f"PostgreSQL refused a test database: {exc}")
+    base = PG_DSN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
