@@ -146,3 +146,69 @@ skipped_row = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Index(None, "scan_run_id"),
 )
+
+message = sa.Table(
+    f"{PREFIX}message",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column(
+        "reminder_id",
+        BigId,
+        sa.ForeignKey(f"{PREFIX}reminder.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("to_address", sa.String(320), nullable=False),  # E.164 or a lowercased email
+    sa.Column("provider_id", sa.String(128)),
+    sa.Column("status", sa.String(16), nullable=False),  # sent, delivered, undelivered, failed
+    sa.Column("error_code", sa.String(32)),
+    sa.Column("segments", sa.Integer),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Index(None, "provider_id"),
+    sa.Index(None, "to_address", "created_at"),
+    sa.Index(None, "reminder_id"),
+)
+
+# An address that must not be contacted on a channel: STOP, Twilio 21610, a dead number
+# (30004/30005/30006), a one-click unsubscribe. Checked at send time, before every message.
+optout = sa.Table(
+    f"{PREFIX}optout",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(320), nullable=False),
+    sa.Column("customer_id", sa.String(255)),
+    sa.Column("source", sa.String(32), nullable=False),  # stop, 21610, 30005, unsubscribe, ...
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("channel", "address"),
+)
+
+# A customer's own choices from the preferences page: a rule ("*" = every rule) on a channel
+# ("*" = every channel) turned off (enabled false) or back on.
+preference = sa.Table(
+    f"{PREFIX}preference",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("customer_id", sa.String(255), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("customer_id", "rule", "channel"),
+)
+
+# Inbound SMS as received (keywords, replies), for ops and for the law's record of opt-outs.
+inbound = sa.Table(
+    f"{PREFIX}inbound",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("from_address", sa.String(32), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("provider_id", sa.String(128)),
+    sa.Column("action", sa.String(32), nullable=False),  # stop, start, help, done, snooze, unknown
+    sa.Column("reminder_id", BigId),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("provider_id"),
+)
