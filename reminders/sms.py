@@ -1,0 +1,100 @@
+"""SMS length and encoding: how many parts a text is billed as, and what forces UCS-2.
+
+A text made only of GSM 03.38 characters is sent as GSM-7: 160 characters in one part, 153 per part
+once it is split (the rest of each part carries the concatenation header). Characters of the GSM
+extension table (``€ [ ] { } ^ ~ | \\`` and form feed) take two septets (an escape and the
+character). A single character outside both tables (an emoji, a curly quote, a non-breaking space)
+switches the whole message to UCS-2: 70 UTF-16 code units in one part, 67 per part (an emoji outside
+the Basic Multilingual Plane is two code units). A character is never split across parts, as
+handsets and Twilio do not split an escape sequence or a surrogate pair.
+
+See https://www.twilio.com/docs/glossary/what-sms-character-limit.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+from typing import Literal
+
+# GSM 03.38 basic character set (ESC, 0x1B, left out: it introduces the extension table).
+GSM7_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# GSM 03.38 extension table: each costs two septets.
+GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
+
+GSM7_SINGLE, GSM7_PART = 160, 153
+UCS2_SINGLE, UCS2_PART = 70, 67
+
+Encoding = Literal["GSM-7", "UCS-2"]
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """How a text is sent: its encoding, its billed parts, its length in the encoding's units.
+
+    ``length`` counts septets for GSM-7 (extension characters count 2) and UTF-16 code units for
+    UCS-2. ``offending`` holds, once each and in order of appearance, the characters that forced
+    UCS-2 (empty for GSM-7).
+    """
+
+    encoding: Encoding
+    segments: int
+    length: int
+    offending: str
+
+
+def _units(char: str, encoding: Encoding) -> int:
+    if encoding == "GSM-7":
+        return 2 if char in GSM7_EXTENSION else 1
+    return 2 if ord(char) > 0xFFFF else 1
+
+
+def _parts(sizes: list[int], single: int, per_part: int) -> int:
+    """Count parts, packing whole characters (never splitting one) ``per_part`` units a part."""
+    total = sum(sizes)
+    if total == 0:
+        return 0
+    if total <= single:
+        return 1
+    parts, used = 1, 0
+    for size in sizes:
+        if used + size > per_part:
+            parts, used = parts + 1, 0
+        used += size
+    return parts
+
+
+def segments(text: str) -> SegmentInfo:
+    """Return the encoding, number of billed parts and length of ``text`` sent as an SMS.
+
+    An empty text is zero parts.
+    """
+    offending = "".join(
+        dict.fromkeys(c for c in text if c not in GSM7_BASIC and c not in GSM7_EXTENSION)
+    )
+    encoding: Encoding = "UCS-2" if offending else "GSM-7"
+    sizes = [_units(c, encoding) for c in text]
+    if encoding == "GSM-7":
+        count = _parts(sizes, GSM7_SINGLE, GSM7_PART)
+    else:
+        count = _parts(sizes, UCS2_SINGLE, UCS2_PART)
+    return SegmentInfo(encoding=encoding, segments=count, length=sum(sizes), offending=offending)
+
+
+def describe_offending(info: SegmentInfo) -> str:
+    """A warning naming what forced UCS-2, for ``validate`` and ``preview``; empty for GSM-7.
+
+    E.g. ``’ (U+2019 RIGHT SINGLE QUOTATION MARK) forces UCS-2: 70 characters a part instead of
+    160``.
+    """
+    if not info.offending:
+        return ""
+    names = ", ".join(
+        f"{c if c.isprintable() else repr(c)} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed')})"
+        for c in info.offending
+    )
+    verb = "forces" if len(info.offending) == 1 else "force"
+    return f"{names} {verb} UCS-2: {UCS2_SINGLE} characters a part instead of {GSM7_SINGLE}"
