@@ -1,0 +1,433 @@
+"""Message templates: Jinja in its sandbox, undefined names are errors, HTML escaped only in HTML.
+
+Files, in the templates folder:
+
+- ``<name>.sms.j2``: the whole SMS text (stripped of surrounding whitespace);
+- ``<name>.email.j2``: defines the blocks ``subject``, ``text`` and optionally ``html``; only the
+  ``html`` block is autoescaped, and text outside the blocks is not sent (``{% set %}`` there is
+  seen by every block);
+- ``<name>.check.j2``: the message of a check, rendered with its match.
+
+Blocks and tags are trimmed (``trim_blocks``, ``lstrip_blocks``): a line holding only a ``{% if %}``
+leaves no blank line. Templates are compiled once per process and folder; restart workers to pick up
+edited templates.
+
+Context keys this module relies on (the rest of the context is the rule's row, the customer and the
+reminder, passed through untouched):
+
+- ``customer``: a mapping (or object) whose ``locale`` (``fr_FR`` or ``fr-FR``) and ``timezone``
+  (an IANA name) are used by the filters below when set and known;
+- ``default_locale``, ``default_timezone``: the fall-backs (config); then ``en_US`` and ``UTC``;
+- ``now``: an aware datetime (or ISO string), the engine's current time, for ``days_until``
+  (``reminders.clock.now()`` when absent).
+
+Filters: ``date(value, format="medium")``, ``datetime(value, format="medium")``,
+``time(value, format="short")`` (Babel formats ``short``, ``medium``, ``long``, ``full`` or a
+pattern such as ``"EEEE d MMMM"``) in the customer's locale and zone, a naive datetime being
+customer-local; ``money(amount, currency="USD")``; ``days_until(value)``, whole days from today
+in the customer's zone (negative when past). Values may be date/datetime objects or ISO strings.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from babel import Locale, UnknownLocaleError
+from babel.dates import format_date, format_datetime, format_time
+from babel.numbers import format_currency
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    UndefinedError,
+    nodes,
+    pass_context,
+)
+from jinja2.runtime import Context, Undefined
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
+from reminders import clock
+from reminders.errors import Problem, TemplateError
+from reminders.sms import describe_offending, segments
+
+SUFFIXES = {"sms": ".sms.j2", "email": ".email.j2", "check": ".check.j2"}
+EMAIL_BLOCKS = ("subject", "text")
+# The HTML block is compiled from the same file a second time, under this name, with autoescape.
+_HTML = "#html"
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    text: str
+    html: str | None
+
+
+# -- the environment ------------------------------------------------------------------------
+
+
+class _Loader(FileSystemLoader):
+    def get_source(self, environment: Any, template: str) -> Any:
+        return super().get_source(environment, template.removesuffix(_HTML))
+
+
+class _Environment(SandboxedEnvironment):
+    def join_path(self, template: str, parent: str) -> str:
+        # An include or extends from the HTML variant stays autoescaped.
+        if parent.endswith(_HTML) and not template.endswith(_HTML):
+            return template + _HTML
+        return template
+
+
+_ENVIRONMENTS: dict[Path, _Environment] = {}
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+def _environment(folder: Path) -> _Environment:
+    """The one environment (and template cache) of this process for ``folder``."""
+    with _ENVIRONMENTS_LOCK:
+        env = _ENVIRONMENTS.get(folder)
+        if env is None:
+            env = _Environment(
+                loader=_Loader(str(folder)),
+                undefined=StrictUndefined,
+                autoescape=lambda name: bool(name) and name.endswith(_HTML),
+                trim_blocks=True,
+                lstrip_blocks=True,
+                auto_reload=False,
+                cache_size=-1,
+            )
+            env.filters.update(FILTERS)
+            _ENVIRONMENTS[folder] = env
+        return env
+
+
+# -- the filters ----------------------------------------------------------------------------
+
+
+def _customer_field(ctx: Context, key: str) -> Any:
+    customer = ctx.get("customer")
+    if customer is None or isinstance(customer, Undefined):
+        return None
+    if isinstance(customer, Mapping):
+        return customer.get(key)
+    return getattr(customer, key, None)
+
+
+@lru_cache(maxsize=256)
+def _parse_locale(name: str) -> Locale | None:
+    try:
+        return Locale.parse(name.strip().replace("-", "_"))
+    except (ValueError, TypeError, UnknownLocaleError):
+        return None
+
+
+@lru_cache(maxsize=256)
+def _parse_zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name.strip())
+    except (ValueError, ZoneInfoNotFoundError):
+        return None
+
+
+def _locale(ctx: Context) -> Locale:
+    # A customer's unknown locale falls back rather than failing the message: it is their row's
+    # data, not the business's template.
+    for candidate in (_customer_field(ctx, "locale"), ctx.get("default_locale")):
+        if isinstance(candidate, str) and candidate and (found := _parse_locale(candidate)):
+            return found
+    return Locale.parse("en_US")
+
+
+def _zone(ctx: Context) -> ZoneInfo:
+    for candidate in (_customer_field(ctx, "timezone"), ctx.get("default_timezone")):
+        if isinstance(candidate, str) and candidate and (found := _parse_zone(candidate)):
+            return found
+    return ZoneInfo("UTC")
+
+
+def _temporal(value: Any, what: str) -> date | time:
+    """A date, datetime or time from an object or ISO string (JSON-carried row values)."""
+    if isinstance(value, date | time):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if len(text) == 10:
+                return date.fromisoformat(text)
+            if "T" in text or " " in text:
+                return datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return time.fromisoformat(text)
+        except ValueError:
+            pass
+    raise ValueError(f"the {what} filter needs a date, datetime or ISO 8601 text, got {value!r}")
+
+
+def _local(moment: datetime, zone: ZoneInfo) -> datetime:
+    """A datetime in the customer's zone; a naive one already is customer-local."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=zone)
+    return moment.astimezone(zone)
+
+
+@pass_context
+def date_filter(ctx: Context, value: Any, format: str = "medium") -> str:
+    """A date in the customer's locale: ``{{ due|date }}`` -> ``Mar 14, 2027``."""
+    moment = _temporal(value, "date")
+    if isinstance(moment, time):
+        raise ValueError(f"the date filter needs a date, got the time {value!r}")
+    if isinstance(moment, datetime):
+        moment = _local(moment, _zone(ctx)).date()
+    return format_date(moment, format=format, locale=_locale(ctx))
+
+
+@pass_context
+def datetime_filter(ctx: Context, value: Any, format: str = "medium") -> str:
+    """A date and time in the customer's locale and zone."""
+    moment = _temporal(value, "datetime")
+    if isinstance(moment, time):
+        raise ValueError(f"the datetime filter needs a date or datetime, got the time {value!r}")
+    zone = _zone(ctx)
+    if not isinstance(moment, datetime):
+        moment = datetime.combine(moment, time())
+    return format_datetime(_local(moment, zone), format=format, tzinfo=zone, locale=_locale(ctx))
+
+
+@pass_context
+def time_filter(ctx: Context, value: Any, format: str = "short") -> str:
+    """A time of day in the customer's locale and zone: ``{{ starts_at|time }}`` -> ``9:30 AM``."""
+    moment = _temporal(value, "time")
+    if isinstance(moment, time):
+        return format_time(moment, format=format, locale=_locale(ctx))
+    if not isinstance(moment, datetime):
+        raise ValueError(f"the time filter needs a datetime or time, got the date {value!r}")
+    zone = _zone(ctx)
+    return format_time(_local(moment, zone), format=format, tzinfo=zone, locale=_locale(ctx))
+
+
+@pass_context
+def money_filter(ctx: Context, amount: Any, currency: str = "USD") -> str:
+    """An amount in ``currency`` for the customer's locale: ``{{ 12.5|money("EUR") }}``."""
+    try:
+        value = Decimal(str(amount)) if not isinstance(amount, Decimal) else amount
+    except InvalidOperation:
+        raise ValueError(f"the money filter needs a number, got {amount!r}") from None
+    return format_currency(value, currency, locale=_locale(ctx))
+
+
+@pass_context
+def days_until_filter(ctx: Context, value: Any) -> int:
+    """Whole days from today (customer's zone, context ``now``) to ``value``; negative if past."""
+    moment = _temporal(value, "days_until")
+    if isinstance(moment, time):
+        raise ValueError(f"the days_until filter needs a date, got the time {value!r}")
+    zone = _zone(ctx)
+    now = ctx.get("now")
+    if isinstance(now, str):
+        now = clock.parse_instant(now)
+    if not isinstance(now, datetime):
+        now = clock.now()
+    today = _local(now, zone).date()
+    target = _local(moment, zone).date() if isinstance(moment, datetime) else moment
+    return (target - today).days
+
+
+FILTERS = {
+    "date": date_filter,
+    "datetime": datetime_filter,
+    "time": time_filter,
+    "money": money_filter,
+    "days_until": days_until_filter,
+}
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def _template_place(tb: TracebackType | None) -> tuple[str | None, int | None]:
+    """The innermost template file and line of a traceback rewritten by Jinja."""
+    place: tuple[str | None, int | None] = (None, None)
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.endswith(".j2"):
+            place = (filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return place
+
+
+class Renderer:
+    """Renders the business's templates from ``templates_dir``."""
+
+    def __init__(self, templates_dir: Path | str) -> None:
+        self.templates_dir = Path(templates_dir)
+        self._folder = self.templates_dir.resolve()
+        self._env = _environment(self._folder)
+
+    # -- paths and loading --
+
+    def path(self, name: str, kind: str) -> Path:
+        """Where the template of ``kind`` (sms, email, check) named ``name`` is expected."""
+        return self.templates_dir / f"{name}{SUFFIXES[kind]}"
+
+    def _shown(self, filename: str | None) -> str | None:
+        """A template's file as the business wrote the folder (relative stays relative)."""
+        if not filename:
+            return None
+        try:
+            return str(self.templates_dir / Path(filename).resolve().relative_to(self._folder))
+        except ValueError:
+            return filename
+
+    def _load(self, file: str) -> Template:
+        try:
+            return self._env.get_template(file)
+        except TemplateNotFound:
+            shown = str(self.templates_dir / file.removesuffix(_HTML))
+            raise TemplateError(Problem("template file is missing", shown)) from None
+        except TemplateSyntaxError as exc:
+            shown = self._shown(exc.filename) or str(self.templates_dir / file.removesuffix(_HTML))
+            raise TemplateError(Problem(exc.message or str(exc), shown, exc.lineno)) from None
+
+    def _failed(self, exc: Exception, file: str) -> TemplateError:
+        filename, line = _template_place(exc.__traceback__)
+        shown = self._shown(filename) or str(self.templates_dir / file)
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, UndefinedError | SecurityError | ValueError):
+            message = f"{type(exc).__name__}: {message}"
+        return TemplateError(Problem(f"rendering failed: {message}", shown, line))
+
+    def _run(self, template: Template, file: str, render: Any) -> Any:
+        """Call ``render()``, turning any failure into a ``TemplateError`` at the template line."""
+        try:
+            try:
+                return render()
+            except Exception:
+                self._env.handle_exception()  # re-raises with template files and lines
+        except TemplateError:
+            raise
+        except Exception as exc:
+            raise self._failed(exc, file) from exc
+
+    # -- rendering --
+
+    def _render_whole(self, file: str, context: Mapping[str, Any]) -> str:
+        template = self._load(file)
+        return str(self._run(template, file, lambda: template.render(dict(context)))).strip()
+
+    def render_sms(self, name: str, context: Mapping[str, Any]) -> str:
+        """The SMS text of template ``name`` (``<name>.sms.j2``), stripped."""
+        return self._render_whole(f"{name}{SUFFIXES['sms']}", context)
+
+    def render_check(self, name: str, context: Mapping[str, Any]) -> str:
+        """The message of check ``name`` (``<name>.check.j2``), stripped."""
+        return self._render_whole(f"{name}{SUFFIXES['check']}", context)
+
+    def render_email(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
+        """Subject (one line), text and HTML (``None`` without an ``html`` block) of an email."""
+        file = f"{name}{SUFFIXES['email']}"
+        template = self._load(file)
+        missing = [b for b in EMAIL_BLOCKS if b not in template.blocks]
+        if missing:
+            raise TemplateError(self._missing_blocks(file, missing))
+        blocks = self._run(template, file, lambda: _render_blocks(template, context, EMAIL_BLOCKS))
+        html = None
+        if "html" in template.blocks:
+            variant = self._load(file + _HTML)
+            html = self._run(variant, file, lambda: _render_blocks(variant, context, ("html",)))[
+                "html"
+            ].strip()
+        return RenderedEmail(
+            subject=" ".join(blocks["subject"].split()), text=blocks["text"].strip(), html=html
+        )
+
+    # -- validation --
+
+    def _missing_blocks(self, file: str, missing: list[str]) -> Problem:
+        wanted = ", ".join(f"{{% block {b} %}}" for b in missing)
+        return Problem(
+            f"an email template must define the blocks subject and text (html is optional); "
+            f"missing: {wanted}",
+            str(self.templates_dir / file),
+        )
+
+    def problems(self, name: str, channels: list[str] | tuple[str, ...]) -> list[Problem]:
+        """What is wrong with template ``name`` for each of ``channels`` (sms, email, check).
+
+        Missing files, syntax errors (file and line), email templates without a subject or text
+        block; and, as warnings, literal SMS text that forces UCS-2.
+        """
+        found: list[Problem] = []
+        for channel in channels:
+            if channel not in SUFFIXES:
+                allowed = ", ".join(SUFFIXES)
+                found.append(Problem(f"unknown template kind {channel!r} (allowed: {allowed})"))
+                continue
+            file = f"{name}{SUFFIXES[channel]}"
+            try:
+                template = self._load(file)
+                if channel == "email":
+                    missing = [b for b in EMAIL_BLOCKS if b not in template.blocks]
+                    if missing:
+                        found.append(self._missing_blocks(file, missing))
+                    if "html" in template.blocks:
+                        self._load(file + _HTML)
+            except TemplateError as exc:
+                found.extend(exc.problems)
+                continue
+            if channel == "sms":
+                found.extend(self._ucs2_warnings(file))
+        return found
+
+    def _ucs2_warnings(self, file: str) -> list[Problem]:
+        assert self._env.loader is not None
+        source, filename, _ = self._env.loader.get_source(self._env, file)
+        warnings = []
+        for data in self._env.parse(source).find_all(nodes.TemplateData):
+            for offset, text in enumerate(data.data.split("\n")):
+                info = segments(text)
+                if info.offending:
+                    line = data.lineno + offset
+                    problem = Problem(describe_offending(info), self._shown(filename), line, True)
+                    warnings.append(problem)
+        return warnings
+
+
+def _render_blocks(
+    template: Template, context: Mapping[str, Any], wanted: tuple[str, ...]
+) -> dict[str, str]:
+    """Render the named blocks of ``template`` in one pass over the whole template.
+
+    The template's top-level code runs in order (a ``{% set %}`` above a block is seen by it);
+    the blocks' output is captured and the text outside them is dropped.
+    """
+    ctx = template.new_context(dict(context))
+    captured: dict[str, str] = {}
+
+    def capture(name: str, original: Any) -> Any:
+        def render(inner: Context) -> Iterator[str]:
+            captured[name] = template.environment.concat(original(inner))
+            return iter(())
+
+        return render
+
+    for name in wanted:
+        if name in ctx.blocks:
+            ctx.blocks[name][0] = capture(name, ctx.blocks[name][0])
+    for _ in template.root_render_func(ctx):
+        pass
+    for name in wanted:
+        if name not in captured and name in template.blocks:
+            # The block sits in a branch that did not run: render it on its own.
+            captured[name] = template.environment.concat(template.blocks[name](ctx))
+    return captured
