@@ -149,10 +149,14 @@ def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        stmt: Any = pg_insert(table).on_conflict_do_nothing()
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        # psycopg reports no rowcount for an executemany (-1): count the rows RETURNING gives
+        # back instead, one per row actually inserted (SQLAlchemy batches them as multi-row
+        # VALUES, "insertmanyvalues").
+        key = next(iter(table.primary_key.columns))
+        stmt: Any = pg_insert(table).on_conflict_do_nothing().returning(key)
+        return len(conn.execute(stmt, rows).all())
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        stmt = sqlite_insert(table).on_conflict_do_nothing()
+    stmt = sqlite_insert(table).on_conflict_do_nothing()
     result = conn.execute(stmt, rows)
     return max(result.rowcount, 0)

@@ -1,0 +1,190 @@
+"""The state DB: engines, migrations, locks, recorded changes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from reminders import models, store
+from reminders.errors import ServiceUnavailable
+from tests import services
+
+T0 = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A state DB URL, not yet migrated."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'reminders.db'}"
+        yield url
+    else:
+        with services.postgres_database() as url:
+            yield url
+    engine = store._engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture
+def state(state_url: str) -> sa.Engine:
+    """A migrated state DB's engine."""
+    store.upgrade(state_url)
+    return store.engine_for(state_url)
+
+
+def _reminder(occurrence: str, offset: str = "-3d", **extra: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "rule": "refill-due",
+        "occurrence": occurrence,
+        "offset": offset,
+        "customer_id": "7",
+        "planned_at": T0,
+        "send_at": T0,
+        "status": models.PENDING,
+        "data": "{}",
+        "row_hash": "h",
+        "created_at": T0,
+        "updated_at": T0,
+    }
+    row.update(extra)
+    return row
+
+
+def test_engine_for_gives_one_engine_per_url(state_url: str) -> None:
+    assert store.engine_for(state_url) is store.engine_for(state_url)
+
+
+def test_ensure_current_names_the_command_to_run_before_upgrade(state_url: str) -> None:
+    with pytest.raises(ServiceUnavailable, match=r"has no tables yet; run `reminders db upgrade`"):
+        store.ensure_current(state_url)
+
+
+def test_upgrade_creates_every_table_with_the_prefix_and_is_repeatable(state_url: str) -> None:
+    store.upgrade(state_url)
+    store.upgrade(state_url)  # a second upgrade is a no-op, not an error
+    store.ensure_current(state_url)
+    assert store.current_revision(state_url) == store.head_revision()
+    names = set(sa.inspect(store.engine_for(state_url)).get_table_names())
+    expected = {t.name for t in models.metadata.sorted_tables} | {models.VERSION_TABLE}
+    assert expected <= names
+    assert all(n.startswith(models.PREFIX) for n in expected)
+
+
+def test_migrations_build_exactly_the_models(state: sa.Engine) -> None:
+    """The migrated schema matches the tables the code uses (no missing column or index)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with state.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "version_table": models.VERSION_TABLE}
+        )
+        diff = compare_metadata(context, models.metadata)
+    assert diff == []
+
+
+def test_insert_ignoring_conflicts_counts_only_new_rows(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        first = store.insert_ignoring_conflicts(
+            conn, models.reminder, [_reminder("1"), _reminder("2")]
+        )
+    with state.begin() as conn:
+        second = store.insert_ignoring_conflicts(
+            conn, models.reminder, [_reminder("2"), _reminder("3"), _reminder("3", "0d")]
+        )
+        none = store.insert_ignoring_conflicts(conn, models.reminder, [])
+    assert (first, second, none) == (2, 2, 0)
+    with state.connect() as conn:
+        keys = conn.execute(
+            sa.select(models.reminder.c.occurrence, models.reminder.c.offset).order_by(
+                models.reminder.c.id
+            )
+        ).all()
+    assert [tuple(k) for k in keys] == [("1", "-3d"), ("2", "-3d"), ("3", "-3d"), ("3", "0d")]
+
+
+def test_record_keeps_each_status_change(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        store.insert_ignoring_conflicts(conn, models.reminder, [_reminder("1")])
+        rid = conn.execute(sa.select(models.reminder.c.id)).scalar_one()
+        store.record(conn, [(rid, models.PENDING, models.CANCELED, "canceled: gone")], T0)
+        store.record(conn, [], T0)
+    with state.connect() as conn:
+        events = conn.execute(sa.select(models.event)).mappings().all()
+    assert [(e["reminder_id"], e["from_status"], e["to_status"], e["reason"]) for e in events] == [
+        (rid, "pending", "canceled", "canceled: gone")
+    ]
+    assert events[0]["at"] == T0
+
+
+def test_times_are_stored_and_returned_as_aware_utc(state: sa.Engine) -> None:
+    berlin_noon = datetime(2027, 3, 10, 13, 0, tzinfo=timezone(timedelta(hours=1)))
+    with state.begin() as conn:
+        store.insert_ignoring_conflicts(
+            conn, models.reminder, [_reminder("1", planned_at=berlin_noon, send_at=berlin_noon)]
+        )
+    with state.connect() as conn:
+        planned = conn.execute(sa.select(models.reminder.c.planned_at)).scalar_one()
+    assert planned == T0
+    assert planned.tzinfo is not None and planned.utcoffset() == timedelta(0)
+
+
+def test_a_naive_time_is_refused(state: sa.Engine) -> None:
+    with pytest.raises(sa.exc.StatementError, match="naive datetime"), state.begin() as conn:
+        store.insert_ignoring_conflicts(
+            conn, models.reminder, [_reminder("1", planned_at=datetime(2027, 3, 10, 12))]
+        )
+
+
+def test_sqlite_runs_in_wal_mode_and_takes_the_write_lock_at_begin(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE: a second writer queues at its BEGIN instead of failing half-way."""
+    path = tmp_path / "reminders.db"
+    url = f"sqlite:///{path}"
+    store.upgrade(url)
+    engine = store.engine_for(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        with engine.begin():
+            # Nothing written yet, but the transaction already holds the write lock.
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+    finally:
+        store._engines.pop(url).dispose()
+
+
+def test_rule_lock_is_held_per_rule_on_postgresql(pg_url: str) -> None:
+    store.upgrade(pg_url)
+    engine = store.engine_for(pg_url)
+    other = sa.create_engine(pg_url)
+
+    def free(rule: str) -> bool:
+        import hashlib
+
+        key = int.from_bytes(hashlib.blake2b(f"scan:{rule}".encode(), digest_size=8).digest())
+        key -= 1 << 63
+        with other.connect() as conn:
+            query = sa.text("SELECT pg_try_advisory_lock(:k)")
+            got = bool(conn.execute(query, {"k": key}).scalar())
+            if got:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            return got
+
+    try:
+        with engine.connect() as conn:
+            with store.rule_lock(conn, "refill-due"):
+                assert not free("refill-due")
+                assert free("other-rule")
+            assert free("refill-due")
+    finally:
+        other.dispose()
+        store._engines.pop(pg_url).dispose()
