@@ -28,13 +28,13 @@ test: install-test prism
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-test
-	$(BIN)/ruff check reminders tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/ruff format --check reminders
 	$(BIN)/mypy
 
 format: install-test
-	$(BIN)/ruff format reminders tests benchmarks
-	$(BIN)/ruff check --fix reminders tests benchmarks
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache
