@@ -1,0 +1,198 @@
+"""The business DB, opened read-only: streamed rows, clear errors, and no way to write."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from reminders import source
+from reminders.errors import ServiceUnavailable, SourceError
+from tests import services
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def business(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
+    """A business DB with a table of 5 rows: (its URL, a writable engine for the test)."""
+
+    def fill(url: str) -> tuple[str, sa.Engine]:
+        writable = sa.create_engine(url)
+        with writable.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+            conn.execute(
+                sa.text("INSERT INTO items (id, name) VALUES (:id, :name)"),
+                [{"id": i, "name": f"item {i}"} for i in range(1, 6)],
+            )
+        return url, writable
+
+    if request.param == "sqlite":
+        url, writable = fill(f"sqlite:///{tmp_path / 'business.db'}")
+        yield url, writable
+    else:
+        with services.postgres_database() as pg:
+            url, writable = fill(pg)
+            yield url, writable
+            writable.dispose()
+            return
+    writable.dispose()
+
+
+def _count(writable: sa.Engine) -> int:
+    with writable.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM items").scalar_one())
+
+
+def _run(engine: sa.Engine, sql: str, batch: int = 2000) -> list[list[dict[str, object]]]:
+    batches = source.stream(engine, sql, {}, what="rule t", batch=batch)
+    return [[dict(r) for r in b] for b in batches]
+
+
+def test_rows_come_in_batches_of_mappings(business: tuple[str, sa.Engine]) -> None:
+    engine = source.create_engine(business[0])
+    try:
+        batches = _run(engine, "SELECT id, name FROM items ORDER BY id", batch=2)
+    finally:
+        engine.dispose()
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert batches[0][0] == {"id": 1, "name": "item 1"}
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "INSERT INTO items (id, name) VALUES (9, 'x') RETURNING id",
+        "UPDATE items SET name = 'x' RETURNING id",
+        "DELETE FROM items RETURNING id",
+        "WITH gone AS (DELETE FROM items RETURNING id) SELECT id FROM gone",
+        "CREATE TABLE sneaky (id INTEGER)",
+        "DROP TABLE items",
+    ],
+)
+def test_a_query_that_writes_fails_and_writes_nothing(
+    business: tuple[str, sa.Engine], write: str
+) -> None:
+    url, writable = business
+    engine = source.create_engine(url)
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query failed: "):
+            _run(engine, write)
+    finally:
+        engine.dispose()
+    assert _count(writable) == 5
+    with writable.connect() as conn:
+        assert conn.execute(sa.text("SELECT name FROM items WHERE id = 1")).scalar() == "item 1"
+        names = sa.inspect(conn).get_table_names()
+    assert "sneaky" not in names
+
+
+def test_sqlite_says_the_database_is_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "business.db"
+    writable = sa.create_engine(f"sqlite:///{path}")
+    with writable.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY)")
+    writable.dispose()
+    engine = source.create_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SourceError, match="attempt to write a readonly database"):
+            _run(engine, "INSERT INTO items (id) VALUES (1) RETURNING id")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def pg_writer(pg_url: str) -> Iterator[sa.Engine]:
+    """A PostgreSQL business DB with a function that writes when a SELECT calls it."""
+    writable = sa.create_engine(pg_url)
+    with writable.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION write_it() RETURNS integer LANGUAGE sql AS "
+            "$$ INSERT INTO items (id, name) VALUES (1, 'x') RETURNING id $$"
+        )
+    yield writable
+    writable.dispose()
+
+
+def _pg_items(writable: sa.Engine) -> int:
+    with writable.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM items").scalar_one())
+
+
+def test_postgresql_refuses_a_select_that_writes(pg_url: str, pg_writer: sa.Engine) -> None:
+    engine = source.create_engine(pg_url)
+    try:
+        with pytest.raises(SourceError, match="cannot execute INSERT in a read-only transaction"):
+            _run(engine, "SELECT write_it() AS id")
+    finally:
+        engine.dispose()
+    assert _pg_items(pg_writer) == 0
+
+
+def test_a_query_cannot_turn_read_only_off_for_later_queries(
+    pg_url: str, pg_writer: sa.Engine
+) -> None:
+    """A rule's query that switches the session's default back to read-write changes nothing:
+    the next query, on the very same pooled connection, is still read-only."""
+    engine = source.create_engine(pg_url)
+    try:
+        _run(engine, "SELECT set_config('default_transaction_read_only', 'off', false) AS x")
+        with pytest.raises(SourceError, match="read-only transaction"):
+            _run(engine, "SELECT write_it() AS id")
+        assert engine.pool.checkedin() == 1  # one connection served both queries
+    finally:
+        engine.dispose()
+    assert _pg_items(pg_writer) == 0
+
+
+def test_a_failing_query_names_the_rule_and_gives_the_databases_message(
+    business: tuple[str, sa.Engine],
+) -> None:
+    engine = source.create_engine(business[0])
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query failed: .*no_such_table"):
+            _run(engine, "SELECT * FROM no_such_table")
+    finally:
+        engine.dispose()
+
+
+def test_parameters_finds_named_parameters_but_not_casts_or_literals() -> None:
+    sql = "SELECT a::date, ':not_me' AS b FROM t WHERE due >= :today AND at < :now AND x = ':x'"
+    assert source.parameters(sql) == {"today", "now"}
+
+
+def test_a_missing_sqlite_file_is_reported_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    with pytest.raises(ServiceUnavailable, match="no database file at"):
+        source.create_engine(f"sqlite:///{missing}")
+    assert not missing.exists()
+
+
+def test_an_in_memory_business_db_is_refused() -> None:
+    with pytest.raises(ServiceUnavailable, match="must be a file"):
+        source.create_engine("sqlite://")
+
+
+def test_an_unreachable_postgresql_is_a_service_failure() -> None:
+    port = services.free_port()
+    engine = source.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
+    try:
+        with pytest.raises(ServiceUnavailable, match="rule t: business DB unreachable"):
+            _run(engine, "SELECT 1")
+    finally:
+        engine.dispose()
+
+
+def test_an_unsupported_database_is_named() -> None:
+    with pytest.raises(ServiceUnavailable, match="oracle is not supported"):
+        source.create_engine("oracle://u:p@h/db")
+
+
+def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -> None:
+    engine = source.create_engine(business[0])
+    try:
+        names = source.columns(engine, "SELECT id AS rx_id, name FROM items", {}, what="rule t")
+    finally:
+        engine.dispose()
+    assert names == ["rx_id", "name"]
