@@ -132,6 +132,13 @@ class ChannelsConfig(_Model):
 
 class WebConfig(_Model):
     public_url: str | None = None
+    # Shown on the customer's pages (unsubscribe, preferences).
+    business_name: str | None = None
+    # The answer to HELP/INFO. Unset: an empty <Response/> (a Messaging Service answers itself).
+    help_text: str | None = Field(default=None, max_length=320)
+    # How long links in messages (unsubscribe, preferences) stay valid: unsubscribe requests
+    # arrive late, and the law asks for at least 30 days.
+    link_max_age: Duration = timedelta(days=90)
 
     @field_validator("public_url")
     @classmethod
@@ -139,6 +146,13 @@ class WebConfig(_Model):
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(f'"{value}" is not an http(s) URL')
         return value.rstrip("/") if value else value
+
+    @field_validator("link_max_age")
+    @classmethod
+    def _link_age(cls, value: timedelta) -> timedelta:
+        if value < timedelta(days=60):
+            raise ValueError("links must stay valid at least 60 days (e.g. 90d)")
+        return value
 
 
 class RetryConfig(_Model):
