@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
+from itsdangerous.signer import HMACAlgorithm
 
 from . import clock
 from .config import Config
@@ -86,6 +87,16 @@ class _ClockSigner(TimestampSigner):
         return int((self._now or clock.now()).timestamp())
 
 
+class _ShortHMAC(HMACAlgorithm):
+    """HMAC-SHA256 cut to 128 bits: ample for a MAC, and 21 characters shorter in every text."""
+
+    def get_signature(self, key: bytes, value: bytes) -> bytes:
+        return super().get_signature(key, value)[:16]
+
+
+_ALGORITHM = _ShortHMAC(hashlib.sha256)
+
+
 def _serializer(
     purpose: str, keys: list[str] | None, now: datetime | None
 ) -> URLSafeTimedSerializer:
@@ -93,7 +104,7 @@ def _serializer(
         keys if keys is not None else secrets(),
         salt=purpose,
         signer=_ClockSigner,
-        signer_kwargs={"now": now, "digest_method": hashlib.sha256},
+        signer_kwargs={"now": now, "digest_method": hashlib.sha256, "algorithm": _ALGORITHM},
     )
 
 

@@ -46,7 +46,7 @@ def test_url_uses_public_url_and_secret_from_environment(
 def test_token_is_url_safe_and_short_enough_for_a_text() -> None:
     token = links.preferences_token("1234567", keys=KEYS, now=T0)
     assert all(c.isalnum() or c in "-_." for c in token)
-    assert len(token) < 80
+    assert len(token) < 50
 
 
 def test_valid_for_90_days_then_expired() -> None:
