@@ -32,6 +32,7 @@ from pydantic import (
 from . import schedule
 from .config import Config, Duration
 from .errors import Problem, RuleError
+from .source import parameters
 from .yamlfile import Document, YamlError, load
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -254,6 +255,8 @@ class CheckRule(_Model):
     )
     message: str | None = None
     timeout: Duration = timedelta(milliseconds=200)
+    # Optional: binds :since = now - window, so "within 30 days" is written in the query.
+    window: Duration | None = None
     file: str = ""
     line: int = 0
 
@@ -274,6 +277,16 @@ class CheckRule(_Model):
         for param in self.params:
             if not re.search(rf"(?<!:):{re.escape(param)}\b", self.query):
                 raise ValueError(f"param {param} is not used in the query (write :{param})")
+        if self.timeout <= timedelta(0):
+            raise ValueError("timeout must be more than 0 (e.g. 200ms)")
+        bound = set(self.params) | ({"since"} if self.window is not None else set())
+        if self.window is not None and "since" in self.params:
+            raise ValueError("since is bound by window (now - window): remove it from params")
+        for used in sorted(parameters(self.query) - bound):
+            hint = " (or set window: to bind :since)" if used == "since" else ""
+            raise ValueError(f"the query uses :{used}, which is not in params{hint}")
+        if self.window is not None and "since" not in parameters(self.query):
+            raise ValueError("window binds :since: use it in the query (AND placed_at >= :since)")
         return self
 
 
