@@ -315,7 +315,7 @@ def load_config(
         raise ConfigError(problems)
     for reserved in ("root", "file"):
         if reserved in doc.data:
-            raise ConfigError(doc.problem((reserved,), "unknown key"))
+            raise ConfigError(doc.problem((reserved,), f"{reserved}: unknown key"))
     data = dict(doc.data, root=file.resolve().parent, file=display)
     try:
         config = Config.model_validate(data)
@@ -326,6 +326,8 @@ def load_config(
             make_url(url)
         except ArgumentError:
             raise ConfigError(
-                doc.problem((key, "url"), f'"{url}" is not a database URL (e.g. sqlite:///x.db)')
+                doc.problem(
+                    (key, "url"), f'{key}.url: "{url}" is not a database URL (e.g. sqlite:///x.db)'
+                )
             ) from None
     return config

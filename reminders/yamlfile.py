@@ -53,6 +53,8 @@ class Document:
             where = where.replace(".[", "[")
             text = f"{where}: {message}" if where else message
             problems.append(self.problem(loc, text))
+        # In the order of the file, as a reader goes through it (pydantic goes by field).
+        problems.sort(key=lambda p: p.line or 0)
         return problems
 
 
