@@ -1,0 +1,126 @@
+"""Consent: opt-outs and preferences on SQLite and PostgreSQL, and the send-time refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from reminders import consent, models, store
+from tests import services
+
+NOW = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+        store.upgrade(url)
+        yield store.engine_for(url)
+        return
+    with services.postgres_database() as url:
+        store.upgrade(url)
+        engine = store.engine_for(url)
+        yield engine
+        engine.dispose()
+
+
+def test_opt_out_is_recorded_once_and_keeps_the_first_reason(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        assert consent.opt_out(conn, "sms", "+15005550006", "stop", "replied STOP", NOW, "7")
+        assert not consent.opt_out(conn, "sms", "+15005550006", "30005", "unknown", NOW)
+    with state.connect() as conn:
+        found = consent.opted_out(conn, "sms", "+15005550006")
+        assert found is not None
+        assert (found.source, found.reason, found.customer_id) == ("stop", "replied STOP", "7")
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.optout)).scalar() == 1
+
+
+def test_email_addresses_match_whatever_their_case(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        consent.opt_out(conn, "email", " Jane@Example.com", "unsubscribe", None, NOW)
+    with state.connect() as conn:
+        assert consent.is_opted_out(conn, "email", "jane@example.COM")
+        assert not consent.is_opted_out(conn, "sms", "jane@example.com")
+
+
+def test_opt_in_removes_the_opt_out(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        consent.opt_out(conn, "sms", "+15005550006", "stop", None, NOW)
+        assert consent.opt_in(conn, "sms", "+15005550006")
+        assert not consent.opt_in(conn, "sms", "+15005550006")
+    with state.connect() as conn:
+        assert not consent.is_opted_out(conn, "sms", "+15005550006")
+
+
+@pytest.mark.parametrize(
+    ("choices", "rule", "channel", "expected"),
+    [
+        ({}, "refill", "sms", True),
+        ({("refill", "sms"): False}, "refill", "sms", False),
+        ({("refill", "sms"): False}, "refill", "email", True),
+        ({("refill", "sms"): False}, "other", "sms", True),
+        ({("*", "sms"): False}, "refill", "sms", False),
+        ({("*", "sms"): False, ("refill", "sms"): True}, "refill", "sms", True),
+        ({("*", "*"): False}, "refill", "email", False),
+        ({("*", "*"): False, ("refill", "*"): True}, "refill", "email", True),
+        ({("refill", "*"): False, ("*", "email"): True}, "refill", "email", False),
+    ],
+)
+def test_most_specific_choice_wins(
+    choices: dict[tuple[str, str], bool], rule: str, channel: str, expected: bool
+) -> None:
+    assert consent.resolve(choices, rule, channel) is expected
+
+
+def test_preferences_are_per_customer_and_only_changes_are_written(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        changed = consent.set_preferences(conn, "7", {("refill", "sms"): False}, NOW)
+        assert changed == 1
+        assert consent.set_preferences(conn, "7", {("refill", "sms"): False}, NOW) == 0
+    with state.connect() as conn:
+        assert not consent.enabled(conn, "7", "refill", "sms")
+        assert consent.enabled(conn, "8", "refill", "sms")
+        assert consent.enabled(conn, "7", "refill", "email")
+    with state.begin() as conn:
+        assert consent.set_preferences(conn, "7", {("refill", "sms"): True}, NOW) == 1
+    with state.connect() as conn:
+        assert consent.enabled(conn, "7", "refill", "sms")
+
+
+def test_turned_off_lists_customers_with_every_channel_off(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        consent.set_preferences(conn, "1", {("refill", "sms"): False}, NOW)
+        consent.set_preferences(
+            conn, "2", {("refill", "sms"): False, ("refill", "email"): False}, NOW
+        )
+        consent.set_preferences(conn, "3", {("*", "*"): False}, NOW)
+        consent.set_preferences(conn, "4", {("*", "*"): False, ("refill", "email"): True}, NOW)
+    with state.connect() as conn:
+        assert consent.turned_off(conn, "refill", ["sms", "email"]) == {"2", "3"}
+        assert consent.turned_off(conn, "refill", ["sms"]) == {"1", "2", "3", "4"}
+
+
+def test_refusal_names_the_reason(state: sa.Engine) -> None:
+    with state.begin() as conn:
+        consent.opt_out(conn, "sms", "+15005550006", "30005", "unknown destination", NOW)
+        consent.set_preferences(conn, "7", {("refill", "email"): False}, NOW)
+    with state.connect() as conn:
+        assert consent.refusal(conn, "7", "refill", "sms", "+15005550006") == (
+            "opted out of sms (30005)"
+        )
+        assert consent.refusal(conn, "7", "refill", "sms", "+15005550001") is None
+        assert consent.refusal(conn, "7", "refill", "email", "a@example.com") == (
+            "refill by email turned off by the customer"
+        )
+        assert consent.refusal(conn, "8", "refill", "email", "a@example.com") is None
+        view = consent.View.load(
+            conn, ["7", "8"], [("sms", "+15005550006"), ("email", "A@example.com")]
+        )
+        assert view.refusal("8", "refill", "sms", "+15005550006") == "opted out of sms (30005)"
+        assert view.refusal("8", "refill", "email", "a@example.com") is None
+        assert view.refusal("7", "refill", "email", "a@example.com") is not None
