@@ -213,10 +213,11 @@ class Rule(_Model):
             out[key] = reply
         return out
 
-    @model_validator(mode="after")
-    def _occurrence_compiles(self) -> Rule:
-        compile_key(self.occurrence)
-        return self
+    @field_validator("occurrence")
+    @classmethod
+    def _occurrence_compiles(cls, value: str) -> str:
+        compile_key(value)
+        return value
 
     @property
     def template_name(self) -> str:
@@ -471,11 +472,11 @@ def compile_key(source: str) -> Callable[[Mapping[str, Any]], str]:
     try:
         template = _sandbox.from_string(source)
     except TemplateSyntaxError as exc:
-        raise ValueError(f"occurrence is not a valid template: {exc.message}") from None
+        raise ValueError(f'"{source}" is not a valid template: {exc.message}') from None
     if "{{" not in source and "{%" not in source:
         raise ValueError(
-            'occurrence must name the row\'s columns, e.g. "{{ rx_id }}" (a constant would '
-            "make every row the same occurrence)"
+            f'"{source}" names no column; name the row\'s columns, e.g. "{{{{ rx_id }}}}" '
+            "(a constant would make every row the same occurrence)"
         )
 
     def slow(row: Mapping[str, Any]) -> str:

@@ -30,6 +30,8 @@ class Document:
     file: str
     data: Any
     lines: dict[Path_, int] = field(default_factory=dict)
+    # The line of each mapping key (where an unknown key is), when it differs from its value's.
+    key_lines: dict[Path_, int] = field(default_factory=dict)
 
     def line(self, path: Path_) -> int | None:
         """The line of the value at ``path``, or of its nearest ancestor that has one."""
@@ -40,8 +42,12 @@ class Document:
             path = path[:-1]
         return self.lines.get((), None)
 
-    def problem(self, path: Path_, message: str, *, warning: bool = False) -> Problem:
-        return Problem(message, file=self.file, line=self.line(path), warning=warning)
+    def problem(
+        self, path: Path_, message: str, *, warning: bool = False, key: bool = False
+    ) -> Problem:
+        """A problem at the value at ``path`` (``key``: at the key that names it)."""
+        line = self.key_lines.get(tuple(path)) if key else None
+        return Problem(message, file=self.file, line=line or self.line(path), warning=warning)
 
     def problems_from(self, error: ValidationError, prefix: Path_ = ()) -> list[Problem]:
         """Turn a pydantic error into problems, each with the line of the offending value."""
@@ -52,7 +58,7 @@ class Document:
             where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in item["loc"])
             where = where.replace(".[", "[")
             text = f"{where}: {message}" if where else message
-            problems.append(self.problem(loc, text))
+            problems.append(self.problem(loc, text, key=item["type"] == "extra_forbidden"))
         # In the order of the file, as a reader goes through it (pydantic goes by field).
         problems.sort(key=lambda p: p.line or 0)
         return problems
@@ -88,7 +94,12 @@ def _scalar(builder: _Builder, node: yaml.ScalarNode) -> Any:
 
 
 def _build(
-    builder: _Builder, node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str
+    builder: _Builder,
+    node: yaml.Node,
+    path: Path_,
+    lines: dict[Path_, int],
+    file: str,
+    key_lines: dict[Path_, int],
 ) -> Any:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -104,10 +115,14 @@ def _build(
                 raise _LoadError(
                     Problem(f"duplicate key {key!r}", file, key_node.start_mark.line + 1)
                 )
-            result[key] = _build(builder, value_node, (*path, key), lines, file)
+            key_lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = _build(builder, value_node, (*path, key), lines, file, key_lines)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_build(builder, item, (*path, i), lines, file) for i, item in enumerate(node.value)]
+        return [
+            _build(builder, item, (*path, i), lines, file, key_lines)
+            for i, item in enumerate(node.value)
+        ]
     assert isinstance(node, yaml.ScalarNode)
     return _scalar(builder, node)
 
@@ -125,12 +140,18 @@ def loads(text: str, file: str) -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise YamlError(Problem(f"not valid YAML: {exc.problem}", file, line)) from None
+        message = f"not valid YAML: {exc.problem}"
+        start = exc.context_mark
+        if exc.context and start is not None and start.line + 1 != line:
+            # Where the broken construct began (an unclosed quote is found only at the end).
+            message += f" ({exc.context}, from line {start.line + 1})"
+        raise YamlError(Problem(message, file, line)) from None
     if node is None:
         return Document(file, None, {(): 1})
     lines: dict[Path_, int] = {}
+    key_lines: dict[Path_, int] = {}
     try:
-        data = _build(_Builder(), node, (), lines, file)
+        data = _build(_Builder(), node, (), lines, file, key_lines)
     except _LoadError as exc:
         raise YamlError(exc.problem) from None
     except yaml.constructor.ConstructorError as exc:
@@ -138,7 +159,7 @@ def loads(text: str, file: str) -> Document:
         raise YamlError(
             Problem(f"not valid YAML: {exc.problem}", file, mark.line + 1 if mark else None)
         ) from None
-    return Document(file, data, lines)
+    return Document(file, data, lines, key_lines)
 
 
 def load(path: Path, display: str | None = None) -> Document:
