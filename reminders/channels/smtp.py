@@ -1,0 +1,295 @@
+"""Email over SMTP: a plain-text part, an optional HTML alternative, one-click unsubscribe headers.
+
+Errors are mapped in one place, :func:`smtp_error`. What the server says about a message (its
+answer to MAIL FROM, RCPT TO or DATA) is judged by its reply code: 4xx is transient, 5xx permanent
+(550, 551 and 553 on a recipient: the mailbox does not exist or is refused). Failures of the
+connection itself (refused, timed out, dropped, TLS or login failing) are transient: they are not
+about the recipient, and they pass once the server is back or ops fix its settings.
+
+``send_many`` sends a batch over one connection. When the server dropped it (an idle timeout, a
+per-connection limit, a 421 answer) before a message's data went out, the channel reconnects once
+and sends that message again; a message whose data was already sent is never sent twice by this
+code (the server may have accepted it).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid, parseaddr
+from typing import Literal
+
+from reminders.channels.base import Channel, Message
+from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
+from reminders.phone import mask_email
+
+Security = Literal["none", "starttls", "ssl"]
+
+# Non-ASCII text goes quoted-printable or base64, so any server takes it (no 8BITMIME needed).
+_BUILD_POLICY = policy.SMTP.clone(cte_type="7bit")
+# Headers are not folded below RFC 5322's 998: Python folds a long List-Unsubscribe URL into
+# RFC 2047 encoded words, which mail providers do not decode back into a URL.
+_WIRE_POLICY = policy.SMTP.clone(max_line_length=998)
+
+# Answers about this session, not the message: authentication or TLS required (530), a
+# temporary (454) or final (535, 534, 538) authentication failure. Ops fix these; retry meanwhile.
+SESSION_CODES = frozenset({454, 530, 534, 535, 538})
+
+
+class _Dropped(Exception):
+    """The server closed the connection before the message's data was sent: safe to resend."""
+
+
+def smtp_error(exc: Exception, to: str = "") -> ChannelError:
+    """Map an SMTP failure to a transient or permanent ``ChannelError`` (reply code in ``code``)."""
+    who = f" for {mask_email(to)}" if to else ""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, reply = next(iter(exc.recipients.values()))
+        return _by_code(code, reply, f"recipient refused{who}")
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return _by_code(exc.smtp_code, exc.smtp_error, f"sender {exc.sender} refused{who}")
+    if isinstance(exc, smtplib.SMTPDataError):
+        return _by_code(exc.smtp_code, exc.smtp_error, f"message refused{who}")
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return TransientError(
+            f"SMTP login failed ({exc.smtp_code} {_text(exc.smtp_error)}): check username and "
+            "password",
+            code=str(exc.smtp_code),
+        )
+    if isinstance(exc, smtplib.SMTPResponseException):
+        # The greeting, EHLO or STARTTLS answered with an error: the server, not the recipient.
+        return TransientError(
+            f"SMTP server answered {exc.smtp_code} {_text(exc.smtp_error)}", code=str(exc.smtp_code)
+        )
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return TransientError(f"SMTP server does not support what this channel needs: {exc}")
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return TransientError(f"TLS with the SMTP server failed: {exc}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return TransientError(f"SMTP server did not answer in time{who}: {exc or 'timed out'}")
+    if isinstance(exc, smtplib.SMTPException | OSError):
+        return TransientError(f"SMTP server unreachable{who}: {exc}")
+    raise TypeError(f"not an SMTP failure: {exc!r}") from exc
+
+
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _by_code(code: int, reply: bytes | str, what: str) -> ChannelError:
+    text = f"SMTP {code} {_text(reply)}: {what}"
+    if code in SESSION_CODES:
+        return TransientError(f"{text} (check security, username and password)", code=str(code))
+    if 400 <= code < 500:
+        return TransientError(text, code=str(code))
+    if code >= 500:
+        return PermanentError(text, code=str(code))
+    return TransientError(text, code=str(code))  # an unexpected reply (2xx/3xx where 250 was due)
+
+
+def _reset(conn: smtplib.SMTP) -> None:
+    """RSET after a refusal, so the connection serves the next message; a dead one is let go."""
+    try:
+        conn.rset()
+    except (smtplib.SMTPException, OSError):
+        conn.close()
+
+
+class SmtpChannel(Channel):
+    """Sends email through one SMTP server.
+
+    ``security``: ``"none"`` (plain, e.g. a local relay), ``"starttls"`` (upgrade, usually port
+    587) or ``"ssl"`` (implicit TLS, usually port 465); certificates are verified against the
+    system's CA store. ``timeout`` is in seconds, for connecting and for each reply.
+    """
+
+    name = "email"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        from_addr: str,
+        username: str | None = None,
+        password: str | None = None,
+        security: Security = "none",
+        timeout: float = 10.0,
+    ) -> None:
+        if security not in ("none", "starttls", "ssl"):
+            raise ConfigError(
+                f"channels.email.security must be none, starttls or ssl, not {security!r}"
+            )
+        envelope = parseaddr(from_addr)[1]
+        if "@" not in envelope:
+            raise ConfigError(
+                f"channels.email.from must be an address like 'Shop <care@example.com>', "
+                f"not {from_addr!r}"
+            )
+        if bool(username) != bool(password):
+            raise ConfigError("channels.email: set both username and password, or neither")
+        self.host = host
+        self.port = int(port)
+        self.from_addr = from_addr
+        self.envelope_from = envelope
+        self.domain = envelope.rpartition("@")[2]
+        self.username = username
+        self.password = password
+        self.security: Security = security
+        self.timeout = timeout
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(self, message: Message) -> EmailMessage:
+        """The MIME message for ``message`` (raises ``PermanentError`` for an unusable address)."""
+        to = (message.to or "").strip()
+        if "@" not in to or parseaddr(to)[1] != to or any(c in to for c in "\r\n<>, "):
+            raise PermanentError(
+                f"not an email address: {mask_email(to)!r}", code="invalid_address"
+            )
+        mail = EmailMessage(policy=_BUILD_POLICY)
+        mail["From"] = self.from_addr
+        mail["To"] = to
+        mail["Subject"] = " ".join((message.subject or "").split())
+        # The wall clock, not the engine's: REMINDERS_NOW must not date a real email.
+        mail["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+        mail["Message-ID"] = make_msgid(domain=self.domain)
+        links = []
+        if message.unsubscribe_url:
+            links.append(f"<{message.unsubscribe_url}>")
+        if message.unsubscribe_mailto:
+            mailto = message.unsubscribe_mailto
+            links.append(f"<{mailto if mailto.startswith('mailto:') else 'mailto:' + mailto}>")
+        if links:
+            mail["List-Unsubscribe"] = ", ".join(links)
+        if message.unsubscribe_url:
+            # RFC 8058 one-click: the mailbox provider POSTs List-Unsubscribe=One-Click to the URL.
+            mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        mail.set_content(message.body)
+        if message.html:
+            mail.add_alternative(message.html, subtype="html")
+        return mail
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def _connect(self) -> smtplib.SMTP:
+        context = ssl.create_default_context()
+        conn: smtplib.SMTP
+        if self.security == "ssl":
+            conn = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
+        else:
+            conn = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.ehlo()
+            if self.security == "starttls":
+                conn.starttls(context=context)
+                conn.ehlo()
+            if self.username and self.password:
+                conn.login(self.username, self.password)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _quit(conn: smtplib.SMTP) -> None:
+        try:
+            conn.quit()
+        except (smtplib.SMTPException, OSError):
+            conn.close()
+
+    def _transmit(self, conn: smtplib.SMTP, mail: EmailMessage, to: str) -> None:
+        """MAIL, RCPT, DATA for one message; raises ``_Dropped`` when resending is safe."""
+        options: list[str] = []
+        if not (to.isascii() and self.envelope_from.isascii()):
+            if not conn.has_extn("smtputf8"):
+                raise PermanentError(
+                    f"the SMTP server cannot deliver to the non-ASCII address {mask_email(to)}",
+                    code="invalid_address",
+                )
+            options = ["SMTPUTF8", "BODY=8BITMIME"]
+        wire = _WIRE_POLICY.clone(utf8=bool(options))
+        data = mail.as_bytes(policy=wire)
+        try:
+            code, reply = conn.mail(self.envelope_from, options)
+            if code == 421:
+                raise _Dropped(f"{code} {_text(reply)}")
+            if code != 250:
+                _reset(conn)
+                raise smtplib.SMTPSenderRefused(code, reply, self.envelope_from)
+            code, reply = conn.rcpt(to)
+            if code == 421:
+                raise _Dropped(f"{code} {_text(reply)}")
+            if code not in (250, 251):
+                _reset(conn)
+                raise smtplib.SMTPRecipientsRefused({to: (code, reply)})
+        except smtplib.SMTPServerDisconnected as exc:
+            raise _Dropped(str(exc)) from exc
+        try:
+            code, reply = conn.data(data)
+        except smtplib.SMTPServerDisconnected as exc:
+            raise TransientError(
+                f"SMTP connection lost while sending the message to {mask_email(to)} "
+                f"(it may have been delivered): {exc}"
+            ) from exc
+        if code != 250:
+            _reset(conn)
+            raise smtplib.SMTPDataError(code, reply)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, message: Message) -> str:
+        result = self.send_many([message])[0]
+        if isinstance(result, ChannelError):
+            raise result
+        return result
+
+    def send_many(self, messages: list[Message]) -> list[str | ChannelError]:
+        """Send the batch over one connection; results in order (Message-ID or error)."""
+        results: list[str | ChannelError] = []
+        conn: smtplib.SMTP | None = None
+        down: ChannelError | None = None  # set once connecting failed: the rest fail alike
+        try:
+            for message in messages:
+                try:
+                    mail = self.build(message)
+                except PermanentError as exc:
+                    results.append(exc)
+                    continue
+                if down is not None:
+                    results.append(down)
+                    continue
+                reconnected = False
+                while True:
+                    try:
+                        if conn is None:
+                            conn = self._connect()
+                        self._transmit(conn, mail, message.to)
+                        results.append(str(mail["Message-ID"]))
+                        break
+                    except _Dropped as exc:
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                        if reconnected:
+                            results.append(
+                                TransientError(f"SMTP server keeps closing the connection: {exc}")
+                            )
+                            break
+                        reconnected = True
+                    except ChannelError as exc:
+                        results.append(exc)
+                        break
+                    except (smtplib.SMTPException, OSError) as exc:
+                        error = smtp_error(exc, message.to)
+                        results.append(error)
+                        if conn is None:  # connecting failed: the server is down or misconfigured
+                            down = error
+                        break
+        finally:
+            if conn is not None:
+                self._quit(conn)
+        return results

@@ -1,0 +1,158 @@
+"""SMS through Twilio, with the real ``twilio`` library (9.x).
+
+Errors are mapped in one place, :func:`twilio_error`. Transient (retry with backoff): HTTP 429 and
+Twilio 20429 ("always safe to retry"), 5xx, timeouts and connection errors, and the account-level
+answers 401/403/404 (wrong credentials, a suspended account, a wrong account SID or ``api_url``):
+those fail every message alike, so they wait for ops rather than push every customer onto the next
+channel. Permanent: 21211 invalid number, 21614 not a mobile number, 21408 region not enabled,
+21610 the recipient replied STOP (``opt_out``), and any other 4xx.
+See https://www.twilio.com/docs/api/errors.
+
+``send_many`` keeps ``concurrency`` requests in flight: a real round trip takes ~100 ms, so one
+request at a time would cap a worker near 10 messages a second.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+
+from reminders.channels.base import Channel, Message
+from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
+from reminders.phone import mask, mask_numbers_in
+
+OPT_OUT_CODES = frozenset({21610})  # the recipient replied STOP to this sender
+PERMANENT_CODES = frozenset({21211, 21614, 21408}) | OPT_OUT_CODES
+TRANSIENT_CODES = frozenset({20429, 20003})  # too many requests; authentication failed
+TRANSIENT_STATUSES = frozenset({401, 403, 404, 408, 429})
+
+
+def twilio_error(exc: Exception, to: str = "") -> ChannelError:
+    """Map a failure of ``messages.create`` to a transient or permanent ``ChannelError``.
+
+    The error text keeps Twilio's code and message, with phone numbers masked.
+    """
+    if isinstance(exc, TwilioRestException | TwilioServiceException):
+        status = int(exc.status or 0)
+        code = int(exc.code) if exc.code is not None else status
+        is_problem = isinstance(exc, TwilioServiceException)  # RFC 9457 answers
+        detail = (exc.detail or exc.title) if is_problem else exc.msg
+        text = f"Twilio {code} (HTTP {status}): {mask_numbers_in(str(detail))}"
+        if code in PERMANENT_CODES:
+            return PermanentError(text, code=str(code), opt_out=code in OPT_OUT_CODES)
+        if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES or status >= 500:
+            if status in (401, 403, 404) or code == 20003:
+                text += " (check the account SID, auth token and api_url)"
+            return TransientError(text, code=str(code))
+        return PermanentError(text, code=str(code))
+    recipient = f" sending to {mask(to)}" if to else ""
+    if isinstance(exc, requests.ConnectTimeout):
+        return TransientError(f"Twilio did not accept a connection in time{recipient}: {exc}")
+    if isinstance(exc, requests.Timeout):
+        # The request went out: Twilio may have accepted the message without answering.
+        return TransientError(
+            f"Twilio did not answer in time{recipient} (the message may have been sent): {exc}"
+        )
+    if isinstance(exc, requests.RequestException):
+        return TransientError(f"Twilio could not be reached{recipient}: {exc}")
+    raise TypeError(f"not a Twilio or HTTP failure: {exc!r}") from exc
+
+
+class TwilioChannel(Channel):
+    """Sends SMS with Twilio's Messages API.
+
+    ``from_`` (an E.164 sender) or ``messaging_service_sid`` is required. ``api_url`` points the
+    client at a Twilio-compatible endpoint (a mock such as Prism) instead of api.twilio.com.
+    ``concurrency`` is the number of requests ``send_many`` keeps in flight; ``timeout`` is the
+    connect and read timeout of one request, in seconds.
+    """
+
+    name = "sms"
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        from_: str | None = None,
+        messaging_service_sid: str | None = None,
+        api_url: str | None = None,
+        concurrency: int = 32,
+        timeout: float = 10.0,
+    ) -> None:
+        if not account_sid or not auth_token:
+            raise ConfigError("channels.sms: Twilio needs account_sid and auth_token")
+        if not from_ and not messaging_service_sid:
+            raise ConfigError("channels.sms: set `from` (a Twilio number) or messaging_service_sid")
+        if concurrency < 1:
+            raise ConfigError(f"channels.sms: concurrency must be at least 1, not {concurrency}")
+        if api_url is not None:
+            parts = urlsplit(api_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ConfigError(f"channels.sms.api_url must be an http(s) URL, not {api_url!r}")
+        self.from_ = from_
+        self.messaging_service_sid = messaging_service_sid
+        self.concurrency = concurrency
+        self.timeout = timeout
+
+        # twilio 9 sizes its pool for https:// only (requests' default of 10 connections for a
+        # http:// mock), and its max_retries adapter covers https:// only: mount one adapter,
+        # sized to the concurrency and without retries (the engine retries, and records it).
+        self._http = TwilioHttpClient(pool_connections=True, timeout=timeout)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=concurrency, max_retries=0)
+        assert self._http.session is not None
+        for prefix in ("https://", "http://"):
+            self._http.session.mount(prefix, adapter)
+        self._client = Client(account_sid, auth_token, http_client=self._http)
+        if api_url is not None:
+            # No base-URL argument in twilio 9: set the domain's base_url. TWILIO_EDGE and
+            # TWILIO_REGION from the environment would rewrite the host: ignore them here.
+            self._client.api.base_url = api_url.rstrip("/")
+            self._client.edge = None
+            self._client.region = None
+        # Resolve the lazily built resource once, not racing in every thread.
+        self._messages = self._client.api.v2010.account.messages
+
+    def send(self, message: Message) -> str:
+        params: dict[str, Any] = {"to": message.to, "body": message.body}
+        if self.messaging_service_sid:
+            params["messaging_service_sid"] = self.messaging_service_sid
+        if self.from_:
+            params["from_"] = self.from_
+        if message.status_callback:
+            params["status_callback"] = message.status_callback
+        try:
+            created = self._messages.create(**params)
+        except (TwilioRestException, TwilioServiceException, requests.RequestException) as exc:
+            raise twilio_error(exc, message.to) from exc
+        return str(created.sid)
+
+    def _send_one(self, message: Message) -> str | ChannelError:
+        try:
+            return self.send(message)
+        except ChannelError as exc:
+            return exc
+
+    def send_many(self, messages: list[Message]) -> list[str | ChannelError]:
+        """Send with up to ``concurrency`` requests in flight; results in the messages' order.
+
+        An exception that is not a ``ChannelError`` (a bug) is raised once every message of the
+        batch has been attempted.
+        """
+        if len(messages) <= 1:
+            return [self._send_one(m) for m in messages]
+        # A pool per batch: threads do not survive a fork (RQ's forking worker), a batch does.
+        workers = min(self.concurrency, len(messages))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="twilio") as pool:
+            futures = [pool.submit(self._send_one, m) for m in messages]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self._http.session is not None:
+            self._http.session.close()
