@@ -36,7 +36,7 @@ def normalize(raw: str, region: str | None = "US") -> str:
         raise PermanentError(f"phone number {mask(text)} {reason}", code="invalid_number") from None
     if not phonenumbers.is_valid_number(number):
         where = phonenumbers.region_code_for_number(number)
-        if not where or where == phonenumbers.UNKNOWN_REGION:
+        if (not where or where == phonenumbers.UNKNOWN_REGION) and number.country_code:
             where = phonenumbers.region_code_for_country_code(number.country_code)
         if not where or where == phonenumbers.UNKNOWN_REGION:
             where = f"+{number.country_code}"
