@@ -264,3 +264,23 @@ def status(app: App, as_json: bool) -> None:
         _echo_json(report)
     else:
         click.echo(format_status(report))
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+@cli.command("check")
+@click.argument("name")
+@click.argument("params", nargs=-1, metavar="KEY=VALUE...")
+@pass_app
+def check_(app: App, name: str, params: tuple[str, ...]) -> None:
+    """Ask check NAME (e.g. already-owned customer_id=7 sku=B01); print its JSON answer.
+
+    Exit 0 answered, 1 unknown (timed out) or failed, 2 bad parameters.
+    """
+    from .checks import ask, parse_pairs
+
+    answer = ask(app, name, parse_pairs(params), text=True)
+    _echo_json(answer.as_dict())
+    if not answer.answered:
+        raise SystemExit(1)
