@@ -256,8 +256,12 @@ def scan_rule(
             seen.freeze()
             with conn.begin():
                 counts.canceled += _cancel_vanished(conn, rule, seen, now)
-    except (RemindersError, sa.exc.SQLAlchemyError) as exc:
-        counts.error = str(exc) if isinstance(exc, RemindersError) else f"rule {rule.name}: {exc}"
+    except RemindersError as exc:
+        counts.error = str(exc)
+    except sa.exc.SQLAlchemyError as exc:
+        # The state DB failed: the database's own message, without the statement and its rows.
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
+        counts.error = f"rule {rule.name}: state DB: {str(cause).strip().splitlines()[0]}"
     with state.begin() as conn:
         if counts.skips:
             conn.execute(
@@ -415,7 +419,7 @@ def _apply_batch(
     if moves:
         result = conn.execute(
             reminder.update()
-            .where(reminder.c.id == sa.bindparam("rid"), reminder.c.status.in_(OPEN))
+            .where(reminder.c.id == sa.bindparam("rid"), _STILL_OPEN)
             .values(
                 planned_at=sa.bindparam("planned"),
                 send_at=sa.bindparam("planned"),
@@ -447,10 +451,15 @@ def _apply_batch(
     return number
 
 
+# A condition for the many-row UPDATEs below: ``status.in_(OPEN)`` would be an "expanding"
+# parameter, which SQLAlchemy refuses in an executemany.
+_STILL_OPEN = sa.or_(*(reminder.c.status == s for s in OPEN))
+
+
 def _cancel(conn: Connection, cancels: list[dict[str, Any]]) -> None:
     conn.execute(
         reminder.update()
-        .where(reminder.c.id == sa.bindparam("rid"), reminder.c.status.in_(OPEN))
+        .where(reminder.c.id == sa.bindparam("rid"), _STILL_OPEN)
         .values(
             status=CANCELED, reason=sa.bindparam("why"), job_id=None, updated_at=sa.bindparam("now")
         ),

@@ -1,0 +1,347 @@
+"""Scanning, end to end through the command line, on SQLite and PostgreSQL.
+
+Every test here runs the real ``reminders`` command on a real business DB and a real state DB (both
+SQLite, or both PostgreSQL: the engine's tables then live in the business's database under their
+prefix), at a fixed ``--now``. See ``tests/rules_fixtures.py`` for the data.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from reminders import codec, models
+from tests.rules_fixtures import NOW, REFILLS, Project, lite, project
+
+__all__ = ["lite", "project"]
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def scan(p: Project, *args: str, now: str = NOW) -> list[dict[str, Any]]:
+    """Run ``scan --json`` (exit 0 required) and return its counts, one dict a rule."""
+    return p.ok("scan", "--json", *args, now=now).json_lines()
+
+
+def counts(p: Project, *args: str, now: str = NOW) -> dict[str, int]:
+    (only,) = scan(p, *args, now=now)
+    return {k: v for k, v in only.items() if k not in ("rule", "error")}
+
+
+def send_times(p: Project) -> dict[tuple[str, str], tuple[str, str]]:
+    """(occurrence, offset) -> (status, planned time as ISO UTC)."""
+    from reminders.clock import iso_utc
+
+    return {k: (r["status"], iso_utc(r["planned_at"])) for k, r in p.by_key().items()}
+
+
+EXPECTED = {
+    ("1", "-3d"): ("pending", "2027-03-14T14:00:00Z"),  # 10:00 EDT, the day DST starts
+    ("1", "0d"): ("pending", "2027-03-17T14:00:00Z"),
+    ("2", "-3d"): ("pending", "2027-03-17T15:00:00Z"),  # 10:00 CDT (the row's zone)
+    ("2", "0d"): ("pending", "2027-03-20T15:00:00Z"),
+    ("3", "-3d"): ("pending", "2027-03-22T09:00:00Z"),  # 10:00 CET, Berlin is not on DST yet
+    ("3", "0d"): ("pending", "2027-03-25T09:00:00Z"),
+}
+
+
+@pytest.fixture
+def scanned(project: Project) -> Project:
+    """The default project, migrated and scanned once at NOW."""
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 6
+    return project
+
+
+# --- creating, idempotence ------------------------------------------------------------------------
+
+
+def test_a_scan_creates_one_reminder_per_row_and_offset(scanned: Project) -> None:
+    assert send_times(scanned) == EXPECTED
+    reminder = scanned.by_key()[("1", "-3d")]
+    assert reminder["customer_id"] == "1"
+    assert reminder["send_at"] == reminder["planned_at"]
+    assert (reminder["channel"], reminder["reason"], reminder["attempts"]) == (None, None, 0)
+    data = codec.loads(reminder["data"])
+    assert data["first_name"] == "Ann" and data["drug_name"] == "Lisinopril"
+    assert str(data["runs_out_on"]) == "2027-03-17"
+    (run,) = scanned.scan_runs()
+    assert (run["rule"], run["status"], run["rows"], run["created"]) == ("refill-due", "done", 3, 6)
+
+
+def test_scanning_three_times_creates_nothing_more(scanned: Project) -> None:
+    before = scanned.reminders()
+    for _ in range(2):
+        assert counts(scanned) == {
+            "rows": 3,
+            "created": 0,
+            "moved": 0,
+            "canceled": 0,
+            "unchanged": 6,
+            "skipped": 0,
+            "too_late": 0,
+        }
+    assert scanned.reminders() == before
+    assert scanned.events() == []
+    assert [r["status"] for r in scanned.scan_runs()] == ["done"] * 3
+
+
+def test_the_human_output_prints_counts(scanned: Project) -> None:
+    result = scanned.ok("scan")
+    assert result.out == (
+        "refill-due: 3 rows, 0 created, 0 moved, 0 canceled, 6 unchanged, 0 skipped, 0 too late\n"
+    )
+
+
+def _barrier_scan(p: Project, go: Path, ready: Path) -> subprocess.Popen[str]:
+    """A child process that imports the engine, says it is ready, waits for ``go``, then scans."""
+    script = (
+        "import pathlib, sys, time\n"
+        "from reminders.cli import main\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "go = pathlib.Path(sys.argv[2])\n"
+        "while not go.exists():\n"
+        "    time.sleep(0.002)\n"
+        "main(sys.argv[3:])\n"
+    )
+    argv = p.command("scan", "--json")[3:]  # drop the interpreter and its -c script
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(ready), str(go), *argv],
+        cwd=p.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_scans_at_once_create_no_duplicates(project: Project) -> None:
+    """Two real processes scan one business DB into one state DB at the same moment."""
+    rows = 3000
+    project.sql("DELETE FROM prescriptions")
+    project.sql(
+        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
+        "VALUES (:id, :patient, :drug, :due)",
+        [
+            {"id": i, "patient": 1 + i % 3, "drug": f"drug {i}", "due": project.due("2027-04-01")}
+            for i in range(1, rows + 1)
+        ],
+    )
+    project.ok("db", "upgrade")
+    go = project.root / "go"
+    readies = [project.root / f"ready-{i}" for i in range(2)]
+    children = [_barrier_scan(project, go, ready) for ready in readies]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [child.communicate(timeout=300) for child in children]
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, f"{out}\n{err}"
+    results = [json.loads(out) for out, _ in outputs]
+    assert sum(r["created"] for r in results) == 2 * rows
+    assert all(r["rows"] == rows and r["error"] is None for r in results)
+    assert sum(r["created"] + r["unchanged"] for r in results) == 2 * 2 * rows
+    reminders = project.reminders()
+    assert len(reminders) == 2 * rows
+    assert len({(r["occurrence"], r["offset"]) for r in reminders}) == 2 * rows
+    assert {r["status"] for r in reminders} == {"pending"}
+    assert project.events() == []
+    assert [r["status"] for r in project.scan_runs()] == ["done", "done"]
+
+
+# --- moves, new occurrences, vanished rows --------------------------------------------------------
+
+MOVED = "moved: the due date changed"
+VANISHED = "canceled: the occurrence is no longer returned by the rule's query"
+
+
+def _events(p: Project) -> list[tuple[str, str, str | None, str, str | None]]:
+    """(occurrence, offset, from, to, reason) of every recorded change, in order."""
+    keys = {r["id"]: (r["occurrence"], r["offset"]) for r in p.reminders()}
+    return [
+        (*keys[e["reminder_id"]], e["from_status"], e["to_status"], e["reason"]) for e in p.events()
+    ]
+
+
+def test_a_changed_due_date_moves_the_pending_reminders(scanned: Project) -> None:
+    ids = {k: r["id"] for k, r in scanned.by_key().items()}
+    scanned.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-19")}
+    )
+    assert counts(scanned) == {
+        "rows": 3,
+        "created": 0,
+        "moved": 2,
+        "canceled": 0,
+        "unchanged": 4,
+        "skipped": 0,
+        "too_late": 0,
+    }
+    after = scanned.by_key()
+    assert {k: r["id"] for k, r in after.items()} == ids  # the same reminders, moved
+    assert send_times(scanned) == EXPECTED | {
+        ("1", "-3d"): ("pending", "2027-03-16T14:00:00Z"),
+        ("1", "0d"): ("pending", "2027-03-19T14:00:00Z"),
+    }
+    assert after[("1", "-3d")]["send_at"] == utc("2027-03-16T14:00:00Z")
+    assert after[("1", "-3d")]["reason"] == MOVED
+    assert str(codec.loads(after[("1", "0d")]["data"])["runs_out_on"]) == "2027-03-19"
+    assert _events(scanned) == [
+        ("1", "-3d", "pending", "pending", MOVED),
+        ("1", "0d", "pending", "pending", MOVED),
+    ]
+
+
+def test_a_date_in_the_occurrence_key_makes_a_new_occurrence_and_cancels_the_old(
+    project: Project,
+) -> None:
+    project.write(
+        "rules/refills.yaml",
+        REFILLS.replace('"{{ rx_id }}"', '"{{ rx_id }}:{{ runs_out_on }}"'),
+    )
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 6
+    assert ("1:2027-03-17", "-3d") in project.by_key()
+    project.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": project.due("2027-04-16")}
+    )
+    assert counts(project) | {"unchanged": 0} == {
+        "rows": 3,
+        "created": 2,
+        "moved": 0,
+        "canceled": 2,
+        "unchanged": 0,
+        "skipped": 0,
+        "too_late": 0,
+    }
+    found = send_times(project)
+    assert found[("1:2027-03-17", "-3d")] == ("canceled", "2027-03-14T14:00:00Z")
+    assert found[("1:2027-03-17", "0d")] == ("canceled", "2027-03-17T14:00:00Z")
+    assert found[("1:2027-04-16", "-3d")] == ("pending", "2027-04-13T14:00:00Z")
+    assert found[("1:2027-04-16", "0d")] == ("pending", "2027-04-16T14:00:00Z")
+    assert project.by_key()[("1:2027-03-17", "0d")]["reason"] == VANISHED
+    assert _events(project) == [
+        ("1:2027-03-17", "-3d", "pending", "canceled", VANISHED),
+        ("1:2027-03-17", "0d", "pending", "canceled", VANISHED),
+    ]
+
+
+def test_a_vanished_row_cancels_its_open_reminders_with_the_reason(scanned: Project) -> None:
+    state = scanned.state
+    with state.begin() as conn:  # a dispatcher has queued one of them already
+        conn.execute(
+            models.reminder.update()
+            .where(models.reminder.c.occurrence == "3", models.reminder.c.offset == "-3d")
+            .values(status=models.QUEUED, job_id="job-1")
+        )
+    scanned.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 3")
+    assert counts(scanned)["canceled"] == 2
+    after = scanned.by_key()
+    assert (after[("3", "-3d")]["status"], after[("3", "-3d")]["job_id"]) == ("canceled", None)
+    assert after[("3", "0d")]["reason"] == VANISHED
+    assert _events(scanned) == [
+        ("3", "-3d", "queued", "canceled", VANISHED),
+        ("3", "0d", "pending", "canceled", VANISHED),
+    ]
+    assert counts(scanned)["canceled"] == 0  # a canceled reminder stays canceled, once
+
+
+def test_sent_and_final_reminders_are_left_alone(scanned: Project) -> None:
+    with scanned.state.begin() as conn:
+        conn.execute(
+            models.reminder.update()
+            .where(models.reminder.c.occurrence == "1")
+            .values(status=models.SENT)
+        )
+    scanned.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-19")}
+    )
+    assert counts(scanned)["moved"] == 0
+    scanned.sql("DELETE FROM prescriptions WHERE id = 1")
+    assert counts(scanned)["canceled"] == 0
+    assert send_times(scanned)[("1", "-3d")] == ("sent", "2027-03-14T14:00:00Z")
+    assert scanned.events() == []
+
+
+def test_a_rescan_keeps_a_deferred_send_time_and_refreshes_the_row(scanned: Project) -> None:
+    """Quiet hours or a retry moved send_at; the planned time is what a rescan compares."""
+    deferred = utc("2027-03-15T12:00:00Z")
+    with scanned.state.begin() as conn:
+        conn.execute(
+            models.reminder.update()
+            .where(models.reminder.c.occurrence == "1", models.reminder.c.offset == "-3d")
+            .values(send_at=deferred, attempts=1)
+        )
+    scanned.sql("UPDATE prescriptions SET drug_name = 'Lisinopril 10mg' WHERE id = 1")
+    assert counts(scanned)["moved"] == 0
+    reminder = scanned.by_key()[("1", "-3d")]
+    assert reminder["send_at"] == deferred
+    assert codec.loads(reminder["data"])["drug_name"] == "Lisinopril 10mg"
+
+
+def test_an_offset_removed_from_the_rule_cancels_its_reminders(scanned: Project) -> None:
+    scanned.write("rules/refills.yaml", REFILLS.replace("[-3d, 0d]", "[-3d]"))
+    assert counts(scanned)["canceled"] == 3
+    reasons = {r["reason"] for r in scanned.reminders() if r["offset"] == "0d"}
+    assert reasons == {"canceled: offset 0d is no longer planned for it"}
+    assert {r["status"] for r in scanned.reminders() if r["offset"] == "-3d"} == {"pending"}
+
+
+def test_a_changed_send_time_in_the_rule_moves_every_reminder(scanned: Project) -> None:
+    scanned.write("rules/refills.yaml", REFILLS.replace('at: "10:00"', 'at: "11:30"'))
+    assert counts(scanned)["moved"] == 6
+    assert send_times(scanned)[("1", "-3d")] == ("pending", "2027-03-14T15:30:00Z")
+
+
+# --- grace ----------------------------------------------------------------------------------------
+
+
+def test_a_reminder_already_past_grace_is_not_created(project: Project) -> None:
+    project.ok("db", "upgrade")
+    # rx 1's -3d was due 2027-03-14 14:00Z, 46 hours before this scan: past the 1d grace.
+    later = "2027-03-16T12:00:00Z"
+    assert counts(project, now=later) == {
+        "rows": 3,
+        "created": 5,
+        "moved": 0,
+        "canceled": 0,
+        "unchanged": 0,
+        "skipped": 0,
+        "too_late": 1,
+    }
+    assert ("1", "-3d") not in project.by_key()
+    assert send_times(project)[("1", "0d")] == ("pending", "2027-03-17T14:00:00Z")
+    # A new prescription whose -3d was 2 hours ago: within grace, so it is created.
+    project.sql(
+        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) VALUES (4, 2, 'x', :d)",
+        {"d": project.due("2027-03-19")},
+    )
+    assert counts(project, now="2027-03-16T17:00:00Z")["created"] == 2
+    assert send_times(project)[("4", "-3d")] == ("pending", "2027-03-16T15:00:00Z")
+
+
+def test_an_existing_reminder_past_grace_is_left_alone(scanned: Project) -> None:
+    later = "2027-03-16T12:00:00Z"
+    scanned.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-18")}
+    )
+    result = counts(scanned, now=later)
+    assert (result["moved"], result["canceled"], result["created"]) == (1, 0, 0)
+    found = send_times(scanned)
+    assert found[("1", "-3d")] == ("pending", "2027-03-14T14:00:00Z")  # past grace: untouched
+    assert found[("1", "0d")] == ("pending", "2027-03-18T14:00:00Z")  # within: moved
+    scanned.sql("DELETE FROM prescriptions WHERE id = 1")
+    assert counts(scanned, now=later)["canceled"] == 1
+    found = send_times(scanned)
+    assert found[("1", "-3d")] == ("pending", "2027-03-14T14:00:00Z")
+    assert found[("1", "0d")] == ("canceled", "2027-03-18T14:00:00Z")
