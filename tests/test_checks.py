@@ -134,6 +134,8 @@ channels:
   email:
     provider: outbox
     path: outbox.jsonl
+web:
+  public_url: https://shop.example.com
 """
 
 
