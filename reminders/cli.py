@@ -284,3 +284,118 @@ def check_(app: App, name: str, params: tuple[str, ...]) -> None:
     _echo_json(answer.as_dict())
     if not answer.answered:
         raise SystemExit(1)
+
+
+# --- delivery: dispatch, worker, scheduler, preview, retry ----------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="the counts as one JSON object")
+@pass_app
+def dispatch(app: App, as_json: bool) -> None:
+    """Enqueue the reminders that are due (and re-enqueue those whose job was lost)."""
+    from .dispatch import dispatch as run_dispatch
+
+    store.ensure_current(app.config.state_url)
+    counts = run_dispatch(app)
+    if as_json:
+        _echo_json(counts.as_dict())
+    else:
+        click.echo(
+            f"dispatched: {counts.enqueued} enqueued, {counts.requeued} enqueued again "
+            f"(job lost), in {counts.jobs} job(s)"
+        )
+
+
+@cli.command()
+@click.option("--burst", is_flag=True, help="stop when the queues are empty")
+@click.option(
+    "--queue", "queues", multiple=True, metavar="Q", help="a channel (sms, email) or queue name"
+)
+@click.option("--name", metavar="NAME", help="the worker's name in RQ (default: a random id)")
+@click.option("--max-jobs", type=int, metavar="N", help="stop after N jobs")
+@pass_app
+def worker(
+    app: App, burst: bool, queues: tuple[str, ...], name: str | None, max_jobs: int | None
+) -> None:
+    """An RQ worker; with no --queue it serves every channel's queue."""
+    from .jobs import resolve_queues, run_worker, setup_logging
+
+    store.ensure_current(app.config.state_url)
+    setup_logging()
+    run_worker(app, resolve_queues(app.config, queues), burst=burst, name=name, max_jobs=max_jobs)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="one scan and one dispatch, then exit (for cron)")
+@pass_app
+def scheduler(app: App, once: bool) -> None:
+    """Scan and dispatch on intervals; one active at a time (a Redis lock elects it)."""
+    from .jobs import setup_logging
+    from .scheduler import Scheduler
+
+    store.ensure_current(app.config.state_url)
+    setup_logging()
+    cycles = Scheduler(app).run(once=once)
+    if once and not cycles:
+        click.echo("another scheduler is active: nothing done")
+    for cycle in cycles:
+        for counts in cycle.scans or []:
+            click.echo(f"scan {counts['rule']}: {counts['rows']} rows, {counts['created']} created")
+        if cycle.dispatch is not None:
+            click.echo(f"dispatch: {cycle.dispatch['enqueued']} enqueued")
+        for error in cycle.errors:
+            click.echo(f"error: {error}", err=True)
+        if cycle.errors:
+            raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("rule_name", metavar="RULE")
+@click.option(
+    "--occurrence", metavar="KEY", help="the occurrence to show (default: the first rows)"
+)
+@click.option("--limit", type=int, default=3, show_default=True, help="rows to show")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object a message")
+@pass_app
+def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_json: bool) -> None:
+    """Render a rule's messages for real rows of the business DB; sends nothing."""
+    from .preview import format_preview, preview_rule
+
+    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit)
+    if as_json:
+        for item in shown.items:
+            _echo_json(item)
+    else:
+        click.echo(format_preview(shown))
+    if shown.errors:
+        raise SystemExit(2)
+
+
+@cli.command()
+@click.option(
+    "--status",
+    "from_status",
+    type=click.Choice([models.FAILED, models.SENDING]),
+    default=models.FAILED,
+    show_default=True,
+    help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",
+)
+@click.option("--rule", "rule_name", metavar="R", help="one rule's only")
+@click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="these reminders only")
+@click.option("--dry-run", is_flag=True, help="show what would be put back, change nothing")
+@pass_app
+def retry(
+    app: App, from_status: str, rule_name: str | None, ids: tuple[int, ...], dry_run: bool
+) -> None:
+    """Ops: put failed or stuck reminders back to pending, deliberately (recorded)."""
+    from .dispatch import retry as run_retry
+
+    store.ensure_current(app.config.state_url)
+    found = run_retry(app, from_status, rule=rule_name, ids=list(ids), dry_run=dry_run)
+    verb = "would put back" if dry_run else "put back"
+    click.echo(f"{verb} {len(found)} {from_status} reminder(s) to pending")
+    for rid in found[:20]:
+        click.echo(f"  #{rid}")
+    if len(found) > 20:
+        click.echo(f"  ... and {len(found) - 20} more")

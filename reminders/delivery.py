@@ -1,0 +1,851 @@
+"""Delivery: what a worker does with a batch of queued reminders, each on its own.
+
+For every reminder of the batch that still carries the job's id:
+
+1. **re-check** at send time: the rule still exists; the send time is within grace (else canceled
+   as expired); the channel: the rule's channel at ``channel_index`` or the next one, skipping a
+   channel without a usable address (an invalid phone number, no email), an opted-out address
+   (``optout``) or a channel the customer turned off (``preference``); quiet hours in the
+   recipient's zone (deferred to their end, a new send time); the rule's ``check`` query (no row:
+   canceled);
+2. **render** the template (a template error fails the reminder, naming the template and line);
+3. **claim**: ``queued -> sending`` in one conditional update (``status = 'queued' AND job_id =
+   this job``), just before calling the provider, so a second worker or a second copy of the job
+   gets nothing; a worker that dies after this leaves ``sending``, which ops see (``status``) and
+   resend only on purpose (``reminders retry``);
+4. **send** (``Channel.send_many``: requests in flight together; paced by the sender's rate limit);
+5. **record**: ``sent`` with a ``message`` row; a transient error goes back to ``pending`` with
+   exponential backoff and jitter until ``retries.max_attempts``, then ``failed``; a permanent one
+   falls back to the rule's next channel while within grace (back to ``pending``, reason kept),
+   else ``failed``; Twilio 21610 also records the opt-out.
+
+Every status change is conditional on the state the worker saw, and is recorded with its reason.
+A reminder moved to another channel (a skipped channel, a fallback) is enqueued on that channel's
+queue at once, so a worker serving every queue sends it in the same burst.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import clock, codec, consent, phone, schedule, sms, source, store
+from .channels.base import Channel, Message
+from .config import Config
+from .errors import ChannelError, InputError, PermanentError, TemplateError, TransientError
+from .models import (
+    CANCELED,
+    FAILED,
+    PENDING,
+    QUEUED,
+    SENDING,
+    SENT,
+    message,
+    reminder,
+)
+from .ratelimit import RateLimiter
+from .rules import Rule
+
+log = logging.getLogger(__name__)
+
+ROUND_SECONDS = 2.0  # a rate-limited batch is claimed and sent about this many seconds at a time
+WAVE_SECONDS = 0.05  # rate-limited slots this close together go out in one send_many call
+TIME_BUDGET = 0.5  # share of the job timeout after which a job stops claiming and lets go
+
+
+@dataclass
+class Counts:
+    """What one batch did, reminder by reminder."""
+
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    canceled: int = 0
+    deferred: int = 0
+    moved: int = 0  # to another channel (skipped channel or fallback)
+    released: int = 0  # let go unsent when the job ran out of time
+    not_claimed: int = 0  # another worker or a newer job had them
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# -- channels -----------------------------------------------------------------------------------
+
+
+def open_channel(config: Config, name: str) -> Channel:
+    """The provider of channel ``name`` as configured (raises ``ConfigError`` if it is not)."""
+    from .channels import OutboxChannel, SmtpChannel, TwilioChannel
+    from .config import EmailConfig, SmsConfig
+
+    cfg = config.channel(name)
+    if cfg.provider == "outbox":
+        assert cfg.path is not None
+        return OutboxChannel(name, config.path(cfg.path))
+    if isinstance(cfg, SmsConfig):
+        assert cfg.account_sid and cfg.auth_token  # the config requires them for twilio
+        return TwilioChannel(
+            cfg.account_sid,
+            cfg.auth_token,
+            from_=cfg.from_,
+            messaging_service_sid=cfg.messaging_service_sid,
+            api_url=cfg.api_url,
+            concurrency=cfg.concurrency,
+        )
+    assert isinstance(cfg, EmailConfig) and cfg.from_
+    return SmtpChannel(
+        cfg.host,
+        cfg.port,
+        cfg.from_,
+        username=cfg.username,
+        password=cfg.password,
+        security=cfg.security,
+        timeout=cfg.timeout.total_seconds(),
+    )
+
+
+# -- the customer and the template context -----------------------------------------------------
+
+
+def customer_of(rule: Rule, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The customer's fields (id, phone, email, timezone, locale, first_name) from a row."""
+    return {key: values.get(column) for key, column in rule.columns.items()}
+
+
+def customer_zone(config: Config, customer: Mapping[str, Any]) -> Any:
+    """The customer's zone: their row's IANA name, else the config's default."""
+    name = customer.get("timezone")
+    if name:
+        try:
+            return schedule.zone(str(name))
+        except ValueError:
+            pass  # the scan skips rows with unknown zones; an edited row falls back
+    return config.tz()
+
+
+def address_for(config: Config, channel: str, customer: Mapping[str, Any]) -> str:
+    """The customer's address on ``channel``: E.164 for SMS, a lowercased email.
+
+    Raises ``PermanentError`` when there is none or it cannot be valid.
+    """
+    if channel == "sms":
+        raw = customer.get("phone")
+        return phone.normalize("" if raw is None else str(raw), config.default_region)
+    raw = customer.get("email")
+    text = "" if raw is None else str(raw).strip()
+    if not text:
+        raise PermanentError("no email address", code="invalid_address")
+    local, at, domain = text.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in text):
+        raise PermanentError(
+            f"not an email address: {phone.mask_email(text)}", code="invalid_address"
+        )
+    return text.lower()
+
+
+def _links(
+    config: Config, customer_id: str, channel: str, address: str, now: datetime
+) -> dict[str, Any]:
+    """Signed unsubscribe and preferences links, when the web app has a public address."""
+    if not config.web.public_url:
+        return {"unsubscribe_url": None, "preferences_url": None}
+    from . import links
+
+    # A missing REMINDERS_SECRET raises ConfigError here: it fails the job, loudly, and the
+    # reminders wait (queued, enqueued again later) until ops set it.
+    return {
+        "unsubscribe_url": links.unsubscribe_url(config, customer_id, channel, address, now=now),
+        "preferences_url": links.preferences_url(config, customer_id, now=now),
+    }
+
+
+def template_context(
+    config: Config,
+    rule: Rule,
+    row: Mapping[str, Any],
+    values: Mapping[str, Any],
+    now: datetime,
+    channel: str,
+    address: str,
+) -> dict[str, Any]:
+    """What a template sees: the row's values, ``customer``, ``reminder``, ``now`` and links."""
+    customer = customer_of(rule, values)
+    context = dict(values)
+    context.update(
+        customer=customer,
+        reminder={
+            "id": row.get("id"),
+            "rule": rule.name,
+            "occurrence": row.get("occurrence"),
+            "offset": row.get("offset"),
+            "due": values.get(rule.due),
+            "send_at": row.get("send_at"),
+            "planned_at": row.get("planned_at"),
+            "channel": channel,
+        },
+        now=now,
+        default_timezone=config.timezone,
+        **_links(config, str(customer.get("id")), channel, address, now),
+    )
+    return context
+
+
+@dataclass
+class Rendered:
+    """A rendered message before sending: the channel's ``Message`` and its SMS segments."""
+
+    message: Message
+    segments: int | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def render(
+    renderer: Any,
+    config: Config,
+    rule: Rule,
+    row: Mapping[str, Any],
+    context: Mapping[str, Any],
+    channel: str,
+    address: str,
+) -> Rendered:
+    """Render the rule's template for ``channel``; raises ``TemplateError`` naming file and line."""
+    rid = int(row.get("id") or 0)
+    name = rule.template_name
+    if channel == "sms":
+        body = renderer.render_sms(name, context)
+        if not body:
+            raise TemplateError(f"{renderer.path(name, 'sms')}: the text is empty")
+        info = sms.segments(body)
+        warnings = []
+        if info.offending:
+            warnings.append(sms.describe_offending(info))
+        limit = config.channels.sms.max_segments if config.channels.sms else None
+        if limit and info.segments > limit:
+            warnings.append(
+                f"{info.segments} segments ({info.length} {info.encoding} units), "
+                f"more than channels.sms.max_segments = {limit}"
+            )
+        callback = None
+        if config.web.public_url:
+            callback = config.web.public_url + "/webhooks/twilio/status"
+        msg = Message(rid, rule.name, "sms", address, body, status_callback=callback)
+        return Rendered(msg, info.segments, warnings)
+    email = renderer.render_email(name, context)
+    msg = Message(
+        rid,
+        rule.name,
+        "email",
+        address,
+        email.text,
+        subject=email.subject,
+        html=email.html,
+        unsubscribe_url=context.get("unsubscribe_url"),
+    )
+    return Rendered(msg, None)
+
+
+# -- the batch ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Change:
+    """A status change out of ``queued`` decided before sending."""
+
+    rid: int
+    status: str
+    reason: str
+    values: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""  # the Counts field it adds to
+    enqueue: bool = False  # send_at is now: enqueue on the new channel's queue at once
+
+
+@dataclass
+class _Ready:
+    row: Any
+    rule: Rule
+    index: int
+    channel: str
+    address: str
+    rendered: Rendered
+
+
+class CheckFailed(Exception):
+    """The rule's check query could not be answered (a transient failure)."""
+
+
+class CheckInvalid(Exception):
+    """The rule's check query cannot be asked for this reminder (a parameter is missing)."""
+
+
+def backoff(config: Config, attempt: int, rng: random.Random | None = None) -> timedelta:
+    """The wait before retry number ``attempt`` (1 = the first retry), with jitter.
+
+    ``retries.backoff`` doubles each attempt up to ``retries.max_backoff``; the wait is drawn
+    between half that and all of it ("equal jitter"), so retries of a failed burst spread out.
+    """
+    base = config.retries.backoff.total_seconds()
+    cap = config.retries.max_backoff.total_seconds()
+    full = min(cap, base * 2 ** max(0, attempt - 1))
+    draw = (rng or random).uniform(full / 2, full)
+    return timedelta(seconds=draw)
+
+
+class Delivery:
+    """Delivers batches for one engine (``App``); channels and limits are opened once a process.
+
+    ``connection`` is the Redis the queues live in (for moving reminders to another channel's
+    queue and for rate limits).
+    """
+
+    def __init__(self, app: Any, connection: redis.Redis) -> None:
+        self.app = app
+        self.config: Config = app.config
+        self.connection = connection
+        self._channels: dict[str, Channel] = {}
+        self._limiters: dict[str, RateLimiter | None] = {}
+
+    def channel(self, name: str) -> Channel:
+        found = self._channels.get(name)
+        if found is None:
+            found = self._channels[name] = open_channel(self.config, name)
+        return found
+
+    def limiter(self, name: str) -> RateLimiter | None:
+        """The sender's shared rate limit on ``name`` (SMS only), or None."""
+        if name not in self._limiters:
+            cfg = getattr(self.config.channels, name, None)
+            rate = getattr(cfg, "rate_limit", None)
+            limiter = None
+            if rate:
+                sender = cfg.from_ or getattr(cfg, "messaging_service_sid", None) or "default"  # type: ignore[union-attr]
+                limiter = RateLimiter(self.connection, f"{name}:{sender}", rate)
+            self._limiters[name] = limiter
+        return self._limiters[name]
+
+    def open(self) -> None:
+        """Open every configured channel now, so a configuration error shows at start."""
+        for name in self.config.channel_names:
+            self.channel(name)
+
+    def close(self) -> None:
+        for found in self._channels.values():
+            found.close()
+        self._channels.clear()
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def deliver(
+        self,
+        channel: str,
+        ids: Sequence[int],
+        job_id: str,
+        *,
+        deadline: float | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> Counts:
+        """Deliver the reminders ``ids`` queued under ``job_id`` on ``channel``.
+
+        ``deadline`` (a ``time.monotonic()`` value) is when to stop claiming: reminders not yet
+        claimed by then go back to pending for the next dispatch. ``heartbeat`` is called between
+        rounds (a long rate-limited batch tells RQ its worker is alive).
+        """
+        counts = Counts()
+        state = self.app.state
+        r = reminder
+        with state.connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(r).where(
+                        r.c.id.in_(list(ids)), r.c.status == QUEUED, r.c.job_id == job_id
+                    )
+                )
+                .mappings()
+                .all()
+            )
+        counts.not_claimed += len(ids) - len(rows)
+        if not rows:
+            return counts
+        now = self.app.now()
+        changes, ready = self._prepare(channel, rows, now)
+        moved = self._apply(changes, job_id, now, counts)
+        limiter = self.limiter(channel)
+        size = len(ready)
+        if limiter is not None:
+            size = max(1, math.ceil(limiter.rate * ROUND_SECONDS))
+        for start in range(0, len(ready), size):
+            chunk = ready[start : start + size]
+            if start and deadline is not None and time.monotonic() > deadline:
+                self._release(ready[start:], job_id, counts)
+                break
+            if heartbeat is not None:
+                heartbeat()
+            claimed = self._claim(chunk, job_id, counts)
+            if claimed:
+                results = self._send(channel, claimed, limiter)
+                moved |= self._record(claimed, results, counts)
+        if moved:
+            from .dispatch import DispatchCounts, Dispatcher
+
+            dispatcher = Dispatcher(self.config, self.app.ruleset, state, self.connection)
+            dispatcher.enqueue_due(self.app.now(), DispatchCounts(), ids=sorted(moved))
+        log.info("job %s: %s: %s", job_id, channel, _summary(counts))
+        return counts
+
+    # -- before sending ---------------------------------------------------------------------
+
+    def _prepare(
+        self, channel: str, rows: Sequence[Mapping[str, Any]], now: datetime
+    ) -> tuple[list[_Change], list[_Ready]]:
+        """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message."""
+        config = self.config
+        rules = {rule.name: rule for rule in self.app.ruleset.rules}
+        changes: list[_Change] = []
+        ready: list[_Ready] = []
+        # Each reminder's candidate channels with their addresses (or why there is none).
+        plans: list[tuple[Mapping[str, Any], Rule, dict[str, Any], list[tuple[int, str, Any]]]] = []
+        for row in rows:
+            rule = rules.get(row["rule"])
+            if rule is None:
+                changes.append(
+                    _Change(row["id"], CANCELED, f"canceled: rule {row['rule']} no longer exists")
+                )
+                continue
+            if not schedule.within_grace(row["send_at"], now, rule.grace):
+                changes.append(
+                    _Change(
+                        row["id"],
+                        CANCELED,
+                        f"expired: send time {clock.iso_utc(row['send_at'])} is more than "
+                        f"{_duration(rule.grace)} ago",
+                        kind="canceled",
+                    )
+                )
+                continue
+            values = codec.loads(row["data"])
+            customer = customer_of(rule, values)
+            candidates: list[tuple[int, str, Any]] = []
+            for index in range(row["channel_index"], len(rule.channels)):
+                name = rule.channels[index]
+                try:
+                    candidates.append((index, name, address_for(config, name, customer)))
+                except PermanentError as exc:
+                    candidates.append((index, name, exc))
+            plans.append((row, rule, values, candidates))
+        with self.app.state.connect() as conn:
+            view = consent.View.load(
+                conn,
+                {str(row["customer_id"]) for row, _, _, _ in plans},
+                {(n, a) for _, _, _, cs in plans for _, n, a in cs if isinstance(a, str)},
+            )
+        business: Connection | None = None
+        try:
+            for row, rule, values, candidates in plans:
+                try:
+                    decided = self._decide(channel, row, rule, values, candidates, view, now)
+                    if isinstance(decided, _Ready) and rule.check:
+                        if business is None:
+                            business = self.app.business.connect()
+                        if not run_check(business, rule, values, now, config):
+                            decided = _Change(
+                                row["id"],
+                                CANCELED,
+                                "canceled: the rule's check query returned no row",
+                            )
+                except TemplateError as exc:
+                    decided = _Change(row["id"], FAILED, f"template error: {_problems(exc)}")
+                except CheckFailed as exc:
+                    decided = self._retry_change(row, rule, f"check query failed: {exc}", now)
+                except CheckInvalid as exc:
+                    decided = _Change(row["id"], FAILED, f"check query: {exc}")
+                except InputError:
+                    raise  # a configuration mistake fails the job, visibly; nothing is lost
+                except Exception as exc:  # one reminder's surprise must not sink the batch
+                    log.exception("reminder %s: unexpected error before sending", row["id"])
+                    decided = _Change(
+                        row["id"], FAILED, f"internal error: {type(exc).__name__}: {exc}"
+                    )
+                if isinstance(decided, _Ready):
+                    ready.append(decided)
+                else:
+                    changes.append(decided)
+        finally:
+            if business is not None:
+                business.close()
+        return changes, ready
+
+    def _decide(
+        self,
+        channel: str,
+        row: Mapping[str, Any],
+        rule: Rule,
+        values: dict[str, Any],
+        candidates: list[tuple[int, str, Any]],
+        view: consent.View,
+        now: datetime,
+    ) -> _Change | _Ready:
+        rid = row["id"]
+        skipped: list[str] = []
+        unusable = False
+        chosen: tuple[int, str, str] | None = None
+        for index, name, address in candidates:
+            if isinstance(address, PermanentError):
+                skipped.append(f"{name}: {address.message}")
+                unusable = True
+            elif refused := view.refusal(str(row["customer_id"]), rule.name, name, address):
+                skipped.append(refused)
+            else:
+                chosen = (index, name, address)
+                break
+        earlier = f"{row['reason']}; then " if row["channel_index"] and row["reason"] else ""
+        if chosen is None:
+            if not candidates:
+                why = f"no channel left after {rule.channels[-1]}"
+                return _Change(rid, FAILED, f"{earlier}failed: {why}", kind="failed")
+            if unusable:
+                return _Change(
+                    rid, FAILED, f"{earlier}failed: no usable channel ({'; '.join(skipped)})"
+                )
+            return _Change(rid, CANCELED, f"{earlier}canceled: {'; '.join(skipped)}")
+        index, name, address = chosen
+        note = f"{'; '.join(skipped)}; " if skipped else ""
+        if name != channel:
+            return _Change(
+                rid,
+                PENDING,
+                f"{earlier}{note}sending by {name}",
+                {"channel_index": index, "channel": name},
+                kind="moved",
+                enqueue=True,
+            )
+        quiet = self.config.quiet_hours(name)
+        if quiet is not None:
+            zone = customer_zone(self.config, customer_of(rule, values))
+            until = schedule.quiet_until(now, zone, quiet)
+            if until is not None:
+                return _Change(
+                    rid,
+                    PENDING,
+                    f"deferred: quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {zone.key} "
+                    f"for {name}; send at {clock.iso_utc(until)}",
+                    {"send_at": until, "channel_index": index, "channel": name},
+                    kind="deferred",
+                )
+        context = template_context(self.config, rule, row, values, now, name, address)
+        rendered = render(self.app.renderer, self.config, rule, row, context, name, address)
+        return _Ready(row, rule, index, name, address, rendered)
+
+    def _retry_change(self, row: Mapping[str, Any], rule: Rule, why: str, now: datetime) -> _Change:
+        attempt = int(row["attempts"]) + 1
+        limit = self.config.retries.max_attempts
+        if attempt >= limit:
+            return _Change(
+                row["id"],
+                FAILED,
+                f"failed after {attempt} attempts: {why}",
+                {"attempts": attempt},
+                kind="failed",
+            )
+        at = now + backoff(self.config, attempt)
+        return _Change(
+            row["id"],
+            PENDING,
+            f"retry {attempt}/{limit - 1} at {clock.iso_utc(at)}: {why}",
+            {"attempts": attempt, "send_at": at},
+            kind="retried",
+        )
+
+    def _apply(
+        self, changes: list[_Change], job_id: str, now: datetime, counts: Counts
+    ) -> set[int]:
+        """Apply the decided changes, each only if the reminder is still queued under this job."""
+        if not changes:
+            return set()
+        r = reminder
+        moved: set[int] = set()
+        with self.app.state.begin() as conn:
+            events = []
+            for change in changes:
+                values: dict[str, Any] = {
+                    "status": change.status,
+                    "reason": change.reason,
+                    "updated_at": now,
+                    **change.values,
+                }
+                if change.status == PENDING:
+                    values.update(job_id=None, queued_at=None)
+                result = conn.execute(
+                    sa.update(r)
+                    .where(r.c.id == change.rid, r.c.status == QUEUED, r.c.job_id == job_id)
+                    .values(**values)
+                )
+                if result.rowcount != 1:
+                    counts.not_claimed += 1
+                    continue
+                events.append((change.rid, QUEUED, change.status, change.reason))
+                kind = change.kind or {FAILED: "failed", CANCELED: "canceled"}[change.status]
+                setattr(counts, kind, getattr(counts, kind) + 1)
+                if change.enqueue:
+                    moved.add(change.rid)
+                if change.status == FAILED:
+                    log.warning("reminder %s failed: %s", change.rid, change.reason)
+            store.record(conn, events, now)
+        return moved
+
+    # -- claim, send, record ------------------------------------------------------------------
+
+    def _claim(self, chunk: list[_Ready], job_id: str, counts: Counts) -> list[_Ready]:
+        """``queued -> sending`` for this job's reminders; returns those this call won."""
+        r = reminder
+        now = self.app.now()
+        by_id = {item.row["id"]: item for item in chunk}
+        with self.app.state.begin() as conn:
+            won = {
+                row.id
+                for row in conn.execute(
+                    sa.update(r)
+                    .where(r.c.id.in_(list(by_id)), r.c.status == QUEUED, r.c.job_id == job_id)
+                    .values(status=SENDING, updated_at=now)
+                    .returning(r.c.id)
+                )
+            }
+            store.record(conn, [(i, QUEUED, SENDING, None) for i in sorted(won)], now)
+        counts.not_claimed += len(by_id) - len(won)
+        return [item for item in chunk if item.row["id"] in won]
+
+    def _release(self, rest: list[_Ready], job_id: str, counts: Counts) -> None:
+        """Give unclaimed reminders back to pending (the job ran out of time)."""
+        r = reminder
+        now = self.app.now()
+        why = "released: the job ran out of time; the next dispatch enqueues it again"
+        with self.app.state.begin() as conn:
+            back = [
+                row.id
+                for row in conn.execute(
+                    sa.update(r)
+                    .where(
+                        r.c.id.in_([item.row["id"] for item in rest]),
+                        r.c.status == QUEUED,
+                        r.c.job_id == job_id,
+                    )
+                    .values(status=PENDING, job_id=None, queued_at=None, updated_at=now)
+                    .returning(r.c.id)
+                )
+            ]
+            store.record(conn, [(i, QUEUED, PENDING, why) for i in back], now)
+        counts.released += len(back)
+
+    def _send(
+        self, name: str, items: list[_Ready], limiter: RateLimiter | None
+    ) -> list[str | ChannelError]:
+        """Send, in order; with a rate limit, each message waits for its reserved slot."""
+        provider = self.channel(name)
+        messages = [item.rendered.message for item in items]
+        if limiter is None:
+            return provider.send_many(messages)
+        concurrency = int(getattr(getattr(self.config.channels, name, None), "concurrency", 8))
+        futures: list[tuple[int, Future[list[str | ChannelError]]]] = []
+        # Waves overlap: a slow provider (100 ms a request) must not stretch the slots apart.
+        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="wave") as pool:
+            position = 0
+            while position < len(messages):
+                reservation = limiter.reserve(len(messages) - position)
+                started = time.monotonic()
+                offsets = reservation.offsets()
+                wave_start = 0
+                while wave_start < len(offsets):
+                    wave_end = wave_start + 1
+                    while (
+                        wave_end < len(offsets)
+                        and offsets[wave_end] - offsets[wave_start] < WAVE_SECONDS
+                    ):
+                        wave_end += 1
+                    delay = started + offsets[wave_start] - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    wave = messages[position + wave_start : position + wave_end]
+                    futures.append((position + wave_start, pool.submit(provider.send_many, wave)))
+                    wave_start = wave_end
+                position += reservation.count
+        results: list[str | ChannelError] = [TransientError("not sent")] * len(messages)
+        for start, future in futures:
+            for offset, result in enumerate(future.result()):
+                results[start + offset] = result
+        return results
+
+    def _record(
+        self, items: list[_Ready], results: list[str | ChannelError], counts: Counts
+    ) -> set[int]:
+        """Record each claimed reminder's outcome; returns those moved to their next channel."""
+        r = reminder
+        now = self.app.now()
+        sent: list[dict[str, Any]] = []
+        messages: list[dict[str, Any]] = []
+        other: list[tuple[_Ready, _Change]] = []
+        optouts: list[dict[str, Any]] = []
+        for item, result in zip(items, results, strict=True):
+            row = item.row
+            if isinstance(result, str):
+                keep = row["reason"] if item.index and row["reason"] else None
+                sent.append(
+                    {
+                        "rid": row["id"],
+                        "b_at": now,
+                        "b_provider": result,
+                        "b_channel": item.channel,
+                        "b_index": item.index,
+                        "b_reason": keep,
+                    }
+                )
+                messages.append(
+                    {
+                        "reminder_id": row["id"],
+                        "channel": item.channel,
+                        "to_address": item.address,
+                        "provider_id": result,
+                        "status": SENT,
+                        "segments": item.rendered.segments,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                continue
+            where = f"{item.channel} to {_masked(item.channel, item.address)}"
+            log.warning("reminder %s: %s failed: %s", row["id"], where, result.message)
+            base = {"channel": item.channel, "channel_index": item.index}
+            if not result.permanent:
+                change = self._retry_change(row, item.rule, f"{item.channel}: {result}", now)
+                change.values.update(base)
+                other.append((item, change))
+                continue
+            attempts = {"attempts": int(row["attempts"]) + 1}
+            if result.opt_out:
+                optouts.append(
+                    {
+                        "channel": item.channel,
+                        "address": item.address,
+                        "customer_id": str(row["customer_id"]),
+                        "source": result.code or "provider",
+                        "reason": str(result),
+                    }
+                )
+            why = f"{item.channel} failed: {result}"
+            has_next = item.index + 1 < len(item.rule.channels)
+            if has_next and schedule.within_grace(row["send_at"], now, item.rule.grace):
+                following = item.rule.channels[item.index + 1]
+                change = _Change(
+                    row["id"],
+                    PENDING,
+                    f"{why}; trying {following}",
+                    {**attempts, "channel_index": item.index + 1, "channel": following},
+                    kind="moved",
+                    enqueue=True,
+                )
+            else:
+                change = _Change(row["id"], FAILED, why, {**attempts, **base}, kind="failed")
+            other.append((item, change))
+        moved: set[int] = set()
+        with self.app.state.begin() as conn:
+            if sent:
+                conn.execute(
+                    sa.update(r)
+                    .where(r.c.id == sa.bindparam("rid"), r.c.status == SENDING)
+                    .values(
+                        status=SENT,
+                        sent_at=sa.bindparam("b_at"),
+                        provider_id=sa.bindparam("b_provider"),
+                        channel=sa.bindparam("b_channel"),
+                        channel_index=sa.bindparam("b_index"),
+                        reason=sa.bindparam("b_reason"),
+                        attempts=r.c.attempts + 1,
+                        updated_at=sa.bindparam("b_at"),
+                    ),
+                    sent,
+                )
+                conn.execute(message.insert(), messages)
+                counts.sent += len(sent)
+            for stop in optouts:
+                consent.opt_out(conn, now=now, **stop)
+            for _item, change in other:
+                values: dict[str, Any] = {
+                    "status": change.status,
+                    "reason": change.reason,
+                    "updated_at": now,
+                    **change.values,
+                }
+                if change.status == PENDING:
+                    values.update(job_id=None, queued_at=None)
+                conn.execute(
+                    sa.update(r).where(r.c.id == change.rid, r.c.status == SENDING).values(**values)
+                )
+                setattr(counts, change.kind, getattr(counts, change.kind) + 1)
+                if change.enqueue:
+                    moved.add(change.rid)
+            store.record(
+                conn,
+                [(m["rid"], SENDING, SENT, f"sent by {m['b_channel']}") for m in sent]
+                + [(c.rid, SENDING, c.status, c.reason) for _, c in other],
+                now,
+            )
+        return moved
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def run_check(
+    conn: Connection, rule: Rule, values: Mapping[str, Any], now: datetime, config: Config
+) -> bool:
+    """Ask the rule's check query again; True when it returns a row."""
+    assert rule.check is not None
+    available = dict(values)
+    available.setdefault("now", now)
+    available.setdefault("today", now.astimezone(config.tz()).date())
+    wanted = source.parameters(rule.check)
+    missing = wanted - set(available)
+    if missing:
+        raise CheckInvalid(
+            f"rule {rule.name} ({rule.file}:{rule.line}): the check query uses "
+            f":{', :'.join(sorted(missing))}, which the rule's query does not return"
+        )
+    try:
+        result = conn.execute(sa.text(rule.check), {k: available[k] for k in wanted})
+        found = result.first() is not None
+        result.close()
+        return found
+    except sa.exc.DBAPIError as exc:
+        conn.rollback()
+        text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise CheckFailed(f"rule {rule.name}: {text}") from None
+
+
+def _problems(exc: InputError) -> str:
+    return "; ".join(str(p) for p in exc.problems)
+
+
+def _masked(channel: str, address: str) -> str:
+    return phone.mask(address) if channel == "sms" else phone.mask_email(address)
+
+
+def _duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _summary(counts: Counts) -> str:
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.as_dict().items() if v) or (
+        "nothing to do"
+    )

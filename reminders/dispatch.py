@@ -1,0 +1,403 @@
+"""Dispatch: hand the reminders that are due to RQ, one queue per channel, a batch per job.
+
+The state DB comes first. A batch is marked ``queued`` with its job id (and ``queued_at``) and
+committed before the job is pushed to Redis, so a worker never meets a job whose reminders are
+not yet queued, and Redis never holds the only copy of anything: a queued reminder whose job is
+gone (Redis restarted empty, a flushed database) or was abandoned (its worker died) is enqueued
+again once ``requeue_after`` has passed on the engine clock. Enqueueing twice is harmless: a job
+claims only the reminders that carry its own job id, so a stale or duplicated job gets nothing.
+
+One RQ job carries up to ``batch_size`` reminders: RQ costs some 30 Redis round trips a job,
+which caps one-job-per-message delivery near 250 messages a second per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.worker import Worker
+
+from . import redis_conn, store
+from .config import Config
+from .errors import ServiceUnavailable
+from .models import FAILED, PENDING, QUEUED, SENDING, reminder
+from .rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+QUEUE_PREFIX = "reminders-"
+JOB_FUNCTION = "reminders.jobs.deliver"
+JOB_TIMEOUT = 3600  # seconds; a job also stops claiming on its own well before (see delivery)
+RESULT_TTL = 600  # seconds a finished job's counts stay readable in Redis
+FAILURE_TTL = 7 * 86400
+SELECT_CHUNK = 5000  # reminders read per query
+RATE_LIMITED_BATCH_SECONDS = 30  # a rate-limited batch holds about this many seconds of sending
+
+# RQ job statuses under which the job will still run, or is running.
+_ALIVE = {JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
+
+
+def queue_name(channel: str) -> str:
+    """The RQ queue of a channel: ``reminders-sms``, ``reminders-email``."""
+    return QUEUE_PREFIX + channel
+
+
+def queue_names(config: Config) -> list[str]:
+    """Every configured channel's queue."""
+    return [queue_name(c) for c in config.channel_names]
+
+
+def batch_size(config: Config, channel: str) -> int:
+    """Reminders per job on ``channel``: ``batch_size``, fewer when a rate limit slows sending."""
+    size = config.batch_size
+    cfg = getattr(config.channels, channel, None)
+    rate = getattr(cfg, "rate_limit", None)
+    if rate:
+        size = min(size, max(1, int(rate * RATE_LIMITED_BATCH_SECONDS)))
+    return size
+
+
+def new_job_id(channel: str) -> str:
+    # RQ accepts only letters, digits, "_" and "-" in a custom job id.
+    return f"rem-{channel}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class DispatchCounts:
+    """What one dispatch did."""
+
+    enqueued: int = 0
+    requeued: int = 0
+    jobs: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"enqueued": self.enqueued, "requeued": self.requeued, "jobs": self.jobs}
+
+
+def _channel_of(ruleset: RuleSet, config: Config, rule: str, index: int) -> str:
+    """The queue a reminder goes to: its rule's channel at ``index``.
+
+    A reminder whose rule is gone or whose index is past the rule's channels still goes to a
+    queue: the worker records why it cannot be sent, so nothing stays pending without a reason.
+    """
+    for candidate in ruleset.rules:
+        if candidate.name == rule:
+            if 0 <= index < len(candidate.channels):
+                return candidate.channels[index]
+            return candidate.channels[-1]
+    return config.channel_names[0]
+
+
+class Dispatcher:
+    """Enqueues due reminders for one config, rule set, state DB and Redis."""
+
+    def __init__(
+        self, config: Config, ruleset: RuleSet, state: sa.Engine, connection: redis.Redis
+    ) -> None:
+        self.config = config
+        self.ruleset = ruleset
+        self.state = state
+        self.connection = connection
+        self._queues: dict[str, Queue] = {}
+
+    def queue(self, channel: str) -> Queue:
+        found = self._queues.get(channel)
+        if found is None:
+            found = self._queues[channel] = Queue(
+                queue_name(channel), connection=self.connection, default_timeout=JOB_TIMEOUT
+            )
+        return found
+
+    # -- the whole pass ---------------------------------------------------------------------
+
+    def run(self, now: datetime) -> DispatchCounts:
+        """Re-enqueue lost jobs' reminders, then enqueue every pending reminder that is due."""
+        counts = DispatchCounts()
+        self.requeue_lost(now, counts)
+        self.enqueue_due(now, counts)
+        return counts
+
+    def enqueue_due(self, now: datetime, counts: DispatchCounts, ids: Sequence[int] = ()) -> None:
+        """Enqueue pending reminders whose send time has come (only ``ids`` when given)."""
+        r = reminder
+        last_seen: tuple[datetime, int] | None = None
+        while True:
+            query = (
+                sa.select(r.c.id, r.c.rule, r.c.channel_index, r.c.send_at)
+                .where(r.c.status == PENDING, r.c.send_at <= now)
+                .order_by(r.c.send_at, r.c.id)
+                .limit(SELECT_CHUNK)
+            )
+            if ids:
+                query = query.where(r.c.id.in_(list(ids)))
+            if last_seen is not None:
+                # Keyset paging: a reminder a concurrent dispatch took is not met twice.
+                query = query.where(
+                    sa.or_(
+                        r.c.send_at > last_seen[0],
+                        sa.and_(r.c.send_at == last_seen[0], r.c.id > last_seen[1]),
+                    )
+                )
+            with self.state.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            last_seen = (rows[-1].send_at, rows[-1].id)
+            self._enqueue(
+                [(row.id, row.rule, row.channel_index) for row in rows],
+                now,
+                counts,
+                old_status=PENDING,
+                reason=None,
+            )
+            if len(rows) < SELECT_CHUNK or ids:
+                return
+
+    def requeue_lost(self, now: datetime, counts: DispatchCounts) -> None:
+        """Enqueue again the queued reminders whose job is gone or abandoned.
+
+        Only reminders queued at least ``requeue_after`` ago (engine clock) are looked at. Their
+        job is lost when Redis no longer has it, when it ended (failed, stopped, canceled, or
+        finished without claiming them), or when it was started by a worker that no longer
+        exists. A job still waiting in its queue is left alone: it will run.
+        """
+        r = reminder
+        cutoff = now - self.config.requeue_after
+        with self.state.connect() as conn:
+            rows = conn.execute(
+                sa.select(r.c.id, r.c.rule, r.c.channel_index, r.c.job_id).where(
+                    r.c.status == QUEUED, r.c.queued_at <= cutoff
+                )
+            ).all()
+        if not rows:
+            return
+        by_job: dict[str | None, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_job[row.job_id].append(row)
+        lost = self._lost_jobs([j for j in by_job if j])
+        if None in by_job:
+            lost[None] = "no job id"
+        for job_id, why in lost.items():
+            batch = by_job[job_id]
+            self._enqueue(
+                [(row.id, row.rule, row.channel_index) for row in batch],
+                now,
+                counts,
+                old_status=QUEUED,
+                old_job=job_id,
+                reason=f"enqueued again: job {job_id} {why}",
+            )
+            counts.requeued += len(batch)
+
+    def _lost_jobs(self, job_ids: list[str]) -> dict[str | None, str]:
+        """Which of these jobs will never claim their reminders, and why (one round trip each)."""
+        if not job_ids:
+            return {}
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hmget(Job.key_for(job_id), "status", "worker_name")
+                states = pipe.execute()
+            started: dict[str, str] = {}
+            for job_id, (status, worker) in zip(job_ids, states, strict=True):
+                name = _text(worker)
+                if _text(status) == JobStatus.STARTED.value and name:
+                    started[job_id] = name
+            alive: dict[str, bool] = {}
+            if started:
+                workers = sorted(set(started.values()))
+                with self.connection.pipeline(transaction=False) as pipe:
+                    for name in workers:
+                        pipe.exists(Worker.redis_worker_namespace_prefix + name)
+                    alive = dict(zip(workers, map(bool, pipe.execute()), strict=True))
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(f"Redis did not answer: {exc}") from None
+        lost: dict[str | None, str] = {}
+        for job_id, (status, _worker) in zip(job_ids, states, strict=True):
+            state = _text(status)
+            if state is None:
+                lost[job_id] = "is gone from Redis"
+            elif state in _ALIVE:
+                continue
+            elif state == JobStatus.STARTED.value:
+                worker = started.get(job_id)
+                if worker is None or not alive.get(worker, False):
+                    lost[job_id] = "was abandoned (its worker is gone)"
+            else:
+                lost[job_id] = f"ended ({state}) without sending them"
+        return lost
+
+    # -- the common step --------------------------------------------------------------------
+
+    def _enqueue(
+        self,
+        items: Iterable[tuple[int, str, int]],
+        now: datetime,
+        counts: DispatchCounts,
+        *,
+        old_status: str,
+        reason: str | None,
+        old_job: str | None = None,
+    ) -> None:
+        """Mark reminders queued under new job ids, commit, then push the jobs to Redis."""
+        by_channel: dict[str, list[int]] = defaultdict(list)
+        for rid, rule, index in items:
+            by_channel[_channel_of(self.ruleset, self.config, rule, index)].append(rid)
+        jobs: list[tuple[str, str, list[int]]] = []
+        r = reminder
+        with self.state.begin() as conn:
+            for channel, ids in by_channel.items():
+                size = batch_size(self.config, channel)
+                for start in range(0, len(ids), size):
+                    job_id = new_job_id(channel)
+                    condition = [r.c.id.in_(ids[start : start + size]), r.c.status == old_status]
+                    if old_status == PENDING:
+                        condition.append(r.c.send_at <= now)
+                    else:
+                        condition.append(
+                            r.c.job_id.is_(None) if old_job is None else r.c.job_id == old_job
+                        )
+                    taken = [
+                        row.id
+                        for row in conn.execute(
+                            sa.update(r)
+                            .where(*condition)
+                            .values(status=QUEUED, job_id=job_id, queued_at=now, updated_at=now)
+                            .returning(r.c.id)
+                        )
+                    ]
+                    if not taken:
+                        continue  # a concurrent dispatch or scan got there first
+                    taken.sort()
+                    store.record(conn, [(i, old_status, QUEUED, reason) for i in taken], now)
+                    jobs.append((channel, job_id, taken))
+        if not jobs:
+            return
+        try:
+            self._push(jobs)
+        except redis.RedisError as exc:
+            self._release(jobs, now, f"Redis did not answer: {exc}")
+            raise ServiceUnavailable(
+                f"Redis did not answer while enqueueing; the reminders stay pending: {exc}"
+            ) from None
+        counts.jobs += len(jobs)
+        if old_status == PENDING:
+            counts.enqueued += sum(len(ids) for _, _, ids in jobs)
+
+    def _push(self, jobs: list[tuple[str, str, list[int]]]) -> None:
+        """Push every job to its queue in one round trip."""
+        by_channel: dict[str, list[Any]] = defaultdict(list)
+        for channel, job_id, ids in jobs:
+            by_channel[channel].append(
+                Queue.prepare_data(
+                    JOB_FUNCTION,
+                    args=(channel, ids),
+                    job_id=job_id,
+                    timeout=JOB_TIMEOUT,
+                    result_ttl=RESULT_TTL,
+                    failure_ttl=FAILURE_TTL,
+                    description=f"deliver {len(ids)} {channel} reminder(s), ids {_span(ids)}",
+                )
+            )
+        with self.connection.pipeline() as pipe:
+            for channel, datas in by_channel.items():
+                self.queue(channel).enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+
+    def _release(self, jobs: list[tuple[str, str, list[int]]], now: datetime, why: str) -> None:
+        """Put reminders whose job never reached Redis back to pending."""
+        r = reminder
+        with self.state.begin() as conn:
+            for _channel, job_id, ids in jobs:
+                back = [
+                    row.id
+                    for row in conn.execute(
+                        sa.update(r)
+                        .where(r.c.id.in_(ids), r.c.status == QUEUED, r.c.job_id == job_id)
+                        .values(status=PENDING, job_id=None, queued_at=None, updated_at=now)
+                        .returning(r.c.id)
+                    )
+                ]
+                store.record(conn, [(i, QUEUED, PENDING, why) for i in back], now)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
+
+
+def dispatcher(app: Any) -> Dispatcher:
+    """A dispatcher for a running engine (``reminders.app.App``)."""
+    return Dispatcher(app.config, app.ruleset, app.state, redis_conn.connect(app.config))
+
+
+def dispatch(app: Any, now: datetime | None = None) -> DispatchCounts:
+    """Enqueue what is due now (engine clock) and re-enqueue lost jobs' reminders."""
+    return dispatcher(app).run(app.now() if now is None else now)
+
+
+def retry(
+    app: Any,
+    from_status: str,
+    *,
+    rule: str | None = None,
+    ids: Sequence[int] = (),
+    dry_run: bool = False,
+) -> list[int]:
+    """Ops: put ``failed`` or stuck ``sending`` reminders back to pending, due now; returns ids.
+
+    Deliberate and recorded: the attempt count and channel start over, and the reason names
+    what the reminder was. A ``sending`` reminder may already have reached the customer (its
+    worker died after handing it to the provider): check the provider's log before retrying it.
+    """
+    if from_status not in (FAILED, SENDING):
+        raise ValueError(f"retry takes failed or sending reminders, not {from_status}")
+    r = reminder
+    now = app.now()
+    query = sa.select(r.c.id, r.c.reason).where(r.c.status == from_status).order_by(r.c.id)
+    if rule:
+        app.ruleset.rule(rule)  # an unknown name is a usage error naming the rules
+        query = query.where(r.c.rule == rule)
+    if ids:
+        query = query.where(r.c.id.in_(list(ids)))
+    with app.state.begin() as conn:
+        rows = conn.execute(query).all()
+        if dry_run or not rows:
+            return [row.id for row in rows]
+        done: list[int] = []
+        events = []
+        for row in rows:
+            was = f"was {from_status}" + (f": {row.reason}" if row.reason else "")
+            why = f"retry requested by ops ({was})"
+            result = conn.execute(
+                sa.update(r)
+                .where(r.c.id == row.id, r.c.status == from_status)
+                .values(
+                    status=PENDING,
+                    send_at=now,
+                    attempts=0,
+                    channel_index=0,
+                    job_id=None,
+                    queued_at=None,
+                    reason=why,
+                    updated_at=now,
+                )
+            )
+            if result.rowcount == 1:
+                done.append(row.id)
+                events.append((row.id, from_status, PENDING, why))
+        store.record(conn, events, now)
+    return done

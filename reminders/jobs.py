@@ -1,0 +1,164 @@
+"""The RQ side of delivery: the job function and the worker that runs it.
+
+A job is ``deliver(channel, ids)``: a batch of reminders queued under the job's own id (see
+:mod:`reminders.dispatch`). The worker is an in-process worker (RQ's ``SimpleWorker``), not RQ's
+default fork-per-job ``Worker``, because:
+
+- a fork per job costs ~18 ms and throws away what the previous job built: the loaded rules and
+  compiled templates, the state DB's connection pool, the SMTP connection and Twilio's HTTP pool.
+  Kept in the process, they are built once per worker, and a job costs its own work only;
+- isolation buys nothing here: a job's effects are in the state DB, each guarded by a conditional
+  update, so a worker that crashes mid-job leaves only ``sending`` rows for ops (and queued ones
+  that dispatch enqueues again), whichever process it was.
+
+Scale out by running more worker processes (``reminders worker`` on any number of machines).
+Plain ``rq worker -c workers.rq_settings -w reminders.jobs.DeliveryWorker`` runs the same jobs
+(see ``workers/``); the job finds its config through ``REMINDERS_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job
+
+from . import redis_conn
+from .app import App
+from .config import CONFIG_ENV, Config
+from .delivery import Delivery
+from .errors import ConfigError, Problem
+
+log = logging.getLogger(__name__)
+
+_app: App | None = None
+_delivery: Delivery | None = None
+_worker: DeliveryWorker | None = None
+
+
+def use_app(app: App) -> None:
+    """Make ``app`` the engine jobs in this process run against (``reminders worker`` does)."""
+    global _app, _delivery
+    if _delivery is not None and _app is not app:
+        _delivery.close()
+        _delivery = None
+    _app = app
+
+
+def current_app() -> App:
+    """The engine of this process: the one given to :func:`use_app`, else ``$REMINDERS_CONFIG``."""
+    global _app
+    if _app is None:
+        _app = App(os.environ.get(CONFIG_ENV))
+    return _app
+
+
+def get_delivery(connection: Any = None) -> Delivery:
+    """The process' one :class:`Delivery` (channels and pools are opened once a process)."""
+    global _delivery
+    if _delivery is None:
+        app = current_app()
+        _delivery = Delivery(app, connection or redis_conn.connect(app.config))
+    return _delivery
+
+
+def deliver(channel: str, ids: Sequence[int]) -> dict[str, int]:
+    """RQ job: deliver the reminders ``ids`` queued on ``channel`` under this job's id."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("reminders.jobs.deliver runs inside an RQ job (it claims by job id)")
+    deadline = None
+    if job.timeout and job.timeout > 0:
+        # Stop claiming well before RQ's hard timeout: a job killed mid-send strands `sending`.
+        from .delivery import TIME_BUDGET
+
+        deadline = time.monotonic() + job.timeout * TIME_BUDGET
+    counts = get_delivery(job.connection).deliver(
+        channel, list(ids), job.id, deadline=deadline, heartbeat=_heartbeat
+    )
+    return counts.as_dict()
+
+
+def noop() -> None:
+    """RQ job that does nothing: the benchmark's baseline for RQ's own cost per job."""
+
+
+def _heartbeat() -> None:
+    """Tell RQ the worker running this job is alive (a long rate-limited batch)."""
+    if _worker is not None:
+        _worker.heartbeat()
+
+
+def resolve_queues(config: Config, names: Sequence[str]) -> list[str]:
+    """RQ queue names for ``--queue`` values (a channel or a queue name); none: every channel's."""
+    from .dispatch import QUEUE_PREFIX, queue_name, queue_names
+
+    if not names:
+        return queue_names(config)
+    known = queue_names(config)
+    found = []
+    for name in names:
+        queue = name if name.startswith(QUEUE_PREFIX) else queue_name(name)
+        if queue not in known:
+            raise ConfigError(
+                Problem(
+                    f"--queue {name}: not a configured channel's queue "
+                    f"(channels: {', '.join(config.channel_names) or 'none'})"
+                )
+            )
+        found.append(queue)
+    return found
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log the engine's own lines (batch summaries, failures with masked addresses) to stderr."""
+    logger = logging.getLogger("reminders")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+class DeliveryWorker(SimpleWorker):
+    """An RQ worker that runs jobs in its own process (see the module's note)."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        global _worker
+        _worker = self
+        try:
+            super().execute_job(job, queue)
+        finally:
+            _worker = None
+
+
+def run_worker(
+    app: App,
+    queues: Sequence[str],
+    *,
+    burst: bool = False,
+    name: str | None = None,
+    max_jobs: int | None = None,
+    logging_level: str = "INFO",
+) -> bool:
+    """Serve ``queues`` until stopped (or, with ``burst``, until they are empty).
+
+    Opens the channels first, so a configuration mistake stops the worker at start instead of
+    failing every job. Returns whether any job ran.
+    """
+    use_app(app)
+    connection = redis_conn.connect(app.config)
+    work = get_delivery(connection)
+    work.open()
+    app.ruleset  # noqa: B018 - load and validate the rules now, not in the first job
+    worker = DeliveryWorker(
+        [Queue(q, connection=connection) for q in queues], connection=connection, name=name
+    )
+    try:
+        return bool(worker.work(burst=burst, max_jobs=max_jobs, logging_level=logging_level))
+    finally:
+        work.close()

@@ -1,0 +1,200 @@
+"""``reminders preview``: a rule's messages for real customers, rendered exactly as a worker would,
+sent to no one.
+
+The rule's query runs against the business DB (read-only); for the first rows (or the one
+``--occurrence``), each of the rule's channels is rendered with the context a worker builds. SMS
+shows its segments and encoding, with a warning when a character forces UCS-2 or the text runs
+past ``channels.sms.max_segments``; a template error names the template and line. Addresses are
+masked: the output is safe to paste into a ticket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import clock, phone, sms, source
+from .delivery import address_for, render, template_context
+from .errors import PermanentError, TemplateError
+from .rules import Rule
+
+MAX_ROWS_READ = 100_000  # rows looked through for an --occurrence before giving up
+
+
+@dataclass
+class PreviewResult:
+    """The rendered messages (one dict each), the errors and warnings met."""
+
+    rule: str
+    items: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def preview_rule(
+    app: Any, rule_name: str, *, occurrence: str | None = None, limit: int = 3
+) -> PreviewResult:
+    """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence)."""
+    from .scan import Planner, RowError
+
+    config = app.config
+    rule: Rule = app.ruleset.rule(rule_name)
+    now = app.now()
+    planner = Planner(rule, config, now)
+    result = PreviewResult(rule.name)
+    params = _query_params(rule.query, now, config)
+    seen = 0
+    shown = 0
+    for batch in source.stream(app.business, rule.query, params, what=f"rule {rule.name}"):
+        for row in batch:
+            seen += 1
+            try:
+                key, customer_id, digest = planner.identity(row)
+            except RowError as exc:
+                if occurrence is None:
+                    result.notes.append(f"row {seen} would be skipped: {exc.reason}")
+                continue
+            if occurrence is not None and key != occurrence:
+                continue
+            try:
+                planned, _late = planner.plan(row, key, customer_id, digest)
+            except RowError as exc:
+                result.notes.append(f"occurrence {key} would be skipped: {exc.reason}")
+                continue
+            _preview_row(app, rule, dict(row), key, customer_id, planned, now, result)
+            shown += 1
+            if shown >= limit:
+                return result
+        if seen >= MAX_ROWS_READ:
+            break
+    if occurrence is not None and shown == 0:
+        result.errors.append(
+            f'rule {rule.name}: no row of its query has the occurrence "{occurrence}"'
+        )
+    elif shown == 0:
+        result.notes.append(f"rule {rule.name}: its query returned no usable row")
+    return result
+
+
+def _query_params(sql: str, now: Any, config: Any) -> dict[str, Any]:
+    wanted = source.parameters(sql)
+    available = {"now": now, "today": now.astimezone(config.tz()).date()}
+    return {k: v for k, v in available.items() if k in wanted}
+
+
+def _preview_row(
+    app: Any,
+    rule: Rule,
+    values: dict[str, Any],
+    key: str,
+    customer_id: str,
+    planned: list[Any],
+    now: Any,
+    result: PreviewResult,
+) -> None:
+    config = app.config
+    values[rule.due] = _typed_due(values, rule)
+    upcoming = [p for p in planned if p.planned_at >= now] or planned
+    first = upcoming[0] if upcoming else None
+    row: dict[str, Any] = {
+        "id": None,
+        "occurrence": key,
+        "offset": first.offset if first else None,
+        "send_at": first.planned_at if first else None,
+        "planned_at": first.planned_at if first else None,
+    }
+    base = {
+        "rule": rule.name,
+        "occurrence": key,
+        "customer_id": customer_id,
+        "offset": row["offset"],
+        "send_at": clock.iso_utc(row["send_at"]) if row["send_at"] else None,
+    }
+    if rule.check:
+        base["check"] = _check(app, rule, values, now)
+    for channel in rule.channels:
+        item: dict[str, Any] = dict(base, channel=channel)
+        customer = {k: values.get(c) for k, c in rule.columns.items()}
+        try:
+            address = address_for(config, channel, customer)
+        except PermanentError as exc:
+            item["unusable"] = exc.message
+            result.items.append(item)
+            continue
+        item["to"] = phone.mask(address) if channel == "sms" else phone.mask_email(address)
+        context = template_context(config, rule, row, values, now, channel, address)
+        try:
+            rendered = render(app.renderer, config, rule, row, context, channel, address)
+        except TemplateError as exc:
+            item["error"] = "; ".join(str(p) for p in exc.problems)
+            result.errors.append(f"{rule.name} {key} {channel}: {item['error']}")
+            result.items.append(item)
+            continue
+        message = rendered.message
+        if channel == "sms":
+            info = sms.segments(message.body)
+            item.update(
+                text=message.body,
+                segments=info.segments,
+                encoding=info.encoding,
+                length=info.length,
+            )
+        else:
+            item.update(subject=message.subject, text=message.body, html=message.html)
+        if rendered.warnings:
+            item["warnings"] = rendered.warnings
+        result.items.append(item)
+
+
+def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
+    from .scan import parse_due
+
+    return parse_due(values.get(rule.due), rule.due)
+
+
+def _check(app: Any, rule: Rule, values: dict[str, Any], now: Any) -> str:
+    """What the rule's check query says now, in words."""
+    from .delivery import CheckFailed, CheckInvalid, run_check
+
+    try:
+        with app.business.connect() as conn:
+            found = run_check(conn, rule, values, now, app.config)
+    except (CheckFailed, CheckInvalid) as exc:
+        return f"failed: {exc}"
+    return "returns a row: would send" if found else "no row: would be canceled"
+
+
+def format_preview(result: PreviewResult) -> str:
+    """The preview as readable text."""
+    lines: list[str] = []
+    for item in result.items:
+        head = (
+            f"== {item['rule']} {item['occurrence']} (customer {item['customer_id']}) "
+            f"{item['channel']}"
+        )
+        if item.get("offset"):
+            head += f", offset {item['offset']} at {item['send_at']}"
+        lines.append(head)
+        if "check" in item:
+            lines.append(f"check: {item['check']}")
+        if "unusable" in item:
+            lines.append(f"not sendable: {item['unusable']}")
+            continue
+        lines.append(f"to: {item['to']}")
+        if "error" in item:
+            lines.append(f"error: {item['error']}")
+            continue
+        if item["channel"] == "sms":
+            lines.append(
+                f"segments: {item['segments']} ({item['encoding']}, {item['length']} units)"
+            )
+        else:
+            lines.append(f"subject: {item['subject']}")
+        lines.append(item["text"])
+        if item.get("html"):
+            lines.append(f"(and an HTML part, {len(item['html'])} characters)")
+        for warning in item.get("warnings", []):
+            lines.append(f"warning: {warning}")
+        lines.append("")
+    lines.extend(f"note: {note}" for note in result.notes)
+    return "\n".join(lines).rstrip()

@@ -1,0 +1,257 @@
+"""A business project wired for delivery: real Redis, the Twilio stub, an SMTP server.
+
+``Shop`` extends the rules engine's ``Project``: ``n`` patients whose prescriptions all run out on
+``DUE`` (a reminder each at 10:00 New York time, ``SEND_AT``), a config whose SMS channel is the
+real ``twilio`` library pointed at :class:`tests.twilio_stub.TwilioStub` and whose email channel is
+SMTP to an aiosmtpd server, and Redis database 3, 4 or 5 (the delivery tests' own).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from reminders import models
+from tests import services
+from tests.channel_fixtures import Mailbox, SmtpServer, _start
+from tests.rules_fixtures import Project, Result
+from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
+
+REDIS_DB = int(os.environ.get("REMINDERS_TEST_DELIVERY_REDIS_DB", "3"))  # 3, 4, 5 are ours
+DUE = "2027-03-10"
+SCAN_AT = "2027-03-10T12:00:00Z"  # 07:00 in New York: before the reminders
+SEND_AT = "2027-03-10T15:00:00Z"  # 10:00 EST, when the reminders are due
+SENDER = "+15005550006"
+
+CONFIG = """\
+timezone: America/New_York
+send_window: "09:00-20:00"
+source:
+  url: {source}
+state:
+  url: {state}
+redis:
+  url: {redis}
+rules: rules/
+templates: templates/
+requeue_after: 5m
+batch_size: {batch_size}
+retries:
+  max_attempts: {max_attempts}
+  backoff: 10s
+  max_backoff: 1m
+channels:
+  sms:
+    provider: twilio
+    account_sid: {account_sid}
+    auth_token: {auth_token}
+    from: "{sender}"
+    api_url: {twilio}
+{sms_extra}  email:
+    provider: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    from: "Acme Pharmacy <care@example.com>"
+    timeout: 5s
+"""
+
+RULES = """\
+rules:
+  - name: refill-due
+    query: |
+      SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
+             p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
+      FROM prescriptions rx JOIN patients p ON p.id = rx.patient_id
+      WHERE rx.refills_left > 0
+      ORDER BY rx.id
+    occurrence: "{{ rx_id }}"
+    due: runs_out_on
+    offsets: [0d]
+    at: "10:00"
+    channels: [sms, email]
+    template: refill-due
+"""
+
+SMS_TEMPLATE = "Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on|date }}.\n"
+EMAIL_TEMPLATE = """\
+{% block subject %}Your {{ drug_name }} runs out soon{% endblock %}
+{% block text %}Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on|date }}.
+{% endblock %}
+"""
+
+SCHEMA = (
+    """CREATE TABLE patients (
+        id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, email TEXT, timezone TEXT)""",
+    """CREATE TABLE prescriptions (
+        id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, drug_name TEXT NOT NULL,
+        runs_out_on DATE, refills_left INTEGER NOT NULL DEFAULT 1)""",
+)
+
+
+def phone_of(number: int) -> str:
+    """A valid US number for patient ``number`` (NANP 555-01xx style, spread over area codes)."""
+    return f"+1{212 + number // 10000:03d}555{number % 10000:04d}"
+
+
+class Shop(Project):
+    """A project whose reminders go out through real servers."""
+
+    def __init__(self, root: Path, redis_url: str, stub: TwilioStub, smtp: SmtpServer) -> None:
+        super().__init__(root)
+        self.redis_url = redis_url
+        self.stub = stub
+        self.smtp = smtp
+
+    def configure(
+        self,
+        *,
+        batch_size: int = 100,
+        max_attempts: int = 5,
+        sms_extra: str = "",
+        rules: str = RULES,
+        sms_template: str = SMS_TEMPLATE,
+    ) -> Shop:
+        body = CONFIG.format(
+            source=self.source_config_url,
+            state=self.state_config_url,
+            redis=self.redis_url,
+            batch_size=batch_size,
+            max_attempts=max_attempts,
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            sender=SENDER,
+            twilio=self.stub.url,
+            smtp_port=self.smtp.port,
+            sms_extra=sms_extra,
+        )
+        self.write("config.yaml", body)
+        self.write("rules/refills.yaml", rules)
+        self.write("templates/refill-due.sms.j2", sms_template)
+        self.write("templates/refill-due.email.j2", EMAIL_TEMPLATE)
+        return self
+
+    def patients(self, count: int, **overrides: Any) -> list[dict[str, Any]]:
+        """Create ``count`` patients, one prescription each, all due on ``DUE``."""
+        people = [
+            {
+                "id": i,
+                "first_name": f"P{i}",
+                "phone": phone_of(i),
+                "email": f"p{i}@example.com",
+                "timezone": None,
+                **{k: (v(i) if callable(v) else v) for k, v in overrides.items()},
+            }
+            for i in range(1, count + 1)
+        ]
+        with self.business.begin() as conn:
+            for ddl in SCHEMA:
+                conn.exec_driver_sql(ddl)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO patients (id, first_name, phone, email, timezone) "
+                    "VALUES (:id, :first_name, :phone, :email, :timezone)"
+                ),
+                people,
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
+                    "VALUES (:id, :id, 'Lisinopril', :due)"
+                ),
+                [{"id": p["id"], "due": DUE} for p in people],
+            )
+        return people
+
+    def prepare(self, count: int, **overrides: Any) -> list[dict[str, Any]]:
+        """Patients, the state DB and a scan: ``count`` reminders pending for ``SEND_AT``."""
+        people = self.patients(count, **overrides)
+        self.ok("db", "upgrade", now=SCAN_AT)
+        self.ok("scan", now=SCAN_AT)
+        return people
+
+    def worker(self, *args: str, now: str = SEND_AT) -> Result:
+        """Run ``reminders worker --burst`` in this process."""
+        return self.ok("worker", "--burst", *args, now=now)
+
+    def status_of(self) -> dict[int, dict[str, Any]]:
+        return {r["id"]: r for r in self.rows(models.reminder)}
+
+    def statuses(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for row in self.rows(models.reminder):
+            found[row["status"]] = found.get(row["status"], 0) + 1
+        return found
+
+    def messages(self) -> list[dict[str, Any]]:
+        return self.rows(models.message)
+
+    def spawn_worker(self, *args: str, now: str = SEND_AT) -> subprocess.Popen[str]:
+        return self.spawn("worker", "--burst", *args, now=now, start_new_session=True)
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    """Wait for a child process; kill it (and fail) when it overruns ``timeout`` seconds."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"child process overran {timeout} s\n{out}\n{err}")
+    return process.returncode, out, err
+
+
+def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds (no timing asserted)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not reached within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def delivery_redis() -> Iterator[str]:
+    """A flushed Redis database of the delivery tests (3 by default), flushed afterwards."""
+    import redis
+
+    url = services.redis_url(REDIS_DB)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def mailbox_server() -> Iterator[SmtpServer]:
+    """A plain SMTP server recording what it accepts."""
+    controller, server = _start(Mailbox())
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def stub() -> Iterator[TwilioStub]:
+    with TwilioStub() as running:
+        yield running
+
+
+@pytest.fixture
+def shop(
+    tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer
+) -> Iterator[Shop]:
+    project = Shop(tmp_path, delivery_redis, stub, mailbox_server)
+    try:
+        yield project.configure()
+    finally:
+        project.close()
