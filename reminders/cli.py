@@ -399,3 +399,23 @@ def retry(
         click.echo(f"  #{rid}")
     if len(found) > 20:
         click.echo(f"  ... and {len(found) - 20} more")
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "folder",
+    default="demo",
+    show_default=True,
+    metavar="DIR",
+    help="the demo's own folder; each run replaces the data in it",
+)
+@click.option("--reset", is_flag=True, help="copy the shipped config, rules and templates again")
+def demo(folder: str, reset: bool) -> None:
+    """The whole flow on embedded defaults: a demo business, scan, send, and what happened."""
+    from .demo.run import run
+
+    run(folder, reset=reset, echo=click.echo)
