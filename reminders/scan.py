@@ -262,6 +262,7 @@ def scan_rule(
         # The state DB failed: the database's own message, without the statement and its rows.
         cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
         counts.error = f"rule {rule.name}: state DB: {str(cause).strip().splitlines()[0]}"
+    counts.skips.sort(key=lambda skip: skip[0])  # in row order (a batch finds them in two passes)
     with state.begin() as conn:
         if counts.skips:
             conn.execute(
@@ -334,7 +335,7 @@ def _apply_batch(
     now: datetime,
 ) -> int:
     rule = planner.rule
-    identified: list[tuple[Mapping[str, Any], str, str, str]] = []
+    identified: list[tuple[int, Mapping[str, Any], str, str, str]] = []
     for row in rows:
         number += 1
         counts.rows += 1
@@ -344,13 +345,13 @@ def _apply_batch(
             _skip(counts, number, None, exc)
             continue
         seen.add(occurrence)
-        identified.append((row, occurrence, customer, digest))
-    existing = _existing(conn, rule, [occ for _, occ, _, _ in identified])
+        identified.append((number, row, occurrence, customer, digest))
+    existing = _existing(conn, rule, [item[2] for item in identified])
     inserts: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
     refreshes: list[dict[str, Any]] = []
     cancels: list[dict[str, Any]] = []
-    for index, (row, occurrence, customer, digest) in enumerate(identified):
+    for row_number, row, occurrence, customer, digest in identified:
         have = existing.get(occurrence, {})
         if (
             have
@@ -362,7 +363,7 @@ def _apply_batch(
         try:
             planned, late = planner.plan(row, occurrence, customer, digest)
         except RowError as exc:
-            _skip(counts, number - len(identified) + index + 1, occurrence, exc)
+            _skip(counts, row_number, occurrence, exc)
             continue
         counts.too_late += late
         wanted = set()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from reminders import codec, models
 from tests.rules_fixtures import NOW, REFILLS, Project, lite, project
@@ -345,3 +344,208 @@ def test_an_existing_reminder_past_grace_is_left_alone(scanned: Project) -> None
     found = send_times(scanned)
     assert found[("1", "-3d")] == ("pending", "2027-03-14T14:00:00Z")
     assert found[("1", "0d")] == ("canceled", "2027-03-18T14:00:00Z")
+
+
+# --- bad rows -------------------------------------------------------------------------------------
+
+VISITS = """\
+rules:
+  - name: visit
+    query: |
+      SELECT ref, customer_id, due, tz AS timezone, phone, email FROM visits ORDER BY id
+    occurrence: "{{ ref }}"
+    due: due
+    offsets: [-1d]
+    at: "10:00"
+    channels: [sms, email]
+    template: refill-due
+"""
+
+
+def _visits(p: Project, rows: list[tuple[Any, ...]]) -> None:
+    p.sql(
+        "CREATE TABLE visits (id INTEGER PRIMARY KEY, ref TEXT, customer_id TEXT, due TEXT, "
+        "tz TEXT, phone TEXT, email TEXT)"
+    )
+    p.sql(
+        "INSERT INTO visits (id, ref, customer_id, due, tz, phone, email) "
+        "VALUES (:id, :ref, :customer, :due, :tz, :phone, :email)",
+        [
+            dict(zip(("id", "ref", "customer", "due", "tz", "phone", "email"), r, strict=True))
+            for r in rows
+        ],
+    )
+
+
+def test_bad_rows_are_skipped_with_the_reason_recorded_and_the_scan_goes_on(
+    project: Project,
+) -> None:
+    project.write("rules/refills.yaml", VISITS)
+    _visits(
+        project,
+        [
+            (1, "v1", "c1", "2027-03-20", None, "+15005550006", "a@example.com"),
+            (2, "v2", "c2", None, None, "+15005550006", None),
+            (3, "v3", "c3", "next tuesday", None, None, None),
+            (4, "v4", "c4", "2027-03-20", "Mars/Olympus", None, None),
+            (5, None, "c5", "2027-03-20", None, None, None),
+            (6, "v6", None, "2027-03-20", None, None, None),
+            (7, "v7", "c7", "2027-03-20T16:30:00", "Europe/Paris", None, None),  # no contact
+            (8, "v8", "", "2027-03-20", None, None, None),
+        ],
+    )
+    project.ok("db", "upgrade")
+    result = project.ok("scan")
+    assert result.out.splitlines() == [
+        "visit: 8 rows, 2 created, 0 moved, 0 canceled, 0 unchanged, 6 skipped, 0 too late",
+        "  skipped occurrence v2: due is empty: no due date",
+        "  skipped occurrence v3: due = 'next tuesday' is not a date or datetime",
+        '  skipped occurrence v4: timezone = "Mars/Olympus" is not an IANA time zone',
+        "  skipped row 5: no occurrence key: column ref is missing or empty",
+        "  skipped row 6: no customer id: column customer_id is missing or empty",
+        "  skipped row 8: no customer id: column customer_id is missing or empty",
+    ]
+    skipped = [(s["row_number"], s["occurrence"], s["column"]) for s in project.skipped()]
+    assert skipped == [
+        (2, "v2", "due"),
+        (3, "v3", "due"),
+        (4, "v4", "timezone"),
+        (5, None, "ref"),
+        (6, None, "customer_id"),
+        (8, None, "customer_id"),
+    ]
+    (run,) = project.scan_runs()
+    assert {s["scan_run_id"] for s in project.skipped()} == {run["id"]}
+    assert (run["status"], run["skipped"], run["created"]) == ("done", 6, 2)
+    # A customer without a phone or an email is not a bad row: the reminder exists and will fail
+    # visibly at send time.
+    assert send_times(project) == {
+        ("v1", "-1d"): ("pending", "2027-03-19T14:00:00Z"),
+        ("v7", "-1d"): ("pending", "2027-03-19T09:00:00Z"),  # 10:00 Paris (CET)
+    }
+    assert counts(project)["skipped"] == 6  # every scan reports them again
+
+
+def test_a_rule_query_without_the_due_column_fails_that_rule(project: Project) -> None:
+    project.write("rules/refills.yaml", REFILLS.replace("rx.runs_out_on,", ""))
+    project.ok("db", "upgrade")
+    result = project.run("scan")
+    assert result.code == 1
+    assert result.err == (
+        "error: rule refill-due (rules/refills.yaml:2): the query returns no column runs_out_on "
+        "(it returns: rx_id, drug_name, customer_id, first_name, phone, email, timezone)\n"
+    )
+    assert project.reminders() == []
+
+
+# --- failing and writing queries ------------------------------------------------------------------
+
+BROKEN = """\
+rules:
+  - name: broken
+    query: SELECT rx_id, due FROM no_such_table
+    occurrence: "{{ rx_id }}"
+    due: due
+    offsets: [0d]
+    channels: [sms]
+"""
+
+
+def test_a_failing_query_fails_its_rule_only_and_exits_1(project: Project) -> None:
+    project.write("rules/broken.yaml", BROKEN)
+    project.ok("db", "upgrade")
+    result = project.run("scan")
+    assert result.code == 1, result
+    message = {
+        "sqlite": "no such table: no_such_table",
+        "postgresql": 'relation "no_such_table" does not exist',
+    }[project.backend]
+    assert result.err == f"error: rule broken: the query failed: {message}\n"
+    assert "refill-due: 3 rows, 6 created" in result.out
+    assert len(project.reminders()) == 6
+    runs = {r["rule"]: r for r in project.scan_runs()}
+    assert runs["broken"]["status"] == "failed"
+    assert runs["broken"]["error"] == f"rule broken: the query failed: {message}"
+    assert runs["refill-due"]["status"] == "done"
+
+
+def test_a_rule_query_cannot_write_to_the_business_db(project: Project) -> None:
+    write = {
+        "sqlite": "UPDATE prescriptions SET refills_left = 0 RETURNING id AS rx_id, runs_out_on",
+        "postgresql": "WITH w AS (UPDATE prescriptions SET refills_left = 0 RETURNING *) "
+        "SELECT id AS rx_id, runs_out_on FROM w",
+    }[project.backend]
+    project.write(
+        "rules/broken.yaml",
+        BROKEN.replace("SELECT rx_id, due FROM no_such_table", write).replace(
+            "due: due", "due: runs_out_on"
+        ),
+    )
+    project.ok("db", "upgrade")
+    result = project.run("scan")
+    assert result.code == 1
+    assert result.err.startswith("error: rule broken: the query failed: ")
+    assert project.business_rows("SELECT id FROM prescriptions WHERE refills_left > 0") == [
+        (1,),
+        (2,),
+        (3,),
+    ]
+    assert {r["rule"] for r in project.reminders()} == {"refill-due"}
+
+
+# --- recurrence -----------------------------------------------------------------------------------
+
+MONTHLY = """\
+rules:
+  - name: statement
+    query: SELECT id AS account_id, id AS customer_id, opened_on FROM accounts
+    occurrence: "{{ account_id }}"
+    due: opened_on
+    recurrence: FREQ=MONTHLY;BYMONTHDAY=1
+    offsets: [-2d]
+    at: "10:00"
+    channels: [email]
+    template: refill-due
+"""
+
+
+def test_a_monthly_rule_makes_an_occurrence_per_date_within_the_horizon(project: Project) -> None:
+    project.write("rules/refills.yaml", MONTHLY)
+    project.sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, opened_on DATE)")
+    project.sql("INSERT INTO accounts VALUES (7, :d)", {"d": project.due("2026-11-15")})
+    project.ok("db", "upgrade")
+    # Now 2027-03-10, horizon 60 days: the statements of April 1 and May 1 (March 1's is past).
+    assert counts(project)["created"] == 2
+    assert send_times(project) == {
+        ("7@2027-04-01", "-2d"): ("pending", "2027-03-30T14:00:00Z"),
+        ("7@2027-05-01", "-2d"): ("pending", "2027-04-29T14:00:00Z"),
+    }
+    assert counts(project)["created"] == 0
+    # Four weeks later June 1 comes within the horizon; April's reminder is left alone.
+    later = "2027-04-07T12:00:00Z"
+    assert counts(project, now=later)["created"] == 1
+    assert send_times(project)[("7@2027-06-01", "-2d")] == ("pending", "2027-05-30T14:00:00Z")
+    assert send_times(project)[("7@2027-04-01", "-2d")] == ("pending", "2027-03-30T14:00:00Z")
+    # The account is closed: its open reminders are canceled, the past one is left alone.
+    project.sql("DELETE FROM accounts")
+    assert counts(project, now=later)["canceled"] == 2
+    statuses = {k[0]: v[0] for k, v in send_times(project).items()}
+    assert statuses == {
+        "7@2027-04-01": "pending",
+        "7@2027-05-01": "canceled",
+        "7@2027-06-01": "canceled",
+    }
+
+
+def test_a_recurring_row_keeps_its_reminders_when_its_other_values_change(
+    project: Project,
+) -> None:
+    project.write("rules/refills.yaml", MONTHLY)
+    project.sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, opened_on DATE)")
+    project.sql("INSERT INTO accounts VALUES (7, :d)", {"d": project.due("2026-11-15")})
+    project.ok("db", "upgrade")
+    scan(project)
+    before = {k: r["id"] for k, r in project.by_key().items()}
+    result = counts(project)
+    assert (result["created"], result["moved"], result["canceled"]) == (0, 0, 0)
+    assert {k: r["id"] for k, r in project.by_key().items()} == before
