@@ -358,6 +358,22 @@ def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[
         raise SourceError(f"check {check.name}: the query failed: {message}") from None
 
 
+_used: dict[str, set[str]] = {}
+
+
+def _engine_params(check: CheckRule, app: App, now: datetime) -> list[tuple[str, Any]]:
+    """``:now`` (UTC) and ``:today`` (the config's zone), when the query uses them."""
+    used = _used.get(check.query)
+    if used is None:
+        used = _used[check.query] = source.parameters(check.query)
+    found: list[tuple[str, Any]] = []
+    if "now" in used:
+        found.append(("now", now))
+    if "today" in used:
+        found.append(("today", now.astimezone(app.config.tz()).date()))
+    return found
+
+
 # --- asking ---------------------------------------------------------------------------------------
 
 
@@ -390,6 +406,8 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     bound = dict(params)
     if check.window is not None:
         bound["since"] = now - check.window
+    for key, value in _engine_params(check, app, now):
+        bound.setdefault(key, value)
     try:
         engine = check_engine(app.config.source_url, check.timeout)
         dialect = engine.dialect.name

@@ -257,6 +257,7 @@ class CheckRule(_Model):
     message: str | None = None
     timeout: Duration = timedelta(milliseconds=200)
     # Optional: binds :since = now - window, so "within 30 days" is written in the query.
+    # :now (UTC) and :today (config timezone) are bound as in rule queries, unless a param.
     window: Duration | None = None
     file: str = ""
     line: int = 0
@@ -280,12 +281,17 @@ class CheckRule(_Model):
                 raise ValueError(f"param {param} is not used in the query (write :{param})")
         if self.timeout <= timedelta(0):
             raise ValueError("timeout must be more than 0 (e.g. 200ms)")
-        bound = set(self.params) | ({"since"} if self.window is not None else set())
+        bound = set(self.params) | {"now", "today"}
+        if self.window is not None:
+            bound.add("since")
         if self.window is not None and "since" in self.params:
             raise ValueError("since is bound by window (now - window): remove it from params")
         for used in sorted(parameters(self.query) - bound):
             hint = " (or set window: to bind :since)" if used == "since" else ""
-            raise ValueError(f"the query uses :{used}, which is not in params{hint}")
+            raise ValueError(
+                f"the query uses :{used}, which is not in params (the engine binds :now, "
+                f":today){hint}"
+            )
         if self.window is not None and "since" not in parameters(self.query):
             raise ValueError("window binds :since: use it in the query (AND placed_at >= :since)")
         return self

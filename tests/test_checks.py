@@ -90,6 +90,11 @@ checks:
         AND (:digital_only = FALSE OR kind = 'digital') AND order_id > :min_id
       ORDER BY placed_at LIMIT 1
     params: {{customer_id: int, after: date, before: datetime, digital_only: bool, min_id: float}}
+  - name: bought-today
+    query: |
+      SELECT order_id FROM owned
+      WHERE customer_id = :customer_id AND placed_at >= :today AND placed_at <= :now
+    params: {{customer_id: int}}
   - name: slow
     query: {slow}
     params: {{customer_id: int}}
@@ -184,6 +189,8 @@ def build_shop(root: Path, url: str, *, slow_timeout: str = "100ms") -> Shop:
             [{"i": i, "e": f"c{i}@example.com"} for i in (7, 8, 9)],
         )
         conn.exec_driver_sql(OWNED_VIEW)
+        if backend == "postgresql":  # dates bound as :today compare at midnight in this zone
+            conn.exec_driver_sql(f"ALTER DATABASE \"{engine.url.database}\" SET timezone = 'UTC'")
     engine.dispose()
     (root / "rules").mkdir()
     (root / "templates").mkdir()
@@ -288,6 +295,18 @@ def test_the_window_moves_with_the_engine_clock(
     assert run_check(shop.app(), "recently-bought", params)["duplicate"] is True
     monkeypatch.setenv("REMINDERS_NOW", "2027-04-14T08:00:01Z")  # 30 days and a second
     assert run_check(shop.app(), "recently-bought", params)["duplicate"] is False
+
+
+def test_the_engine_binds_now_and_today_on_its_clock(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {"customer_id": 9}
+    monkeypatch.setenv("REMINDERS_NOW", "2027-03-19T09:00:00Z")  # order 106 was at 07:00
+    assert run_check(shop.app(), "bought-today", params)["match"] == {"order_id": 106}
+    monkeypatch.setenv("REMINDERS_NOW", "2027-03-19T06:59:59Z")  # not yet
+    assert run_check(shop.app(), "bought-today", params) == {"duplicate": False}
+    monkeypatch.setenv("REMINDERS_NOW", "2027-03-20T00:00:00Z")  # the next day
+    assert run_check(shop.app(), "bought-today", params) == {"duplicate": False}
 
 
 def test_dates_datetimes_bools_and_floats_bind_as_their_types(shop: Shop) -> None:
@@ -508,7 +527,11 @@ def test_a_query_parameter_not_declared_is_a_load_error(sqlite_shop: Shop) -> No
         "    query: SELECT 1 FROM owned WHERE customer_id = :customer_id AND placed_at >= :since\n"
         "    params: {customer_id: int}\n"
     )
-    with pytest.raises(RuleError, match=r"uses :since, which is not in params \(or set window:"):
+    with pytest.raises(
+        RuleError,
+        match=r"uses :since, which is not in params \(the engine binds :now, :today\) "
+        r"\(or set window: to bind :since\)",
+    ):
         sqlite_shop.app().ruleset  # noqa: B018
 
 
