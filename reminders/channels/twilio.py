@@ -14,6 +14,7 @@ request at a time would cap a worker near 10 messages a second.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,16 +105,28 @@ class TwilioChannel(Channel):
         # twilio 9 sizes its pool for https:// only (requests' default of 10 connections for a
         # http:// mock), and its max_retries adapter covers https:// only: mount one adapter,
         # sized to the concurrency and without retries (the engine retries, and records it).
-        self._http = TwilioHttpClient(pool_connections=True, timeout=timeout)
+        base_url = api_url.rstrip("/") if api_url is not None else "https://api.twilio.com"
+        # requests reads the proxy and CA bundle variables from the environment on every request
+        # (a fifth of the CPU a message costs): read them once, here.
+        self._http = TwilioHttpClient(
+            pool_connections=True,
+            timeout=timeout,
+            proxy=requests.utils.get_environ_proxies(base_url),
+        )
+        session = self._http.session
+        assert session is not None
+        session.trust_env = False
+        session.verify = (
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        )
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=concurrency, max_retries=0)
-        assert self._http.session is not None
         for prefix in ("https://", "http://"):
-            self._http.session.mount(prefix, adapter)
+            session.mount(prefix, adapter)
         self._client = Client(account_sid, auth_token, http_client=self._http)
         if api_url is not None:
             # No base-URL argument in twilio 9: set the domain's base_url. TWILIO_EDGE and
             # TWILIO_REGION from the environment would rewrite the host: ignore them here.
-            self._client.api.base_url = api_url.rstrip("/")
+            self._client.api.base_url = base_url
             self._client.edge = None
             self._client.region = None
         # Resolve the lazily built resource once, not racing in every thread.
