@@ -380,7 +380,7 @@ class Delivery:
         changes, ready = self._prepare(channel, rows, now)
         moved = self._apply(changes, job_id, now, counts)
         limiter = self.limiter(channel)
-        size = len(ready)
+        size = max(1, len(ready))  # every reminder may have moved to another channel
         if limiter is not None:
             size = max(1, math.ceil(limiter.rate * ROUND_SECONDS))
         for start in range(0, len(ready), size):
