@@ -258,6 +258,19 @@ def test_twilio_send_many_keeps_requests_in_flight(caplog: pytest.LogCaptureFixt
     assert "Connection pool is full" not in caplog.text
 
 
+def test_twilio_concurrency_is_shared_by_batches_sent_at_once() -> None:
+    with TwilioStub(latency_ms=50) as stub:
+        channel = stub_channel(stub, concurrency=4)
+        batches = [[sms(to=f"+1415555{b}{i:03d}") for i in range(12)] for b in range(3)]
+        threads = [threading.Thread(target=channel.send_many, args=(b,)) for b in batches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sum(stub.accepted.values()) == 36
+    assert stub.max_in_flight <= 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [

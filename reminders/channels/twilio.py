@@ -71,8 +71,8 @@ class TwilioChannel(Channel):
 
     ``from_`` (an E.164 sender) or ``messaging_service_sid`` is required. ``api_url`` points the
     client at a Twilio-compatible endpoint (a mock such as Prism) instead of api.twilio.com.
-    ``concurrency`` is the number of requests ``send_many`` keeps in flight; ``timeout`` is the
-    connect and read timeout of one request, in seconds.
+    ``concurrency`` is the number of requests kept in flight, by one ``send_many`` or by several
+    at once; ``timeout`` is the connect and read timeout of one request, in seconds.
     """
 
     name = "sms"
@@ -119,7 +119,11 @@ class TwilioChannel(Channel):
         session.verify = (
             os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         )
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=concurrency, max_retries=0)
+        # pool_block: send_many calls running at once (rate-limited waves) share `concurrency`
+        # connections rather than opening and discarding more.
+        adapter = HTTPAdapter(
+            pool_connections=4, pool_maxsize=concurrency, pool_block=True, max_retries=0
+        )
         for prefix in ("https://", "http://"):
             session.mount(prefix, adapter)
         self._client = Client(account_sid, auth_token, http_client=self._http)
