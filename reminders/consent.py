@@ -153,16 +153,22 @@ def set_preferences(
 ) -> int:
     """Store a customer's choices ((rule or *, channel or *) -> enabled); returns how many changed.
 
-    Writes only what differs from what is stored, so saving an unchanged page writes nothing.
+    Writes only what changes the outcome: saving an unchanged page writes nothing, and a switch
+    left on where nothing turned it off leaves no record.
     """
     customer_id = str(customer_id)
     stored = preferences(conn, customer_id)
     changed = 0
     for (rule, channel), on in choices.items():
-        if stored.get((rule, channel)) == on:
+        if (rule, channel) in stored:
+            if stored[(rule, channel)] == on:
+                continue
+        elif resolve(stored, rule, channel) == on:
             continue
         changed += 1
-        if (rule, channel) in stored:
+        existed = (rule, channel) in stored
+        stored[(rule, channel)] = on  # later choices of this call resolve against this one
+        if existed:
             conn.execute(
                 preference.update()
                 .where(

@@ -1,0 +1,228 @@
+"""Inbound SMS: the engine's keywords (STOP, START, HELP) and the rules' own (``replies:``).
+
+A one-word answer applies to the most recent message sent to that number. STOP and its synonyms
+stop every SMS to the number (all of the business's rules); START, YES, UNSTOP undo it; HELP and
+INFO answer the business's help text (``web.help_text``). Twilio answers STOP, START and HELP
+itself on a Messaging Service with default opt-out handling, so those get an empty answer (HELP
+too, unless a help text is configured). A rule's keyword either cancels the occurrence's open
+reminders (``done``) or moves its next open one by a delay (``snooze``), and gets a short
+confirmation; any other text gets the list of keywords.
+
+Each inbound message is handled once: its ``MessageSid`` is recorded first (``inbound`` is unique
+on it), in the same transaction as what it does, so a retried webhook changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import consent, store
+from .config import Config
+from .models import OPEN, PENDING, inbound, message, reminder
+from .phone import mask
+from .rules import HELP_WORDS, START_WORDS, STOP_WORDS, Rule, RuleSet
+
+log = logging.getLogger(__name__)
+
+STOP, START, HELP, DONE, SNOOZE, UNKNOWN = "stop", "start", "help", "done", "snooze", "unknown"
+MAX_BODY = 1600  # Twilio's longest message; anything longer is kept cut
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What an inbound message did, and the text to answer (None: an empty ``<Response/>``)."""
+
+    action: str
+    text: str | None
+    reminder_id: int | None = None
+    duplicate: bool = False
+
+
+def keyword(body: str) -> str:
+    """The one word a customer sent, uppercased, without surrounding spaces and punctuation.
+
+    Several words come back whole (uppercased), so they match no keyword.
+    """
+    text = (body or "").strip()
+    text = re.sub(r"^[\s\"'“”‘’.!?,;:()\-]+|[\s\"'“”‘’.!?,;:()\-]+$", "", text)
+    return " ".join(text.split()).upper()
+
+
+@dataclass(frozen=True)
+class _Latest:
+    reminder_id: int
+    rule: str
+    occurrence: str
+    customer_id: str
+
+
+def latest_to(conn: Connection, number: str) -> _Latest | None:
+    """The reminder of the most recent SMS sent to ``number`` (E.164), or None."""
+    row = conn.execute(
+        sa.select(reminder.c.id, reminder.c.rule, reminder.c.occurrence, reminder.c.customer_id)
+        .select_from(message.join(reminder, reminder.c.id == message.c.reminder_id))
+        .where(message.c.channel == "sms", message.c.to_address == number)
+        .order_by(message.c.created_at.desc(), message.c.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else _Latest(row.id, row.rule, row.occurrence, row.customer_id)
+
+
+def _find_rule(ruleset: RuleSet, name: str) -> Rule | None:
+    return next((r for r in ruleset.rules if r.name == name), None)
+
+
+def handle(
+    conn: Connection,
+    ruleset: RuleSet,
+    config: Config,
+    number: str,
+    body: str,
+    message_sid: str,
+    now: datetime,
+) -> Answer:
+    """Handle one inbound SMS inside the caller's transaction; returns what to answer."""
+    word = keyword(body)
+    latest = latest_to(conn, number)
+    rule = _find_rule(ruleset, latest.rule) if latest else None
+    reply = rule.replies.get(word) if rule is not None else None
+    if word in STOP_WORDS:
+        action = STOP
+    elif word in START_WORDS:
+        action = START
+    elif word in HELP_WORDS:
+        action = HELP
+    elif reply is not None:
+        action = DONE if reply.action == "done" else SNOOZE
+    else:
+        action = UNKNOWN
+    reminder_id = latest.reminder_id if latest and action in (DONE, SNOOZE) else None
+    row = {
+        "from_address": number[:32],
+        "body": (body or "")[:MAX_BODY],
+        "provider_id": message_sid,
+        "action": action,
+        "reminder_id": reminder_id,
+        "created_at": now,
+    }
+    if store.insert_ignoring_conflicts(conn, inbound, [row]) == 0:
+        # A retried webhook: answer as before, change nothing.
+        stored = conn.execute(
+            sa.select(inbound.c.action).where(inbound.c.provider_id == message_sid)
+        ).scalar_one()
+        return Answer(stored, _text(stored, config, rule, word), reminder_id, duplicate=True)
+
+    customer_id = latest.customer_id if latest else None
+    if action == STOP:
+        consent.opt_out(conn, "sms", number, consent.STOP, f"replied {word}", now, customer_id)
+    elif action == START:
+        consent.opt_in(conn, "sms", number)
+    elif action == DONE and latest is not None:
+        cancel_occurrence(conn, latest.rule, latest.occurrence, f"done: replied {word}", now)
+    elif action == SNOOZE and latest is not None and reply is not None and reply.delay:
+        moved = snooze_occurrence(
+            conn, latest.rule, latest.occurrence, reply.delay, f"snoozed: replied {word}", now
+        )
+        if moved is None:
+            log.info("inbound %s from %s: nothing open to move", word, mask(number))
+            return Answer(action, "There is no upcoming reminder to move.", reminder_id)
+    log.info("inbound %s from %s", action, mask(number))
+    return Answer(action, _text(action, config, rule, word), reminder_id)
+
+
+def _text(action: str, config: Config, rule: Rule | None, word: str) -> str | None:
+    if action in (STOP, START):
+        return None
+    if action == HELP:
+        return config.web.help_text
+    if action == DONE:
+        return "Thanks! You won't get more reminders about this."
+    if action == SNOOZE and rule is not None:
+        reply = rule.replies.get(word)
+        if reply is not None and reply.delay:
+            return f"OK, we'll remind you again {_later(reply.delay)}."
+    words = list(rule.replies) if rule is not None else []
+    choices = f"Reply {_either(words)}, " if words else "Reply "
+    return f"Sorry, we didn't understand. {choices}HELP for help, or STOP to opt out."
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _later(delay: timedelta) -> str:
+    """``in 1 day``, ``in 2 hours``, ``in 30 minutes``."""
+    seconds = int(delay.total_seconds())
+    for unit, size in (("week", 604800), ("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"in {count} {unit}{'s' if count != 1 else ''}"
+    return f"in {seconds} seconds"
+
+
+def _open(conn: Connection, rule: str, occurrence: str) -> list[Any]:
+    return list(
+        conn.execute(
+            sa.select(reminder.c.id, reminder.c.status, reminder.c.send_at)
+            .where(
+                reminder.c.rule == rule,
+                reminder.c.occurrence == occurrence,
+                reminder.c.status.in_(OPEN),
+            )
+            .order_by(reminder.c.send_at, reminder.c.id)
+        )
+    )
+
+
+def cancel_occurrence(
+    conn: Connection, rule: str, occurrence: str, why: str, now: datetime
+) -> list[int]:
+    """Cancel an occurrence's open reminders; returns their ids. Each change is recorded."""
+    canceled = []
+    for row in _open(conn, rule, occurrence):
+        # Conditional on the status read: a worker may be claiming it (queued -> sending).
+        result = conn.execute(
+            reminder.update()
+            .where(reminder.c.id == row.id, reminder.c.status == row.status)
+            .values(status="canceled", reason=why, updated_at=now)
+        )
+        if result.rowcount == 1:
+            store.record(conn, [(row.id, row.status, "canceled", why)], now)
+            canceled.append(row.id)
+    return canceled
+
+
+def snooze_occurrence(
+    conn: Connection, rule: str, occurrence: str, delay: timedelta, why: str, now: datetime
+) -> datetime | None:
+    """Move an occurrence's next open reminder by ``delay`` (not earlier than now + ``delay``).
+
+    Its planned time stays, so a rescan does not undo the move. A queued one goes back to pending
+    (its queued job then finds nothing to claim) and is dispatched again at the new time. Returns
+    the new send time, or None when nothing was open.
+    """
+    for row in _open(conn, rule, occurrence):
+        new_time = max(row.send_at, now) + delay
+        result = conn.execute(
+            reminder.update()
+            .where(reminder.c.id == row.id, reminder.c.status == row.status)
+            .values(
+                status=PENDING,
+                send_at=new_time,
+                job_id=None,
+                queued_at=None,
+                reason=why,
+                updated_at=now,
+            )
+        )
+        if result.rowcount == 1:
+            store.record(conn, [(row.id, row.status, PENDING, why)], now)
+            return new_time
+    return None

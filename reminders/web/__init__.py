@@ -1,0 +1,141 @@
+"""The web endpoint: Twilio webhooks, unsubscribe links, the preferences page, health.
+
+:func:`create_app` builds the Flask app for an engine :class:`~reminders.app.App`; each group of
+paths is a blueprint, so another feature adds its own (``app.register_blueprint``) without
+touching this one. ``reminders web`` serves it with gunicorn (:mod:`reminders.web.server`).
+
+Defaults that keep it safe: request bodies over 64 KiB are refused (413) before anything reads
+them; pages forbid framing, scripts and referrers (the token in their URL is a credential); errors
+answer HTML on customer pages, plain text on webhooks and JSON under ``/v1/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, render_template, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wrappers import Response as BaseResponse
+
+from reminders import links
+from reminders.app import App
+from reminders.errors import ConfigError, Problem
+
+from .context import KEY, engine
+
+MAX_BODY = 64 * 1024  # bytes; Twilio's webhooks are a few KiB, a one-click POST a few bytes
+
+log = logging.getLogger(__name__)
+
+_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+__all__ = ["MAX_BODY", "business_name", "create_app", "engine", "error_page"]
+
+
+def create_app(app: App) -> Flask:
+    """The Flask app for ``app``. Raises ``ConfigError`` when the endpoint cannot work safely.
+
+    Needs ``REMINDERS_SECRET`` (links are signed with it) and ``web.public_url`` (webhook
+    signatures are checked against it, never against the bound address); loads the rules so a
+    broken rule file fails here rather than on a customer's click.
+    """
+    config = app.config
+    links.secrets()
+    if not config.web.public_url:
+        raise ConfigError(
+            Problem(
+                "web.public_url is not set: the web endpoint checks Twilio's signatures against "
+                "it and puts it in links (e.g. web: {public_url: https://reminders.example.com})",
+                config.file,
+            )
+        )
+    app.ruleset  # noqa: B018 - load and validate now, not on the first request
+    sms = config.channels.sms
+    if sms is None or sms.provider != "twilio" or not sms.auth_token:
+        log.warning("no Twilio auth token configured: every Twilio webhook will get 403")
+
+    flask = Flask(__name__)
+    flask.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        MAX_FORM_MEMORY_SIZE=MAX_BODY,
+        MAX_FORM_PARTS=100,
+        JSON_SORT_KEYS=False,
+    )
+    flask.extensions[KEY] = app
+
+    from . import checks, health, pages, twilio
+
+    flask.register_blueprint(twilio.blueprint)
+    flask.register_blueprint(pages.blueprint)
+    flask.register_blueprint(health.blueprint)
+    flask.register_blueprint(checks.blueprint(app))
+    flask.before_request(_refuse_large_bodies)
+    flask.after_request(_secure_headers)
+    flask.register_error_handler(HTTPException, _error)
+    return flask
+
+
+def _refuse_large_bodies() -> None:
+    # Every route, even one that never reads its body: a declared huge body is refused at once.
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise RequestEntityTooLarge()
+
+
+def _secure_headers(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Content-Security-Policy", _CSP)
+    if request.path.startswith((links.UNSUBSCRIBE_PATH, links.PREFERENCES_PATH)):
+        headers["Cache-Control"] = "no-store"
+    return response
+
+
+_MESSAGES = {
+    400: "The request is missing something it needs.",
+    403: "This link is not valid, or it has expired.",
+    404: "There is nothing here. The link may be incomplete: try copying the whole link.",
+    405: "This address does not take that kind of request.",
+    413: "The request is too large.",
+}
+
+
+def _error(exc: HTTPException) -> BaseResponse:
+    code = exc.code or 500
+    path = request.path
+    if path.startswith("/v1/"):
+        response = exc.get_response()
+        response.set_data(json.dumps({"error": exc.name}))
+        response.mimetype = "application/json"
+        return response
+    if path.startswith((links.UNSUBSCRIBE_PATH, links.PREFERENCES_PATH)) and code in _MESSAGES:
+        response = exc.get_response()  # keeps headers such as a 405's Allow
+        response.set_data(error_page(code, _MESSAGES[code], exc.name))
+        response.mimetype = "text/html"
+        return response
+    response = exc.get_response()
+    response.set_data(f"{code} {exc.name}\n")
+    response.mimetype = "text/plain"
+    return response
+
+
+def error_page(code: int, message: str, title: str | None = None) -> str:
+    """The HTML of a customer-facing error page."""
+    return render_template(
+        "error.html",
+        code=code,
+        title=title or _MESSAGES.get(code, ""),
+        message=message,
+        business=business_name(),
+    )
+
+
+def business_name() -> str:
+    """The business's name on customer pages (``web.business_name``)."""
+    return engine().config.web.business_name or "Reminders"
