@@ -419,3 +419,27 @@ def demo(folder: str, reset: bool) -> None:
     from .demo.run import run
 
     run(folder, reset=reset, echo=click.echo)
+
+
+# --- web ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="processes"
+)
+@click.option(
+    "--threads",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="requests served at once by each process",
+)
+@pass_app
+def web(app: App, host: str, port: int, workers: int, threads: int) -> None:
+    """Serve the webhooks, unsubscribe links, preferences page and /healthz (gunicorn)."""
+    from .web.server import serve
+
+    serve(app, host=host, port=port, workers=workers, threads=threads)

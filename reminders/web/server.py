@@ -43,7 +43,8 @@ class Server(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
+                self.cfg.set(key, value)
 
     def load(self) -> Flask:
         return self.application
@@ -67,6 +68,8 @@ def options(host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
         "errorlog": "-",
         "logger_class": MaskingLogger,
         "proc_name": "reminders-web",
+        # gunicorn 25+ opens a control socket in the home folder by default: not wanted here.
+        "control_socket_disable": True,
     }
 
 
@@ -75,6 +78,7 @@ def serve(app: App, host: str, port: int, workers: int = 2, threads: int = 8) ->
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     flask = create_app(app)
     store.ensure_current(app.config.state_url)
     app.state.dispose()  # the master keeps no connection a forked worker could share
