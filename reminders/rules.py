@@ -49,6 +49,7 @@ STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE
 START_WORDS = {"START", "YES", "UNSTOP"}
 HELP_WORDS = {"HELP", "INFO"}
 RESERVED_WORDS = STOP_WORDS | START_WORDS | HELP_WORDS
+QUERY_PARAMETERS = ("now", "today")  # what the engine binds in a rule's query
 PARAM_TYPES = ("int", "str", "float", "bool", "date", "datetime")
 
 
@@ -148,6 +149,17 @@ class Rule(_Model):
     @classmethod
     def _sql(cls, value: str | None) -> str | None:
         return None if value is None else _check_sql(value)
+
+    @field_validator("query")
+    @classmethod
+    def _query_parameters(cls, value: str) -> str:
+        unknown = sorted(parameters(value) - set(QUERY_PARAMETERS))
+        if unknown:
+            raise ValueError(
+                f":{unknown[0]} is not a parameter a rule query may use (allowed: :now, the "
+                "current time in UTC, and :today, the date in the config's timezone)"
+            )
+        return value
 
     @field_validator("due")
     @classmethod

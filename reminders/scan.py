@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import codec, schedule, source, store
 from .config import Config
-from .errors import RemindersError, SourceError
+from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
 from .rules import Rule, compile_key
 
@@ -545,8 +545,9 @@ def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) 
     """Scan every rule (or one), each on its own: a failing rule does not stop the others."""
     from tqdm import tqdm
 
-    store.ensure_current(app.config.state_url)
     rules = [app.ruleset.rule(rule_name)] if rule_name else list(app.ruleset.rules)
+    _check_templates(app, rules)
+    store.ensure_current(app.config.state_url)
     now = app.now()
     results = []
     for rule in rules:
@@ -558,3 +559,12 @@ def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) 
         finally:
             bar.close()
     return results
+
+
+def _check_templates(app: Any, rules: list[Rule]) -> None:
+    """Refuse to schedule reminders whose templates are missing or broken (nothing is written)."""
+    from .validate import template_problems
+
+    errors = [p for p in template_problems(app, rules) if not p.warning]
+    if errors:
+        raise TemplateError(errors)

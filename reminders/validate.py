@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from .errors import InputError, Problem
@@ -10,7 +13,7 @@ from .errors import InputError, Problem
 def validate_all(app: Any) -> list[Problem]:
     """Problems (errors and warnings) of the config, the rules and every template they name."""
     try:
-        config = app.config
+        app.config  # noqa: B018 - loading is the check
     except InputError as exc:
         return list(exc.problems)
     try:
@@ -18,56 +21,32 @@ def validate_all(app: Any) -> list[Problem]:
     except InputError as exc:
         return list(exc.problems)
     problems: list[Problem] = list(ruleset.warnings)
-    renderer = app.renderer
-    for rule in ruleset.rules:
-        problems.extend(renderer.problems(rule.template_name, rule.channels))
-        for channel in rule.channels:
-            if channel == "sms":
-                problems.extend(_sms_warnings(app, rule, config))
-    for check in ruleset.checks:
-        if check.message:
-            problems.extend(renderer.problems(check.message, ["check"]))
+    problems.extend(template_problems(app, ruleset.rules, ruleset.checks))
     return problems
 
 
-def _sms_warnings(app: Any, rule: Any, config: Any) -> list[Problem]:
-    """Warn when an SMS template's literal text forces UCS-2 (it doubles the cost of every text)."""
-    from . import sms
+def template_problems(app: Any, rules: Iterable[Any], checks: Iterable[Any] = ()) -> list[Problem]:
+    """What is wrong with the templates of ``rules`` (each channel) and of ``checks``.
 
-    path = config.templates_path / f"{rule.template_name}.sms.j2"
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    info = sms.segments(text)
-    if info.encoding != "GSM-7":
-        shown = " ".join(repr(c) for c in info.offending[:5])
-        return [
-            Problem(
-                f"rule {rule.name}: the template's text has {shown}, which forces UCS-2 "
-                "(70 characters a segment instead of 160)",
-                file=str(path.relative_to(config.root))
-                if path.is_relative_to(config.root)
-                else str(path),
-                line=next(
-                    (
-                        i + 1
-                        for i, line in enumerate(text.splitlines())
-                        if any(c in line for c in info.offending)
-                    ),
-                    None,
-                ),
-                warning=True,
-            )
-        ]
-    return []
+    Files are named relative to the config's folder, like rule files (``templates/x.sms.j2``).
+    """
+    renderer = app.renderer
+    found: list[Problem] = []
+    for rule in rules:
+        found.extend(renderer.problems(rule.template_name, rule.channels))
+    for check in checks:
+        if check.message:
+            found.extend(renderer.problems(check.message, ["check"]))
+    root = app.config.root
+    return [_relative(p, root) for p in found]
 
 
-def _display(path: Any, root: Any) -> str:
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
-def _first_line_with(text: str, characters: str) -> int | None:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if any(c in line for c in characters):
-            return number
-    return None
+def _relative(problem: Problem, root: Path) -> Problem:
+    if not problem.file:
+        return problem
+    path = Path(problem.file)
+    try:
+        shown = path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return problem
+    return replace(problem, file=str(shown))

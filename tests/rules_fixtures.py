@@ -281,6 +281,11 @@ class Project:
         saved = {k: os.environ.get(k) for k in (clock.ENV, "REMINDERS_CONFIG", *(env or {}))}
         out, err = io.StringIO(), io.StringIO()
         code: int | str | None = 0
+        # Each command is a fresh process in real life: templates compiled by an earlier command
+        # of this test (cached per process) must not hide the test's edits.
+        from reminders import render
+
+        getattr(render, "_ENVIRONMENTS", {}).clear()
         try:
             os.environ.update(env or {})
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -448,6 +448,7 @@ rules:
     due: due
     offsets: [0d]
     channels: [sms]
+    template: refill-due
 """
 
 
@@ -549,3 +550,127 @@ def test_a_recurring_row_keeps_its_reminders_when_its_other_values_change(
     result = counts(project)
     assert (result["created"], result["moved"], result["canceled"]) == (0, 0, 0)
     assert {k: r["id"] for k, r in project.by_key().items()} == before
+
+
+# --- bad input: a clear error, exit 2, and nothing changed ----------------------------------------
+
+
+def _config(p: Project, old: str, new: str) -> None:
+    text = p.read("config.yaml")
+    assert old in text
+    p.write("config.yaml", text.replace(old, new))
+
+
+def _rules(p: Project, old: str, new: str) -> None:
+    text = p.read("rules/refills.yaml")
+    assert old in text
+    p.write("rules/refills.yaml", text.replace(old, new))
+
+
+BAD_INPUT = {
+    "yaml-syntax": (
+        lambda p: _rules(p, "    offsets:", "  offsets:"),
+        "rules/refills.yaml:12: not valid YAML: ",
+    ),
+    "unknown-rule-key": (
+        lambda p: _rules(p, "    offsets:", "    ofsets:"),
+        "rules/refills.yaml:12: rule refill-due: ofsets: unknown key",
+    ),
+    "bad-offset": (
+        lambda p: _rules(p, "[-3d, 0d]", "[-3d, 3 dayz]"),
+        'rules/refills.yaml:12: rule refill-due: offsets[1]: "3 dayz" is not an offset '
+        "(examples: -3d, 2w, -1mo, 0d)",
+    ),
+    "bad-name": (
+        lambda p: _rules(p, "name: refill-due", "name: Refill Due"),
+        'rules/refills.yaml:2: rule Refill Due: name: "Refill Due" is not a rule name',
+    ),
+    "duplicate-name": (
+        lambda p: p.write("rules/again.yaml", REFILLS),
+        'rules/refills.yaml:2: name "refill-due" is used twice (first at rules/again.yaml:2)',
+    ),
+    "unconfigured-channel": (
+        lambda p: _config(p, "  email:\n    provider: outbox\n    path: outbox.jsonl\n", ""),
+        "rules/refills.yaml:14: rule refill-due: channel email is not configured in ",
+    ),
+    "bad-rule-window": (
+        lambda p: _rules(p, '    at: "10:00"\n', '    at: "10:00"\n    send_window: "9-5"\n'),
+        'rules/refills.yaml:14: rule refill-due: send_window: "9-5" is not a time window',
+    ),
+    "bad-config-window": (
+        lambda p: _config(p, 'send_window: "09:00-20:00"', 'send_window: "nine to eight"'),
+        'config.yaml:2: send_window: "nine to eight" is not a time window',
+    ),
+    "missing-variable": (
+        lambda p: _config(
+            p, "path: outbox.jsonl\n  email", "path: ${OUTBOX_DIR}/sms.jsonl\n  email"
+        ),
+        "config.yaml:12: environment variable OUTBOX_DIR is not set",
+    ),
+    "unknown-config-key": (
+        lambda p: _config(p, "timezone:", "timezon:"),
+        "config.yaml:1: timezon: unknown key",
+    ),
+    "at-a-number": (
+        lambda p: _rules(p, 'at: "10:00"', "at: 1000"),
+        "rules/refills.yaml:13: rule refill-due: at: 1000 is not a time of day",
+    ),
+    "unknown-query-parameter": (
+        lambda p: _rules(p, "WHERE rx.refills_left > 0", "WHERE rx.refills_left > :least"),
+        "rules/refills.yaml:4: rule refill-due: query: :least is not a parameter",
+    ),
+    "missing-template": (
+        lambda p: (p.root / "templates" / "refill-due.email.j2").unlink(),
+        "templates/refill-due.email.j2: template file is missing",
+    ),
+    "template-syntax": (
+        lambda p: p.write("templates/refill-due.sms.j2", "Hi\n{{ first_name }\n"),
+        "templates/refill-due.sms.j2:2: unexpected '}'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_named_exits_2_and_changes_nothing(scanned: Project, case: str) -> None:
+    change, expected = BAD_INPUT[case]
+    scanned.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-19")}
+    )
+    scanned.sql("DELETE FROM prescriptions WHERE id = 3")
+    before = scanned.snapshot()
+    change(scanned)
+    result = scanned.run("scan")
+    assert result.code == 2, result
+    assert result.out == ""
+    shown = result.err.replace(f"{scanned.root}/", "").splitlines()
+    assert any(line.startswith(expected) for line in shown), result.err
+    assert scanned.snapshot() == before
+    validated = scanned.run("validate")
+    assert validated.code == 2
+    assert validated.err.replace(f"{scanned.root}/", "").splitlines() == shown
+
+
+def test_at_outside_the_window_is_only_a_warning(scanned: Project) -> None:
+    _rules(scanned, 'at: "10:00"', 'at: "21:30"')
+    validated = scanned.run("validate")
+    assert validated.code == 0, validated
+    assert validated.err == (
+        "rules/refills.yaml:13: warning: rule refill-due: at 21:30 is outside the send window "
+        "09:00-20:00; day reminders move to the next opening\n"
+    )
+    assert counts(scanned)["moved"] == 6
+    # 21:30 is after the window's close: the next day's opening, 09:00 local.
+    assert send_times(scanned)[("1", "-3d")] == ("pending", "2027-03-15T13:00:00Z")
+
+
+def test_an_unquoted_time_of_day_works_like_a_quoted_one(scanned: Project) -> None:
+    _rules(scanned, 'at: "10:00"', "at: 10:00")
+    assert counts(scanned)["unchanged"] == 6
+    assert send_times(scanned) == EXPECTED
+
+
+def test_the_engine_parameters_now_and_today(project: Project) -> None:
+    _rules(project, "WHERE rx.refills_left > 0", "WHERE rx.runs_out_on >= :today")
+    project.ok("db", "upgrade")
+    assert counts(project)["rows"] == 3
+    assert counts(project, now="2027-03-21T12:00:00Z")["rows"] == 1  # only rx 3 (Mar 25)
