@@ -23,8 +23,9 @@ import redis
 KEY_PREFIX = "reminders:rate:"
 
 # KEYS[1]: the sender's key. ARGV: slots wanted, seconds per slot, the longest wait granted.
-# Returns {granted, wait in microseconds before the first granted slot}; granted may be 0 when
-# even the first slot lies beyond max_wait (then wait says when to ask again).
+# Returns {granted, wait in microseconds before the first granted slot, Redis' now in
+# microseconds}; granted may be 0 when even the first slot lies beyond max_wait (then wait says
+# when to ask again).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -35,23 +36,27 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - now
 if wait > horizon then
-  return {0, wait - horizon}
+  return {0, wait - horizon, now}
 end
 local room = math.floor((horizon - wait) / interval) + 1
 local granted = math.min(wanted, room)
 local last = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%d', last), 'PX', math.ceil((last - now) / 1000) + 1000)
-return {granted, wait}
+return {granted, wait, now}
 """
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """``count`` send slots: the first after ``wait`` seconds, then one every ``interval``."""
+    """``count`` send slots: the first after ``wait`` seconds, then one every ``interval``.
+
+    ``first_us`` is the first slot's instant on Redis' clock (microseconds since the epoch).
+    """
 
     count: int
     wait: float
     interval: float
+    first_us: int
 
     def offsets(self) -> list[float]:
         """Seconds from the reservation to each slot."""
@@ -78,11 +83,16 @@ class RateLimiter:
         if wanted < 1:
             raise ValueError("reserve at least one slot")
         while True:
-            granted, wait_us = self._script(
+            granted, wait_us, now_us = self._script(
                 keys=[self.key], args=[wanted, self.interval_us, self.max_wait_us]
             )
             if int(granted) > 0:
-                return Reservation(int(granted), int(wait_us) / 1e6, self.interval_us / 1e6)
+                return Reservation(
+                    int(granted),
+                    int(wait_us) / 1e6,
+                    self.interval_us / 1e6,
+                    int(now_us) + int(wait_us),
+                )
             time.sleep(int(wait_us) / 1e6)
 
     def reset(self) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import Config
 from .errors import ServiceUnavailable
@@ -83,7 +85,10 @@ class EmbeddedRedis:
         return f"unix://{self.socket}?db=0"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=2)
+        # No retries: probing a socket nobody answers on, or one closing at SHUTDOWN, must be quick.
+        return redis.Redis(
+            unix_socket_path=str(self.socket), socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
 
     def running(self) -> bool:
         """Whether a server answers on the socket."""

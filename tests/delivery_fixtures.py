@@ -104,8 +104,16 @@ def phone_of(number: int) -> str:
 class Shop(Project):
     """A project whose reminders go out through real servers."""
 
-    def __init__(self, root: Path, redis_url: str, stub: TwilioStub, smtp: SmtpServer) -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: Path,
+        redis_url: str,
+        stub: TwilioStub,
+        smtp: SmtpServer,
+        backend: str = "sqlite",
+        pg_url: str | None = None,
+    ) -> None:
+        super().__init__(root, backend, pg_url)
         self.redis_url = redis_url
         self.stub = stub
         self.smtp = smtp
@@ -116,9 +124,11 @@ class Shop(Project):
         batch_size: int = 100,
         max_attempts: int = 5,
         sms_extra: str = "",
+        extra: str = "",
         rules: str = RULES,
         sms_template: str = SMS_TEMPLATE,
     ) -> Shop:
+        """Write config, rules and templates; ``extra`` is appended to the config (YAML)."""
         body = CONFIG.format(
             source=self.source_config_url,
             state=self.state_config_url,
@@ -132,7 +142,7 @@ class Shop(Project):
             smtp_port=self.smtp.port,
             sms_extra=sms_extra,
         )
-        self.write("config.yaml", body)
+        self.write("config.yaml", body + extra)
         self.write("rules/refills.yaml", rules)
         self.write("templates/refill-due.sms.j2", sms_template)
         self.write("templates/refill-due.email.j2", EMAIL_TEMPLATE)
@@ -166,7 +176,7 @@ class Shop(Project):
                     "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
                     "VALUES (:id, :id, 'Lisinopril', :due)"
                 ),
-                [{"id": p["id"], "due": DUE} for p in people],
+                [{"id": p["id"], "due": self.due(DUE)} for p in people],
             )
         return people
 

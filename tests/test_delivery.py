@@ -368,3 +368,27 @@ def test_sms_only_permanent_error_fails_at_once(shop: Shop, provider_error) -> N
     row = shop.status_of()[1]
     assert row["status"] == "failed" and "21211" in row["reason"]
     assert shop.rows(models.optout) == []
+
+
+def test_ops_retry_puts_failed_reminders_back_deliberately(shop: Shop) -> None:
+    shop.configure(sms_template="Hi {{ nope }}\n")
+    shop.prepare(2)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    assert shop.statuses() == {"failed": 2}
+    dry = shop.ok("retry", "--dry-run", now=SEND_AT)
+    assert "would put back 2 failed reminder(s)" in dry.out
+    assert shop.statuses() == {"failed": 2}
+    shop.configure()  # the template is fixed
+    later = "2027-03-10T16:00:00Z"
+    result = shop.ok("retry", "--rule", "refill-due", "--id", "2", now=later)
+    assert "put back 1 failed reminder(s)" in result.out
+    row = shop.status_of()[2]
+    assert row["status"] == "pending" and row["attempts"] == 0
+    assert row["reason"].startswith("retry requested by ops (was failed: template error")
+    shop.ok("dispatch", now=later)
+    shop.worker(now=later)
+    assert shop.status_of()[2]["status"] == "sent"
+    assert shop.status_of()[1]["status"] == "failed"
+    unknown = shop.run("retry", "--rule", "nope", now=later)
+    assert unknown.code == 2

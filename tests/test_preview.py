@@ -1,0 +1,85 @@
+"""``reminders preview``: real rows rendered as a worker would, nothing sent or stored."""
+
+from __future__ import annotations
+
+from tests.delivery_fixtures import (
+    RULES,
+    SEND_AT,
+    Shop,
+    delivery_redis,
+    mailbox_server,
+    shop,
+    stub,
+)
+
+__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
+
+
+def test_preview_renders_each_channel_for_the_first_rows_and_sends_nothing(shop: Shop) -> None:
+    shop.patients(5)
+    result = shop.ok("preview", "refill-due", "--limit", "2", now=SEND_AT)
+    out = result.out
+    assert out.count("== refill-due ") == 4  # 2 rows x (sms, email)
+    assert "== refill-due 1 (customer 1) sms, offset 0d at 2027-03-10T15:00:00Z" in out
+    assert "Hi P1, your Lisinopril runs out on Mar 10, 2027." in out
+    assert "segments: 1 (GSM-7, 48 units)" in out
+    assert "subject: Your Lisinopril runs out soon" in out
+    assert "to: +1******0001" in out and "to: p*@example.com" in out  # masked
+    assert "+12125550001" not in out and "p1@example.com" not in out
+    assert shop.stub.received == {}
+    assert shop.smtp.mailbox.messages == []
+    assert not (shop.root / "reminders.db").exists()  # the state DB is not even needed
+
+
+def test_preview_one_occurrence_as_json(shop: Shop) -> None:
+    shop.patients(5)
+    result = shop.ok("preview", "refill-due", "--occurrence", "4", "--json", now=SEND_AT)
+    items = result.json_lines()
+    assert [(i["occurrence"], i["channel"]) for i in items] == [("4", "sms"), ("4", "email")]
+    assert items[0]["text"] == "Hi P4, your Lisinopril runs out on Mar 10, 2027."
+    assert items[0]["segments"] == 1 and items[0]["encoding"] == "GSM-7"
+    assert items[1]["subject"] == "Your Lisinopril runs out soon"
+
+
+def test_preview_of_an_unknown_occurrence_or_rule_is_a_usage_error(shop: Shop) -> None:
+    shop.patients(2)
+    missing = shop.run("preview", "refill-due", "--occurrence", "99", now=SEND_AT)
+    assert missing.code == 2
+    no_rule = shop.run("preview", "no-such-rule", now=SEND_AT)
+    assert no_rule.code == 2
+    assert 'no rule named "no-such-rule"' in no_rule.err
+
+
+def test_preview_warns_of_ucs2_and_too_many_segments(shop: Shop) -> None:
+    long_text = "Hi {{ first_name }} \u2019 " + "x" * 150 + "\n"  # a curly quote forces UCS-2
+    shop.configure(sms_template=long_text, sms_extra="    max_segments: 2\n")
+    shop.patients(1)
+    out = shop.ok("preview", "refill-due", now=SEND_AT).out
+    assert "segments: 3 (UCS-2" in out
+    assert "warning: \u2019 (U+2019 RIGHT SINGLE QUOTATION MARK) forces UCS-2" in out
+    assert "warning: 3 segments (158 UCS-2 units), more than channels.sms.max_segments = 2" in out
+
+
+def test_preview_names_a_template_error_and_exits_2(shop: Shop) -> None:
+    shop.configure(sms_template="Hello\n{{ first_name }} {{ nope }}\n")
+    shop.patients(1)
+    result = shop.run("preview", "refill-due", now=SEND_AT)
+    assert result.code == 2
+    assert "templates/refill-due.sms.j2:2" in result.out
+    assert "nope" in result.out
+
+
+def test_preview_shows_an_unusable_address_and_the_check_answer(shop: Shop) -> None:
+    checked = RULES.replace(
+        "    template: refill-due\n",
+        "    template: refill-due\n"
+        "    check: SELECT 1 FROM patients WHERE id = :customer_id AND first_name <> 'Gone'\n",
+    )
+    shop.configure(rules=checked)
+    shop.patients(1, phone="not a number")
+    out = shop.ok("preview", "refill-due", now=SEND_AT).out
+    assert "not sendable: phone number" in out
+    assert "check: returns a row: would send" in out
+    shop.sql("UPDATE patients SET first_name = 'Gone'")
+    out = shop.ok("preview", "refill-due", now=SEND_AT).out
+    assert "check: no row: would be canceled" in out
