@@ -64,7 +64,7 @@ To send for real, set the channels in {config} and the secrets in the environmen
       provider: twilio
       account_sid: ${{TWILIO_ACCOUNT_SID}}
       auth_token: ${{TWILIO_AUTH_TOKEN}}
-      from: "+15005550006"            # your Twilio number, or messaging_service_sid: MG...
+      from: ${{TWILIO_FROM}}            # your Twilio number; or messaging_service_sid: MG...
     email:
       provider: smtp
       host: smtp.example.com
@@ -74,7 +74,8 @@ To send for real, set the channels in {config} and the secrets in the environmen
       password: ${{SMTP_PASSWORD}}
       from: "Harbor Market <care@example.com>"
 
-  export TWILIO_ACCOUNT_SID=AC... TWILIO_AUTH_TOKEN=... SMTP_USERNAME=... SMTP_PASSWORD=...
+  export TWILIO_ACCOUNT_SID=AC... TWILIO_AUTH_TOKEN=... TWILIO_FROM=+1...
+  export SMTP_USERNAME=... SMTP_PASSWORD=...
   reminders -c {config} validate
   reminders -c {config} scan
   reminders -c {config} dispatch

@@ -1,0 +1,221 @@
+"""``reminders demo``: it runs, sends every kind of reminder, nothing twice, and says what it did.
+
+The demo runs for real: its generated business, SQLite state DB, embedded Redis, burst worker and
+outbox. The clock is fixed (``REMINDERS_NOW``) at a time when it is daytime in most of the demo's
+zones, so the story's texts are not held back by quiet hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from reminders import clock, sms
+from reminders.config import load_config
+from reminders.demo import data, run
+from reminders.models import CANCELED, FAILED, SENT
+
+NOW = "2027-03-09T17:00:00Z"  # noon in New York, 9:00 in Los Angeles, 17:00 in London
+RULES = {"renewal-due", "refill-due", "bill-due", "duplicate-purchase", "order-follow-up"}
+FULL_NUMBER = re.compile(r"\+\d{10,}")
+FULL_EMAIL = re.compile(r"\b[a-z]+\.[a-z]+\d*@example\.com")
+
+
+@pytest.fixture
+def demo_now(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(clock.ENV, NOW)
+    return NOW
+
+
+@pytest.fixture
+def report(tmp_path: Path, demo_now: str) -> run.Report:
+    printed: list[str] = []
+    result = run.run(tmp_path / "demo", echo=printed.append)
+    result.printed = printed  # type: ignore[attr-defined]
+    return result
+
+
+def _by_id(report: run.Report) -> dict[int, dict]:
+    return {r["id"]: r for r in report.reminders}
+
+
+def test_the_demo_sends_every_kind_of_reminder_once(report: run.Report) -> None:
+    sent_rules = Counter(line["rule"] for line in report.sent)
+    assert set(sent_rules) == RULES
+    ids = [line["reminder_id"] for line in report.sent]
+    assert len(ids) == len(set(ids)), "a reminder was sent twice"
+    reminders = _by_id(report)
+    keys = [(line["rule"], reminders[line["reminder_id"]]["occurrence"]) for line in report.sent]
+    offsets = [(k, reminders[i]["offset"]) for k, i in zip(keys, ids, strict=True)]
+    assert len(offsets) == len(set(offsets))
+    # Every reminder the outbox has is recorded as sent, on the channel it went by, and back.
+    assert {r["id"] for r in report.reminders if r["status"] == SENT} == set(ids)
+    for line in report.sent:
+        assert reminders[line["reminder_id"]]["channel"] == line["channel"]
+        if line["channel"] == "sms":
+            info = sms.segments(line["body"])
+            assert (info.encoding, info.segments) == ("GSM-7", 1), line["body"]
+        else:
+            assert line["subject"] and line["body"].startswith("Hi ")
+
+
+def test_the_demo_shows_what_customers_did_meanwhile(report: run.Report) -> None:
+    story = report.generated.story
+    assert len(report.acts) == 4
+    sent_ids = {line["reminder_id"] for line in report.sent}
+    expected = {
+        ("renewal-due", f"{story.renews}:"),
+        ("refill-due", f"{story.refills}:"),
+        ("bill-due", str(story.pays)),
+        ("order-follow-up", str(story.calls_support)),
+    }
+    due = [r for r in report.reminders if r["planned_at"] <= report.now]
+    for rule, key in expected:
+        (row,) = [
+            r
+            for r in due
+            if r["rule"] == rule
+            and (r["occurrence"].startswith(key) if key.endswith(":") else r["occurrence"] == key)
+        ]
+        assert row["status"] == CANCELED and "check" in row["reason"], row
+        assert row["id"] not in sent_ids
+
+
+def test_the_demo_falls_back_and_fails_visibly(report: run.Report) -> None:
+    story = report.generated.story
+    due = [r for r in report.reminders if r["planned_at"] <= report.now]
+    (typo,) = [r for r in due if r["customer_id"] == str(story.invalid_phone)]
+    assert (typo["rule"], typo["status"], typo["channel"]) == ("refill-due", SENT, "email")
+    assert "not a valid number" in typo["reason"]
+    (nobody,) = [r for r in due if r["customer_id"] == str(story.no_contact)]
+    assert nobody["status"] == FAILED and "no usable channel" in nobody["reason"]
+
+
+def test_the_demo_tells_duplicates_from_purchases_made_on_purpose(report: run.Report) -> None:
+    story = report.generated.story
+    told = {int(r["occurrence"]) for r in report.reminders if r["rule"] == "duplicate-purchase"}
+    assert told == set(story.duplicates)
+    sent = {line["reminder_id"] for line in report.sent if line["rule"] == "duplicate-purchase"}
+    assert len(sent) == len(story.duplicates)
+    (owned_request, owned), (new_request, new) = report.checks
+    assert owned_request == {
+        "customer_id": story.checkout_owned[0],
+        "sku": story.checkout_owned[1],
+    }
+    assert owned["duplicate"] is True and "You already bought" in owned["message"]
+    assert new_request["sku"] == story.checkout_new[1] and new == {"duplicate": False}
+
+
+def test_the_demo_prints_its_story_with_masked_addresses(report: run.Report) -> None:
+    printed = "\n".join(report.printed)  # type: ignore[attr-defined]
+    for heading in ("SENT:", "NOT SENT", "SCHEDULED for the next 7 days", "CHECKOUT:"):
+        assert heading in printed
+    assert str(report.outbox) in printed
+    assert "provider: twilio" in printed and "provider: smtp" in printed
+    assert FULL_NUMBER.findall(printed) == []
+    assert FULL_EMAIL.findall(printed) == []
+    assert "+1******" in printed and "@example.com" in printed
+    # The story's acts, and each reason a reminder was not sent as planned, are in the printout.
+    for act in report.acts:
+        assert act in printed
+    assert "no usable channel" in printed and "not a valid number" in printed
+    assert re.search(r"Done in \d+\.\d s\.", printed)
+
+
+def test_the_demo_leaves_no_server_running(report: run.Report) -> None:
+    from reminders import redis_conn
+
+    server = redis_conn.embedded(load_config(report.config_path))
+    assert not server.running()
+
+
+def _demo(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, REMINDERS_NOW=NOW)
+    env.pop("REMINDERS_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-c", "from reminders.cli import main; main()", "demo", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _outbox(folder: Path) -> list[dict]:
+    with (folder / "outbox.jsonl").open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_the_command_runs_twice_with_fresh_data(tmp_path: Path) -> None:
+    first = _demo(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""
+    folder = tmp_path / "demo"
+    sent = _outbox(folder)
+    assert {line["rule"] for line in sent} == RULES
+    second = _demo(tmp_path)
+    assert second.returncode == 0, second.stderr
+    again = _outbox(folder)
+    # Fresh data, the same seed and clock: the same messages, not appended to the last run's.
+    assert [(m["rule"], m["to"], m["body"]) for m in again] == [
+        (m["rule"], m["to"], m["body"]) for m in sent
+    ]
+    strip = re.compile(r"Done in .*")
+    assert strip.sub("", second.stdout) == strip.sub("", first.stdout)
+
+
+def test_the_demo_keeps_edited_templates_until_reset(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    done = _demo(tmp_path, "--dir", "mine")
+    assert done.returncode == 0, done.stdout + done.stderr
+    template = folder / "templates" / "duplicate-purchase.email.j2"
+    template.write_text(
+        template.read_text().replace("You already own", "Bought twice? You already own")
+    )
+    done = _demo(tmp_path, "--dir", "mine")
+    assert done.returncode == 0, done.stdout + done.stderr
+    subjects = [m["subject"] for m in _outbox(folder) if m["rule"] == "duplicate-purchase"]
+    assert subjects and all(s.startswith("Bought twice? ") for s in subjects), done.stdout
+    done = _demo(tmp_path, "--dir", "mine", "--reset")
+    assert done.returncode == 0, done.stdout + done.stderr
+    subjects = [m["subject"] for m in _outbox(folder) if m["rule"] == "duplicate-purchase"]
+    assert subjects and all(s.startswith("You already own ") for s in subjects), done.stdout
+
+
+def test_the_demo_refuses_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
+    (tmp_path / "project").mkdir()
+    precious = tmp_path / "project" / "reminders.db"
+    precious.write_text("not the demo's")
+    result = _demo(tmp_path, "--dir", "project")
+    assert result.returncode == 2
+    assert "not a demo folder" in result.stderr
+    assert precious.read_text() == "not the demo's"
+
+
+def test_the_generator_dates_everything_relative_to_now(tmp_path: Path) -> None:
+    """Two clocks 30 days apart (no DST change between): the same business, dates moved alike."""
+    import sqlite3
+
+    first = data.generate(tmp_path / "a.db", clock.parse_instant(NOW))
+    later = data.generate(tmp_path / "b.db", clock.parse_instant("2027-02-07T17:00:00Z"))
+    assert first.counts == later.counts and first.story == later.story
+    a, b = sqlite3.connect(tmp_path / "a.db"), sqlite3.connect(tmp_path / "b.db")
+    for table, column in (("bills", "due_on"), ("subscriptions", "expires_on")):
+        query = f"SELECT julianday({column}) FROM {table} ORDER BY id"
+        shifts = {
+            round(y - x) for (x,), (y,) in zip(a.execute(query), b.execute(query), strict=True)
+        }
+        assert shifts == {-30}
+    phones = [p for (p,) in a.execute("SELECT phone FROM customers WHERE phone IS NOT NULL")]
+    assert len(phones) == len(set(phones))
+    assert sum(1 for p in phones if p == data.INVALID_PHONE) == 1
+    zones = {z for (z,) in a.execute("SELECT DISTINCT timezone FROM customers")}
+    assert len(zones - {None}) == len(data.ZONES) and None in zones
