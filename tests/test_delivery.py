@@ -392,3 +392,27 @@ def test_ops_retry_puts_failed_reminders_back_deliberately(shop: Shop) -> None:
     assert shop.status_of()[1]["status"] == "failed"
     unknown = shop.run("retry", "--rule", "nope", now=later)
     assert unknown.code == 2
+
+
+def test_rqs_own_worker_command_runs_the_jobs_with_the_settings_module(shop: Shop) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shop.prepare(3)
+    shop.ok("dispatch", now=SEND_AT)
+    repository = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, REMINDERS_CONFIG=str(shop.root / "config.yaml"), REMINDERS_NOW=SEND_AT)
+    command = [sys.executable, "-m", "rq.cli", "worker", "--burst", "-c", "workers.rq_settings"]
+    done = subprocess.run(
+        [*command, "-w", "reminders.jobs.DeliveryWorker"],
+        cwd=repository,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "reminders-sms" in done.stdout and "reminders-email" in done.stdout  # its queues
+    assert shop.statuses() == {"sent": 3}
