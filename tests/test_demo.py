@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from reminders import clock, sms
+from reminders import clock, phone, sms
 from reminders.config import load_config
 from reminders.demo import data, run
+from reminders.errors import PermanentError
 from reminders.models import CANCELED, FAILED, SENT
 
 NOW = "2027-03-09T17:00:00Z"  # noon in New York, 9:00 in Los Angeles, 17:00 in London
@@ -217,5 +218,10 @@ def test_the_generator_dates_everything_relative_to_now(tmp_path: Path) -> None:
     phones = [p for (p,) in a.execute("SELECT phone FROM customers WHERE phone IS NOT NULL")]
     assert len(phones) == len(set(phones))
     assert sum(1 for p in phones if p == data.INVALID_PHONE) == 1
+    for number in phones:  # fictional, yet valid to the SMS channel: all but the one typo
+        if number != data.INVALID_PHONE:
+            phone.normalize(number)
+    with pytest.raises(PermanentError):
+        phone.normalize(data.INVALID_PHONE)
     zones = {z for (z,) in a.execute("SELECT DISTINCT timezone FROM customers")}
     assert len(zones - {None}) == len(data.ZONES) and None in zones
