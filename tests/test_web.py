@@ -33,6 +33,7 @@ NOW = datetime(2027, 3, 10, 15, 0, tzinfo=UTC)
 PHONE = "+14155552671"
 OTHER_PHONE = "+14155550199"
 EMAIL = "jane.doe@example.com"
+REDIS_DB = 7  # this suite's own Redis database
 HELP = "Acme Pharmacy reminders. Questions: 555-0100. Reply STOP to opt out."
 
 RULES = """\
@@ -819,8 +820,9 @@ def test_a_json_body_on_a_webhook_is_refused(sqlite_web: Web) -> None:
 
 
 def test_health_reports_what_failed(
-    tmp_path: Path, web_env: None, monkeypatch: pytest.MonkeyPatch, redis_url: str
+    tmp_path: Path, web_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    redis_url = services.redis_url(REDIS_DB)  # only pinged: nothing is written to it
     dead = f"redis://127.0.0.1:{services.free_port()}/0"
     for web in _started(tmp_path, f"sqlite:///{tmp_path / 's.db'}", monkeypatch, redis_url=dead):
         reply = web.get("/healthz")
@@ -838,3 +840,24 @@ def test_health_reports_what_failed(
         reply = web.get("/healthz")
         assert reply.status_code == 503
         assert reply.json() == {"status": "unhealthy", "state_db": "unreachable", "redis": "ok"}
+
+
+# --- retries racing each other ------------------------------------------------------------------
+
+
+def test_the_same_webhook_arriving_many_times_at_once_acts_once(web: Web) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rid, sid = web.add_sent()
+    later = web.add_reminder(offset="0d", send_at=NOW + timedelta(days=3))
+    done_sid = web.sid()
+    with ThreadPoolExecutor(8) as pool:
+        dones = list(pool.map(lambda _: web.inbound("DONE", sid=done_sid), range(8)))
+        statuses = list(pool.map(lambda _: web.status(sid, "undelivered", "30005"), range(8)))
+    assert {r.status_code for r in dones} == {200}
+    assert all("<Message>Thanks!" in r.text for r in dones)
+    assert {r.status_code for r in statuses} == {204}
+    assert len(web.rows(models.inbound)) == 1
+    assert [e.to_status for e in web.events(later)] == ["canceled"]
+    assert [e.to_status for e in web.events(rid)] == ["pending"]
+    assert len(web.rows(models.optout)) == 1

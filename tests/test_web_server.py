@@ -18,7 +18,16 @@ from twilio.request_validator import RequestValidator
 
 from reminders import links, models, store
 from tests import services
-from tests.test_web import AUTH_TOKEN, NOW, PHONE, PUBLIC, SECRET, pref_token, write_config
+from tests.test_web import (
+    AUTH_TOKEN,
+    NOW,
+    PHONE,
+    PUBLIC,
+    REDIS_DB,
+    SECRET,
+    pref_token,
+    write_config,
+)
 
 REMINDERS = str(Path(sys.executable).with_name("reminders"))
 
@@ -42,7 +51,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def running(tmp_path: Path, redis_url: str) -> Iterator[Running]:
+def running(tmp_path: Path) -> Iterator[Running]:
+    redis_url = services.redis_url(REDIS_DB)  # only pinged by /healthz
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = write_config(tmp_path, state_url, redis_url=redis_url)
     store.upgrade(state_url)
