@@ -74,9 +74,14 @@ def status() -> Response:
     _verify()
     sid, state = _fields("MessageSid", "MessageStatus")
     code = request.form.get("ErrorCode") or None
+    state = state.strip().lower()
+    if state not in _FINAL:
+        # queued, sending, sent, ...: two of every message's three reports; nothing to record,
+        # so no transaction (on SQLite every write transaction takes the database's one lock).
+        return Response(status=204)
     app = engine()
     with app.state.begin() as conn:
-        outcome = apply_status(conn, app.ruleset, sid, state.strip().lower(), code, app.now())
+        outcome = apply_status(conn, app.ruleset, sid, state, code, app.now())
     log.info("status %s for %s: %s", state, sid, outcome)
     return Response(status=204)
 
