@@ -55,7 +55,7 @@ def sms(to: str = OK_NUMBER, reminder_id: int = 1, **extra: str) -> Message:
         channel="sms",
         to=to,
         body="Your Lisinopril runs out Friday. Reply DONE if refilled.",
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -145,7 +145,7 @@ def stub_channel(stub: TwilioStub, **kwargs: object) -> TwilioChannel:
     ],
 )
 def test_twilio_permanent_errors(
-    twilio_stub: TwilioStub, to: str, kind: type, code: str, opt_out: bool, words: str
+    twilio_stub: TwilioStub, to: str, kind: type[ChannelError], code: str, opt_out: bool, words: str
 ) -> None:
     with pytest.raises(kind) as caught:
         stub_channel(twilio_stub).send(sms(to=to))
