@@ -21,6 +21,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import codec, consent, links, phone, schedule
 from reminders.app import App
+from reminders.errors import PermanentError
 from reminders.models import OPEN, reminder
 from reminders.rules import Rule
 
@@ -178,7 +179,7 @@ def _address(app: App, rule: Rule, channel: str, data: dict[str, Any]) -> str | 
     if channel == "sms":
         try:
             return phone.normalize(str(raw), app.config.default_region)
-        except Exception:  # an unusable number: the worker reports it; the page just shows it
+        except PermanentError:  # an unusable number: the worker reports it; the page shows "off"
             return None
     return links.normalize_address(channel, str(raw))
 

@@ -73,7 +73,7 @@ def status() -> Response:
     """A delivery report: update the message and its reminder."""
     _verify()
     sid, state = _fields("MessageSid", "MessageStatus")
-    code = request.form.get("ErrorCode") or None
+    code = (request.form.get("ErrorCode") or "").strip()[:32] or None
     state = state.strip().lower()
     if state not in _FINAL:
         # queued, sending, sent, ...: two of every message's three reports; nothing to record,
