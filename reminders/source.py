@@ -50,7 +50,9 @@ def create_engine(url: str, statement_timeout: timedelta | None = None) -> Engin
             conn.execute("PRAGMA query_only=ON")
             return conn
 
-        return sa.create_engine("sqlite://", creator=connect)
+        # QueuePool, as for any SQLite file: the default for "sqlite://" (SingletonThreadPool)
+        # closes other threads' connections past 5 threads, in use or not (a segfault).
+        return sa.create_engine("sqlite://", creator=connect, poolclass=sa.pool.QueuePool)
     if backend == "postgresql":
         options = "-c default_transaction_read_only=on"
         if statement_timeout is not None:
