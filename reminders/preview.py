@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import clock, phone, sms, source
-from .delivery import address_for, render, template_context
+from .compose import address_for, render, template_context
 from .errors import PermanentError, TemplateError
 from .rules import Rule
 
@@ -154,7 +154,7 @@ def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
 
 def _check(app: Any, rule: Rule, values: dict[str, Any], now: Any) -> str:
     """What the rule's check query says now, in words."""
-    from .delivery import CheckFailed, CheckInvalid, run_check
+    from .compose import CheckFailed, CheckInvalid, run_check
 
     try:
         with app.business.connect() as conn:

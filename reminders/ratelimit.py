@@ -16,11 +16,18 @@ a short horizon ahead (``max_wait``), so an idle worker never hoards the future.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
 KEY_PREFIX = "reminders:rate:"
+WAVE_SECONDS = 0.05  # slots this close together go out in one call of the sender
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # KEYS[1]: the sender's key. ARGV: slots wanted, seconds per slot, the longest wait granted.
 # Returns {granted, wait in microseconds before the first granted slot, Redis' now in
@@ -98,3 +105,42 @@ class RateLimiter:
     def reset(self) -> None:
         """Forget the schedule (tests, or ops after changing the rate)."""
         self.connection.delete(self.key)
+
+
+def paced(
+    send_many: Callable[[list[Item]], list[Result]],
+    items: Sequence[Item],
+    limiter: RateLimiter,
+    concurrency: int,
+) -> list[Result]:
+    """Send ``items`` through ``send_many``, each no earlier than its reserved slot.
+
+    The slots of ``WAVE_SECONDS`` go out in one call, at the first one's time (a wave is at most
+    ``rate * WAVE_SECONDS`` messages, so no second holds more than ``rate`` plus one wave); calls
+    overlap on up to ``concurrency`` threads, so a provider answering in 100 ms does not stretch
+    the slots apart. Returns the results in the items' order.
+    """
+    futures: list[tuple[int, Future[list[Result]]]] = []
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="paced") as pool:
+        position = 0
+        while position < len(items):
+            reservation = limiter.reserve(len(items) - position)
+            started = time.monotonic()
+            offsets = reservation.offsets()
+            per_wave = max(1, int(WAVE_SECONDS * 1_000_000) // limiter.interval_us)
+            first = 0
+            while first < len(offsets):
+                last = min(first + per_wave, len(offsets))
+                delay = started + offsets[first] - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                wave = list(items[position + first : position + last])
+                futures.append((position + first, pool.submit(send_many, wave)))
+                first = last
+            position += reservation.count
+    results: list[Result | None] = [None] * len(items)
+    for start, future in futures:
+        for offset, result in enumerate(future.result()):
+            results[start + offset] = result
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]

@@ -152,3 +152,19 @@ def test_a_rate_limited_sender_sends_everything_through_the_shared_limit(shop: S
     conn = redis.Redis.from_url(shop.redis_url)
     assert conn.exists("reminders:rate:sms:+15005550006")
     conn.close()
+
+
+def test_paced_sending_keeps_order_and_sends_slots_in_small_waves(delivery_redis: str) -> None:
+    from reminders.ratelimit import paced
+
+    limiter = RateLimiter(redis.Redis.from_url(delivery_redis), "sms:z", rate=100)
+    calls: list[list[int]] = []
+
+    def send_many(batch: list[int]) -> list[str]:
+        calls.append(batch)
+        return [f"sent-{n}" for n in batch]
+
+    results = paced(send_many, list(range(30)), limiter, concurrency=4)
+    assert results == [f"sent-{n}" for n in range(30)]
+    assert sorted(n for call in calls for n in call) == list(range(30))
+    assert max(len(call) for call in calls) <= 5  # 100 a second: 5 slots in 50 ms
