@@ -54,7 +54,7 @@ from .compose import (
     template_context,
 )
 from .config import Config
-from .errors import ChannelError, InputError, PermanentError, TemplateError
+from .errors import ChannelError, InputError, PermanentError, RuntimeFailure, TemplateError
 from .models import (
     CANCELED,
     FAILED,
@@ -283,7 +283,7 @@ class Delivery:
                     decided = self._decide(channel, row, rule, values, candidates, view, now)
                     if isinstance(decided, _Ready) and rule.check:
                         if business is None:
-                            business = self.app.business.connect()
+                            business = self._business()
                         if not run_check(business, rule, values, now, config):
                             decided = _Change(
                                 row["id"],
@@ -311,6 +311,14 @@ class Delivery:
             if business is not None:
                 business.close()
         return changes, ready
+
+    def _business(self) -> Connection:
+        """A connection to the business DB for check queries; unreachable is transient."""
+        try:
+            return self.app.business.connect()
+        except (sa.exc.DBAPIError, RuntimeFailure) as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise CheckFailed(f"business DB unreachable: {detail}") from None
 
     def _decide(
         self,
@@ -540,7 +548,8 @@ class Delivery:
                         "reason": str(result),
                     }
                 )
-            why = f"{item.channel} failed: {result}"
+            earlier = f"{row['reason']}; then " if item.index and row["reason"] else ""
+            why = f"{earlier}{item.channel} failed: {result}"
             has_next = item.index + 1 < len(item.rule.channels)
             if has_next and schedule.within_grace(row["send_at"], now, item.rule.grace):
                 following = item.rule.channels[item.index + 1]

@@ -31,7 +31,7 @@ from . import redis_conn, store
 from .config import Config
 from .errors import ServiceUnavailable
 from .models import FAILED, PENDING, QUEUED, SENDING, reminder
-from .rules import RuleSet
+from .rules import Rule, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,18 @@ class DispatchCounts:
         return {"enqueued": self.enqueued, "requeued": self.requeued, "jobs": self.jobs}
 
 
-def _channel_of(ruleset: RuleSet, config: Config, rule: str, index: int) -> str:
+def _channel_of(rules: dict[str, Rule], config: Config, rule: str, index: int) -> str:
     """The queue a reminder goes to: its rule's channel at ``index``.
 
     A reminder whose rule is gone or whose index is past the rule's channels still goes to a
     queue: the worker records why it cannot be sent, so nothing stays pending without a reason.
     """
-    for candidate in ruleset.rules:
-        if candidate.name == rule:
-            if 0 <= index < len(candidate.channels):
-                return candidate.channels[index]
-            return candidate.channels[-1]
-    return config.channel_names[0]
+    found = rules.get(rule)
+    if found is None:
+        return config.channel_names[0]
+    if 0 <= index < len(found.channels):
+        return found.channels[index]
+    return found.channels[-1]
 
 
 class Dispatcher:
@@ -108,6 +108,7 @@ class Dispatcher:
         self.ruleset = ruleset
         self.state = state
         self.connection = connection
+        self._rules = {rule.name: rule for rule in ruleset.rules}
         self._queues: dict[str, Queue] = {}
 
     def queue(self, channel: str) -> Queue:
@@ -169,26 +170,33 @@ class Dispatcher:
         Only reminders queued at least ``requeue_after`` ago (engine clock) are looked at. Their
         job is lost when Redis no longer has it, when it ended (failed, stopped, canceled, or
         finished without claiming them), or when it was started by a worker that no longer
-        exists. A job still waiting in its queue is left alone: it will run.
+        exists. A job still waiting in its queue is left alone: it will run. The jobs are looked
+        up once each (a backlog of queued reminders is a few jobs per thousand).
         """
         r = reminder
         cutoff = now - self.config.requeue_after
         with self.state.connect() as conn:
-            rows = conn.execute(
-                sa.select(r.c.id, r.c.rule, r.c.channel_index, r.c.job_id).where(
-                    r.c.status == QUEUED, r.c.queued_at <= cutoff
+            jobs = [
+                row.job_id
+                for row in conn.execute(
+                    sa.select(r.c.job_id)
+                    .where(r.c.status == QUEUED, r.c.queued_at <= cutoff)
+                    .group_by(r.c.job_id)
                 )
-            ).all()
-        if not rows:
+            ]
+        if not jobs:
             return
-        by_job: dict[str | None, list[Any]] = defaultdict(list)
-        for row in rows:
-            by_job[row.job_id].append(row)
-        lost = self._lost_jobs([j for j in by_job if j])
-        if None in by_job:
-            lost[None] = "no job id"
+        lost = self._lost_jobs([j for j in jobs if j])
+        if None in jobs:
+            lost[None] = "is unknown"
         for job_id, why in lost.items():
-            batch = by_job[job_id]
+            job_filter = r.c.job_id.is_(None) if job_id is None else r.c.job_id == job_id
+            with self.state.connect() as conn:
+                batch = conn.execute(
+                    sa.select(r.c.id, r.c.rule, r.c.channel_index).where(
+                        r.c.status == QUEUED, job_filter
+                    )
+                ).all()
             self._enqueue(
                 [(row.id, row.rule, row.channel_index) for row in batch],
                 now,
@@ -252,7 +260,7 @@ class Dispatcher:
         """Mark reminders queued under new job ids, commit, then push the jobs to Redis."""
         by_channel: dict[str, list[int]] = defaultdict(list)
         for rid, rule, index in items:
-            by_channel[_channel_of(self.ruleset, self.config, rule, index)].append(rid)
+            by_channel[_channel_of(self._rules, self.config, rule, index)].append(rid)
         jobs: list[tuple[str, str, list[int]]] = []
         r = reminder
         with self.state.begin() as conn:

@@ -416,3 +416,40 @@ def test_rqs_own_worker_command_runs_the_jobs_with_the_settings_module(shop: Sho
     assert done.returncode == 0, done.stderr
     assert "reminders-sms" in done.stdout and "reminders-email" in done.stdout  # its queues
     assert shop.statuses() == {"sent": 3}
+
+
+CHECKED = RULES.replace(
+    "    template: refill-due\n",
+    "    template: refill-due\n"
+    "    check: SELECT 1 FROM prescriptions WHERE id = :rx_id AND refills_left > 0\n",
+)
+
+
+def test_an_unreachable_business_db_at_check_time_is_retried_later(shop: Shop) -> None:
+    shop.configure(rules=CHECKED)
+    shop.prepare(2)
+    shop.ok("dispatch", now=SEND_AT)
+    moved = shop.root / "business.db.away"
+    shop.close()  # let go of the test's own connections before the file goes
+    (shop.root / "business.db").rename(moved)
+    shop.worker()
+    rows = shop.status_of()
+    assert {r["status"] for r in rows.values()} == {"pending"}
+    assert "check query failed: business DB unreachable" in rows[1]["reason"]
+    assert rows[1]["attempts"] == 1
+    moved.rename(shop.root / "business.db")
+    later = "2027-03-10T15:02:00Z"
+    shop.ok("dispatch", now=later)
+    shop.worker(now=later)
+    assert shop.statuses() == {"sent": 2}
+
+
+def test_a_fallback_that_fails_too_keeps_both_reasons(shop: Shop) -> None:
+    shop.prepare(1, phone="+15005550001")  # Twilio's magic invalid number: 21211
+    shop.smtp.mailbox.always_refuse["p1@example.com"] = "550 5.1.1 No such user"
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    row = shop.status_of()[1]
+    assert row["status"] == "failed" and row["channel"] == "email"
+    assert row["reason"].startswith("sms failed: Twilio 21211")
+    assert "; then email failed: SMTP 550" in row["reason"]
