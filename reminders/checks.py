@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
@@ -251,6 +252,18 @@ def check_engine(url: str, timeout: timedelta) -> Engine:
     return engine
 
 
+_urls: dict[tuple[str, Path], str] = {}
+
+
+def _source_url(config: Config) -> str:
+    """``config.source_url``, resolved once (it parses the URL: a few % of a check's time)."""
+    key = (config.source.url, config.root)
+    url = _urls.get(key)
+    if url is None:
+        url = _urls[key] = config.source_url
+    return url
+
+
 def _create_engine(url: str, timeout: timedelta) -> Engine:
     # Built on source.create_engine, so a check is read-only exactly as a rule's query is.
     engine = source.create_engine(url, timeout)
@@ -388,6 +401,7 @@ def _message(app: App, check: CheckRule, params: dict, row: dict, now: datetime)
         "now": now,
         "customer": {"locale": row.get("locale"), "timezone": row.get("timezone")},
         "default_timezone": config.timezone,
+        "default_locale": "en_US",  # the renderer's own fall-back, named so it is parsed once
         **row,
     }
     return str(app.renderer.render_check(check.message, context))
@@ -409,7 +423,7 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     for key, value in _engine_params(check, app, now):
         bound.setdefault(key, value)
     try:
-        engine = check_engine(app.config.source_url, check.timeout)
+        engine = check_engine(_source_url(app.config), check.timeout)
         dialect = engine.dialect.name
         row = _first_row(engine, check, {k: _bind(v, dialect) for k, v in bound.items()})
     except _Timeout as exc:

@@ -79,10 +79,6 @@ def serve(shop: Shop) -> Iterator[Server]:
 
     app = App(shop.config_path)
     flask_app = create_app(app)
-    if "checks" not in flask_app.blueprints:  # TEMPORARY until create_app registers it
-        from reminders.web.checks import blueprint
-
-        flask_app.register_blueprint(blueprint(app))
     port = services.free_port()
     server = make_server("127.0.0.1", port, flask_app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -369,3 +365,43 @@ def test_many_concurrent_checkouts_get_their_own_answers(sqlite_server: Server) 
         results = [w for ws in pool.map(client, range(12)) for w in ws]
     assert len(results) == 240
     assert not any(results)
+
+
+def test_served_by_gunicorn_through_reminders_web(tmp_path: Path, web_env: None) -> None:
+    """The production server (``reminders web``: gunicorn, forked gthread workers) answers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shop = build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}")
+    command = str(Path(sys.executable).with_name("reminders"))
+    config = ["-c", str(shop.config_path)]
+    subprocess.run([command, *config, "db", "upgrade"], check=True, capture_output=True)
+    port = services.free_port()
+    proc = subprocess.Popen(
+        [command, *config, "web", "--port", str(port), "--workers", "2", "--threads", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not services.port_open("127.0.0.1", port, 0.2):
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.1)
+        server = Server(port, shop.app())
+        for _ in range(4):  # both workers, whichever takes the connection
+            assert server.check("already-owned", OWNED).body["match"]["order_id"] == 101
+            assert server.check("already-owned", {"customer_id": 7, "sku": "B02"}).body == {
+                "duplicate": False
+            }
+            assert server.check("slow", {"customer_id": 7}).body["status"] == "unknown"
+        assert server.check("already-owned", OWNED, key="wrong").status == 401
+        assert server.check("already-owned", {"customer_id": 7}).status == 422
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode()
+    assert "SIGSEGV" not in output
+    assert "Traceback" not in output
