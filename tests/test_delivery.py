@@ -453,3 +453,49 @@ def test_a_fallback_that_fails_too_keeps_both_reasons(shop: Shop) -> None:
     assert row["status"] == "failed" and row["channel"] == "email"
     assert row["reason"].startswith("sms failed: Twilio 21211")
     assert "; then email failed: SMTP 550" in row["reason"]
+
+
+def test_a_worker_with_a_broken_channel_config_stops_at_start(shop: Shop) -> None:
+    shop.prepare(1)
+    text = shop.read("config.yaml").replace(f"api_url: {shop.stub.url}", "api_url: ftp://nowhere")
+    shop.write("config.yaml", text)
+    result = shop.run("worker", "--burst", now=SEND_AT)
+    assert result.code == 2
+    assert "api_url must be an http(s) URL" in result.err
+
+
+def test_links_and_status_callbacks_need_the_secret_and_nothing_is_lost_meanwhile(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop.configure(extra="web:\n  public_url: https://reminders.example.com\n")
+    shop.write(
+        "templates/refill-due.email.j2",
+        "{% block subject %}Refill{% endblock %}\n"
+        "{% block text %}Stop: {{ unsubscribe_url }} Prefs: {{ preferences_url }}{% endblock %}\n",
+    )
+    shop.prepare(2, phone=lambda i: None if i == 2 else f"+1212555{i:04d}")
+    monkeypatch.delenv("REMINDERS_SECRET", raising=False)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()  # the job fails on the missing secret: loudly, and the reminders stay queued
+    assert shop.statuses() == {"queued": 2}
+    assert shop.stub.received == {}
+    monkeypatch.setenv("REMINDERS_SECRET", "s" * 32)
+    later = "2027-03-10T15:05:00Z"
+    again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
+    assert again["requeued"] == 2
+    shop.worker(now=later)
+    assert shop.statuses() == {"sent": 2}
+    form = shop.stub.forms[0]
+    assert form["StatusCallback"] == "https://reminders.example.com/webhooks/twilio/status"
+    (mail,) = shop.smtp.mailbox.messages
+    header = mail.message["List-Unsubscribe"]
+    assert header.startswith("<https://reminders.example.com/unsubscribe/")
+    assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    text = mail.message.get_body(("plain",)).get_content()
+    assert "Stop: https://reminders.example.com/unsubscribe/" in text
+    assert "Prefs: https://reminders.example.com/preferences/" in text
+    from reminders import links
+
+    token = header.strip("<>").rsplit("/", 1)[1]
+    found = links.read_unsubscribe(token, now=links.clock.parse_instant(later))
+    assert (found.customer_id, found.channel, found.address) == ("2", "email", "p2@example.com")
