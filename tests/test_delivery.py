@@ -499,3 +499,21 @@ def test_links_and_status_callbacks_need_the_secret_and_nothing_is_lost_meanwhil
     token = header.strip("<>").rsplit("/", 1)[1]
     found = links.read_unsubscribe(token, now=links.clock.parse_instant(later))
     assert (found.customer_id, found.channel, found.address) == ("2", "email", "p2@example.com")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "low", "high"),
+    [(1, 5, 10), (2, 10, 20), (3, 20, 40), (4, 30, 60), (9, 30, 60)],  # backoff 10s, cap 1m
+)
+def test_backoff_doubles_up_to_the_cap_with_jitter(
+    shop: Shop, attempt: int, low: float, high: float
+) -> None:
+    import random
+
+    from reminders.app import App
+    from reminders.delivery import backoff
+
+    config = App(shop.root / "config.yaml").config
+    draws = [backoff(config, attempt, random.Random(seed)).total_seconds() for seed in range(200)]
+    assert all(low <= d <= high for d in draws)
+    assert max(draws) - min(draws) > (high - low) / 2  # spread out, not all alike
