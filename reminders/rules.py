@@ -462,6 +462,22 @@ _SIMPLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _sandbox = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
+def key_columns(source: str) -> tuple[list[str], list[str]] | None:
+    """The literal texts and column names of a simple occurrence template, else None.
+
+    ``"{{ rx_id }}:{{ runs_out_on }}"`` is ``(["", ":", ""], ["rx_id", "runs_out_on"])``: the key
+    is the literals with each column's text between them. A template with anything more than
+    ``{{ column }}`` pieces (filters, expressions, tags) is not simple.
+    """
+    if "{%" in source or "{#" in source:
+        return None
+    pieces = _SIMPLE.split(source)
+    literals = pieces[0::2]
+    if len(pieces) < 2 or any("{{" in p or "}}" in p for p in literals):
+        return None
+    return literals, pieces[1::2]
+
+
 def compile_key(source: str) -> Callable[[Mapping[str, Any]], str]:
     """Compile an occurrence template into a function of the row.
 
@@ -469,24 +485,21 @@ def compile_key(source: str) -> Callable[[Mapping[str, Any]], str]:
     directly, without Jinja, because the scan calls this for every row; anything else runs in
     Jinja's sandbox. A missing column raises ``KeyError``.
     """
-    if "{%" not in source and "{#" not in source:
-        pieces = _SIMPLE.split(source)
-        literal_only = all("{{" not in p and "}}" not in p for p in pieces[0::2])
-        if literal_only and len(pieces) > 1:
-            literals = pieces[0::2]
-            names = pieces[1::2]
+    simple = key_columns(source)
+    if simple is not None:
+        literals, names = simple
 
-            def fast(row: Mapping[str, Any]) -> str:
-                out = [literals[0]]
-                for name, literal in zip(names, literals[1:], strict=True):
-                    value = row[name]
-                    if value is None:
-                        raise KeyError(name)
-                    out.append(str(value))
-                    out.append(literal)
-                return "".join(out)
+        def fast(row: Mapping[str, Any]) -> str:
+            out = [literals[0]]
+            for name, literal in zip(names, literals[1:], strict=True):
+                value = row[name]
+                if value is None:
+                    raise KeyError(name)
+                out.append(str(value))
+                out.append(literal)
+            return "".join(out)
 
-            return fast
+        return fast
     try:
         template = _sandbox.from_string(source)
     except TemplateSyntaxError as exc:

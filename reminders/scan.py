@@ -13,11 +13,14 @@ recomputed, so an unchanged rescan reads, hashes and compares, and writes nothin
 from __future__ import annotations
 
 import hashlib
+import json
+import sqlite3
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from itertools import compress
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,7 +31,7 @@ from . import codec, schedule, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
-from .rules import Rule, compile_key
+from .rules import Rule, compile_key, key_columns
 
 BATCH = 5000
 MAX_RECORDED_SKIPS = 1000
@@ -38,7 +41,9 @@ Progress = Callable[[int], None]
 
 @dataclass
 class ScanCounts:
-    """What one rule's scan did."""
+    """What one rule's scan did: rows read, and reminders created, moved, canceled, found
+    unchanged, or left out as too late. Reminders past grace are out of a scan's reach and are
+    not counted (an unchanged rescan reports every reminder still to come as unchanged)."""
 
     rule: str
     rows: int = 0
@@ -117,16 +122,67 @@ class Planner:
         self.earliest = now - rule.grace
         self.recurrence = rrulestr(rule.recurrence) if rule.recurrence else None
         self._max_offset = max((self._span(o) for o in rule.offsets), default=timedelta(0))
+        self._id_column = self.columns["id"]
+        self._due_column = rule.due
+        # The digest of a row covers the rule and config that decide its schedule, then the row.
+        self._hasher = hashlib.blake2b(self.fingerprint, digest_size=12)
 
-    @staticmethod
-    def _span(offset: schedule.Offset) -> timedelta:
-        per = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 31 * 86400, "y": 366 * 86400}
-        return timedelta(seconds=abs(offset.amount) * per[offset.unit])
+    def bind(self, keys: Sequence[str]) -> None:
+        """Prepare :meth:`identify` for rows as tuples of the columns ``keys``, in that order."""
+        self.keys = list(keys)
+        index = {name: i for i, name in enumerate(self.keys)}
+        self._id_index = index.get(self._id_column, -1)
+        simple = key_columns(self.rule.occurrence)
+        if simple is None:
+            names = self.keys
+            key = self.key
+            self._key_of: Callable[[Sequence[Any]], str] = lambda row: key(
+                dict(zip(names, row, strict=True))
+            )
+            return
+        literals, columns = simple
+        missing = [c for c in columns if c not in index]
+        if missing:
 
-    def identity(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
-        """(occurrence key, customer id, row digest) of a row; raises RowError."""
+            def absent(_row: Sequence[Any]) -> str:
+                raise KeyError(missing[0])
+
+            self._key_of = absent
+        elif literals == ["", ""]:
+            (at,) = (index[c] for c in columns)
+            column = columns[0]
+
+            def one(row: Sequence[Any]) -> str:
+                value = row[at]
+                if value is None:
+                    raise KeyError(column)
+                return str(value)
+
+            self._key_of = one
+        else:
+            positions = [(index[c], c) for c in columns]
+
+            def several(row: Sequence[Any]) -> str:
+                out = [literals[0]]
+                for (at, column), literal in zip(positions, literals[1:], strict=True):
+                    value = row[at]
+                    if value is None:
+                        raise KeyError(column)
+                    out.append(str(value))
+                    out.append(literal)
+                return "".join(out)
+
+            self._key_of = several
+
+    def identify(self, row: Sequence[Any]) -> tuple[str, str, bytes]:
+        """(occurrence key, customer id, raw digest) of a row given as a tuple (see :meth:`bind`).
+
+        Raises RowError when the row has no occurrence key or no customer. The digest covers
+        the rule's schedule settings and every value of the row with its type, so an unchanged
+        digest means an unchanged row: a rescan skips it without computing anything else.
+        """
         try:
-            occurrence = self.key(row)
+            occurrence = self._key_of(row)
         except KeyError as exc:
             name = exc.args[0] if exc.args else None
             raise RowError(name, f"no occurrence key: column {name} is missing or empty") from None
@@ -136,18 +192,48 @@ class Planner:
             raise RowError(None, "no occurrence key: the occurrence template gave an empty text")
         if len(occurrence) > 200:
             raise RowError(None, "the occurrence key is longer than 200 characters")
-        id_column = self.columns["id"]
-        customer = row.get(id_column)
+        customer = row[self._id_index] if self._id_index >= 0 else None
         if customer is None or customer == "":
-            raise RowError(id_column, f"no customer id: column {id_column} is missing or empty")
-        data = codec.dumps(dict(row))
-        digest = hashlib.blake2b(self.fingerprint + data.encode(), digest_size=12).hexdigest()
-        return occurrence, str(customer), digest
+            column = self._id_column
+            raise RowError(column, f"no customer id: column {column} is missing or empty")
+        # repr of the values is several times cheaper than JSON and as exact for what databases
+        # return (str, numbers, dates, Decimal, bytes, UUID); a value whose repr is its address
+        # would differ every scan, so such a row is digested as typed JSON instead.
+        text = repr(tuple(row))
+        if " at 0x" in text:
+            text = codec.dumps(dict(zip(self.keys, row, strict=True)))
+        hasher = self._hasher.copy()
+        hasher.update(text.encode())
+        return occurrence, str(customer), hasher.digest()
+
+    @staticmethod
+    def _span(offset: schedule.Offset) -> timedelta:
+        per = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 31 * 86400, "y": 366 * 86400}
+        return timedelta(seconds=abs(offset.amount) * per[offset.unit])
+
+    def identity(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
+        """(occurrence key, customer id, row digest) of a row given as a mapping.
+
+        The same key and digest as :meth:`identify` gives the row as a tuple; raises RowError.
+        """
+        keys = list(row)
+        if getattr(self, "keys", None) != keys:
+            self.bind(keys)
+        occurrence, customer, digest = self.identify(tuple(row.values()))
+        return occurrence, customer, digest.hex()
 
     def plan(
-        self, row: Mapping[str, Any], occurrence: str, customer: str, digest: str
+        self,
+        row: Mapping[str, Any],
+        occurrence: str,
+        customer: str,
+        digest: str,
     ) -> tuple[list[Planned], int]:
-        """The reminders a row asks for, and how many were left out as already too late."""
+        """The reminders a row asks for, and how many were left out as already too late.
+
+        The row's values are kept as typed JSON, the due value parsed (ISO text from SQLite
+        becomes a date or datetime, so a template formats it as one).
+        """
         rule = self.rule
         due = parse_due(row.get(rule.due), rule.due)
         tz_column = self.columns["timezone"]
@@ -161,9 +247,7 @@ class Planner:
                 ) from None
         else:
             tz = self.default_tz
-        values = dict(row)
-        values[rule.due] = due
-        data = codec.dumps(values)
+        data = codec.dumps({**row, rule.due: due})
         dues: Iterable[tuple[str, date | datetime]]
         if self.recurrence is None:
             dues = ((occurrence, due),)
@@ -200,28 +284,87 @@ class Planner:
             yield f"{occurrence}@{when.isoformat()}", when
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True
-    )
+def _prefix64(digest: bytes) -> int:
+    """The first 8 bytes of a row digest as an unsigned 64-bit number."""
+    return int.from_bytes(digest[:8], "big")
 
 
-class _Seen:
-    """The occurrence keys a scan saw, as sorted 64-bit digests (8 bytes a key, not a str set)."""
+class _Known:
+    """What the state DB held for a rule when its scan began, compactly: 24 bytes a reminder.
+
+    Every reminder of the rule whose planned time is within grace (the only ones a scan may
+    change), as sorted 64-bit hashes of its occurrence (Python's own ``hash``, salted per process:
+    fine, this lives for one scan) with the first 8 bytes of its row digest and its id. A scan
+    marks what its rows name; the open reminders left unmarked at the end have vanished. A row
+    whose digest matches every reminder of its occurrence here is unchanged, with no query.
+    """
+
+    UNCHANGED, CHANGED, ABSENT = 0, 1, 2
 
     def __init__(self) -> None:
-        self.values = array("q")
+        self.keys = array("q")
+        self.digests = array("Q")
+        self.ids = array("q")
+        self.open = bytearray()
+        self.seen = bytearray()
 
-    def add(self, key: str) -> None:
-        self.values.append(_hash64(key))
+    @classmethod
+    def load(cls, conn: Connection, rule: Rule, earliest: datetime) -> _Known:
+        found = cls()
+        keys, digests, ids, open_ = array("q"), array("Q"), array("q"), bytearray()
+        recurring = rule.recurrence is not None
+        query = sa.select(
+            reminder.c.id, reminder.c.occurrence, reminder.c.row_hash, reminder.c.status
+        ).where(reminder.c.rule == rule.name, reminder.c.planned_at >= earliest)
+        result = conn.execute(query.execution_options(yield_per=20_000))
+        for part in result.partitions(20_000):
+            for rid, occurrence, row_hash, status in part:
+                keys.append(hash(occurrence.rsplit("@", 1)[0] if recurring else occurrence))
+                try:  # the digest's first 16 hex digits; anything else never matches a row
+                    digests.append(int(row_hash[:16], 16))
+                except ValueError:
+                    digests.append(0)
+                ids.append(rid)
+                open_.append(status in OPEN)
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        found.keys = array("q", (keys[i] for i in order))
+        found.digests = array("Q", (digests[i] for i in order))
+        found.ids = array("q", (ids[i] for i in order))
+        found.open = bytearray(open_[i] for i in order)
+        found.seen = bytearray(len(order))
+        return found
 
-    def freeze(self) -> None:
-        self.values = array("q", sorted(self.values))
+    def __len__(self) -> int:
+        return len(self.keys)
 
-    def __contains__(self, key: str) -> bool:
-        h = _hash64(key)
-        i = bisect_left(self.values, h)
-        return i < len(self.values) and self.values[i] == h
+    def match(self, occurrence: str, digest: bytes) -> tuple[int, int]:
+        """Mark the occurrence seen; (UNCHANGED, reminders) when all have this digest, else
+        (CHANGED, n) or (ABSENT, 0)."""
+        key = hash(occurrence)
+        keys = self.keys
+        i = bisect_left(keys, key)
+        if i == len(keys) or keys[i] != key:
+            return self.ABSENT, 0
+        wanted = _prefix64(digest)
+        same = True
+        n = 0
+        while i < len(keys) and keys[i] == key:
+            self.seen[i] = 1
+            same = same and self.digests[i] == wanted
+            i += 1
+            n += 1
+        return (self.UNCHANGED if same else self.CHANGED), n
+
+    def vanished(self) -> list[int]:
+        """Ids of the open reminders no row named."""
+        size = len(self.open)
+        if not size:
+            return []
+        # open and not seen, byte by byte, by big-int arithmetic in C rather than a Python loop
+        mask = int.from_bytes(self.open, "big") & ~int.from_bytes(self.seen, "big")
+        if not mask:
+            return []
+        return list(compress(self.ids, mask.to_bytes(size, "big")))
 
 
 def scan_rule(
@@ -241,21 +384,30 @@ def scan_rule(
         assert inserted is not None
         run_id = inserted[0]
     planner = Planner(rule, config, now)
-    seen = _Seen()
     try:
         with state.connect() as conn, store.rule_lock(conn, rule.name):
+            with conn.begin():
+                known = _Known.load(conn, rule, planner.earliest)
+                # A rule with no reminders at all (its first scan) needs no lookups per batch.
+                fresh = not known and (
+                    conn.execute(
+                        sa.select(reminder.c.id).where(reminder.c.rule == rule.name).limit(1)
+                    ).first()
+                    is None
+                )
             params = _query_params(rule.query, now, config)
             number = 0
-            for batch in source.stream(business, rule.query, params, what=f"rule {rule.name}"):
-                if number == 0 and batch:
-                    _check_columns(rule, batch[0])
+            batches = source.stream_rows(business, rule.query, params, what=f"rule {rule.name}")
+            for keys, rows in batches:
+                if number == 0:
+                    _check_columns(rule, keys)
+                    planner.bind(keys)
                 with conn.begin():
-                    number = _apply_batch(conn, planner, batch, number, counts, seen, now)
+                    number = _apply_batch(conn, planner, rows, number, counts, known, fresh, now)
                 if progress:
-                    progress(len(batch))
-            seen.freeze()
+                    progress(len(rows))
             with conn.begin():
-                counts.canceled += _cancel_vanished(conn, rule, seen, now)
+                counts.canceled += _cancel_vanished(conn, known.vanished(), planner.earliest, now)
     except RemindersError as exc:
         counts.error = str(exc)
     except sa.exc.SQLAlchemyError as exc:
@@ -310,12 +462,12 @@ def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
     return {k: v for k, v in available.items() if k in wanted}
 
 
-def _check_columns(rule: Rule, row: Mapping[str, Any]) -> None:
-    missing = [c for c in (rule.due, rule.columns["id"]) if c not in row]
+def _check_columns(rule: Rule, keys: Sequence[str]) -> None:
+    missing = [c for c in (rule.due, rule.columns["id"]) if c not in keys]
     if missing:
         raise SourceError(
             f"rule {rule.name} ({rule.file}:{rule.line}): the query returns no column "
-            f"{', '.join(missing)} (it returns: {', '.join(row.keys())})"
+            f"{', '.join(missing)} (it returns: {', '.join(keys)})"
         )
 
 
@@ -328,40 +480,58 @@ def _skip(counts: ScanCounts, number: int, occurrence: str | None, error: RowErr
 def _apply_batch(
     conn: Connection,
     planner: Planner,
-    rows: list[Mapping[str, Any]],
+    rows: Sequence[Sequence[Any]],
     number: int,
     counts: ScanCounts,
-    seen: _Seen,
+    known: _Known,
+    fresh: bool,
     now: datetime,
 ) -> int:
     rule = planner.rule
-    identified: list[tuple[int, Mapping[str, Any], str, str, str]] = []
+    recurring = rule.recurrence is not None
+    # Rows to plan: (row number, row, occurrence, customer, digest as hex).
+    changed: list[tuple[int, Sequence[Any], str, str, str]] = []  # reminders within grace
+    absent: list[tuple[int, Sequence[Any], str, str, str]] = []  # none within grace
     for row in rows:
         number += 1
-        counts.rows += 1
         try:
-            occurrence, customer, digest = planner.identity(row)
+            occurrence, customer, raw = planner.identify(row)
         except RowError as exc:
             _skip(counts, number, None, exc)
             continue
-        seen.add(occurrence)
-        identified.append((number, row, occurrence, customer, digest))
-    existing = _existing(conn, rule, [item[2] for item in identified])
+        found, n = known.match(occurrence, raw)
+        if found == _Known.UNCHANGED and not recurring:  # recurring dates come and go: plan
+            counts.unchanged += n
+            continue
+        item = (number, row, occurrence, customer, raw.hex())
+        (absent if found == _Known.ABSENT else changed).append(item)
+    counts.rows += len(rows)
+    if absent and not fresh and not recurring:
+        # Reminders past grace are not known: a row whose reminders all are may be unchanged.
+        stored = _stored_digests(conn, rule, [item[2] for item in absent])
+        new = []
+        for item in absent:
+            kept = stored.get(item[2])
+            if kept is None:
+                new.append(item)
+            elif kept != item[4]:
+                changed.append(item)
+            # else: unchanged, and its reminders are past grace, out of the scan's reach
+        absent = new
+    # Absent rows need no lookup: what they plan is inserted, and an insert that meets an
+    # existing (past grace) reminder is skipped, which is what a scan does with those.
+    existing = _existing(conn, rule, [item[2] for item in changed])
+    identified = sorted(changed + absent, key=lambda item: item[0])
     inserts: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
     refreshes: list[dict[str, Any]] = []
     cancels: list[dict[str, Any]] = []
-    for row_number, row, occurrence, customer, digest in identified:
+    earliest = planner.earliest
+    for row_number, values, occurrence, customer, digest in identified:
         have = existing.get(occurrence, {})
-        if (
-            have
-            and rule.recurrence is None
-            and all(r["row_hash"] == digest for r in have[occurrence].values())
-        ):
-            counts.unchanged += len(have[occurrence])
-            continue
+        mapping = dict(zip(planner.keys, values, strict=True))
         try:
-            planned, late = planner.plan(row, occurrence, customer, digest)
+            planned, late = planner.plan(mapping, occurrence, customer, digest)
         except RowError as exc:
             _skip(counts, row_number, occurrence, exc)
             continue
@@ -386,39 +556,39 @@ def _apply_batch(
                         "updated_at": now,
                     }
                 )
-            elif current["status"] not in OPEN or current["planned_at"] < planner.earliest:
+            elif current.status not in OPEN or current.planned_at < earliest:
                 continue  # sent, final, or past grace: scans leave it alone
-            elif current["planned_at"] != p.planned_at:
+            elif current.planned_at != p.planned_at:
                 moves.append(
                     {
-                        "rid": current["id"],
+                        "rid": current.id,
                         "planned": p.planned_at,
                         "data": p.data,
                         "hash": p.row_hash,
                         "now": now,
-                        "old": current["status"],
+                        "old": current.status,
                     }
                 )
             else:
-                refreshes.append({"rid": current["id"], "data": p.data, "hash": p.row_hash})
+                refreshes.append({"rid": current.id, "data": p.data, "hash": p.row_hash})
         for key, by_offset in have.items():
             for offset, current in by_offset.items():
                 if (
                     (key, offset) not in wanted
-                    and current["status"] in OPEN
-                    and (current["planned_at"] >= planner.earliest)
+                    and current.status in OPEN
+                    and current.planned_at >= earliest
                 ):
                     cancels.append(
                         {
-                            "rid": current["id"],
+                            "rid": current.id,
                             "now": now,
-                            "old": current["status"],
+                            "old": current.status,
                             "why": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
     counts.created += store.insert_ignoring_conflicts(conn, reminder, inserts)
     if moves:
-        result = conn.execute(
+        conn.execute(
             reminder.update()
             .where(reminder.c.id == sa.bindparam("rid"), _STILL_OPEN)
             .values(
@@ -434,7 +604,6 @@ def _apply_batch(
             moves,
         )
         counts.moved += len(moves)
-        del result
         store.record(
             conn, [(m["rid"], m["old"], PENDING, "moved: the due date changed") for m in moves], now
         )
@@ -480,29 +649,64 @@ _EXISTING_COLUMNS = (
     reminder.c.row_hash,
 )
 
+# Keys a query looks up at once: a scan batch (source.stream's 2000) in one statement.
+_LOOKUP = 5000
+# SQLite has JSON built in from 3.38 (and Python's builds had the JSON1 extension long before).
+_SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
 
-Existing = dict[str, dict[str, dict[str, dict[str, Any]]]]
+
+def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
+    """``occurrence IN keys`` as one parameter: a statement prepared once, not thousands of
+    placeholders for SQLAlchemy to expand and the driver to parse for every batch."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        param = sa.bindparam("keys", keys, type_=ARRAY(sa.String()))
+        return reminder.c.occurrence == sa.any_(param)
+    if conn.dialect.name == "sqlite" and _SQLITE_JSON:
+        listed = sa.func.json_each(sa.bindparam("keys", json.dumps(keys))).table_valued("value")
+        return reminder.c.occurrence.in_(sa.select(listed.c.value))
+    return reminder.c.occurrence.in_(keys)
 
 
-def _existing(conn: Connection, rule: Rule, keys: list[str]) -> Existing:
-    """Existing reminders of these occurrences: occurrence -> key -> offset -> columns.
+def _stored_digests(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, str]:
+    """Occurrence -> its reminders' row digest, for those of ``keys`` that have reminders.
+
+    An occurrence whose reminders disagree gets an empty digest, so it never looks unchanged.
+    """
+    found: dict[str, str] = {}
+    for start in range(0, len(keys), _LOOKUP):
+        chunk = keys[start : start + _LOOKUP]
+        query = sa.select(reminder.c.occurrence, reminder.c.row_hash).where(
+            reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
+        )
+        for occurrence, digest in conn.execute(query).all():
+            known = found.get(occurrence)
+            found[occurrence] = digest if known is None or known == digest else ""
+    return found
+
+
+Existing = dict[str, dict[str, Any]]  # key -> offset -> row (id, occurrence, ..., row_hash)
+
+
+def _existing(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, Existing]:
+    """Existing reminders of these occurrences: occurrence -> key -> offset -> row.
 
     For a recurring rule the stored keys are ``occurrence@date``, grouped under the occurrence.
     """
-    found: Existing = {}
+    found: dict[str, Existing] = {}
     if not keys:
         return found
     if rule.recurrence is None:
-        for start in range(0, len(keys), 900):
-            chunk = keys[start : start + 900]
+        for start in range(0, len(keys), _LOOKUP):
+            chunk = keys[start : start + _LOOKUP]
             rows = conn.execute(
                 sa.select(*_EXISTING_COLUMNS).where(
-                    reminder.c.rule == rule.name, reminder.c.occurrence.in_(chunk)
+                    reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
                 )
-            ).mappings()
+            )
             for r in rows:
-                key = r["occurrence"]
-                found.setdefault(key, {}).setdefault(key, {})[r["offset"]] = dict(r)
+                found.setdefault(r.occurrence, {}).setdefault(r.occurrence, {})[r.offset] = r
         return found
     for base in keys:
         rows = conn.execute(
@@ -510,9 +714,9 @@ def _existing(conn: Connection, rule: Rule, keys: list[str]) -> Existing:
                 reminder.c.rule == rule.name,
                 reminder.c.occurrence.like(f"{_escape(base)}@%", escape="\\"),
             )
-        ).mappings()
+        )
         for r in rows:
-            found.setdefault(base, {}).setdefault(r["occurrence"], {})[r["offset"]] = dict(r)
+            found.setdefault(base, {}).setdefault(r.occurrence, {})[r.offset] = r
     return found
 
 
@@ -520,23 +724,22 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _cancel_vanished(conn: Connection, rule: Rule, seen: _Seen, now: datetime) -> int:
-    """Cancel open reminders whose occurrence the query no longer returns (within grace)."""
-    earliest = now - rule.grace
-    rows = conn.execute(
-        sa.select(reminder.c.id, reminder.c.occurrence, reminder.c.status).where(
-            reminder.c.rule == rule.name,
+def _cancel_vanished(conn: Connection, ids: list[int], earliest: datetime, now: datetime) -> int:
+    """Cancel the reminders ``ids`` (whose occurrences no row named) that are still open and
+    within grace: the state DB is asked again, so what changed meanwhile is left alone."""
+    why = "canceled: the occurrence is no longer returned by the rule's query"
+    cancels = []
+    for start in range(0, len(ids), _LOOKUP):
+        chunk = ids[start : start + _LOOKUP]
+        query = sa.select(reminder.c.id, reminder.c.status).where(
+            reminder.c.id.in_(chunk),
             reminder.c.status.in_(OPEN),
             reminder.c.planned_at >= earliest,
         )
-    ).all()
-    why = "canceled: the occurrence is no longer returned by the rule's query"
-    cancels = []
-    for rid, occurrence, status in rows:
-        base = occurrence.rsplit("@", 1)[0] if rule.recurrence else occurrence
-        if base not in seen:
+        for rid, status in conn.execute(query).all():
             cancels.append({"rid": rid, "now": now, "old": status, "why": why})
     if cancels:
+        cancels.sort(key=lambda c: c["rid"])
         _cancel(conn, cancels)
     return len(cancels)
 

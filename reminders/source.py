@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -86,18 +86,32 @@ def parameters(sql: str) -> set[str]:
 
 def stream(
     engine: Engine, sql: str, params: Mapping[str, Any], *, what: str, batch: int = 2000
-) -> Iterator[list[Mapping[str, Any]]]:
-    """Run one read-only query and yield its rows in batches of mappings (column -> value).
+) -> Iterator[list[dict[str, Any]]]:
+    """Run one read-only query and yield its rows in batches of dicts (column -> value).
 
-    ``what`` names the query in errors ("rule refill-due"). A database error becomes a
-    :class:`SourceError` with the database's own message.
+    Each row is a fresh dict the caller may change. ``what`` names the query in errors
+    ("rule refill-due"). A database error becomes a :class:`SourceError` with the database's own
+    message.
+    """
+    for keys, rows in stream_rows(engine, sql, params, what=what, batch=batch):
+        yield [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def stream_rows(
+    engine: Engine, sql: str, params: Mapping[str, Any], *, what: str, batch: int = 2000
+) -> Iterator[tuple[list[str], Sequence[Sequence[Any]]]]:
+    """Like :func:`stream`, rows as tuples: yields (column names, a batch of rows).
+
+    The scan reads millions of rows and builds a dict only for the few that changed.
     """
     try:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(
                 sa.text(sql), dict(params)
             )
-            yield from result.mappings().partitions(batch)  # type: ignore[misc]
+            keys = list(result.keys())
+            for rows in result.partitions(batch):
+                yield keys, rows
     except sa.exc.DBAPIError as exc:
         message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():

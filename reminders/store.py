@@ -8,9 +8,11 @@ takes a per-rule advisory lock for a scan.
 from __future__ import annotations
 
 import hashlib
+import json
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,16 +149,99 @@ def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict
     if not rows:
         return 0
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return _pg_insert_ignoring_conflicts(conn, table, rows)
+    if conn.dialect.name == "sqlite":
+        return _sqlite_insert_ignoring_conflicts(conn, table, rows)
+    stmt = sa.insert(table).prefix_with("IGNORE")  # MySQL
+    return max(conn.execute(stmt, rows).rowcount, 0)
 
-        # psycopg reports no rowcount for an executemany (-1): count the rows RETURNING gives
-        # back instead, one per row actually inserted (SQLAlchemy batches them as multi-row
-        # VALUES, "insertmanyvalues").
-        key = next(iter(table.primary_key.columns))
-        stmt: Any = pg_insert(table).on_conflict_do_nothing().returning(key)
-        return len(conn.execute(stmt, rows).all())
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    stmt = sqlite_insert(table).on_conflict_do_nothing()
-    result = conn.execute(stmt, rows)
-    return max(result.rowcount, 0)
+_MISSING = object()
+
+
+def _sqlite_insert_ignoring_conflicts(
+    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+) -> int:
+    """SQLite: one prepared INSERT run for every row by the driver (executemany, in C).
+
+    The rows all have the keys of the first. Each column's own bind processing (UTC datetimes
+    to SQLite's text) is SQLAlchemy's, applied once per distinct value: a scan's rows share few
+    send times and one ``now``, and converting every value of every row costs more than the
+    insert itself.
+    """
+    dialect = conn.dialect
+    quote = dialect.identifier_preparer.quote
+    names = list(rows[0])
+    processors = [table.c[name].type.bind_processor(dialect) for name in names]
+    processed: list[tuple[int, Any, dict[Any, Any]]] = [
+        (i, p, {}) for i, p in enumerate(processors) if p is not None
+    ]
+    values = operator.itemgetter(*names)
+    params = []
+    for row in rows:
+        got = values(row)
+        record = list(got) if len(names) > 1 else [got]
+        for index, process, cache in processed:
+            value = record[index]
+            try:
+                done = cache.get(value, _MISSING)
+                if done is _MISSING:
+                    done = cache[value] = process(value)
+            except TypeError:  # unhashable: not cached
+                done = process(value)
+            except ValueError as exc:  # a refused value (a naive datetime), as SQLAlchemy says
+                raise sa.exc.StatementError(str(exc), str(table), None, exc) from None
+            record[index] = done
+        params.append(tuple(record))
+    sql = (
+        f"INSERT INTO {dialect.identifier_preparer.format_table(table)} "
+        f"({', '.join(quote(n) for n in names)}) VALUES ({', '.join('?' * len(names))}) "
+        "ON CONFLICT DO NOTHING"
+    )
+    return max(conn.exec_driver_sql(sql, params).rowcount, 0)
+
+
+def _pg_insert_ignoring_conflicts(
+    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+) -> int:
+    """PostgreSQL: every row in one statement, the rows as one JSON parameter.
+
+    The rows all have the keys of the first. ``json_populate_recordset`` types each value by its
+    column. A multi-row VALUES (SQLAlchemy's executemany on psycopg) sends thousands of
+    placeholders that the driver parses for each batch, array parameters are escaped element by
+    element in Python, and psycopg reports no rowcount for an executemany; here the statement
+    stays short, the batch is encoded by the C JSON encoder, and the count of rows actually
+    inserted comes back from the server.
+    """
+    dialect = conn.dialect
+    names = list(rows[0])
+    decorated: list[tuple[str, Any, dict[Any, Any]]] = []
+    for name in names:
+        kind = table.c[name].type
+        if isinstance(kind, sa.types.TypeDecorator):
+            decorated.append((name, kind.process_bind_param, {}))
+    records = []
+    for row in rows:
+        record = dict(row)
+        for name, process, cache in decorated:
+            value = record[name]
+            done = cache.get(value, _MISSING)
+            if done is _MISSING:
+                try:
+                    done = process(value, dialect)
+                except ValueError as exc:  # a refused value (a naive datetime)
+                    raise sa.exc.StatementError(str(exc), str(table), None, exc) from None
+                if isinstance(done, datetime | date):
+                    done = done.isoformat()
+                cache[value] = done
+            record[name] = done
+        records.append(record)
+    quoted = ", ".join(dialect.identifier_preparer.quote(n) for n in names)
+    target = dialect.identifier_preparer.format_table(table)
+    sql = (
+        f"WITH new AS (INSERT INTO {target} ({quoted}) SELECT {quoted} "
+        f"FROM json_populate_recordset(CAST(NULL AS {target}), CAST(:rows AS json)) "
+        "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new"
+    )
+    payload = json.dumps(records, separators=(",", ":"), default=str)
+    return int(conn.execute(sa.text(sql), {"rows": payload}).scalar_one())

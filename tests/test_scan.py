@@ -149,13 +149,15 @@ def test_two_scans_at_once_create_no_duplicates(project: Project) -> None:
     results = [json.loads(out) for out, _ in outputs]
     assert sum(r["created"] for r in results) == 2 * rows
     assert all(r["rows"] == rows and r["error"] is None for r in results)
-    assert sum(r["created"] + r["unchanged"] for r in results) == 2 * 2 * rows
+    assert all(r["created"] + r["unchanged"] <= 2 * rows for r in results)
     reminders = project.reminders()
     assert len(reminders) == 2 * rows
     assert len({(r["occurrence"], r["offset"]) for r in reminders}) == 2 * rows
     assert {r["status"] for r in reminders} == {"pending"}
     assert project.events() == []
     assert [r["status"] for r in project.scan_runs()] == ["done", "done"]
+    after = counts(project)  # and the state they left is whole: a rescan finds it all in line
+    assert (after["created"], after["unchanged"]) == (0, 2 * rows)
 
 
 # --- moves, new occurrences, vanished rows --------------------------------------------------------
@@ -674,3 +676,63 @@ def test_the_engine_parameters_now_and_today(project: Project) -> None:
     project.ok("db", "upgrade")
     assert counts(project)["rows"] == 3
     assert counts(project, now="2027-03-21T12:00:00Z")["rows"] == 1  # only rx 3 (Mar 25)
+
+
+# --- what a rescan compares ---------------------------------------------------------------------
+
+
+def test_a_row_whose_reminders_are_all_past_grace_stays_unchanged(scanned: Project) -> None:
+    # On 2027-03-19 rx 1's reminders (Mar 14 and 17) and rx 2's -3d (Mar 17) are past grace:
+    # out of the scan's reach, so not counted; the 3 still to come are unchanged.
+    later = "2027-03-19T12:00:00Z"
+    assert counts(scanned, now=later) == {
+        "rows": 3,
+        "created": 0,
+        "moved": 0,
+        "canceled": 0,
+        "unchanged": 3,
+        "skipped": 0,
+        "too_late": 0,
+    }
+    # Changed after its reminders went by: nothing to move, nothing new (the keys exist).
+    scanned.sql(
+        "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-21")}
+    )
+    result = counts(scanned, now=later)
+    assert (result["created"], result["moved"], result["canceled"]) == (0, 0, 0)
+    assert send_times(scanned)[("1", "-3d")] == ("pending", "2027-03-14T14:00:00Z")
+    assert scanned.events() == []
+
+
+def test_an_occurrence_template_with_an_expression(project: Project) -> None:
+    _rules(project, '"{{ rx_id }}"', "\"{{ 'rx-' ~ rx_id ~ '-' ~ drug_name|lower }}\"")
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 6
+    assert ("rx-2-metformin", "0d") in project.by_key()
+    assert counts(project)["unchanged"] == 6
+    project.sql("UPDATE prescriptions SET drug_name = 'Metformin XR' WHERE id = 2")
+    result = counts(project)
+    assert (result["created"], result["canceled"]) == (2, 2)
+    assert send_times(project)[("rx-2-metformin", "0d")][0] == "canceled"
+
+
+def test_an_occurrence_column_the_query_does_not_return_skips_every_row(lite: Project) -> None:
+    _rules(lite, '"{{ rx_id }}"', '"{{ rx_id }}:{{ refill_number }}"')
+    lite.ok("db", "upgrade")
+    result = counts(lite)
+    assert (result["rows"], result["skipped"], result["created"]) == (3, 3, 0)
+    assert {s["reason"] for s in lite.skipped()} == {
+        "no occurrence key: column refill_number is missing or empty"
+    }
+
+
+def test_a_row_returned_twice_makes_one_set_of_reminders(lite: Project) -> None:
+    _rules(
+        lite,
+        "ORDER BY rx.id",
+        "UNION ALL SELECT 1, 'Lisinopril', '2027-03-17', 1, 'Ann', NULL, NULL, NULL",
+    )
+    lite.ok("db", "upgrade")
+    assert counts(lite)["created"] == 6
+    assert counts(lite)["created"] == 0
+    assert len(lite.reminders()) == 6
