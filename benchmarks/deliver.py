@@ -161,6 +161,15 @@ def build(folder: Path, n: int, due: datetime, args: argparse.Namespace, stub_ur
     return folder / "config.yaml"
 
 
+def reset_state(url: str) -> None:
+    """Drop the engine's tables from a state DB given with --state-url (each run starts empty)."""
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    models.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {models.VERSION_TABLE}"))
+    engine.dispose()
+
+
 def reminders(config: Path, *args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [*COMMAND, "-c", str(config), *args],
@@ -180,6 +189,7 @@ def reminders(config: Path, *args: str, env: dict[str, str] | None = None) -> st
 @dataclass
 class Workers:
     processes: list[subprocess.Popen[bytes]]
+    cpu: float = 0.0
 
     @classmethod
     def start(cls, config: Path, count: int, connection: redis.Redis, log: Path) -> Workers:
@@ -206,14 +216,16 @@ class Workers:
         return cls(processes)
 
     def stop(self) -> list[float]:
-        """SIGTERM (a warm shutdown), then each worker's peak RSS in MB."""
+        """SIGTERM (a warm shutdown), then each worker's peak RSS in MB (``cpu``: CPU seconds)."""
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         peaks = []
+        self.cpu = 0.0
         for process in self.processes:
             _pid, _status, usage = os.wait4(process.pid, 0)
             process.returncode = 0
             peaks.append(usage.ru_maxrss / 1024)  # KB on Linux
+            self.cpu += usage.ru_utime + usage.ru_stime
         return peaks
 
 
@@ -255,6 +267,8 @@ def deliveries(latency_ms: float, args: argparse.Namespace, log: Path, with_base
         due = (datetime.now(UTC) + lead).replace(microsecond=0) + timedelta(seconds=1)
         config = build(folder, args.n, due, args, stub.url)
         env = {k: v for k, v in os.environ.items() if k != "REMINDERS_NOW"}
+        if args.state_url:
+            reset_state(args.state_url)
         reminders(config, "db", "upgrade", env=env)
         reminders(config, "scan", env=env)
         from reminders.app import App
@@ -305,6 +319,7 @@ def deliveries(latency_ms: float, args: argparse.Namespace, log: Path, with_base
             "p50": statistics.median(lateness),
             "p99": lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))],
             "rss": rss,
+            "cpu_ms": workers.cpu * 1000 / max(1, counts.enqueued),
             "statuses": statuses,
             "provider": stubbed,
             "baseline": base,
@@ -322,7 +337,10 @@ def report(result: dict) -> None:
         f"{result['messages_per_s']:.0f} messages/s; lateness p50 {result['p50']:.2f} s, "
         f"p99 {result['p99']:.2f} s; peak RSS per worker {rss} MB"
     )
-    print(f"    statuses {result['statuses']}, provider {result['provider']}")
+    print(
+        f"    statuses {result['statuses']}, provider {result['provider']}; workers' CPU "
+        f"{result['cpu_ms']:.2f} ms a message"
+    )
     base = result["baseline"]
     if base:
         ratio = result["messages_per_s"] / base["jobs_per_s"]
