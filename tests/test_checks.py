@@ -589,3 +589,34 @@ def test_the_command_line_exits_2_on_bad_parameters(sqlite_shop: Shop) -> None:
     done = _reminders(sqlite_shop, "nope")
     assert done.returncode == 2
     assert 'no check named "nope"' in done.stderr
+
+
+# --- the reminder that follows a duplicate that went through anyway -------------------------------
+
+
+def test_a_duplicate_that_went_through_gets_its_notice_from_the_same_definition(
+    shop: Shop, redis_url: str
+) -> None:
+    """The check and the bought-twice rule read one view (owned): what the checkout calls a
+    duplicate is what the notice is sent about. Customer 9 bought Dune again (order 106)."""
+    config = shop.config_path.read_text() + f"redis:\n  url: {redis_url}\n"
+    shop.config_path.write_text(config)
+    match = run_check(shop.app(), "already-owned", {"customer_id": 9, "sku": "B02"})["match"]
+    assert (match["order_id"], match["title"]) == (105, "Dune (e-book)")
+    command = str(Path(sys.executable).with_name("reminders"))
+    # links in the message (unsubscribe) are signed: web.public_url is set
+    env = dict(os.environ, REMINDERS_NOW=NOW, REMINDERS_SECRET="s" * 40)
+    for step in (["db", "upgrade"], ["scan"], ["dispatch"], ["worker", "--burst"]):
+        done = subprocess.run(
+            [command, "-c", str(shop.config_path), *step],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, (step, done.stdout, done.stderr)
+    sent = [json.loads(line) for line in (shop.root / "outbox.jsonl").read_text().splitlines()]
+    assert [(m["rule"], m["to"], m["subject"]) for m in sent] == [
+        ("bought-twice", "c9@example.com", "You bought Dune (e-book) twice")
+    ]
+    assert "order 106" in sent[0]["body"]
