@@ -16,7 +16,6 @@ import hashlib
 import json
 import sqlite3
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -284,19 +283,29 @@ class Planner:
             yield f"{occurrence}@{when.isoformat()}", when
 
 
+def _hex64(prefix: str | None) -> int:
+    """A stored digest's first 16 hex digits as a number (0, never a row's, when not hex)."""
+    try:
+        return int(prefix or "", 16)
+    except ValueError:
+        return 0
+
+
 def _prefix64(digest: bytes) -> int:
     """The first 8 bytes of a row digest as an unsigned 64-bit number."""
     return int.from_bytes(digest[:8], "big")
 
 
 class _Known:
-    """What the state DB held for a rule when its scan began, compactly: 24 bytes a reminder.
+    """The open reminders of a rule within grace when its scan began (the only ones a scan may
+    move or cancel), compactly.
 
-    Every reminder of the rule whose planned time is within grace (the only ones a scan may
-    change), as sorted 64-bit hashes of its occurrence (Python's own ``hash``, salted per process:
-    fine, this lives for one scan) with the first 8 bytes of its row digest and its id. A scan
-    marks what its rows name; the open reminders left unmarked at the end have vanished. A row
-    whose digest matches every reminder of its occurrence here is unchanged, with no query.
+    Per reminder, in arrays: a 64-bit hash of its occurrence (Python's own ``hash``, salted per
+    process: fine, this lives for one scan; for a recurring rule, of the occurrence before its
+    ``@date``), the first 8 bytes of its row digest, and its id. The rows come ordered by
+    occurrence, so a key's reminders are neighbours and a dict finds the first of them. A scan
+    marks what its rows name; the reminders left unmarked at the end have vanished. A row whose
+    digest matches every reminder of its occurrence here is unchanged, with no query.
     """
 
     UNCHANGED, CHANGED, ABSENT = 0, 1, 2
@@ -305,33 +314,40 @@ class _Known:
         self.keys = array("q")
         self.digests = array("Q")
         self.ids = array("q")
-        self.open = bytearray()
         self.seen = bytearray()
+        self.first: dict[int, int] = {}
 
     @classmethod
     def load(cls, conn: Connection, rule: Rule, earliest: datetime) -> _Known:
         found = cls()
-        keys, digests, ids, open_ = array("q"), array("Q"), array("q"), bytearray()
+        order: Any = reminder.c.occurrence
+        if conn.dialect.name == "postgresql":
+            order = order.collate("C")  # byte order: the keys with one prefix are neighbours
+        prefix = sa.func.substr(reminder.c.row_hash, 1, 16)
+        query = (
+            sa.select(reminder.c.id, reminder.c.occurrence, prefix)
+            .where(
+                reminder.c.rule == rule.name,
+                reminder.c.status.in_(OPEN),
+                reminder.c.planned_at >= earliest,
+            )
+            .order_by(order)
+        )
+        if conn.dialect.name != "sqlite":  # a server-side cursor; SQLite's reads as it goes
+            query = query.execution_options(yield_per=20_000)
         recurring = rule.recurrence is not None
-        query = sa.select(
-            reminder.c.id, reminder.c.occurrence, reminder.c.row_hash, reminder.c.status
-        ).where(reminder.c.rule == rule.name, reminder.c.planned_at >= earliest)
-        result = conn.execute(query.execution_options(yield_per=20_000))
-        for part in result.partitions(20_000):
-            for rid, occurrence, row_hash, status in part:
-                keys.append(hash(occurrence.rsplit("@", 1)[0] if recurring else occurrence))
-                try:  # the digest's first 16 hex digits; anything else never matches a row
-                    digests.append(int(row_hash[:16], 16))
-                except ValueError:
-                    digests.append(0)
-                ids.append(rid)
-                open_.append(status in OPEN)
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        found.keys = array("q", (keys[i] for i in order))
-        found.digests = array("Q", (digests[i] for i in order))
-        found.ids = array("q", (ids[i] for i in order))
-        found.open = bytearray(open_[i] for i in order)
-        found.seen = bytearray(len(order))
+        for part in source.batches(conn.execute(query), 20_000):
+            ids, occurrences, prefixes = zip(*part, strict=True)
+            if recurring:
+                occurrences = tuple(o.rsplit("@", 1)[0] for o in occurrences)
+            # Whole slices at a time through C loops (map), not a Python loop per reminder.
+            found.keys.extend(map(hash, occurrences))
+            found.digests.extend(map(_hex64, prefixes))
+            found.ids.extend(ids)
+        size = len(found.keys)
+        found.seen = bytearray(size)
+        # The first index of each key: built backwards so the first one written last wins.
+        found.first = dict(zip(reversed(found.keys), range(size - 1, -1, -1), strict=True))
         return found
 
     def __len__(self) -> int:
@@ -341,30 +357,29 @@ class _Known:
         """Mark the occurrence seen; (UNCHANGED, reminders) when all have this digest, else
         (CHANGED, n) or (ABSENT, 0)."""
         key = hash(occurrence)
-        keys = self.keys
-        i = bisect_left(keys, key)
-        if i == len(keys) or keys[i] != key:
+        i = self.first.get(key)
+        if i is None:
             return self.ABSENT, 0
+        keys, digests, seen = self.keys, self.digests, self.seen
         wanted = _prefix64(digest)
         same = True
         n = 0
-        while i < len(keys) and keys[i] == key:
-            self.seen[i] = 1
-            same = same and self.digests[i] == wanted
+        size = len(keys)
+        while i < size and keys[i] == key:
+            seen[i] = 1
+            same = same and digests[i] == wanted
             i += 1
             n += 1
         return (self.UNCHANGED if same else self.CHANGED), n
 
     def vanished(self) -> list[int]:
-        """Ids of the open reminders no row named."""
-        size = len(self.open)
-        if not size:
-            return []
-        # open and not seen, byte by byte, by big-int arithmetic in C rather than a Python loop
-        mask = int.from_bytes(self.open, "big") & ~int.from_bytes(self.seen, "big")
-        if not mask:
-            return []
-        return list(compress(self.ids, mask.to_bytes(size, "big")))
+        """Ids of the reminders no row named."""
+        # 0 -> 1 and 1 -> 0 for every byte at once, then the ids where the result is 1
+        unseen = self.seen.translate(_FLIP)
+        return list(compress(self.ids, unseen))
+
+
+_FLIP = bytes([1, 0]) + bytes(254)
 
 
 def scan_rule(

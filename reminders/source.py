@@ -106,11 +106,11 @@ def stream_rows(
     """
     try:
         with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=batch).execute(
-                sa.text(sql), dict(params)
-            )
+            if engine.dialect.name != "sqlite":  # SQLite has no server-side cursors to ask for
+                conn = conn.execution_options(stream_results=True, yield_per=batch)
+            result = conn.execute(sa.text(sql), dict(params))
             keys = list(result.keys())
-            for rows in result.partitions(batch):
+            for rows in batches(result, batch):
                 yield keys, rows
     except sa.exc.DBAPIError as exc:
         message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
@@ -121,6 +121,28 @@ def stream_rows(
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
         raise SourceError(f"{what}: {exc.orig or exc}") from None
+
+
+def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequence[Any]]]:
+    """A result's rows, ``size`` at a time, for reading millions of them.
+
+    On SQLite straight from the driver's cursor as plain tuples: making SQLAlchemy's rows costs
+    more than the query itself, and SQLite's results are never prefetched or typed by
+    SQLAlchemy for text queries and plain columns. Elsewhere SQLAlchemy's own partitions (a
+    server-side cursor's result holds a prefetched row).
+    """
+    from sqlalchemy.engine.cursor import CursorFetchStrategy
+
+    # Only a plain fetch strategy leaves every row in the cursor (a buffered one has read ahead).
+    if result.dialect.name != "sqlite" or type(result.cursor_strategy) is not CursorFetchStrategy:
+        yield from result.partitions(size)
+        return
+    cursor = result.cursor
+    try:
+        while rows := cursor.fetchmany(size):
+            yield rows
+    finally:
+        result.close()
 
 
 def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -> list[str]:
