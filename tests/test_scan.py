@@ -736,3 +736,17 @@ def test_a_row_returned_twice_makes_one_set_of_reminders(lite: Project) -> None:
     assert counts(lite)["created"] == 6
     assert counts(lite)["created"] == 0
     assert len(lite.reminders()) == 6
+
+
+def test_a_reminder_whose_stored_digest_is_not_ours_is_refreshed(scanned: Project) -> None:
+    with scanned.state.begin() as conn:
+        conn.execute(
+            models.reminder.update()
+            .where(models.reminder.c.occurrence == "1")
+            .values(row_hash="from an older version")
+        )
+    result = counts(scanned)
+    assert (result["unchanged"], result["moved"], result["created"]) == (6, 0, 0)
+    digests = {r["row_hash"] for r in scanned.reminders()}
+    assert len(digests) == 3 and all(len(d) == 24 and int(d, 16) >= 0 for d in digests)
+    assert counts(scanned)["unchanged"] == 6
