@@ -12,12 +12,13 @@ For every reminder of the batch that still carries the job's id:
 3. **claim**: ``queued -> sending`` in one conditional update (``status = 'queued' AND job_id =
    this job``), just before calling the provider, so a second worker or a second copy of the job
    gets nothing; a worker that dies after this leaves ``sending``, which ops see (``status``) and
-   resend only on purpose (``reminders retry``);
+   resend only on purpose (``reminders retry``); the frequency caps are counted in the claim's
+   transaction, and what they do not allow is deferred instead (:mod:`reminders.caps`);
 4. **send** (``Channel.send_many``: requests in flight together; paced by the sender's rate limit);
 5. **record**: ``sent`` with a ``message`` row; a transient error goes back to ``pending`` with
    exponential backoff and jitter until ``retries.max_attempts``, then ``failed``; a permanent one
    falls back to the rule's next channel while within grace (back to ``pending``, reason kept),
-   else ``failed``; Twilio 21610 also records the opt-out.
+   else ``failed`` (:mod:`reminders.fallback`); Twilio 21610 also records the opt-out.
 
 Every status change is conditional on the state the worker saw, and is recorded with its reason.
 A reminder moved to another channel (a skipped channel, a fallback) is enqueued on that channel's
@@ -39,7 +40,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import clock, codec, consent, phone, schedule, store
+from . import caps, clock, codec, consent, fallback, phone, schedule, store
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
@@ -364,7 +365,7 @@ class Delivery:
                 kind="moved",
                 enqueue=True,
             )
-        quiet = self.config.quiet_hours(name)
+        quiet = rule.quiet_window(self.config, name)  # the rule's own, else the channel's
         if quiet is not None:
             zone = customer_zone(self.config, customer_of(rule, values))
             until = schedule.quiet_until(now, zone, quiet)
@@ -446,6 +447,11 @@ class Delivery:
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
         with self.app.state.begin() as conn:
+            # Frequency caps are counted and claimed in one transaction (see caps.lock).
+            batch = [(item.row, item.rule) for item in chunk]
+            held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
+            counts.deferred += len(held)
+            by_id = {rid: item for rid, item in by_id.items() if rid not in held}
             won = {
                 row.id
                 for row in conn.execute(
@@ -501,6 +507,7 @@ class Delivery:
         sent: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
         other: list[tuple[_Ready, _Change]] = []
+        dead: list[tuple[_Ready, str, dict[str, Any]]] = []  # permanent errors: fall back
         optouts: list[dict[str, Any]] = []
         for item, result in zip(items, results, strict=True):
             row = item.row
@@ -550,20 +557,7 @@ class Delivery:
                 )
             earlier = f"{row['reason']}; then " if item.index and row["reason"] else ""
             why = f"{earlier}{item.channel} failed: {result}"
-            has_next = item.index + 1 < len(item.rule.channels)
-            if has_next and schedule.within_grace(row["send_at"], now, item.rule.grace):
-                following = item.rule.channels[item.index + 1]
-                change = _Change(
-                    row["id"],
-                    PENDING,
-                    f"{why}; trying {following}",
-                    {**attempts, "channel_index": item.index + 1, "channel": following},
-                    kind="moved",
-                    enqueue=True,
-                )
-            else:
-                change = _Change(row["id"], FAILED, why, {**attempts, **base}, kind="failed")
-            other.append((item, change))
+            dead.append((item, why, {**attempts, **base}))
         moved: set[int] = set()
         with self.app.state.begin() as conn:
             if sent:
@@ -601,6 +595,16 @@ class Delivery:
                 setattr(counts, change.kind, getattr(counts, change.kind) + 1)
                 if change.enqueue:
                     moved.add(change.rid)
+            for item, why, values in dead:
+                rem = {**item.row, "channel_index": item.index}
+                new = fallback.fall_back(
+                    conn, rem, item.rule, why, now, status=SENDING, otherwise=FAILED, values=values
+                )
+                if new == PENDING:
+                    counts.moved += 1
+                    moved.add(item.row["id"])
+                elif new == FAILED:
+                    counts.failed += 1
             store.record(
                 conn,
                 [(m["rid"], SENDING, SENT, f"sent by {m['b_channel']}") for m in sent]

@@ -24,7 +24,7 @@ from twilio.request_validator import (
 )
 from twilio.twiml.messaging_response import MessagingResponse
 
-from reminders import consent, replies, schedule, store
+from reminders import consent, fallback, replies, store
 from reminders.models import DELIVERED, PENDING, SENT, UNDELIVERED, message, reminder
 from reminders.phone import mask
 from reminders.rules import RuleSet
@@ -149,9 +149,15 @@ def apply_status(
         f" (Twilio {code}: {DEAD_NUMBER.get(code, 'see Twilio')})" if code else ""
     )
     if code in DEAD_NUMBER:
-        following = fall_back(conn, ruleset, rem, why, now)
-        if following:
+        # As for a permanent error at send time: the next channel while within grace.
+        rule = next((r for r in ruleset.rules if r.name == rem.rule), None)
+        new = fallback.fall_back(
+            conn, rem._mapping, rule, why, now, status=rem.status, otherwise=UNDELIVERED
+        )
+        if new == PENDING:
+            following = rule.channels[rem.channel_index + 1] if rule else "?"
             return f"falls back to {following}"
+        return "undelivered" if new else "already updated"
     _move(conn, rem, UNDELIVERED, why, now)
     return "undelivered"
 
@@ -168,35 +174,3 @@ def _move(conn: Connection, rem: Any, status: str, why: str | None, now: datetim
         store.record(conn, [(rem.id, rem.status, status, why)], now)
         return True
     return False
-
-
-def fall_back(conn: Connection, ruleset: RuleSet, rem: Any, why: str, now: datetime) -> str | None:
-    """Move a reminder to its next channel while within its grace: back to pending, its send time
-    kept (so it is due at once and its grace is not extended), as the worker does for a permanent
-    error at send time. Returns the next channel, or None when none is left or grace has passed.
-    """
-    rule = next((r for r in ruleset.rules if r.name == rem.rule), None)
-    index = rem.channel_index + 1
-    if rule is None or index >= len(rule.channels):
-        return None
-    if not schedule.within_grace(rem.send_at, now, rule.grace):
-        return None
-    following = rule.channels[index]
-    reason = f"{why}; trying {following}"
-    result = conn.execute(
-        reminder.update()
-        .where(reminder.c.id == rem.id, reminder.c.status == rem.status)
-        .values(
-            status=PENDING,
-            channel_index=index,
-            channel=following,
-            job_id=None,
-            queued_at=None,
-            reason=reason,
-            updated_at=now,
-        )
-    )
-    if result.rowcount != 1:
-        return None
-    store.record(conn, [(rem.id, rem.status, PENDING, reason)], now)
-    return following
