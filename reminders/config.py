@@ -166,6 +166,32 @@ class SchedulerConfig(_Model):
     dispatch_every: Duration = timedelta(seconds=10)
 
 
+class CapsConfig(_Model):
+    """Frequency caps: at most ``per_day`` and ``per_week`` messages to one customer, across every
+    rule, counted in the customer's local days and weeks (weeks start on ``week_starts``).
+
+    The messages beyond a cap are deferred, not dropped (see :mod:`reminders.caps`). A rule with
+    ``caps: false`` is outside the caps: never deferred by them, and not counted.
+    """
+
+    per_day: int | None = Field(default=None, ge=1)
+    per_week: int | None = Field(default=None, ge=1)
+    week_starts: Literal["monday", "sunday"] = "monday"
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> CapsConfig:
+        if self.per_day is None and self.per_week is None:
+            raise ValueError(
+                "caps needs per_day or per_week (e.g. caps: {per_day: 2, per_week: 5})"
+            )
+        if self.per_day is not None and self.per_week is not None and self.per_week < self.per_day:
+            raise ValueError(
+                f"per_week ({self.per_week}) is less than per_day ({self.per_day}): "
+                "a week holds at least a day"
+            )
+        return self
+
+
 class Config(_Model):
     """The validated config. ``root`` is the folder relative paths are resolved against."""
 
@@ -183,6 +209,7 @@ class Config(_Model):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     retries: RetryConfig = RetryConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    caps: CapsConfig | None = None  # unset: no frequency caps
     root: Path = Path(".")
     file: str = DEFAULT_CONFIG
 

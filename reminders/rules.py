@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -71,6 +72,53 @@ def _window(value: Any) -> Any:
     return schedule.parse_window(value) if isinstance(value, str) else value
 
 
+_QUIET_HELP = 'a local range ("21:00-08:00"), or false for none'
+
+
+def _quiet_one(value: Any) -> schedule.Window | Literal[False]:
+    if value is False:
+        return False
+    if isinstance(value, schedule.Window):
+        return value
+    if isinstance(value, str):
+        return schedule.parse_window(value)
+    raise ValueError(f"{value!r} is not quiet hours ({_QUIET_HELP})")
+
+
+def _quiet_hours(value: Any) -> Any:
+    """A rule's ``quiet_hours``: one setting for all its channels, or one per channel."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        out: dict[str, schedule.Window | Literal[False]] = {}
+        for channel, setting in value.items():
+            if channel not in ("sms", "email"):
+                raise ValueError(f'"{channel}" is not a channel (allowed: sms, email)')
+            try:
+                out[channel] = _quiet_one(setting)
+            except ValueError as exc:
+                raise ValueError(f"{channel}: {exc}") from None
+        return out
+    return _quiet_one(value)
+
+
+def _priority(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{value!r} is not a priority (a whole number; higher goes first; default 0)")
+
+
+def _capped(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"{value!r} is not allowed (caps: true, the default, counts this rule's messages against "
+        "the frequency caps; caps: false exempts it)"
+    )
+
+
+QuietSetting = schedule.Window | Literal[False]
+QuietHours = Annotated[QuietSetting | dict[str, QuietSetting] | None, PlainValidator(_quiet_hours)]
 Offset = Annotated[schedule.Offset, BeforeValidator(_offset)]
 Clock = Annotated[time, BeforeValidator(_clock)]
 Window = Annotated[schedule.Window, BeforeValidator(_window)]
@@ -135,6 +183,12 @@ class Rule(_Model):
     recurrence: str | None = None
     horizon: Duration = timedelta(days=60)
     replies: dict[str, Annotated[Reply, BeforeValidator(_reply)]] = Field(default_factory=dict)
+    # Send-time limits (they never change a planned time, so not in the fingerprint): when a
+    # customer has more due than the frequency caps allow, higher priorities go first; caps:
+    # false exempts the rule (a fraud alert); quiet_hours overrides the channels' own.
+    priority: Annotated[int, PlainValidator(_priority)] = 0
+    caps: Annotated[bool, PlainValidator(_capped)] = True
+    quiet_hours: QuietHours = None
     file: str = ""
     line: int = 0
 
@@ -144,6 +198,18 @@ class Rule(_Model):
         if not NAME.match(value):
             raise ValueError(f'"{value}" is not a rule name (lowercase letters, digits and -)')
         return value
+
+    def quiet_window(self, config: Config, channel: str) -> schedule.Window | None:
+        """The quiet hours of this rule's messages on ``channel``: the rule's own (one for all
+        its channels, or per channel; false is none), else the channel's (SMS 21:00-08:00)."""
+        setting = self.quiet_hours
+        if isinstance(setting, dict):
+            if channel not in setting:
+                return config.quiet_hours(channel)
+            setting = setting[channel]
+        if setting is None:
+            return config.quiet_hours(channel)
+        return setting or None
 
     @field_validator("query", "check")
     @classmethod
