@@ -163,6 +163,7 @@ def scan(app: App, rule_name: str | None, as_json: bool) -> None:
                 f"{counts.rule}: {counts.rows} rows, {counts.created} created, "
                 f"{counts.moved} moved, {counts.canceled} canceled, {counts.unchanged} unchanged, "
                 f"{counts.skipped} skipped, {counts.too_late} too late"
+                + (f", {counts.off} off (turned off by the customer)" if counts.off else "")
             )
             for number, occurrence, _column, reason in counts.skips[:10]:
                 where = f"occurrence {occurrence}" if occurrence else f"row {number}"

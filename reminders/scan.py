@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from dateutil.rrule import rrulestr
 from sqlalchemy.engine import Connection, Engine
 
-from . import codec, schedule, source, store
+from . import codec, consent, schedule, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
@@ -59,6 +59,7 @@ class ScanCounts:
     unchanged: int = 0
     skipped: int = 0
     too_late: int = 0
+    off: int = 0  # reminders not created: the customer turned every channel of the rule off
     error: str | None = None
     skips: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
 
@@ -72,6 +73,7 @@ class ScanCounts:
             "unchanged": self.unchanged,
             "skipped": self.skipped,
             "too_late": self.too_late,
+            "off": self.off,
             "error": self.error,
         }
 
@@ -396,6 +398,9 @@ def scan_rule(
                     ).first()
                     is None
                 )
+                # Customers who switched this rule off get no new reminders; their open ones
+                # are left to the send-time check (consent), which also sees a switch back on.
+                off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
             params = _query_params(rule.query, now, config)
             number = 0
             batches = source.stream_rows(business, rule.query, params, what=f"rule {rule.name}")
@@ -404,7 +409,9 @@ def scan_rule(
                     _check_columns(rule, keys)
                     planner.bind(keys)
                 with conn.begin():
-                    number = _apply_batch(conn, planner, rows, number, counts, known, fresh, now)
+                    number = _apply_batch(
+                        conn, planner, rows, number, counts, known, fresh, now, off
+                    )
                 if progress:
                     progress(len(rows))
             with conn.begin():
@@ -553,6 +560,7 @@ def _apply_batch(
     known: _Known,
     fresh: bool,
     now: datetime,
+    off: frozenset[str] = frozenset(),
 ) -> int:
     rule = planner.rule
     recurring = rule.recurrence is not None
@@ -594,6 +602,9 @@ def _apply_batch(
             current = have.get(p.occurrence, {}).get(p.offset)
             wanted.add((p.occurrence, p.offset))
             if current is None:
+                if p.customer_id in off:
+                    counts.off += 1
+                    continue
                 inserts.append(
                     {
                         "rule": rule.name,
