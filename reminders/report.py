@@ -6,13 +6,26 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import clock, models
+from . import clock, consent, models, phone
 
 r = models.reminder
+o = models.optout
+
+# Opt-outs that are the customer's own choice: a STOP reply (ours, or Twilio's 21610: the
+# recipient replied STOP to the sender) and a one-click unsubscribe. Every other source stops an
+# address that cannot receive (Twilio 30004/30005/30006, a provider's refusal): suppressed.
+CHOSEN = frozenset({consent.STOP, consent.UNSUBSCRIBE, "21610"})
+# Why a pending reminder's send time was pushed past its planned time (its reason's prefix).
+DEFERRALS = (
+    ("quiet hours", "deferred: quiet hours%"),
+    ("frequency cap", "deferred: frequency cap%"),
+)
+RECENT_SUPPRESSED = 10
 
 
 def status_report(app: Any) -> dict[str, Any]:
-    """Counts by rule and status, the next due reminder, stuck sends, failures, last scans."""
+    """Counts by rule and status, the next due reminder, stuck sends, failures, last scans,
+    deferred reminders, opt-outs and suppressed addresses."""
     now = app.now()
     with app.state.connect() as conn:
         counts: dict[str, dict[str, int]] = {}
@@ -48,6 +61,7 @@ def status_report(app: Any) -> dict[str, Any]:
             .mappings()
             .all()
         )
+        extra = {**_consent(conn), "deferred": _deferred(conn)}
     return {
         "now": clock.iso_utc(now),
         "counts": counts,
@@ -84,6 +98,80 @@ def status_report(app: Any) -> dict[str, Any]:
             }
             for x in scans
         ],
+        **extra,
+    }
+
+
+def _consent(conn: Any) -> dict[str, Any]:
+    """Opt-outs by channel and source, and the suppressed addresses (the most recent listed)."""
+    opt_outs: dict[str, dict[str, int]] = {}
+    for channel, source, n in conn.execute(
+        sa.select(o.c.channel, o.c.source, sa.func.count())
+        .group_by(o.c.channel, o.c.source)
+        .order_by(o.c.channel, o.c.source)
+    ):
+        opt_outs.setdefault(channel, {})[source] = n
+    by_source: dict[str, int] = {}
+    for by in opt_outs.values():
+        for source, n in by.items():
+            if source not in CHOSEN:
+                by_source[source] = by_source.get(source, 0) + n
+    recent = conn.execute(
+        sa.select(o.c.channel, o.c.address, o.c.source, o.c.reason, o.c.created_at)
+        .where(o.c.source.not_in(sorted(CHOSEN)))
+        .order_by(o.c.created_at.desc(), o.c.id.desc())
+        .limit(RECENT_SUPPRESSED)
+    ).all()
+    return {
+        "opt_outs": opt_outs,
+        "suppressed": {
+            "total": sum(by_source.values()),
+            "by_source": dict(sorted(by_source.items())),
+            "recent": [
+                {
+                    "channel": x.channel,
+                    "address": phone.mask(x.address)
+                    if x.channel == "sms"
+                    else phone.mask_email(x.address),
+                    "source": x.source,
+                    "reason": x.reason,
+                    "at": clock.iso_utc(x.created_at),
+                }
+                for x in recent
+            ],
+        },
+    }
+
+
+def _deferred(conn: Any) -> dict[str, Any]:
+    """Pending reminders whose send time quiet hours or frequency caps pushed past their planned
+    time, by reason, and the earliest of their new send times."""
+    kind = sa.case(
+        *(
+            (r.c.reason.like(sa.literal_column(f"'{like}'")), sa.literal_column(f"'{name}'"))
+            for name, like in DEFERRALS
+        ),
+        else_=sa.null(),
+    )
+    pushed = (
+        sa.select(kind.label("kind"), r.c.send_at)
+        .where(r.c.status == models.PENDING, r.c.send_at > r.c.planned_at)
+        .subquery()
+    )
+    by_reason: dict[str, int] = {}
+    first = None
+    for name, n, earliest in conn.execute(
+        sa.select(pushed.c.kind, sa.func.count(), sa.func.min(pushed.c.send_at))
+        .where(pushed.c.kind.is_not(None))
+        .group_by(pushed.c.kind)
+        .order_by(pushed.c.kind)
+    ):
+        by_reason[name] = n
+        first = earliest if first is None or earliest < first else first
+    return {
+        "total": sum(by_reason.values()),
+        "by_reason": by_reason,
+        "next": None if first is None else clock.iso_utc(first),
     }
 
 
@@ -127,6 +215,29 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("recent failures:")
         for x in report["recent_failures"]:
             lines.append(f"  #{x['id']} {x['rule']} {x['channel'] or '-'} {x['at']}: {x['reason']}")
+    deferred = report["deferred"]
+    if deferred["total"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in deferred["by_reason"].items())
+        lines.append(
+            f"deferred (pending past their planned time): {deferred['total']} ({reasons}), "
+            f"the next at {deferred['next']}"
+        )
+    else:
+        lines.append("deferred (pending past their planned time): none")
+    if report["opt_outs"]:
+        parts = []
+        for channel, by_source in report["opt_outs"].items():
+            detail = ", ".join(f"{k} {v}" for k, v in by_source.items())
+            parts.append(f"{channel} {sum(by_source.values())} ({detail})")
+        lines.append(f"opt-outs: {'; '.join(parts)}")
+    else:
+        lines.append("opt-outs: none")
+    suppressed = report["suppressed"]
+    if suppressed["total"]:
+        detail = ", ".join(f"{k} {v}" for k, v in suppressed["by_source"].items())
+        lines.append(f"suppressed (cannot receive): {suppressed['total']} ({detail}); latest:")
+        for x in suppressed["recent"]:
+            lines.append(f"  {x['channel']} {x['address']} {x['at']}: {x['reason'] or x['source']}")
     if report["last_scans"]:
         lines.append("last scans:")
         for x in report["last_scans"]:
