@@ -133,6 +133,9 @@ def test_status_json(scanned: Project) -> None:
                 "error": None,
             }
         ],
+        "opt_outs": {},
+        "suppressed": {"total": 0, "by_source": {}, "recent": []},
+        "deferred": {"total": 0, "by_reason": {}, "next": None},
     }
 
 
