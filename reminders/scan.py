@@ -360,6 +360,14 @@ class _Known:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def mark(self, occurrence: str) -> None:
+        """Mark an occurrence's reminders seen (kept, not vanished)."""
+        key = hash(occurrence)
+        i = self.first.get(key)
+        while i is not None and i < len(self.keys) and self.keys[i] == key:
+            self.seen[i] = 1
+            i += 1
+
     def vanished(self) -> list[int]:
         """Ids of the reminders no row named."""
         # 0 -> 1 and 1 -> 0 for every byte at once, then the ids where the result is 1
@@ -524,7 +532,12 @@ def _classify(
             try:
                 occurrence, customer, raw = planner.identify(row)
             except RowError as exc:
-                _skip(counts, number, None, exc)
+                # A bad row that still names its occurrence keeps that occurrence's reminders
+                # (reported, not vanished), like a row whose due date is bad.
+                named = occurrence if occurrence and len(occurrence) <= 200 else None
+                _skip(counts, number, named, exc)
+                if named:
+                    known.mark(named)
                 continue
         else:
             digest = hasher.copy()

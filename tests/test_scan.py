@@ -408,8 +408,8 @@ def test_bad_rows_are_skipped_with_the_reason_recorded_and_the_scan_goes_on(
         "  skipped occurrence v3: due = 'next tuesday' is not a date or datetime",
         '  skipped occurrence v4: timezone = "Mars/Olympus" is not an IANA time zone',
         "  skipped row 5: no occurrence key: column ref is missing or empty",
-        "  skipped row 6: no customer id: column customer_id is missing or empty",
-        "  skipped row 8: no customer id: column customer_id is missing or empty",
+        "  skipped occurrence v6: no customer id: column customer_id is missing or empty",
+        "  skipped occurrence v8: no customer id: column customer_id is missing or empty",
     ]
     skipped = [(s["row_number"], s["occurrence"], s["column"]) for s in project.skipped()]
     assert skipped == [
@@ -417,8 +417,8 @@ def test_bad_rows_are_skipped_with_the_reason_recorded_and_the_scan_goes_on(
         (3, "v3", "due"),
         (4, "v4", "timezone"),
         (5, None, "ref"),
-        (6, None, "customer_id"),
-        (8, None, "customer_id"),
+        (6, "v6", "customer_id"),
+        (8, "v8", "customer_id"),
     ]
     (run,) = project.scan_runs()
     assert {s["scan_run_id"] for s in project.skipped()} == {run["id"]}
@@ -755,3 +755,32 @@ def test_a_reminder_whose_stored_digest_is_not_ours_is_refreshed(scanned: Projec
     digests = {r["row_hash"] for r in scanned.reminders()}
     assert len(digests) == 3 and all(len(d) == 24 and int(d, 16) >= 0 for d in digests)
     assert counts(scanned)["unchanged"] == 6
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("runs_out_on", None), ("runs_out_on", "soon"), ("timezone", "Mars/Olympus")],
+)
+def test_a_row_gone_bad_keeps_its_reminders_and_is_reported(
+    lite: Project, column: str, value: str | None
+) -> None:
+    lite.ok("db", "upgrade")
+    scan(lite)
+    before = lite.reminders()
+    table = "patients" if column == "timezone" else "prescriptions"
+    lite.sql(f"UPDATE {table} SET {column} = :v WHERE id = 1", {"v": value})
+    result = counts(lite)
+    assert (result["skipped"], result["canceled"], result["moved"]) == (1, 0, 0)
+    assert lite.reminders() == before
+    assert lite.skipped()[-1]["occurrence"] == "1"
+
+
+def test_a_row_without_its_customer_keeps_its_reminders_and_is_reported(lite: Project) -> None:
+    without = "CASE WHEN rx.id = {} THEN NULL ELSE p.id END"
+    _rules(lite, "p.id AS customer_id", without.format(1) + " AS customer_id")
+    lite.ok("db", "upgrade")
+    assert counts(lite)["created"] == 4  # rx 1 has no customer
+    _rules(lite, without.format(1), without.format(2))  # now it has, and rx 2 has none
+    result = counts(lite)
+    assert (result["skipped"], result["canceled"], result["created"]) == (1, 0, 2)
+    assert {r["status"] for r in lite.reminders()} == {"pending"}
