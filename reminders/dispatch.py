@@ -129,39 +129,34 @@ class Dispatcher:
         return counts
 
     def enqueue_due(self, now: datetime, counts: DispatchCounts, ids: Sequence[int] = ()) -> None:
-        """Enqueue pending reminders whose send time has come (only ``ids`` when given)."""
+        """Enqueue pending reminders whose send time has come (only ``ids`` when given).
+
+        Read in chunks, oldest first. Each chunk leaves ``pending`` (queued here, or taken by a
+        concurrent dispatch or scan), so the same query reads the next chunk; it stops when a
+        chunk yields nothing to take.
+        """
         r = reminder
-        last_seen: tuple[datetime, int] | None = None
         while True:
             query = (
-                sa.select(r.c.id, r.c.rule, r.c.channel_index, r.c.send_at)
+                sa.select(r.c.id, r.c.rule, r.c.channel_index)
                 .where(r.c.status == PENDING, r.c.send_at <= now)
                 .order_by(r.c.send_at, r.c.id)
                 .limit(SELECT_CHUNK)
             )
             if ids:
                 query = query.where(r.c.id.in_(list(ids)))
-            if last_seen is not None:
-                # Keyset paging: a reminder a concurrent dispatch took is not met twice.
-                query = query.where(
-                    sa.or_(
-                        r.c.send_at > last_seen[0],
-                        sa.and_(r.c.send_at == last_seen[0], r.c.id > last_seen[1]),
-                    )
-                )
             with self.state.connect() as conn:
                 rows = conn.execute(query).all()
             if not rows:
                 return
-            last_seen = (rows[-1].send_at, rows[-1].id)
-            self._enqueue(
+            taken = self._enqueue(
                 [(row.id, row.rule, row.channel_index) for row in rows],
                 now,
                 counts,
                 old_status=PENDING,
                 reason=None,
             )
-            if len(rows) < SELECT_CHUNK or ids:
+            if not taken or len(rows) < SELECT_CHUNK:
                 return
 
     def requeue_lost(self, now: datetime, counts: DispatchCounts) -> None:
@@ -197,7 +192,7 @@ class Dispatcher:
                         r.c.status == QUEUED, job_filter
                     )
                 ).all()
-            self._enqueue(
+            counts.requeued += self._enqueue(
                 [(row.id, row.rule, row.channel_index) for row in batch],
                 now,
                 counts,
@@ -205,7 +200,6 @@ class Dispatcher:
                 old_job=job_id,
                 reason=f"enqueued again: job {job_id} {why}",
             )
-            counts.requeued += len(batch)
 
     def _lost_jobs(self, job_ids: list[str]) -> dict[str | None, str]:
         """Which of these jobs will never claim their reminders, and why (one round trip each)."""
@@ -256,8 +250,11 @@ class Dispatcher:
         old_status: str,
         reason: str | None,
         old_job: str | None = None,
-    ) -> None:
-        """Mark reminders queued under new job ids, commit, then push the jobs to Redis."""
+    ) -> int:
+        """Mark reminders queued under new job ids, commit, then push the jobs to Redis.
+
+        Returns how many were taken (the others were changed meanwhile by someone else).
+        """
         by_channel: dict[str, list[int]] = defaultdict(list)
         for rid, rule, index in items:
             by_channel[_channel_of(self._rules, self.config, rule, index)].append(rid)
@@ -290,7 +287,7 @@ class Dispatcher:
                     store.record(conn, [(i, old_status, QUEUED, reason) for i in taken], now)
                     jobs.append((channel, job_id, taken))
         if not jobs:
-            return
+            return 0
         try:
             self._push(jobs)
         except redis.RedisError as exc:
@@ -299,8 +296,10 @@ class Dispatcher:
                 f"Redis did not answer while enqueueing; the reminders stay pending: {exc}"
             ) from None
         counts.jobs += len(jobs)
+        taken_count = sum(len(ids) for _, _, ids in jobs)
         if old_status == PENDING:
-            counts.enqueued += sum(len(ids) for _, _, ids in jobs)
+            counts.enqueued += taken_count
+        return taken_count
 
     def _push(self, jobs: list[tuple[str, str, list[int]]]) -> None:
         """Push every job to its queue in one round trip."""

@@ -517,3 +517,15 @@ def test_backoff_doubles_up_to_the_cap_with_jitter(
     draws = [backoff(config, attempt, random.Random(seed)).total_seconds() for seed in range(200)]
     assert all(low <= d <= high for d in draws)
     assert max(draws) - min(draws) > (high - low) / 2  # spread out, not all alike
+
+
+def test_dispatch_pages_through_more_reminders_than_one_read(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reminders import dispatch
+
+    monkeypatch.setattr(dispatch, "SELECT_CHUNK", 7)
+    shop.prepare(20)
+    result = shop.ok("dispatch", "--json", now=SEND_AT)
+    assert result.json_lines()[0]["enqueued"] == 20
+    assert shop.statuses() == {"queued": 20}
