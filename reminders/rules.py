@@ -509,6 +509,17 @@ def _against_config(
                     f"(configured: {', '.join(configured) or 'none'})",
                 )
             )
+    if config.caps is None:
+        for key, unused in (("priority", rule.priority != 0), ("caps", not rule.caps)):
+            if unused:
+                warnings.append(
+                    doc.problem(
+                        (*where, key),
+                        f"rule {rule.name}: {key} has no effect without frequency caps "
+                        "(config key caps, e.g. caps: {per_day: 2, per_week: 5})",
+                        warning=True,
+                    )
+                )
     window = rule.send_window or config.send_window
     if rule.at is not None and not window.contains(rule.at):
         warnings.append(

@@ -390,3 +390,19 @@ def test_bad_rule_settings_are_errors_with_their_line(
     line = p.read("rules/notices.yaml").splitlines().index(added.rstrip("\n")) + 1
     assert f"rules/notices.yaml:{line}: rule payment: " in result.err, result.err
     assert message in result.err, result.err
+
+
+def test_priority_and_exemption_without_caps_are_warned_about(lite_notices: Notices) -> None:
+    p = lite_notices.configure()  # no caps; the refill rule has a priority, fraud is exempt
+    result = p.run("validate")
+    assert result.code == 0, str(result)
+    lines = p.read("rules/notices.yaml").splitlines()
+    priority = lines.index("    priority: 5") + 1
+    exempt = lines.index("    caps: false") + 1
+    assert (
+        f"rules/notices.yaml:{priority}: warning: rule refill: priority has no effect without "
+        "frequency caps (config key caps, e.g. caps: {per_day: 2, per_week: 5})"
+    ) in result.err, result.err
+    assert f"rules/notices.yaml:{exempt}: warning: rule fraud: caps has no effect" in result.err
+    capped = p.configure(caps="caps: {per_day: 2}\n").run("validate")
+    assert capped.code == 0 and "warning" not in capped.err
