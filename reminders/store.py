@@ -172,7 +172,9 @@ def _sqlite_insert_ignoring_conflicts(
     dialect = conn.dialect
     quote = dialect.identifier_preparer.quote
     names = list(rows[0])
-    processors = [table.c[name].type.bind_processor(dialect) for name in names]
+    processors = [
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+    ]
     processed: list[tuple[int, Any, dict[Any, Any]]] = [
         (i, p, {}) for i, p in enumerate(processors) if p is not None
     ]
