@@ -152,8 +152,9 @@ def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict
         return _pg_insert_ignoring_conflicts(conn, table, rows)
     if conn.dialect.name == "sqlite":
         return _sqlite_insert_ignoring_conflicts(conn, table, rows)
-    stmt = sa.insert(table).prefix_with("IGNORE")  # MySQL
-    return max(conn.execute(stmt, rows).rowcount, 0)
+    raise ServiceUnavailable(
+        f"the state DB is {conn.dialect.name}: state.url must be SQLite or PostgreSQL"
+    )
 
 
 _MISSING = object()
