@@ -151,7 +151,7 @@ def allot(
         # The caps this batch's own claims fill (at least the tightest one, when none is ahead).
         goes = sum(1 for d in taken if d.id in mine_ids)
         reached = [(unit, most) for unit, most, n in counted if n + goes >= most]
-        for item in items[len([d for d in taken if d.id in mine_ids]) :]:
+        for item in items[goes:]:  # the batch's best ranked ``goes`` are taken
             zone, window = item.zone, item.window
             if zone is None or window is None:
                 raise ValueError(
