@@ -3,14 +3,18 @@
 ``Shop`` extends the rules engine's ``Project``: ``n`` patients whose prescriptions all run out on
 ``DUE`` (a reminder each at 10:00 New York time, ``SEND_AT``), a config whose SMS channel is the
 real ``twilio`` library pointed at :class:`tests.twilio_stub.TwilioStub` and whose email channel is
-SMTP to an aiosmtpd server, and Redis database 3, 4 or 5 (the delivery tests' own).
+SMTP to an aiosmtpd server, and Redis database 3, 4 or 5 (the delivery tests' own, one per test run
+at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +29,9 @@ from tests.channel_fixtures import Mailbox, SmtpServer, _start
 from tests.rules_fixtures import Project, Result
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
 
-REDIS_DB = int(os.environ.get("REMINDERS_TEST_DELIVERY_REDIS_DB", "3"))  # 3, 4, 5 are ours
+REDIS_DBS = (3, 4, 5)  # the delivery tests' own Redis databases
+OWN_DB = os.environ.get("REMINDERS_TEST_DELIVERY_REDIS_DB")  # pin one instead
+REDIS_DB = int(OWN_DB or REDIS_DBS[0])
 DUE = "2027-03-10"
 SCAN_AT = "2027-03-10T12:00:00Z"  # 07:00 in New York: before the reminders
 SEND_AT = "2027-03-10T15:00:00Z"  # 10:00 EST, when the reminders are due
@@ -227,17 +233,47 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.02) -> N
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def _locked_db() -> Iterator[int]:
+    """One of the delivery tests' Redis databases, held with a file lock for this test.
+
+    Two test runs on one machine (two shells, two engineers) would otherwise flush each other's
+    database and run each other's jobs; each takes a free one of 3, 4 and 5, or waits for 3.
+    """
+    candidates = [REDIS_DB] if OWN_DB else list(REDIS_DBS)
+    folder = Path(tempfile.gettempdir())
+    handle = None
+    for db in candidates:
+        handle = (folder / f"reminders-test-redis-{db}.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            handle.close()
+            handle = None
+    if handle is None:  # every one is busy: wait for the first
+        db = candidates[0]
+        handle = (folder / f"reminders-test-redis-{db}.lock").open("w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield db
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 @pytest.fixture
 def delivery_redis() -> Iterator[str]:
-    """A flushed Redis database of the delivery tests (3 by default), flushed afterwards."""
+    """A flushed Redis database of the delivery tests (3, 4 or 5), flushed afterwards."""
     import redis
 
-    url = services.redis_url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with _locked_db() as db:
+        url = services.redis_url(db)
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        yield url
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture
