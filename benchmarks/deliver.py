@@ -23,6 +23,7 @@ flushed first), or the embedded server with ``--redis-url embedded``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import multiprocessing
 import os
 import signal
@@ -368,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
         f"concurrency {args.concurrency}, {os.cpu_count()} CPUs"
     )
     log = Path(tempfile.gettempdir()) / "reminders-bench-workers.log"
+    # The delivery tests take databases 3-5 under these locks: never flush one under a test.
+    database = args.redis_url.rsplit("/", 1)[-1]
+    lock = (Path(tempfile.gettempdir()) / f"reminders-test-redis-{database}.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     for index, latency in enumerate(args.latency_ms):
         report(deliveries(latency, args, log, with_baseline=args.baseline and index == 0))
 
