@@ -85,7 +85,7 @@ class SmsConfig(_Model):
     quiet_hours: Window | None = schedule.parse_window("21:00-08:00")
     rate_limit: float | None = Field(default=None, gt=0)
     max_segments: int = Field(default=3, ge=1)
-    concurrency: int = Field(default=32, ge=1, le=512)
+    concurrency: int = Field(default=64, ge=1, le=512)
     path: Path | None = None
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ request at a time would cap a worker near 10 messages a second.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,7 +85,7 @@ class TwilioChannel(Channel):
         from_: str | None = None,
         messaging_service_sid: str | None = None,
         api_url: str | None = None,
-        concurrency: int = 32,
+        concurrency: int = 64,
         timeout: float = 10.0,
     ) -> None:
         if not account_sid or not auth_token:
@@ -135,6 +136,10 @@ class TwilioChannel(Channel):
             self._client.region = None
         # Resolve the lazily built resource once, not racing in every thread.
         self._messages = self._client.api.v2010.account.messages
+        # One thread pool for the process, started on first use; see _executor.
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pool_lock = threading.Lock()
 
     def send(self, message: Message) -> str:
         params: dict[str, Any] = {"to": message.to, "body": message.body}
@@ -164,12 +169,31 @@ class TwilioChannel(Channel):
         """
         if len(messages) <= 1:
             return [self._send_one(m) for m in messages]
-        # A pool per batch: threads do not survive a fork (RQ's forking worker), a batch does.
-        workers = min(self.concurrency, len(messages))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="twilio") as pool:
-            futures = [pool.submit(self._send_one, m) for m in messages]
+        pool = self._executor()
+        futures = [pool.submit(self._send_one, m) for m in messages]
         return [f.result() for f in futures]
 
+    def _executor(self) -> ThreadPoolExecutor:
+        """The process's pool of ``concurrency`` threads, shared by every ``send_many``.
+
+        Starting threads for every batch costs CPU at every batch; one pool is kept instead. Its
+        threads do not survive a fork (RQ's forking worker): a forked child starts its own.
+        """
+        pid = os.getpid()
+        pool = self._pool
+        if pool is not None and self._pool_pid == pid:
+            return pool
+        with self._pool_lock:
+            if self._pool is None or self._pool_pid != pid:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.concurrency, thread_name_prefix="twilio"
+                )
+                self._pool_pid = pid
+            return self._pool
+
     def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=True)
         if self._http.session is not None:
             self._http.session.close()
