@@ -438,9 +438,15 @@ def demo(folder: str, reset: bool) -> None:
     type=click.IntRange(1, 256),
     help="requests served at once by each process",
 )
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="write one line a request to stdout (tokens of customer links masked)",
+)
 @pass_app
-def web(app: App, host: str, port: int, workers: int, threads: int) -> None:
+def web(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
     """Serve the webhooks, unsubscribe links, preferences page and /healthz (gunicorn)."""
     from .web.server import serve
 
-    serve(app, host=host, port=port, workers=workers, threads=threads)
+    serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)

@@ -50,8 +50,11 @@ class Server(BaseApplication):
         return self.application
 
 
-def options(host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
-    """gunicorn settings for ``reminders web``."""
+def options(
+    host: str, port: int, workers: int, threads: int, access_log: bool = True
+) -> dict[str, Any]:
+    """gunicorn settings for ``reminders web``; ``access_log=False`` writes no access log line
+    (about a fifth of the CPU a check request costs), errors are still logged."""
     return {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
@@ -64,7 +67,7 @@ def options(host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
         "limit_request_line": 4094,
         "limit_request_fields": 60,
         "limit_request_field_size": 8190,
-        "accesslog": "-",
+        "accesslog": "-" if access_log else None,
         "errorlog": "-",
         "logger_class": MaskingLogger,
         "proc_name": "reminders-web",
@@ -73,7 +76,14 @@ def options(host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
     }
 
 
-def serve(app: App, host: str, port: int, workers: int = 2, threads: int = 8) -> None:
+def serve(
+    app: App,
+    host: str,
+    port: int,
+    workers: int = 2,
+    threads: int = 8,
+    access_log: bool = True,
+) -> None:
     """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -82,4 +92,4 @@ def serve(app: App, host: str, port: int, workers: int = 2, threads: int = 8) ->
     flask = create_app(app)
     store.ensure_current(app.config.state_url)
     app.state.dispose()  # the master keeps no connection a forked worker could share
-    Server(flask, options(host, port, workers, threads)).run()
+    Server(flask, options(host, port, workers, threads, access_log)).run()
