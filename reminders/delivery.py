@@ -536,7 +536,7 @@ class Delivery:
                     }
                 )
                 continue
-            where = f"{item.channel} to {_masked(item.channel, item.address)}"
+            where = f"{item.channel} to {phone.mask_address(item.channel, item.address)}"
             log.warning("reminder %s: %s failed: %s", row["id"], where, result.message)
             base = {"channel": item.channel, "channel_index": item.index}
             if not result.permanent:
@@ -619,10 +619,6 @@ class Delivery:
 
 def _problems(exc: InputError) -> str:
     return "; ".join(str(p) for p in exc.problems)
-
-
-def _masked(channel: str, address: str) -> str:
-    return phone.mask(address) if channel == "sms" else phone.mask_email(address)
 
 
 def _duration(value: timedelta) -> str:

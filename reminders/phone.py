@@ -102,6 +102,11 @@ def mask_email(address: str) -> str:
     return local[0] + "*" * max(len(local) - 1, 1) + "@" + domain
 
 
+def mask_address(channel: str, address: str) -> str:
+    """Mask a recipient for logs and pages: a phone number on ``sms``, else an email address."""
+    return mask(address) if channel == "sms" else mask_email(address)
+
+
 # Twilio writes numbers in E.164 in its messages; its error codes have 5 digits.
 _NUMBER_IN_TEXT = re.compile(r"\+?\d{7,15}")
 

@@ -121,7 +121,7 @@ def _preview_row(
             item["unusable"] = exc.message
             result.items.append(item)
             continue
-        item["to"] = phone.mask(address) if channel == "sms" else phone.mask_email(address)
+        item["to"] = phone.mask_address(channel, address)
         context = template_context(config, rule, row, values, now, channel, address)
         try:
             rendered = render(app.renderer, config, rule, row, context, channel, address)

@@ -130,9 +130,7 @@ def _consent(conn: Any) -> dict[str, Any]:
             "recent": [
                 {
                     "channel": x.channel,
-                    "address": phone.mask(x.address)
-                    if x.channel == "sms"
-                    else phone.mask_email(x.address),
+                    "address": phone.mask_address(x.channel, x.address),
                     "source": x.source,
                     "reason": x.reason,
                     "at": clock.iso_utc(x.created_at),

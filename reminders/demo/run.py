@@ -303,10 +303,6 @@ def _reminders(app: App) -> list[dict[str, Any]]:
 # --- the printout ---------------------------------------------------------------------------------
 
 
-def _masked(channel: str, address: str) -> str:
-    return phone.mask(address) if channel == "sms" else phone.mask_email(address)
-
-
 def _print(report: Report, echo: Callable[[str], None]) -> None:
     shown = _relative(report.folder)
     echo("")
@@ -318,7 +314,7 @@ def _print(report: Report, echo: Callable[[str], None]) -> None:
         lines = by_rule[rule]
         echo(f"  {rule} ({len(lines)})")
         for line in lines[:SHOWN_PER_RULE]:
-            to = _masked(line["channel"], line["to"])
+            to = phone.mask_address(line["channel"], line["to"])
             text = line["body"] if line["channel"] == "sms" else f"Subject: {line['subject']}"
             echo(f"    {line['channel']:5} {to:24} {text}")
         if len(lines) > SHOWN_PER_RULE:
@@ -326,7 +322,7 @@ def _print(report: Report, echo: Callable[[str], None]) -> None:
     email = next((line for line in report.sent if line["channel"] == "email"), None)
     if email:
         echo("")
-        echo(f"  One email in full, to {_masked('email', email['to'])}:")
+        echo(f"  One email in full, to {phone.mask_address('email', email['to'])}:")
         echo(f"    Subject: {email['subject']}")
         for text in email["body"].splitlines():
             echo(f"    {text}".rstrip())

@@ -51,10 +51,6 @@ def _refused(exc: links.LinkError) -> Response:
     )
 
 
-def _masked(channel: str, address: str) -> str:
-    return phone.mask_email(address) if channel == "email" else phone.mask(address)
-
-
 # --- unsubscribe ------------------------------------------------------------------------------
 
 
@@ -72,7 +68,7 @@ def unsubscribe_page(token: str) -> Response:
         "unsubscribe.html",
         business=business_name(),
         channel=CHANNEL_NAMES.get(target.channel, target.channel).lower(),
-        address=_masked(target.channel, target.address),
+        address=phone.mask_address(target.channel, target.address),
         done=done,
         nonce=links.form_nonce(token),
         preferences=links.preferences_url(app.config, target.customer_id, now=app.now()),
@@ -102,7 +98,7 @@ def unsubscribe(token: str) -> Response:
         )
     log.info(
         "unsubscribed %s from %s (%s)%s",
-        _masked(target.channel, target.address),
+        phone.mask_address(target.channel, target.address),
         target.channel,
         how,
         "" if new else ", already",
@@ -111,7 +107,7 @@ def unsubscribe(token: str) -> Response:
         "unsubscribed.html",
         business=business_name(),
         channel=CHANNEL_NAMES.get(target.channel, target.channel).lower(),
-        address=_masked(target.channel, target.address),
+        address=phone.mask_address(target.channel, target.address),
         preferences=links.preferences_url(app.config, target.customer_id, now=now),
     )
     return Response(html, mimetype="text/html")
