@@ -147,6 +147,12 @@ def _reply(value: Any) -> Any:
     raise ValueError(f'"{text}" is not a reply action (allowed: done, snooze 1d)')
 
 
+def _checked_name(value: str, kind: str) -> str:
+    if not NAME.match(value):
+        raise ValueError(f'"{value}" is not a {kind} name (lowercase letters, digits and -)')
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -195,9 +201,7 @@ class Rule(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError(f'"{value}" is not a rule name (lowercase letters, digits and -)')
-        return value
+        return _checked_name(value, "rule")
 
     def quiet_window(self, config: Config, channel: str) -> schedule.Window | None:
         """The quiet hours of this rule's messages on ``channel``: the rule's own (one for all
@@ -343,9 +347,7 @@ class CheckRule(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError(f'"{value}" is not a check name (lowercase letters, digits and -)')
-        return value
+        return _checked_name(value, "check")
 
     @field_validator("query")
     @classmethod
