@@ -10,6 +10,15 @@ See https://www.twilio.com/docs/api/errors.
 
 ``send_many`` keeps ``concurrency`` requests in flight: a real round trip takes ~100 ms, so one
 request at a time would cap a worker near 10 messages a second.
+
+The HTTP transport is the project's own (:mod:`reminders.channels.twilio_http`): twilio's
+``TwilioHttpClient`` goes through ``requests`` (preparing the request, hooks, the cookie jar, the
+adapter's connection lookup) before urllib3 sends anything, and that layer was about 40% of the
+CPU a send cost a worker. Ours hands the request to one urllib3 pool of ``concurrency``
+connections. Sending 2,000 messages one after another to the stub (no latency, in another
+process), the sending process spent 0.72-0.97 ms of CPU a message through requests and 0.40-0.54 ms
+through urllib3 (medians of three runs, four rounds on a busy 2-core machine): about 45% less. The
+rest is twilio's own request building and answer parsing, and http.client.
 """
 
 from __future__ import annotations
@@ -20,13 +29,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    MaxRetryError,
+    NewConnectionError,
+    ProxyError,
+)
+from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 
 from reminders.channels.base import Channel, Message
+from reminders.channels.twilio_http import Urllib3HttpClient
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask, mask_numbers_in
 
@@ -55,14 +70,20 @@ def twilio_error(exc: Exception, to: str = "") -> ChannelError:
             return TransientError(text, code=str(code))
         return PermanentError(text, code=str(code))
     recipient = f" sending to {mask(to)}" if to else ""
-    if isinstance(exc, requests.ConnectTimeout):
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # not raised with retries=False; the cause is what matters
+    # NewConnectionError (refused, unreachable, unknown host) subclasses ConnectTimeoutError.
+    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
         return TransientError(f"Twilio did not accept a connection in time{recipient}: {exc}")
-    if isinstance(exc, requests.Timeout):
-        # The request went out: Twilio may have accepted the message without answering.
+    if isinstance(exc, HTTPTimeoutError) and not isinstance(exc, NewConnectionError):
+        # ReadTimeoutError: the request went out, Twilio may have accepted it without answering.
         return TransientError(
             f"Twilio did not answer in time{recipient} (the message may have been sent): {exc}"
         )
-    if isinstance(exc, requests.RequestException):
+    if isinstance(exc, ProxyError):
+        return TransientError(f"Twilio could not be reached through the proxy{recipient}: {exc}")
+    if isinstance(exc, HTTPError | OSError):
+        # NewConnectionError, ProtocolError (a connection reset or closed), SSLError, ...
         return TransientError(f"Twilio could not be reached{recipient}: {exc}")
     raise TypeError(f"not a Twilio or HTTP failure: {exc!r}") from exc
 
@@ -103,30 +124,11 @@ class TwilioChannel(Channel):
         self.concurrency = concurrency
         self.timeout = timeout
 
-        # twilio 9 sizes its pool for https:// only (requests' default of 10 connections for a
-        # http:// mock), and its max_retries adapter covers https:// only: mount one adapter,
-        # sized to the concurrency and without retries (the engine retries, and records it).
         base_url = api_url.rstrip("/") if api_url is not None else "https://api.twilio.com"
-        # requests reads the proxy and CA bundle variables from the environment on every request
-        # (a fifth of the CPU a message costs): read them once, here.
-        self._http = TwilioHttpClient(
-            pool_connections=True,
-            timeout=timeout,
-            proxy=requests.utils.get_environ_proxies(base_url),
-        )
-        session = self._http.session
-        assert session is not None
-        session.trust_env = False
-        session.verify = (
-            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        )
-        # pool_block: send_many calls running at once (rate-limited waves) share `concurrency`
-        # connections rather than opening and discarding more.
-        adapter = HTTPAdapter(
-            pool_connections=4, pool_maxsize=concurrency, pool_block=True, max_retries=0
-        )
-        for prefix in ("https://", "http://"):
-            session.mount(prefix, adapter)
+        # One pool of `concurrency` connections: send_many calls running at once (rate-limited
+        # waves) share them rather than opening and discarding more. No retries: the engine
+        # retries, and records it.
+        self._http = Urllib3HttpClient(base_url, maxsize=concurrency, timeout=timeout)
         self._client = Client(account_sid, auth_token, http_client=self._http)
         if api_url is not None:
             # No base-URL argument in twilio 9: set the domain's base_url. TWILIO_EDGE and
@@ -151,7 +153,7 @@ class TwilioChannel(Channel):
             params["status_callback"] = message.status_callback
         try:
             created = self._messages.create(**params)
-        except (TwilioRestException, TwilioServiceException, requests.RequestException) as exc:
+        except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
             raise twilio_error(exc, message.to) from exc
         return str(created.sid)
 
@@ -195,5 +197,4 @@ class TwilioChannel(Channel):
         pool, self._pool = self._pool, None
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=True)
-        if self._http.session is not None:
-            self._http.session.close()
+        self._http.close()

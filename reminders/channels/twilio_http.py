@@ -1,0 +1,215 @@
+"""The HTTP transport of the Twilio channel: ``twilio``'s ``HttpClient`` interface on urllib3.
+
+twilio's own ``TwilioHttpClient`` sends through ``requests`` (a prepared request, hooks, a cookie
+jar, the adapter, environment merging) before urllib3 does the work; this client builds the request
+itself and hands it to one ``urllib3.PoolManager``. Everything a send needs from the environment
+(proxy, CA bundle) is read once, when the client is built.
+
+What it sends is what ``requests`` sent for twilio: the form (or JSON) body, the query string, the
+Basic ``Authorization`` header and twilio's own headers (User-Agent, Accept, ...). It never
+retries and never follows a redirect (the engine retries, and records every attempt); urllib3's
+exceptions are left to the caller (:func:`reminders.channels.twilio.twilio_error` maps them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+from base64 import b64encode
+from typing import Any
+from urllib.parse import urlencode
+
+import certifi
+import urllib3
+from requests.utils import (
+    get_auth_from_url,
+    get_environ_proxies,
+    prepend_scheme_if_needed,
+    select_proxy,
+)
+from twilio.http import HttpClient
+from twilio.http.request import Request as TwilioRequest
+from twilio.http.response import Response
+from urllib3.util.ssl_ import create_urllib3_context
+
+from reminders.errors import ConfigError
+from reminders.phone import mask_numbers_in
+
+logger = logging.getLogger(__name__)
+
+FORM = "application/x-www-form-urlencoded"
+_JSON_TYPES = frozenset({"application/json", "application/scim+json"})
+_CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+def ca_bundle() -> str:
+    """The CA bundle (a file or a directory) that TLS connections trust.
+
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE`` when set, else certifi's
+    bundle: what ``requests`` trusted.
+    """
+    for name in _CA_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return certifi.where()
+
+
+def environ_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY),
+    chosen as ``requests`` chooses it, or None."""
+    proxy = select_proxy(url, get_environ_proxies(url))
+    return prepend_scheme_if_needed(proxy, "http") if proxy else None
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An ``Authorization`` value, encoded as ``requests.auth.HTTPBasicAuth`` encodes it."""
+    token = b64encode(user.encode("latin1") + b":" + password.encode("latin1")).decode("ascii")
+    return f"Basic {token}"
+
+
+class Urllib3HttpClient(HttpClient):
+    """twilio's ``HttpClient`` on one ``urllib3.PoolManager`` (a ``ProxyManager`` behind a proxy).
+
+    ``base_url`` is the API's URL, read for the proxy the environment names for it. ``maxsize``
+    connections are kept a host, and no more are opened: a request waits for a free one (so batches
+    sent at once share them). ``timeout`` (seconds) is the connect and the read timeout.
+    A forked child builds its own pool rather than share its parent's sockets.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        maxsize: int,
+        timeout: float,
+        log: logging.Logger = logger,
+    ) -> None:
+        super().__init__(log, is_async=False, timeout=timeout)
+        self.maxsize = maxsize
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self.proxy_url = environ_proxy(base_url)
+        self.ca_bundle = ca_bundle()
+        try:
+            self._ssl_context = _ssl_context(self.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:  # a wrong path would fail every send
+            raise ConfigError(
+                f"channels.sms: cannot load the CA bundle {self.ca_bundle}: {exc}"
+            ) from exc
+        self._auth: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> urllib3.PoolManager:
+        settings: dict[str, Any] = {
+            "num_pools": 4,
+            "maxsize": self.maxsize,
+            "block": True,
+            "retries": False,
+            "timeout": self._timeout,
+            "cert_reqs": "CERT_REQUIRED",
+            "ssl_context": self._ssl_context,
+        }
+        proxy = self.proxy_url
+        if proxy is None:
+            return urllib3.PoolManager(**settings)
+        if proxy.lower().startswith("socks"):
+            try:
+                from urllib3.contrib.socks import SOCKSProxyManager
+            except ImportError:  # PySocks is not installed
+                raise ConfigError(
+                    "channels.sms: the environment names a SOCKS proxy for Twilio; "
+                    "install PySocks or set NO_PROXY"
+                ) from None
+            username, password = get_auth_from_url(proxy)
+            return SOCKSProxyManager(
+                proxy, username=username or None, password=password or None, **settings
+            )
+        username, password = get_auth_from_url(proxy)
+        headers = {"Proxy-Authorization": basic_auth(username, password)} if username else None
+        return urllib3.ProxyManager(
+            proxy, proxy_headers=headers, proxy_ssl_context=self._ssl_context, **settings
+        )
+
+    def _pool(self) -> urllib3.PoolManager:
+        if self._pid == os.getpid():
+            return self.pool
+        with self._lock:  # a forked child: its parent's connections are not its own
+            if self._pid != os.getpid():
+                self.pool = self._new_pool()
+                self._pid = os.getpid()
+            return self.pool
+
+    def _authorization(self, auth: tuple[str, str]) -> str:
+        value = self._auth.get(auth)
+        if value is None:
+            value = basic_auth(*auth)
+            if len(self._auth) >= 8:  # credentials that change: keep a few, not every one
+                self._auth.clear()
+            self._auth[auth] = value
+        return value
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> Response:
+        """Send one request and read its whole answer. Redirects are never followed."""
+        method = method.upper()
+        if timeout is None:
+            timeouts = self._timeout
+        elif timeout <= 0:
+            raise ValueError(timeout)
+        else:
+            timeouts = urllib3.Timeout(connect=timeout, read=timeout)
+        self._test_only_last_response = None
+        self._test_only_last_request = TwilioRequest(
+            method=method, url=url, auth=auth, params=params, data=data, headers=headers
+        )
+        sent = dict(headers) if headers else {}
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
+        body: bytes | None = None
+        if data:
+            content_type = sent.get("Content-Type")
+            if content_type in _JSON_TYPES:
+                body = json.dumps(data, allow_nan=False).encode()
+            else:
+                body = urlencode(data, doseq=True).encode("ascii")
+                if content_type is None:
+                    sent["Content-Type"] = FORM
+        if auth is not None:
+            sent["Authorization"] = self._authorization(auth)
+        answer = self._pool().urlopen(
+            method, url, body=body, headers=sent, retries=False, redirect=False, timeout=timeouts
+        )
+        response = Response(answer.status, answer.data.decode("utf-8", "replace"), answer.headers)
+        if self.logger.isEnabledFor(logging.DEBUG):  # never the form or the headers
+            path = mask_numbers_in(url.split("?", 1)[0])
+            self.logger.debug("Twilio %s %s: HTTP %s", method, path, answer.status)
+        self._test_only_last_response = response
+        return response
+
+    def close(self) -> None:
+        """Close every pooled connection (the pool opens new ones if used again)."""
+        self.pool.clear()
+
+
+def _ssl_context(bundle: str) -> ssl.SSLContext:
+    """One verifying context for every connection, its CA bundle loaded once."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    if os.path.isdir(bundle):
+        context.load_verify_locations(capath=bundle)
+    else:
+        context.load_verify_locations(cafile=bundle)
+    return context
