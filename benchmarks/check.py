@@ -9,7 +9,7 @@ index the README tells businesses to create, then, in the same run and with the 
 - the bare query with SQLAlchemy (an engine of its own, no timeout, no engine code): one client,
   then ``--clients`` processes at once;
 - ``POST /v1/checks/already-owned`` over HTTP on loopback, the app served by the production
-  server (``reminders.web.server``: gunicorn, gthread workers), ``--clients`` processes at once,
+  server (``reminders.web.server``: granian, forked WSGI workers), ``--clients`` processes at once,
   each on a keep-alive connection.
 
 Half the requests name an item the customer owns (a duplicate), half one they do not. Prints p50,
@@ -325,7 +325,7 @@ def http_client(port: int, params: list[dict[str, Any]], barrier: Any, out: Any)
     requests = [http_request(p) for p in params]
     conn = Connection(port)
     # Every client starts (spawning takes seconds under load), then warms up and measures at
-    # once: a connection idle past gunicorn's keep-alive (5 s) would be closed and reopened.
+    # once: a connection idle too long may be closed by the server and reopened.
     barrier.wait()
     for request in requests[:50]:  # warm up
         conn.ask(request)
@@ -405,34 +405,25 @@ def free_port() -> int:
 
 
 SERVE = """\
-import json, logging, sys
+import json, sys
 from reminders import store
 from reminders.app import App
 from reminders.web import server
 
-config, port, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-logging.basicConfig(level=logging.WARNING)
+config, port, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 app = App(config)
 store.upgrade(app.config.state_url)
-flask = server.create_app(app)
-app.state.dispose()
-options = server.options("127.0.0.1", port, overrides.pop("workers"), overrides.pop("threads"))
-options.update(overrides)
-server.Server(flask, options).run()
+server.serve(app, "127.0.0.1", port, **options)
 """
 
 
 def start_server(config: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    """The production server (reminders.web.server's gunicorn settings) in a child process."""
+    """The production server (``reminders web``, as ops run it) in a child process."""
     env = dict(os.environ, REMINDERS_SECRET=SECRET, REMINDERS_API_KEYS=KEY)
-    overrides: dict[str, Any] = {"workers": args.workers, "threads": args.threads}
-    if args.worker_class:
-        overrides["worker_class"] = args.worker_class
-    if args.no_access_log:
-        overrides["accesslog"] = None
+    options = {"workers": args.workers, "threads": args.threads, "access_log": args.access_log}
     log = open(config.parent / "web.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(config), str(port), json.dumps(overrides)],
+        [sys.executable, "-c", SERVE, str(config), str(port), json.dumps(options)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -537,10 +528,11 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=1_000_000)
     parser.add_argument("--requests", type=int, default=16_000, help="per backend, all clients")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=8, help="gunicorn threads a worker")
-    parser.add_argument("--worker-class", help="gunicorn worker class (default: production's)")
-    parser.add_argument("--no-access-log", action="store_true", help="gunicorn without access log")
+    parser.add_argument("--workers", type=int, default=2, help="web worker processes")
+    parser.add_argument("--threads", type=int, default=2, help="threads a web worker")
+    parser.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=True, help="a line a request"
+    )
     parser.add_argument("--pg", metavar="URL", help="also benchmark PostgreSQL at URL")
     parser.add_argument("--keep", metavar="DIR", help="keep the SQLite business folder here")
     args = parser.parse_args()
@@ -549,8 +541,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     print(
         f"{args.orders:,} orders, {args.requests:,} checks a backend (half duplicates), "
-        f"{args.clients} concurrent clients, gunicorn {args.workers} workers x "
-        f"{args.threads} threads ({args.worker_class or 'gthread'}), {os.cpu_count()} CPUs, "
+        f"{args.clients} concurrent clients, reminders web {args.workers} workers x "
+        f"{args.threads} threads, access log {'on' if args.access_log else 'off'}, "
+        f"{os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     try:

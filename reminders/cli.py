@@ -433,10 +433,10 @@ def demo(folder: str, reset: bool) -> None:
 )
 @click.option(
     "--threads",
-    default=8,
+    default=2,
     show_default=True,
     type=click.IntRange(1, 256),
-    help="requests served at once by each process",
+    help="requests served at once by each process (Python threads)",
 )
 @click.option(
     "--access-log/--no-access-log",
@@ -446,7 +446,7 @@ def demo(folder: str, reset: bool) -> None:
 )
 @pass_app
 def web(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
-    """Serve the webhooks, unsubscribe links, preferences page and /healthz (gunicorn)."""
+    """Serve the webhooks, unsubscribe links, preferences page, checks and /healthz (granian)."""
     from .web.server import serve
 
     serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)

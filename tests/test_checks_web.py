@@ -1,7 +1,8 @@
 """``POST /v1/checks/<name>`` through real HTTP requests to the running web app.
 
 The app is the production one (``reminders.web.create_app``), served on a free loopback port in a
-thread, and once by gunicorn; the shop (SQLite and PostgreSQL) is the one of ``test_checks.py``.
+thread, and once by the production server (``reminders web``); the shop (SQLite and PostgreSQL) is
+the one of ``test_checks.py``.
 """
 
 from __future__ import annotations
@@ -367,8 +368,8 @@ def test_many_concurrent_checkouts_get_their_own_answers(sqlite_server: Server) 
     assert not any(results)
 
 
-def test_served_by_gunicorn_through_reminders_web(tmp_path: Path, web_env: None) -> None:
-    """The production server (``reminders web``: gunicorn, forked gthread workers) answers."""
+def test_served_by_reminders_web(tmp_path: Path, web_env: None) -> None:
+    """The production server (``reminders web``: granian, 2 forked workers) answers."""
     import signal
     import subprocess
     import sys
@@ -389,7 +390,7 @@ def test_served_by_gunicorn_through_reminders_web(tmp_path: Path, web_env: None)
         deadline = time.monotonic() + 60
         while not services.port_open("127.0.0.1", port, 0.2):
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "gunicorn did not start"
+            assert time.monotonic() < deadline, "reminders web did not start"
             time.sleep(0.1)
         server = Server(port, shop.app())
         for _ in range(4):  # both workers, whichever takes the connection

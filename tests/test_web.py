@@ -3,7 +3,7 @@
 The production app (``reminders.web.create_app``) is served on a free loopback port in a thread,
 on SQLite and PostgreSQL state DBs; signatures are made with twilio's own ``RequestValidator``
 against ``web.public_url`` (not the address the app is bound to). Reminders and sent messages are
-rows in the real state DB, as the worker leaves them. The gunicorn-served app is in
+rows in the real state DB, as the worker leaves them. The app served by ``reminders web`` is in
 ``test_web_server.py``.
 """
 

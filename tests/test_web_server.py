@@ -1,4 +1,4 @@
-"""``reminders web``: the app served by gunicorn in a subprocess, as ops run it."""
+"""``reminders web``: the app served by granian in a subprocess, as ops run it."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
         store.engine_for(state_url).dispose()
 
 
-def test_gunicorn_serves_signed_webhooks_and_pages(running: Running) -> None:
+def test_the_server_serves_signed_webhooks_and_pages(running: Running) -> None:
     path = "/webhooks/twilio/inbound"
     params = {"From": PHONE, "To": "+15005550006", "Body": "STOP", "MessageSid": "SM" + "1" * 32}
     signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC + path, params)
@@ -111,7 +111,7 @@ def test_gunicorn_serves_signed_webhooks_and_pages(running: Running) -> None:
     assert "Your reminders from Acme Pharmacy" in page.text
 
 
-def test_gunicorn_refuses_huge_and_malformed_requests(running: Running) -> None:
+def test_the_server_refuses_huge_and_malformed_requests(running: Running) -> None:
     huge = requests.post(
         f"{running.base}/webhooks/twilio/status", data={"x": "y" * 200_000}, timeout=30
     )

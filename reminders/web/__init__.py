@@ -1,12 +1,15 @@
-"""The web endpoint: Twilio webhooks, unsubscribe links, the preferences page, health.
+"""The web endpoint: Twilio webhooks, unsubscribe links, the preferences page, checks, health.
 
 :func:`create_app` builds the Flask app for an engine :class:`~reminders.app.App`; each group of
 paths is a blueprint, so another feature adds its own (``app.register_blueprint``) without
-touching this one. ``reminders web`` serves it with gunicorn (:mod:`reminders.web.server`).
+touching this one. The checkout's checks (``/v1/checks/``) are answered by a lean WSGI app in
+front of Flask (:mod:`reminders.web.checks`). ``reminders web`` serves it all with granian
+(:mod:`reminders.web.server`).
 
 Defaults that keep it safe: request bodies over 64 KiB are refused (413) before anything reads
-them; pages forbid framing, scripts and referrers (the token in their URL is a credential); errors
-answer HTML on customer pages, plain text on webhooks and JSON under ``/v1/``.
+them, paths and queries over 4 KiB too (414); pages forbid framing, scripts and referrers (the
+token in their URL is a credential); errors answer HTML on customer pages, plain text on webhooks
+and JSON under ``/v1/``.
 """
 
 from __future__ import annotations
@@ -15,23 +18,16 @@ import json
 import logging
 
 from flask import Flask, Response, render_template, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestURITooLarge
 from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import links
 from reminders.app import App
 from reminders.errors import ConfigError, Problem
 
-from .context import KEY, engine
-
-MAX_BODY = 64 * 1024  # bytes; Twilio's webhooks are a few KiB, a one-click POST a few bytes
+from .context import KEY, MAX_BODY, MAX_URL, SECURE_HEADERS, engine
 
 log = logging.getLogger(__name__)
-
-_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
 
 __all__ = ["MAX_BODY", "business_name", "create_app", "engine", "error_page"]
 
@@ -72,14 +68,17 @@ def create_app(app: App) -> Flask:
     flask.register_blueprint(twilio.blueprint)
     flask.register_blueprint(pages.blueprint)
     flask.register_blueprint(health.blueprint)
-    flask.register_blueprint(checks.blueprint(app))
-    flask.before_request(_refuse_large_bodies)
+    flask.before_request(_refuse_oversized)
     flask.after_request(_secure_headers)
     flask.register_error_handler(HTTPException, _error)
+    flask.wsgi_app = checks.ChecksEndpoint(app, flask.wsgi_app)  # type: ignore[method-assign]
     return flask
 
 
-def _refuse_large_bodies() -> None:
+def _refuse_oversized() -> None:
+    environ = request.environ
+    if len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) > MAX_URL:
+        raise RequestURITooLarge()
     # Every route, even one that never reads its body: a declared huge body is refused at once.
     length = request.content_length
     if length is not None and length > MAX_BODY:
@@ -88,10 +87,8 @@ def _refuse_large_bodies() -> None:
 
 def _secure_headers(response: Response) -> Response:
     headers = response.headers
-    headers.setdefault("X-Content-Type-Options", "nosniff")
-    headers.setdefault("Referrer-Policy", "no-referrer")
-    headers.setdefault("X-Frame-Options", "DENY")
-    headers.setdefault("Content-Security-Policy", _CSP)
+    for name, value in SECURE_HEADERS:
+        headers.setdefault(name, value)
     if request.path.startswith((links.UNSUBSCRIBE_PATH, links.PREFERENCES_PATH)):
         headers["Cache-Control"] = "no-store"
     return response
@@ -103,6 +100,7 @@ _MESSAGES = {
     404: "There is nothing here. The link may be incomplete: try copying the whole link.",
     405: "This address does not take that kind of request.",
     413: "The request is too large.",
+    414: "This link is too long: it cannot be one of ours.",
 }
 
 

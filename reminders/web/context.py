@@ -7,6 +7,20 @@ from flask import current_app
 from reminders.app import App
 
 KEY = "reminders"
+MAX_BODY = 64 * 1024  # bytes; Twilio's webhooks are a few KiB, a one-click POST a few bytes
+MAX_URL = 4096  # bytes of path and query; the longest link the engine writes is a few hundred
+_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+# On every answer: pages forbid framing, scripts and referrers (a token in their URL is a
+# credential); JSON is never sniffed as something else.
+SECURE_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", _CSP),
+)
 
 
 def engine() -> App:

@@ -1,21 +1,29 @@
-"""``reminders web``: the Flask app served by gunicorn, embedded (no separate config file).
+"""``reminders web``: the Flask app served by granian, embedded (no separate config file).
 
-gthread workers: each worker process runs ``threads`` requests at once, which suits handlers that
-wait on the state DB. The app is built once in the master before forking (a bad config or a
-missing secret stops the command with a clear error), and the state DB's pool is emptied before
-the fork so no worker shares a parent's connection. The access log masks the tokens of customer
+granian parses HTTP in Rust (hyper) and hands each request to the WSGI app on one of ``threads``
+Python threads a worker process. A Python HTTP server (gunicorn's gthread workers) spent about
+1 ms of CPU a request before the app ran, twice the whole cost of a checkout's check; see the
+README's performance section for the figures.
+
+The app is built and checked once in the master before the workers start (a bad config or a
+missing secret stops the command with a clear error); forked workers reuse it, and the state DB's
+pool is emptied first so no worker shares a parent's connection. Where workers are spawned rather
+than forked they build it again from the config file. The access log masks the tokens of customer
 links: they are credentials and name an address.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
 from flask import Flask
-from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+from granian.server import MPServer
 
 from reminders import store
 from reminders.app import App
@@ -23,57 +31,99 @@ from reminders.app import App
 from . import create_app
 
 _TOKEN = re.compile(r"(/(?:unsubscribe|preferences)/)[^/?#\s\"]+")
+ACCESS_FORMAT = '%(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
+# Request headers, request line included, are refused past this (hyper answers 431).
+MAX_HEADER_BYTES = 64 * 1024
+
+# The app built by the master, reused by forked workers (keyed by config file).
+_built: dict[str, Flask] = {}
 
 
-class MaskingLogger(Logger):
-    """gunicorn's logger, with customer-link tokens replaced by ``…`` in the access log."""
+class MaskTokens(logging.Filter):
+    """Replaces the tokens of customer links in access-log lines by ``…``."""
 
-    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
-        atoms: dict[str, Any] = super().atoms(resp, req, environ, request_time)
-        return {k: _TOKEN.sub(r"\1…", v) if isinstance(v, str) else v for k, v in atoms.items()}
-
-
-class Server(BaseApplication):
-    """gunicorn, configured from a dict, serving one already-built WSGI app."""
-
-    def __init__(self, application: Flask, options: dict[str, Any]) -> None:
-        self.application = application
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
-                self.cfg.set(key, value)
-
-    def load(self) -> Flask:
-        return self.application
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict) and isinstance(args.get("path"), str):
+            record.args = {**args, "path": _TOKEN.sub(r"\1…", args["path"])}
+        elif isinstance(record.msg, str):
+            record.msg = _TOKEN.sub(r"\1…", record.msg)
+        return True
 
 
-def options(
-    host: str, port: int, workers: int, threads: int, access_log: bool = True
-) -> dict[str, Any]:
-    """gunicorn settings for ``reminders web``; ``access_log=False`` writes no access log line
-    (about a fifth of the CPU a check request costs), errors are still logged."""
+def log_config(access_log: bool) -> dict[str, Any]:
+    """granian's logging: errors to stdout with a timestamp; access lines masked."""
+    stamp = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     return {
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-        "workers": workers,
-        "worker_class": "gthread",
-        "threads": threads,
-        "timeout": 30,
-        "graceful_timeout": 20,
-        "keepalive": 5,
-        # Request-line and header limits (the body's limit is the app's, 64 KiB).
-        "limit_request_line": 4094,
-        "limit_request_fields": 60,
-        "limit_request_field_size": 8190,
-        "accesslog": "-" if access_log else None,
-        "errorlog": "-",
-        "logger_class": MaskingLogger,
-        "proc_name": "reminders-web",
-        # gunicorn 25+ opens a control socket in the home folder by default: not wanted here.
-        "control_socket_disable": True,
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"mask": {"()": MaskTokens}},
+        "formatters": {
+            "generic": {"format": stamp},
+            "access": {"format": "%(asctime)s [%(process)d] %(message)s"},
+        },
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "generic",
+                "stream": "ext://sys.stdout",
+            },
+            "access": {
+                "class": "logging.StreamHandler",
+                "formatter": "access",
+                "filters": ["mask"],
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            "granian.access": {
+                "handlers": ["access"],
+                "level": "INFO" if access_log else "CRITICAL",
+                "propagate": False,
+            },
+        },
+        "root": {"handlers": ["console"], "level": "INFO"},
     }
+
+
+def load_app(config_file: str) -> Flask:
+    """The WSGI app of a worker: the master's when forked, else built from ``config_file``."""
+    built = _built.get(config_file)
+    if built is None:
+        built = _built[config_file] = create_app(App(config_file))
+    return built
+
+
+def server(
+    config_file: str,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    access_log: bool = True,
+) -> MPServer:
+    """granian serving the app of ``config_file``; ``access_log=False`` writes no line a request
+    (errors are still logged)."""
+    return MPServer(
+        config_file,  # the target, handed to load_app in each worker
+        address=host,
+        port=port,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        blocking_threads=threads,
+        runtime_threads=1,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=30_000, keep_alive=True, max_buffer_size=MAX_HEADER_BYTES
+        ),
+        websockets=False,
+        log_level=LogLevels.info,
+        log_dictconfig=log_config(access_log),
+        log_access=access_log,
+        log_access_format=ACCESS_FORMAT,
+        respawn_failed_workers=True,
+        workers_kill_timeout=20,
+    )
 
 
 def serve(
@@ -81,7 +131,7 @@ def serve(
     host: str,
     port: int,
     workers: int = 2,
-    threads: int = 8,
+    threads: int = 2,
     access_log: bool = True,
 ) -> None:
     """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C)."""
@@ -89,7 +139,11 @@ def serve(
         level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    flask = create_app(app)
+    config_file = os.fspath(app.config.file)
+    _built[config_file] = create_app(app)
     store.ensure_current(app.config.state_url)
-    app.state.dispose()  # the master keeps no connection a forked worker could share
-    Server(flask, options(host, port, workers, threads, access_log)).run()
+    # The master keeps no connection a forked worker could share.
+    app.state.dispose()
+    if "business" in app.__dict__:
+        app.business.dispose()
+    server(config_file, host, port, workers, threads, access_log).serve(target_loader=load_app)
