@@ -32,8 +32,15 @@ def engine_for(url: str, statement_timeout: timedelta | None = None) -> Engine:
     return engine
 
 
-def create_engine(url: str, statement_timeout: timedelta | None = None) -> Engine:
-    """A read-only engine: writes through it fail at the database."""
+def create_engine(
+    url: str, statement_timeout: timedelta | None = None, pre_ping: bool = True
+) -> Engine:
+    """A read-only engine: writes through it fail at the database.
+
+    ``pre_ping``: test each pooled connection with a round trip before use (a server restarted
+    since is noticed before the query). Callers that retry a query on a dropped connection
+    themselves, as checks do, turn it off and save the round trip.
+    """
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -58,10 +65,10 @@ def create_engine(url: str, statement_timeout: timedelta | None = None) -> Engin
         if statement_timeout is not None:
             options += f" -c statement_timeout={int(statement_timeout.total_seconds() * 1000)}"
         return sa.create_engine(
-            url, connect_args={"options": options}, pool_pre_ping=True, pool_size=10
+            url, connect_args={"options": options}, pool_pre_ping=pre_ping, pool_size=10
         )
     if backend in ("mysql", "mariadb"):
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = sa.create_engine(url, pool_pre_ping=pre_ping)
 
         @sa.event.listens_for(engine, "connect")
         def _read_only(dbapi: Any, _record: Any) -> None:

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,37 @@ def test_a_timeout_answers_unknown_and_the_connection_still_works(shop: Shop) ->
         "reason": "the query took longer than 100 ms",
     }
     assert run_check(app, "already-owned", {"customer_id": 7, "sku": "B01"})["duplicate"] is True
+
+
+def test_connections_dropped_by_the_server_are_replaced_without_a_wrong_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checks skip the pool's ping before each query; a dropped connection is retried instead.
+    monkeypatch.setenv("REMINDERS_NOW", NOW)
+    owned = {"customer_id": 7, "sku": "B01"}
+    with services.postgres_database() as url:
+        shop = build_shop(tmp_path, url)
+        app = shop.app()
+        try:
+            with ThreadPoolExecutor(4) as pool:  # several pooled connections, all to be dropped
+                list(pool.map(lambda _: run_check(app, "already-owned", owned), range(16)))
+            admin = shop.writable()
+            with admin.connect() as conn:
+                killed = conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar_one()
+            admin.dispose()
+            assert killed >= 1
+            for _ in range(3):
+                assert run_check(app, "already-owned", owned)["duplicate"] is True
+            assert run_check(app, "already-owned", {"customer_id": 7, "sku": "B02"}) == {
+                "duplicate": False
+            }
+        finally:
+            checks.dispose_engines()
 
 
 def test_a_broken_query_is_an_error_answer_naming_the_check(shop: Shop) -> None:
