@@ -440,9 +440,10 @@ def demo(folder: str, reset: bool) -> None:
 )
 @click.option(
     "--access-log/--no-access-log",
-    default=True,
+    default=False,
     show_default=True,
-    help="write one line a request to stdout (tokens of customer links masked)",
+    help="write one line a request to stdout, tokens of customer links masked (a proxy in "
+    "front usually logs requests already; errors are always logged)",
 )
 @pass_app
 def web(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:

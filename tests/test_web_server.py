@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Running]:
+@contextmanager
+def serving(tmp_path: Path, *options: str) -> Iterator[Running]:
+    """``reminders web`` with ``options``, started, then stopped with SIGTERM."""
     redis_url = services.redis_url(REDIS_DB)  # only pinged by /healthz
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = write_config(tmp_path, state_url, redis_url=redis_url)
@@ -60,7 +62,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
     log = tmp_path / "web.log"
     with open(log, "w") as sink:
         process = subprocess.Popen(
-            [REMINDERS, "-c", str(config), "web", "--port", str(port), "--workers", "2"],
+            [REMINDERS, "-c", str(config), "web", "--port", str(port), "--workers", "2", *options],
             env=_env(),
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -88,6 +90,12 @@ def running(tmp_path: Path) -> Iterator[Running]:
             except subprocess.TimeoutExpired:
                 process.kill()
         store.engine_for(state_url).dispose()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    with serving(tmp_path) as found:
+        yield found
 
 
 def test_the_server_serves_signed_webhooks_and_pages(running: Running) -> None:
@@ -121,15 +129,27 @@ def test_the_server_refuses_huge_and_malformed_requests(running: Running) -> Non
     assert requests.get(f"{running.base}/webhooks/twilio/status", timeout=30).status_code == 405
 
 
-def test_the_access_log_masks_link_tokens_and_stops_on_sigterm(running: Running) -> None:
+def test_the_access_log_masks_link_tokens_and_stops_on_sigterm(tmp_path: Path) -> None:
+    token = pref_token("7")
+    with serving(tmp_path, "--access-log") as running:
+        assert requests.get(f"{running.base}/preferences/{token}", timeout=30).status_code == 200
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(30) == 0
+        output = running.output()
+    assert 'GET /preferences/… HTTP/1.1" 200' in output
+    assert token not in output
+    assert PHONE not in output
+
+
+def test_no_access_log_by_default(running: Running) -> None:
     token = pref_token("7")
     assert requests.get(f"{running.base}/preferences/{token}", timeout=30).status_code == 200
     running.process.send_signal(signal.SIGTERM)
     assert running.process.wait(30) == 0
     output = running.output()
-    assert "GET /preferences/… HTTP/1.1" in output
+    assert "Listening at: http://127.0.0.1:" in output  # the server's own log is there
+    assert "GET /preferences/" not in output
     assert token not in output
-    assert PHONE not in output
 
 
 def test_a_missing_secret_or_public_url_stops_the_command(tmp_path: Path) -> None:

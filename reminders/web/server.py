@@ -101,7 +101,7 @@ def server(
     port: int,
     workers: int,
     threads: int,
-    access_log: bool = True,
+    access_log: bool = False,
 ) -> MPServer:
     """granian serving the app of ``config_file``; ``access_log=False`` writes no line a request
     (errors are still logged)."""
@@ -132,7 +132,7 @@ def serve(
     port: int,
     workers: int = 2,
     threads: int = 2,
-    access_log: bool = True,
+    access_log: bool = False,
 ) -> None:
     """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C)."""
     logging.basicConfig(
