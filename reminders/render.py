@@ -147,7 +147,7 @@ def _locale(ctx: Context) -> Locale:
     for candidate in (_customer_field(ctx, "locale"), ctx.get("default_locale")):
         if isinstance(candidate, str) and candidate and (found := _parse_locale(candidate)):
             return found
-    return Locale.parse("en_US")
+    return _parse_locale("en_US") or Locale.parse("en_US")  # parsed once, not at every date
 
 
 def _zone(ctx: Context) -> ZoneInfo:

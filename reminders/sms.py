@@ -24,6 +24,7 @@ GSM7_BASIC = frozenset(
 )
 # GSM 03.38 extension table: each costs two septets.
 GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
+GSM7_ALL = GSM7_BASIC | GSM7_EXTENSION
 
 GSM7_SINGLE, GSM7_PART = 160, 153
 UCS2_SINGLE, UCS2_PART = 70, 67
@@ -72,16 +73,22 @@ def segments(text: str) -> SegmentInfo:
 
     An empty text is zero parts.
     """
-    offending = "".join(
-        dict.fromkeys(c for c in text if c not in GSM7_BASIC and c not in GSM7_EXTENSION)
-    )
-    encoding: Encoding = "UCS-2" if offending else "GSM-7"
-    sizes = [_units(c, encoding) for c in text]
-    if encoding == "GSM-7":
-        count = _parts(sizes, GSM7_SINGLE, GSM7_PART)
+    present = set(text)
+    if present <= GSM7_ALL:
+        encoding: Encoding = "GSM-7"
+        offending = ""
+        length = len(text) + sum(text.count(c) for c in present & GSM7_EXTENSION)
+        single, per_part = GSM7_SINGLE, GSM7_PART
     else:
-        count = _parts(sizes, UCS2_SINGLE, UCS2_PART)
-    return SegmentInfo(encoding=encoding, segments=count, length=sum(sizes), offending=offending)
+        encoding = "UCS-2"
+        offending = "".join(dict.fromkeys(c for c in text if c not in GSM7_ALL))
+        length = len(text) + sum(text.count(c) for c in present if ord(c) > 0xFFFF)  # surrogates
+        single, per_part = UCS2_SINGLE, UCS2_PART
+    if length <= single:  # one part (or none): no need to pack characters into parts
+        count = 1 if length else 0
+    else:
+        count = _parts([_units(c, encoding) for c in text], single, per_part)
+    return SegmentInfo(encoding=encoding, segments=count, length=length, offending=offending)
 
 
 def describe_offending(info: SegmentInfo) -> str:
