@@ -545,7 +545,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="web worker processes")
     parser.add_argument("--threads", type=int, default=2, help="threads a web worker")
     parser.add_argument(
-        "--access-log", action=argparse.BooleanOptionalAction, default=False, help="a line a request"
+        "--access-log", action=argparse.BooleanOptionalAction, default=False, help="log requests"
     )
     parser.add_argument("--pg", metavar="URL", help="also benchmark PostgreSQL at URL")
     parser.add_argument("--keep", metavar="DIR", help="keep the SQLite business folder here")
