@@ -19,8 +19,9 @@ The provider stub runs in a process of its own, so its parsing does not share a 
 measured. It shares the CPUs, though, where a real provider would not: by default it answers from
 one asyncio thread (about 0.14 ms of CPU a request); ``--stub threaded`` uses the tests' stub
 (``tests/twilio_stub.py``, a thread a connection, about 0.3 ms). Its CPU is printed. The workers
-run as shipped (``channels.sms.concurrency`` 64, ``batch_size`` 100) unless told otherwise. Redis: ``--redis-url`` (default: database 5 of the local server,
-flushed first), or the embedded server with ``--redis-url embedded``.
+run as shipped (``channels.sms.concurrency`` 64, ``batch_size`` 100) unless told otherwise. Redis:
+``--redis-url`` (default: database 5 of the local server, flushed first), or the embedded server
+with ``--redis-url embedded``.
 """
 
 from __future__ import annotations
