@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,63 @@ def test_a_get_is_refused_with_json(sqlite_server: Server) -> None:
     reply = sqlite_server.check("already-owned", raw=b"", method="GET")
     assert reply.status == 405
     assert reply.headers["content-type"].startswith("application/json")
+    assert reply.headers["allow"] == "POST"
+    assert reply.body == {"error": "Method Not Allowed"}
+
+
+def test_answers_are_not_cached_nor_sniffed(sqlite_server: Server) -> None:
+    for reply in (
+        sqlite_server.check("already-owned", OWNED),
+        sqlite_server.check("already-owned", OWNED, key="wrong"),
+    ):
+        assert reply.headers["cache-control"] == "no-store"
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.headers["content-length"] == str(
+            len(json.dumps(reply.body, separators=(",", ":"), ensure_ascii=False).encode())
+        )
+
+
+@pytest.mark.parametrize("path", ["/v1/checks/", "/v1/checks/already-owned/extra"])
+def test_paths_that_name_no_check_are_404(sqlite_server: Server, path: str) -> None:
+    reply = sqlite_server.request(path, OWNED)
+    assert reply.status == 404
+    assert reply.body == {"error": "Not Found"}
+
+
+def test_a_body_over_64_kib_is_refused_unread(sqlite_server: Server) -> None:
+    padding = "x" * (64 * 1024)
+    reply = sqlite_server.check("already-owned", {**OWNED, "padding": padding})
+    assert reply.status == 413
+    assert reply.body == {"error": "Request Entity Too Large"}
+
+
+def test_a_chunked_body_is_read_up_to_the_limit(sqlite_server: Server) -> None:
+    def chunked(body: bytes) -> Reply:
+        conn = http.client.HTTPConnection("127.0.0.1", sqlite_server.port, timeout=60)
+        try:
+            conn.putrequest("POST", "/v1/checks/already-owned")
+            conn.putheader("Authorization", f"Bearer {KEY}")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for start in range(0, len(body), 8192):
+                part = body[start : start + 8192]
+                conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+            response = conn.getresponse()
+            return Reply(response.status, {}, json.loads(response.read()))
+        finally:
+            conn.close()
+
+    assert chunked(json.dumps(OWNED).encode()).body["duplicate"] is True
+    huge = json.dumps({**OWNED, "padding": "x" * (64 * 1024)}).encode()
+    assert chunked(huge).status == 413
+
+
+def test_a_url_over_4_kib_is_refused(sqlite_server: Server) -> None:
+    reply = sqlite_server.check("already-owned?" + "x" * 5000, OWNED)
+    assert reply.status == 414
+    assert reply.body == {"error": HTTPStatus(414).phrase}
 
 
 # --- keys -----------------------------------------------------------------------------------------
