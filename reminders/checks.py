@@ -62,6 +62,8 @@ TYPE_NAMES = {
 # SQLite calls the progress handler every this many virtual-machine instructions (a few
 # microseconds); an indexed lookup finishes before the first call.
 _PROGRESS_EVERY = 1000
+# A query that failed on a dropped connection within this share of its timeout is retried.
+_RETRY_WITHIN = 0.1
 # PostgreSQL: query_canceled (statement_timeout) and lock_not_available (lock_timeout).
 _PG_TIMEOUT_STATES = {"57014", "55P03"}
 
@@ -333,12 +335,16 @@ def _db_message(exc: sa.exc.DBAPIError) -> str:
 def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str, Any] | None:
     """The query's first row, or None. Raises _Timeout past the check's timeout.
 
-    A connection the server dropped (a restart, an idle timeout) is retried once on a new one.
+    A connection the server dropped (a restart, an idle timeout) fails at once; the query is
+    then retried once on a new connection. A failure that took longer is not retried: the
+    checkout's wait stays within the check's timeout.
     """
+    started = time.monotonic()
     try:
         return _query(engine, check, bound)
     except sa.exc.DBAPIError as exc:
-        if not exc.connection_invalidated:
+        quick = time.monotonic() - started < check.timeout.total_seconds() * _RETRY_WITHIN
+        if not (exc.connection_invalidated and quick):
             raise _failure(exc, check, False) from None
     try:
         return _query(engine, check, bound)
@@ -451,7 +457,8 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
         log.warning("check %s: unknown: %s", name, exc)
         return Answer(name, "unknown", reason=str(exc))
     except RuntimeFailure as exc:
-        log.error("check %s: %s", name, exc)
+        said = str(exc)
+        log.error("%s", said if said.startswith(f"check {name}:") else f"check {name}: {said}")
         unreachable = isinstance(exc, ServiceUnavailable)
         return Answer(name, "error", reason=str(exc), unreachable=unreachable)
     if row is None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -426,31 +431,44 @@ def test_many_concurrent_checkouts_get_their_own_answers(sqlite_server: Server) 
     assert not any(results)
 
 
-def test_served_by_reminders_web(tmp_path: Path, web_env: None) -> None:
-    """The production server (``reminders web``: granian, 2 forked workers) answers."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    shop = build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}")
+@contextmanager
+def reminders_web(shop: Shop, log: Path, **env: str) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """``reminders web`` (granian, 2 forked workers of 2 threads) serving ``shop``; output to
+    ``log``; stopped with SIGTERM to its process group."""
     command = str(Path(sys.executable).with_name("reminders"))
     config = ["-c", str(shop.config_path)]
     subprocess.run([command, *config, "db", "upgrade"], check=True, capture_output=True)
     port = services.free_port()
-    proc = subprocess.Popen(
-        [command, *config, "web", "--port", str(port), "--workers", "2", "--threads", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [command, *config, "web", "--port", str(port), "--workers", "2", "--threads", "2"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
     try:
         deadline = time.monotonic() + 60
         while not services.port_open("127.0.0.1", port, 0.2):
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "reminders web did not start"
             time.sleep(0.1)
-        server = Server(port, shop.app())
+        yield Server(port, shop.app()), proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    output = log.read_text()
+    assert "SIGSEGV" not in output
+    assert "Traceback" not in output
+
+
+def test_served_by_reminders_web(tmp_path: Path, web_env: None) -> None:
+    shop = build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}")
+    # Named like a request header: it must not stand in for the header a request lacks.
+    with reminders_web(shop, tmp_path / "web.log", HTTP_AUTHORIZATION=f"Bearer {KEY}") as (
+        server,
+        _proc,
+    ):
         for _ in range(4):  # both workers, whichever takes the connection
             assert server.check("already-owned", OWNED).body["match"]["order_id"] == 101
             assert server.check("already-owned", {"customer_id": 7, "sku": "B02"}).body == {
@@ -458,9 +476,83 @@ def test_served_by_reminders_web(tmp_path: Path, web_env: None) -> None:
             }
             assert server.check("slow", {"customer_id": 7}).body["status"] == "unknown"
         assert server.check("already-owned", OWNED, key="wrong").status == 401
+        assert server.check("already-owned", OWNED, key=None).status == 401
         assert server.check("already-owned", {"customer_id": 7}).status == 422
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        output = proc.communicate(timeout=30)[0].decode()
-    assert "SIGSEGV" not in output
-    assert "Traceback" not in output
+    assert (
+        "ignoring the environment variable HTTP_AUTHORIZATION" in (tmp_path / "web.log").read_text()
+    )
+
+
+def _wait_for(what: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sighup_reloads_the_rules_and_a_broken_reload_keeps_serving(
+    tmp_path: Path, web_env: None
+) -> None:
+    shop = build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}")
+    rules = shop.root / "rules" / "checks.yaml"
+    log = tmp_path / "web.log"
+    with reminders_web(shop, log) as (server, proc):
+
+        def respawned(times: int) -> bool:  # granian replaces the workers one after another
+            return log.read_text().count("Stopped old worker-2") >= times
+
+        assert server.check("owned-again", OWNED).status == 404
+        text = rules.read_text()
+        rules.write_text(text.replace("  - name: slow\n", AGAIN + "  - name: slow\n"))
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: respawned(1))
+        for _ in range(8):  # every worker has the new rules
+            assert server.check("owned-again", OWNED).body["match"]["order_id"] == 101
+
+        rules.write_text("checks: [this is not a check\n")
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: respawned(2))
+        for _ in range(8):  # respawned with the app that was running
+            assert server.check("owned-again", OWNED).body["duplicate"] is True
+            assert server.check("already-owned", OWNED).body["duplicate"] is True
+    output = log.read_text()
+    refused = "reload refused, the running configuration stays: rules/checks.yaml:2: not valid YAML"
+    assert refused in output
+
+
+AGAIN = """\
+  - name: owned-again
+    query: |
+      SELECT order_id FROM owned WHERE customer_id = :customer_id AND sku = :sku LIMIT 1
+    params: {customer_id: int, sku: str}
+"""
+
+
+def test_a_check_name_is_read_as_utf8(sqlite_server: Server) -> None:
+    reply = sqlite_server.check("%C3%A9t%C3%A9", OWNED)
+    assert reply.status == 404
+    assert reply.body["error"] == 'no check named "été"'
+
+
+def test_requests_do_not_carry_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reminders.web.server import WithoutProcessEnvironment
+
+    monkeypatch.setenv("REMINDERS_SECRET", "do-not-leak-this-secret-0123456789")
+    seen: dict[str, Any] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.update(environ)
+        return [b""]
+
+    wrapped = WithoutProcessEnvironment(app)
+    environ = {
+        **os.environ,
+        "PATH_INFO": "/healthz",
+        "REQUEST_METHOD": "GET",
+        "wsgi.version": (1, 0),
+    }
+    wrapped(environ, lambda *a: None)
+    assert seen["PATH_INFO"] == "/healthz"
+    assert seen["wsgi.version"] == (1, 0)
+    assert "REMINDERS_SECRET" not in seen
+    assert not set(seen) & set(os.environ)

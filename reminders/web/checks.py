@@ -102,7 +102,8 @@ class ChecksEndpoint:
         return [data]
 
     def answer(self, environ: WSGIEnvironment, path: str) -> Answer:
-        name = path[len(PREFIX) :]
+        # WSGI hands the path over as latin-1 text of its bytes (PEP 3333); names are UTF-8.
+        name = path[len(PREFIX) :].encode("latin-1", "replace").decode("utf-8", "replace")
         if not name or "/" in name:
             return _standard(404)
         if environ.get("REQUEST_METHOD") != "POST":

@@ -14,21 +14,29 @@ links: they are credentials and name an address.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server import MPServer
 
 from reminders import store
 from reminders.app import App
+from reminders.errors import InputError, RuntimeFailure
 
 from . import create_app
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"(/(?:unsubscribe|preferences)/)[^/?#\s\"]+")
 ACCESS_FORMAT = '%(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
@@ -87,12 +95,73 @@ def log_config(access_log: bool) -> dict[str, Any]:
     }
 
 
-def load_app(config_file: str) -> Flask:
+class WithoutProcessEnvironment:
+    """The app, given each request's WSGI environ without the process's environment variables.
+
+    granian builds every environ from a copy of ``os.environ`` (as CGI did): the secrets
+    (``REMINDERS_SECRET``, ``REMINDERS_API_KEYS``, the Twilio token) would ride along with every
+    request. The variables are read once, when the worker starts.
+    """
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self.app = app
+        self.names = frozenset(os.environ)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        names = self.names
+        return self.app({k: v for k, v in environ.items() if k not in names}, start_response)
+
+
+def load_app(config_file: str) -> WSGIApplication:
     """The WSGI app of a worker: the master's when forked, else built from ``config_file``."""
     built = _built.get(config_file)
     if built is None:
         built = _built[config_file] = create_app(App(config_file))
-    return built
+    return WithoutProcessEnvironment(built)
+
+
+def _request_like(name: str) -> bool:
+    return name.startswith(_CGI_PREFIXES) or name in _CGI_NAMES
+
+
+_CGI_PREFIXES = ("HTTP_", "CONTENT_", "REMOTE_", "SERVER_", "REQUEST_", "wsgi.")
+_CGI_NAMES = frozenset({"PATH_INFO", "QUERY_STRING", "SCRIPT_NAME", "GATEWAY_INTERFACE"})
+
+
+def _drop_request_like_variables() -> None:
+    """Remove environment variables named like request data (``HTTP_AUTHORIZATION``...).
+
+    granian starts each request's environ from the environment: such a variable would stand in
+    for a header or a length the client did not send (``HTTP_PROXY`` is a common one).
+    """
+    for name in [n for n in os.environ if _request_like(n)]:
+        log.warning("ignoring the environment variable %s: it is named like request data", name)
+        del os.environ[name]
+
+
+def _reload(config_file: str) -> None:
+    """On SIGHUP, before the workers are respawned: build the app again from ``config_file``.
+
+    A config, rule or template that does not load keeps the running app (and says why): a
+    reload never takes the endpoint down.
+    """
+    try:
+        app = App(config_file)
+        fresh = create_app(app)
+        store.ensure_current(app.config.state_url)
+    except (InputError, RuntimeFailure) as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return
+    _release(app)
+    _built[config_file] = fresh
+    log.info("reloaded %s", config_file)
+
+
+def _release(app: App) -> None:
+    """Close the master's connections: no forked worker may share a parent's connection."""
+    app.state.dispose()
+    if "business" in app.__dict__:
+        app.business.dispose()
 
 
 def server(
@@ -116,6 +185,7 @@ def server(
         http1_settings=HTTP1Settings(
             header_read_timeout=30_000, keep_alive=True, max_buffer_size=MAX_HEADER_BYTES
         ),
+        http=HTTPModes.http1,  # behind a proxy; HTTP/2 would answer header limits with a reset
         websockets=False,
         log_level=LogLevels.info,
         log_dictconfig=log_config(access_log),
@@ -134,16 +204,19 @@ def serve(
     threads: int = 2,
     access_log: bool = False,
 ) -> None:
-    """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C)."""
+    """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C).
+
+    SIGHUP reloads the config, rules and templates and respawns the workers gracefully.
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _drop_request_like_variables()
     config_file = os.fspath(app.config.file)
     _built[config_file] = create_app(app)
     store.ensure_current(app.config.state_url)
-    # The master keeps no connection a forked worker could share.
-    app.state.dispose()
-    if "business" in app.__dict__:
-        app.business.dispose()
-    server(config_file, host, port, workers, threads, access_log).serve(target_loader=load_app)
+    _release(app)
+    granian = server(config_file, host, port, workers, threads, access_log)
+    granian.on_reload(functools.partial(_reload, config_file))
+    granian.serve(target_loader=load_app)
