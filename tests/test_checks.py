@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -399,6 +400,43 @@ def test_connections_dropped_by_the_server_are_replaced_without_a_wrong_answer(
             }
         finally:
             checks.dispose_engines()
+
+
+def test_a_connection_dropped_mid_query_is_not_retried_past_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REMINDERS_NOW", NOW)
+    with services.postgres_database() as url:
+        shop = build_shop(tmp_path, url, slow_timeout="2s")
+        app = shop.app()
+        admin = shop.writable()
+
+        def drop_the_slow_query() -> None:
+            time.sleep(0.5)
+            with admin.connect() as conn:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND query LIKE '%pg_sleep%' "
+                        "AND pid <> pg_backend_pid()"
+                    )
+                )
+
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                dropping = pool.submit(drop_the_slow_query)
+                started = time.monotonic()
+                answer = run_check(app, "slow", {"customer_id": 7})
+                elapsed = time.monotonic() - started
+                dropping.result()
+        finally:
+            admin.dispose()
+            checks.dispose_engines()
+    # Retried, it would have slept again until the 2 s timeout: the checkout waits no longer
+    # than the check's timeout, and hears that the database went away.
+    assert elapsed < 2.0
+    assert answer["status"] == "error"
+    assert "business DB unreachable" in answer["error"]
 
 
 def test_a_broken_query_is_an_error_answer_naming_the_check(shop: Shop) -> None:
