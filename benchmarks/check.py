@@ -543,7 +543,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="runs of the 8-client measurements")
     parser.add_argument("--workers", type=int, default=2, help="web worker processes")
-    parser.add_argument("--threads", type=int, default=2, help="threads a web worker")
+    parser.add_argument("--threads", type=int, default=4, help="threads a web worker")
     parser.add_argument(
         "--access-log", action=argparse.BooleanOptionalAction, default=False, help="log requests"
     )

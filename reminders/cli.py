@@ -433,7 +433,7 @@ def demo(folder: str, reset: bool) -> None:
 )
 @click.option(
     "--threads",
-    default=2,
+    default=4,
     show_default=True,
     type=click.IntRange(1, 256),
     help="requests served at once by each process (Python threads)",

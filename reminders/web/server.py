@@ -201,7 +201,7 @@ def serve(
     host: str,
     port: int,
     workers: int = 2,
-    threads: int = 2,
+    threads: int = 4,
     access_log: bool = False,
 ) -> None:
     """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C).
