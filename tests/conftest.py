@@ -7,6 +7,10 @@ import pytest
 
 from tests import services
 
+# The SMTP servers, TLS files and Twilio stub fixtures, for every module (registered here, before
+# any test module imports them, so pytest rewrites their asserts).
+pytest_plugins = ["tests.channel_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _no_ambient_clock(monkeypatch: pytest.MonkeyPatch) -> None:

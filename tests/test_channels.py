@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from tests.channel_fixtures import SmtpServer
 
 # prism_url, twilio_stub, smtp_server, smtp_tls_server, smtp_ssl_server, trust_test_ca
-pytest_plugins = ["tests.channel_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FROM = "+15005550006"

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from tests.channel_fixtures import TlsFiles
 
 # tls_files (a self-signed certificate for 127.0.0.1, made with openssl)
-pytest_plugins = ["tests.channel_fixtures"]
 
 FROM = "+15005550006"
 TO = "+14155550100"
