@@ -302,7 +302,7 @@ _texts: dict[str, sa.TextClause] = {}
 def _text(sql: str) -> sa.TextClause:
     clause = _texts.get(sql)
     if clause is None:
-        clause = _texts[sql] = sa.text(sql)
+        clause = _texts[sql] = source.query(sql)
     return clause
 
 

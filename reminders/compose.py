@@ -217,7 +217,7 @@ def run_check(
             f":{', :'.join(sorted(missing))}, which the rule's query does not return"
         )
     try:
-        result = conn.execute(sa.text(rule.check), {k: available[k] for k in wanted})
+        result = conn.execute(source.query(rule.check), {k: available[k] for k in wanted})
         found = result.first() is not None
         result.close()
         return found

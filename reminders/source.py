@@ -85,10 +85,20 @@ def create_engine(
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 
 
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+_COLON_WORD = re.compile(r"(?<![\\:]):(?=\w)")
+
+
 def parameters(sql: str) -> set[str]:
     """The ``:name`` parameters a query uses (``::type`` casts and literals excluded)."""
-    stripped = re.sub(r"'(?:[^']|'')*'", "''", sql)
+    stripped = _LITERAL.sub("''", sql)
     return set(_PARAM.findall(stripped))
+
+
+def query(sql: str) -> sa.TextClause:
+    """A business's query for SQLAlchemy: ``:name`` is a parameter, except inside a quoted
+    string (``'due at :noon'`` stays text, where ``sa.text`` alone would ask for a value)."""
+    return sa.text(_LITERAL.sub(lambda m: _COLON_WORD.sub(r"\\:", m.group(0)), sql))
 
 
 def stream(
@@ -115,7 +125,7 @@ def stream_rows(
         with engine.connect() as conn:
             if engine.dialect.name != "sqlite":  # SQLite has no server-side cursors to ask for
                 conn = conn.execution_options(stream_results=True, yield_per=batch)
-            result = conn.execute(sa.text(sql), dict(params))
+            result = conn.execute(query(sql), dict(params))
             keys = list(result.keys())
             for rows in batches(result, batch):
                 yield keys, rows
@@ -156,7 +166,7 @@ def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -
     """The column names a query returns (runs it, reading no rows)."""
     try:
         with engine.connect() as conn:
-            result = conn.execute(sa.text(sql), dict(params))
+            result = conn.execute(query(sql), dict(params))
             names = list(result.keys())
             result.close()
             return names
