@@ -37,7 +37,9 @@ CHANNEL_NAMES = {"sms": "Text message", "email": "Email"}
 MAX_UPCOMING = 50
 
 
+@blueprint.errorhandler(links.LinkError)
 def _refused(exc: links.LinkError) -> Response:
+    """A forged, altered or expired token in any page's URL: 403 or 404, nothing changed."""
     if exc.expired:
         message = (
             "This link has expired. Use the link in a more recent message from us, or reply "
@@ -58,10 +60,7 @@ def _refused(exc: links.LinkError) -> Response:
 def unsubscribe_page(token: str) -> Response:
     """A page confirming what the link stops, with a button that POSTs. Changes nothing."""
     app = engine()
-    try:
-        target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
-    except links.LinkError as exc:
-        return _refused(exc)
+    target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
     with app.state.connect() as conn:
         done = consent.is_opted_out(conn, target.channel, target.address)
     html = render_template(
@@ -80,10 +79,7 @@ def unsubscribe_page(token: str) -> Response:
 def unsubscribe(token: str) -> Response:
     """RFC 8058 one-click (``List-Unsubscribe=One-Click``) or the page's form: stop the address."""
     app = engine()
-    try:
-        target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
-    except links.LinkError as exc:
-        return _refused(exc)
+    target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
     one_click = request.form.get("List-Unsubscribe") == ONE_CLICK
     if not one_click:
         if "nonce" not in request.form:
@@ -255,24 +251,15 @@ def customer_page(
     return upcoming, kinds
 
 
-def _customer(token: str) -> tuple[App, str] | Response:
+def _customer(token: str) -> tuple[App, str]:
     app = engine()
-    try:
-        customer_id = links.read_preferences(
-            token, now=app.now(), max_age=app.config.web.link_max_age
-        )
-    except links.LinkError as exc:
-        return _refused(exc)
-    return app, customer_id
+    return app, links.read_preferences(token, now=app.now(), max_age=app.config.web.link_max_age)
 
 
 @blueprint.get(f"{links.PREFERENCES_PATH}<token>")
 def preferences_page(token: str) -> Response:
     """The customer's upcoming reminders and on/off switches per rule and channel."""
-    found = _customer(token)
-    if isinstance(found, Response):
-        return found
-    app, customer_id = found
+    app, customer_id = _customer(token)
     with app.state.connect() as conn:
         upcoming, kinds = customer_page(conn, app, customer_id)
     html = render_template(
@@ -289,10 +276,7 @@ def preferences_page(token: str) -> Response:
 @blueprint.post(f"{links.PREFERENCES_PATH}<token>")
 def preferences_save(token: str) -> Response | BaseResponse:
     """Save the switches shown on the page (unchecked boxes are sent as nothing: off)."""
-    found = _customer(token)
-    if isinstance(found, Response):
-        return found
-    app, customer_id = found
+    app, customer_id = _customer(token)
     if "nonce" not in request.form:
         abort(400)
     if not links.check_nonce(token, request.form.get("nonce")):
