@@ -106,6 +106,18 @@ class _Change:
     kind: str = ""  # the Counts field it adds to
     enqueue: bool = False  # send_at is now: enqueue on the new channel's queue at once
 
+    def columns(self, now: datetime) -> dict[str, Any]:
+        """The reminder's columns this change writes (back to pending: off its job, too)."""
+        values: dict[str, Any] = {
+            "status": self.status,
+            "reason": self.reason,
+            "updated_at": now,
+            **self.values,
+        }
+        if self.status == PENDING:
+            values.update(job_id=None, queued_at=None)
+        return values
+
 
 @dataclass
 class _Ready:
@@ -413,18 +425,10 @@ class Delivery:
         with self.app.state.begin() as conn:
             events = []
             for change in changes:
-                values: dict[str, Any] = {
-                    "status": change.status,
-                    "reason": change.reason,
-                    "updated_at": now,
-                    **change.values,
-                }
-                if change.status == PENDING:
-                    values.update(job_id=None, queued_at=None)
                 result = conn.execute(
                     sa.update(r)
                     .where(r.c.id == change.rid, r.c.status == QUEUED, r.c.job_id == job_id)
-                    .values(**values)
+                    .values(**change.columns(now))
                 )
                 if result.rowcount != 1:
                     counts.not_claimed += 1
@@ -581,16 +585,10 @@ class Delivery:
             for stop in optouts:
                 consent.opt_out(conn, now=now, **stop)
             for _item, change in other:
-                values: dict[str, Any] = {
-                    "status": change.status,
-                    "reason": change.reason,
-                    "updated_at": now,
-                    **change.values,
-                }
-                if change.status == PENDING:
-                    values.update(job_id=None, queued_at=None)
                 conn.execute(
-                    sa.update(r).where(r.c.id == change.rid, r.c.status == SENDING).values(**values)
+                    sa.update(r)
+                    .where(r.c.id == change.rid, r.c.status == SENDING)
+                    .values(**change.columns(now))
                 )
                 setattr(counts, change.kind, getattr(counts, change.kind) + 1)
                 if change.enqueue:
