@@ -166,13 +166,14 @@ class EmbeddedRedis:
             f"its log ({log}) ends with:\n{tail}"
         )
 
-    def stop(self) -> bool:
-        """Shut the server down (saving its data); False when none was running."""
+    def stop(self, save: bool = True) -> bool:
+        """Shut the server down (saving its data unless ``save`` is False); False when none was
+        running."""
         if not self.running():
             return False
         client = self._client()
         try:
-            client.shutdown(save=True)
+            client.shutdown(save=save, nosave=not save)
         except (redis.ConnectionError, OSError):
             pass  # the server closes the connection as it exits
         finally:

@@ -234,32 +234,10 @@ def run(
 
 
 def _stop_redis(config: Config) -> None:
-    """Shut the config's embedded Redis down, if it runs; its data is not needed again.
-
-    Not ``EmbeddedRedis.stop``: redis-py retries a SHUTDOWN whose connection the server closed
-    (as it must), with backoff, which costs seconds. One try, no retry.
-    """
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
+    """Shut the config's embedded Redis down, if it runs; its data is not needed again."""
     from reminders import redis_conn
 
-    server = redis_conn.embedded(config)
-    if not server.running():
-        return
-    client = redis.Redis(
-        unix_socket_path=str(server.socket), socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
-    )
-    try:
-        client.shutdown(nosave=True)
-    except (redis.ConnectionError, OSError):
-        pass  # the server closes the connection as it exits
-    finally:
-        client.close()
-    deadline = time.monotonic() + 10
-    while server.socket.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    redis_conn.embedded(config).stop(save=False)
 
 
 def _relative(folder: Path) -> str:
