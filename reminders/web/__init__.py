@@ -25,7 +25,7 @@ from reminders import links
 from reminders.app import App
 from reminders.errors import ConfigError, Problem
 
-from .context import KEY, MAX_BODY, MAX_URL, SECURE_HEADERS, engine
+from .context import KEY, MAX_BODY, SECURE_HEADERS, engine, url_too_long
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def create_app(app: App) -> Flask:
 
 
 def _refuse_oversized() -> None:
-    environ = request.environ
-    if len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) > MAX_URL:
+    if url_too_long(request.environ):
         raise RequestURITooLarge()
     # Every route, even one that never reads its body: a declared huge body is refused at once.
     length = request.content_length

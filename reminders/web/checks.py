@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checks import CheckParamError, ask
 from ..errors import InputError
-from .context import MAX_BODY, MAX_URL, SECURE_HEADERS
+from .context import MAX_BODY, SECURE_HEADERS, url_too_long
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -109,7 +109,7 @@ class ChecksEndpoint:
         if environ.get("REQUEST_METHOD") != "POST":
             status, body, _ = _standard(405)
             return status, body, [("Allow", "POST")]
-        if len(path) + len(environ.get("QUERY_STRING", "")) > MAX_URL:
+        if url_too_long(environ):
             return _standard(414)
         no = refused(environ.get("HTTP_AUTHORIZATION", ""))
         if no is not None:

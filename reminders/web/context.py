@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import current_app
 
 from reminders.app import App
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 KEY = "reminders"
 MAX_BODY = 64 * 1024  # bytes; Twilio's webhooks are a few KiB, a one-click POST a few bytes
@@ -21,6 +26,11 @@ SECURE_HEADERS = (
     ("X-Frame-Options", "DENY"),
     ("Content-Security-Policy", _CSP),
 )
+
+
+def url_too_long(environ: WSGIEnvironment) -> bool:
+    """Whether the request's path and query are over ``MAX_URL`` (answered 414)."""
+    return len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) > MAX_URL
 
 
 def engine() -> App:

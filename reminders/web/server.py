@@ -59,7 +59,7 @@ class MaskTokens(logging.Filter):
         return True
 
 
-def log_config(access_log: bool) -> dict[str, Any]:
+def log_config() -> dict[str, Any]:
     """granian's logging: errors to stdout with a timestamp; access lines masked."""
     stamp = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
     return {
@@ -87,7 +87,7 @@ def log_config(access_log: bool) -> dict[str, Any]:
             "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},
             "granian.access": {
                 "handlers": ["access"],
-                "level": "INFO" if access_log else "CRITICAL",
+                "level": "INFO",  # written only with log_access (--access-log)
                 "propagate": False,
             },
         },
@@ -188,7 +188,7 @@ def server(
         http=HTTPModes.http1,  # behind a proxy; HTTP/2 would answer header limits with a reset
         websockets=False,
         log_level=LogLevels.info,
-        log_dictconfig=log_config(access_log),
+        log_dictconfig=log_config(),
         log_access=access_log,
         log_access_format=ACCESS_FORMAT,
         respawn_failed_workers=True,
