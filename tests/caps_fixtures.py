@@ -20,30 +20,11 @@ import pytest
 
 from reminders import models
 from tests import services
-from tests.rules_fixtures import Project, Result
+from tests.rules_fixtures import Project, Result, config_yaml
 
 REDIS_DB = int(os.environ.get("REMINDERS_TEST_CAPS_REDIS_DB", "10"))
 
-CONFIG = """\
-timezone: America/New_York
-send_window: "09:00-20:00"
-source:
-  url: {source}
-state:
-  url: {state}
-redis:
-  url: {redis}
-rules: rules/
-templates: templates/
-batch_size: {batch_size}
-channels:
-  sms:
-    provider: outbox
-    path: outbox.jsonl
-  email:
-    provider: outbox
-    path: outbox.jsonl
-"""
+CONFIG = config_yaml(redis="{redis}", settings="batch_size: {batch_size}\n")
 
 RULE = """\
   - name: {name}

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from reminders import models
 from tests import services
 from tests.channel_fixtures import Mailbox, SmtpServer, _start
-from tests.rules_fixtures import Project, Result
+from tests.rules_fixtures import SCHEMA, Project, Result, config_yaml, refills_yaml
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
 
 REDIS_DBS = (3, 4, 5)  # the delivery tests' own Redis databases
@@ -37,23 +37,17 @@ SCAN_AT = "2027-03-10T12:00:00Z"  # 07:00 in New York: before the reminders
 SEND_AT = "2027-03-10T15:00:00Z"  # 10:00 EST, when the reminders are due
 SENDER = "+15005550006"
 
-CONFIG = """\
-timezone: America/New_York
-send_window: "09:00-20:00"
-source:
-  url: {source}
-state:
-  url: {state}
-redis:
-  url: {redis}
-rules: rules/
-templates: templates/
+CONFIG = config_yaml(
+    redis="{redis}",
+    settings="""\
 requeue_after: 5m
 batch_size: {batch_size}
 retries:
   max_attempts: {max_attempts}
   backoff: 10s
   max_backoff: 1m
+""",
+    channels="""\
 channels:
   sms:
     provider: twilio
@@ -67,24 +61,10 @@ channels:
     port: {smtp_port}
     from: "Acme Pharmacy <care@example.com>"
     timeout: 5s
-"""
+""",
+)
 
-RULES = """\
-rules:
-  - name: refill-due
-    query: |
-      SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
-             p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
-      FROM prescriptions rx JOIN patients p ON p.id = rx.patient_id
-      WHERE rx.refills_left > 0
-      ORDER BY rx.id
-    occurrence: "{{ rx_id }}"
-    due: runs_out_on
-    offsets: [0d]
-    at: "10:00"
-    channels: [sms, email]
-    template: refill-due
-"""
+RULES = refills_yaml(description=None, offsets="[0d]")
 
 SMS_TEMPLATE = "Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on|date }}.\n"
 EMAIL_TEMPLATE = """\
@@ -92,14 +72,6 @@ EMAIL_TEMPLATE = """\
 {% block text %}Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on|date }}.
 {% endblock %}
 """
-
-SCHEMA = (
-    """CREATE TABLE patients (
-        id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, email TEXT, timezone TEXT)""",
-    """CREATE TABLE prescriptions (
-        id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, drug_name TEXT NOT NULL,
-        runs_out_on DATE, refills_left INTEGER NOT NULL DEFAULT 1)""",
-)
 
 
 def phone_of(number: int) -> str:

@@ -37,15 +37,8 @@ from tests import services
 
 NOW = "2027-03-10T12:00:00Z"
 
-CONFIG = """\
-timezone: America/New_York
-send_window: "09:00-20:00"
-source:
-  url: {source}
-state:
-  url: {state}
-rules: rules/
-templates: templates/
+# Both channels write to one outbox file.
+OUTBOX_CHANNELS = """\
 channels:
   sms:
     provider: outbox
@@ -55,11 +48,44 @@ channels:
     path: outbox.jsonl
 """
 
-# Line numbers matter: tests point at them (offsets is line 12).
-REFILLS = """\
-rules:
-  - name: refill-due
-    description: Text patients 3 days before their prescription runs out.
+
+def config_yaml(
+    source: str = "{source}",
+    state: str = "{state}",
+    *,
+    redis: str | None = None,
+    rules: str = "rules/",
+    templates: str = "templates/",
+    settings: str = "",
+    channels: str = OUTBOX_CHANNELS,
+) -> str:
+    """The tests' ``config.yaml`` text (New York, sending 09:00-20:00); ``settings`` is YAML put
+    between ``templates`` and ``channels``. Left as ``{source}``/``{state}`` by default, to be
+    filled in with ``str.format``."""
+    text = (
+        "timezone: America/New_York\n"
+        'send_window: "09:00-20:00"\n'
+        f"source:\n  url: {source}\nstate:\n  url: {state}\n"
+    )
+    if redis is not None:
+        text += f"redis:\n  url: {redis}\n"
+    return text + f"rules: {rules}\ntemplates: {templates}\n" + settings + channels
+
+
+CONFIG = config_yaml()
+
+
+def refills_yaml(
+    *,
+    description: str | None = "Text patients 3 days before their prescription runs out.",
+    offsets: str = "[-3d, 0d]",
+) -> str:
+    """The ``refill-due`` rule file: each refillable prescription, at 10:00 by SMS and email."""
+    head = "rules:\n  - name: refill-due\n"
+    if description is not None:
+        head += f"    description: {description}\n"
+    return head + (
+        """\
     query: |
       SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
              p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
@@ -68,11 +94,18 @@ rules:
       ORDER BY rx.id
     occurrence: "{{ rx_id }}"
     due: runs_out_on
-    offsets: [-3d, 0d]
+"""
+        f"    offsets: {offsets}\n"
+        """\
     at: "10:00"
     channels: [sms, email]
     template: refill-due
 """
+    )
+
+
+# Line numbers matter: tests point at them (offsets is line 12).
+REFILLS = refills_yaml()
 
 SMS_TEMPLATE = "Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on }}.\n"
 EMAIL_TEMPLATE = """\

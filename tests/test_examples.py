@@ -25,30 +25,19 @@ from reminders import clock, codec, models, sms, store
 from reminders.app import App
 from reminders.demo import RULES, TEMPLATES, data
 from tests import services
+from tests.rules_fixtures import OUTBOX_CHANNELS, config_yaml
 
 REDIS_DB = 8
 NOW = "2027-03-09T15:30:00Z"  # 10:30 in New York
 
-CONFIG = """\
-timezone: America/New_York
-send_window: "09:00-20:00"
-source:
-  url: sqlite:///business.db
-state:
-  url: sqlite:///reminders.db
-redis:
-  url: {redis}
-rules: {rules}
-templates: {templates}
-channels:
-  sms:
-    provider: outbox
-    path: outbox.jsonl
-  email:
-    provider: outbox
-    path: outbox.jsonl
-    from: "Harbor Market <care@example.com>"
-"""
+CONFIG = config_yaml(
+    "sqlite:///business.db",
+    "sqlite:///reminders.db",
+    redis="{redis}",
+    rules="{rules}",
+    templates="{templates}",
+    channels=OUTBOX_CHANNELS + '    from: "Harbor Market <care@example.com>"\n',
+)
 
 
 class Shop:
