@@ -156,14 +156,8 @@ class Notices(Project):
 @pytest.fixture
 def caps_redis() -> Iterator[str]:
     """A flushed Redis database of this suite's own (10), flushed again afterwards."""
-    import redis
-
-    url = services.redis_url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with services.flushed_redis(REDIS_DB) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -22,14 +22,8 @@ def _no_ambient_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A flushed Redis database of the tests' own (db 13), flushed again afterwards."""
-    import redis
-
-    url = services.redis_url(int(os.environ.get("REMINDERS_TEST_REDIS_DB", "13")))
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with services.flushed_redis(int(os.environ.get("REMINDERS_TEST_REDIS_DB", "13"))) as url:
+        yield url
 
 
 @pytest.fixture

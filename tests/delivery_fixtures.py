@@ -237,15 +237,8 @@ def _locked_db() -> Iterator[int]:
 @pytest.fixture
 def delivery_redis() -> Iterator[str]:
     """A flushed Redis database of the delivery tests (3, 4 or 5), flushed afterwards."""
-    import redis
-
-    with _locked_db() as db:
-        url = services.redis_url(db)
-        client = redis.Redis.from_url(url)
-        client.flushdb()
+    with _locked_db() as db, services.flushed_redis(db) as url:
         yield url
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture

@@ -52,6 +52,19 @@ def redis_url(db: int) -> str:
 
 
 @contextmanager
+def flushed_redis(db: int) -> Iterator[str]:
+    """The URL of Redis database ``db``, flushed before and after (the body of a fixture)."""
+    import redis
+
+    url = redis_url(db)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@contextmanager
 def postgres_database() -> Iterator[str]:
     """Create a throw-away PostgreSQL database and yield its SQLAlchemy URL; dropped afterwards."""
     import sqlalchemy as sa
