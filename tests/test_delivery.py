@@ -13,18 +13,8 @@ import sqlalchemy as sa
 
 from reminders import models
 from tests.channel_fixtures import Mailbox, _start
-from tests.delivery_fixtures import (
-    RULES,
-    SEND_AT,
-    Shop,
-    delivery_redis,
-    mailbox_server,
-    shop,
-    stub,
-)
+from tests.delivery_fixtures import RULES, SEND_AT, Shop
 from tests.twilio_stub import INVALID_NUMBER, TOO_MANY_REQUESTS, UNSUBSCRIBED
-
-__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
 
 SMS_ONLY = RULES.replace("channels: [sms, email]", "channels: [sms]")
 EMAIL_ONLY = RULES.replace("channels: [sms, email]", "channels: [email]")

@@ -23,19 +23,8 @@ from rq.job import Job
 from reminders import models
 from tests import services
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import (
-    SEND_AT,
-    Shop,
-    delivery_redis,
-    finish,
-    mailbox_server,
-    shop,
-    stub,
-    wait_until,
-)
+from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
 from tests.twilio_stub import TwilioStub
-
-__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
 
 QUEUE_KEY = "rq:queue:reminders-sms"
 

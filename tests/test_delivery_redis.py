@@ -15,18 +15,8 @@ import redis
 from reminders.errors import ServiceUnavailable
 from reminders.ratelimit import RateLimiter
 from reminders.redis_conn import EmbeddedRedis, _socket_path, server_binary
-from tests.delivery_fixtures import (
-    SEND_AT,
-    Shop,
-    delivery_redis,
-    finish,
-    mailbox_server,
-    shop,
-    stub,
-)
+from tests.delivery_fixtures import SEND_AT, Shop, finish
 from tests.rules_fixtures import Project
-
-__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
 
 
 @pytest.fixture

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from tests.delivery_fixtures import (
-    RULES,
-    SEND_AT,
-    Shop,
-    delivery_redis,
-    mailbox_server,
-    shop,
-    stub,
-)
-
-__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
+from tests.delivery_fixtures import RULES, SEND_AT, Shop
 
 
 def test_preview_renders_each_channel_for_the_first_rows_and_sends_nothing(shop: Shop) -> None:

@@ -10,18 +10,7 @@ from pathlib import Path
 import redis
 
 from reminders.scheduler import LOCK_KEY
-from tests.delivery_fixtures import (
-    SEND_AT,
-    Shop,
-    delivery_redis,
-    finish,
-    mailbox_server,
-    shop,
-    stub,
-    wait_until,
-)
-
-__all__ = ["delivery_redis", "mailbox_server", "shop", "stub"]
+from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
 
 FAST = "scheduler:\n  scan_every: 1s\n  dispatch_every: 1s\n"
 
