@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from werkzeug.serving import make_server
 
 from reminders import checks
 from reminders.app import App
@@ -86,15 +84,10 @@ def serve(shop: Shop) -> Iterator[Server]:
 
     app = App(shop.config_path)
     flask_app = create_app(app)
-    port = services.free_port()
-    server = make_server("127.0.0.1", port, flask_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield Server(port, app)
+        with services.serving(flask_app) as port:
+            yield Server(port, app)
     finally:
-        server.shutdown()
-        thread.join(10)
         checks.dispose_engines()
 
 

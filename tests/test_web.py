@@ -9,7 +9,6 @@ rows in the real state DB, as the worker leaves them. The app served by ``remind
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,6 @@ import pytest
 import requests
 import sqlalchemy as sa
 from twilio.request_validator import RequestValidator
-from werkzeug.serving import make_server
 
 from reminders import codec, links, models, store
 from reminders.app import App
@@ -269,15 +267,10 @@ def serve(app: App, monkeypatch: pytest.MonkeyPatch) -> Iterator[Web]:
     from reminders.web import create_app
 
     flask_app = create_app(app)
-    port = services.free_port()
-    server = make_server("127.0.0.1", port, flask_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield Web(f"http://127.0.0.1:{port}", app, monkeypatch)
+        with services.serving(flask_app) as port:
+            yield Web(f"http://127.0.0.1:{port}", app, monkeypatch)
     finally:
-        server.shutdown()
-        thread.join(10)
         app.state.dispose()
 
 
