@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
@@ -255,18 +254,6 @@ def check_engine(url: str, timeout: timedelta) -> Engine:
     return engine
 
 
-_urls: dict[tuple[str, Path], str] = {}
-
-
-def _source_url(config: Config) -> str:
-    """``config.source_url``, resolved once (it parses the URL: a few % of a check's time)."""
-    key = (config.source.url, config.root)
-    url = _urls.get(key)
-    if url is None:
-        url = _urls[key] = config.source_url
-    return url
-
-
 def _create_engine(url: str, timeout: timedelta) -> Engine:
     # Built on source.create_engine, so a check is read-only exactly as a rule's query is. No
     # ping before each query (a round trip, a quarter of a check's CPU): _first_row retries once
@@ -294,16 +281,6 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose()
         _engines.clear()
-
-
-_texts: dict[str, sa.TextClause] = {}
-
-
-def _text(sql: str) -> sa.TextClause:
-    clause = _texts.get(sql)
-    if clause is None:
-        clause = _texts[sql] = source.query(sql)
-    return clause
 
 
 def _bind(value: Any, dialect: str) -> Any:
@@ -370,7 +347,7 @@ def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str,
             if raw is not None:
                 raw.set_progress_handler(past_deadline, _PROGRESS_EVERY)
             try:
-                row = conn.execute(_text(check.query), bound).mappings().first()
+                row = conn.execute(source.query(check.query), bound).mappings().first()
             finally:
                 if raw is not None:
                     raw.set_progress_handler(None, 0)
@@ -398,14 +375,9 @@ def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception
     return SourceError(f"check {check.name}: the query failed: {message}")
 
 
-_used: dict[str, set[str]] = {}
-
-
 def _engine_params(check: CheckRule, app: App, now: datetime) -> list[tuple[str, Any]]:
     """``:now`` (UTC) and ``:today`` (the config's zone), when the query uses them."""
-    used = _used.get(check.query)
-    if used is None:
-        used = _used[check.query] = source.parameters(check.query)
+    used = source.parameters(check.query)
     found: list[tuple[str, Any]] = []
     if "now" in used:
         found.append(("now", now))
@@ -450,7 +422,7 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     for key, value in _engine_params(check, app, now):
         bound.setdefault(key, value)
     try:
-        engine = check_engine(_source_url(app.config), check.timeout)
+        engine = check_engine(app.config.source_url, check.timeout)
         dialect = engine.dialect.name
         row = _first_row(engine, check, {k: _bind(v, dialect) for k, v in bound.items()})
     except _Timeout as exc:

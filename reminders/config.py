@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import time, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -245,9 +246,9 @@ class Config(_Model):
     def state_url(self) -> str:
         return resolve_url(self.state.url, self.root)
 
-    @property
+    @cached_property
     def source_url(self) -> str:
-        return resolve_url(self.source.url, self.root)
+        return resolve_url(self.source.url, self.root)  # parsed once: every check asks for it
 
     @property
     def rules_path(self) -> Path:

@@ -11,6 +11,7 @@ import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -89,15 +90,22 @@ _LITERAL = re.compile(r"'(?:[^']|'')*'")
 _COLON_WORD = re.compile(r"(?<![\\:]):(?=\w)")
 
 
-def parameters(sql: str) -> set[str]:
-    """The ``:name`` parameters a query uses (``::type`` casts and literals excluded)."""
+@lru_cache(maxsize=512)
+def parameters(sql: str) -> frozenset[str]:
+    """The ``:name`` parameters a query uses (``::type`` casts and literals excluded).
+
+    Cached: a rule's ``check`` query is asked about for every message sent.
+    """
     stripped = _LITERAL.sub("''", sql)
-    return set(_PARAM.findall(stripped))
+    return frozenset(_PARAM.findall(stripped))
 
 
+@lru_cache(maxsize=512)
 def query(sql: str) -> sa.TextClause:
     """A business's query for SQLAlchemy: ``:name`` is a parameter, except inside a quoted
-    string (``'due at :noon'`` stays text, where ``sa.text`` alone would ask for a value)."""
+    string (``'due at :noon'`` stays text, where ``sa.text`` alone would ask for a value).
+
+    Cached, as the same few queries run for every check and every message sent."""
     return sa.text(_LITERAL.sub(lambda m: _COLON_WORD.sub(r"\\:", m.group(0)), sql))
 
 
