@@ -164,15 +164,21 @@ def test_a_job_still_waiting_in_its_queue_is_not_enqueued_again(shop: Shop) -> N
     assert sum(shop.stub.received.values()) == 5
 
 
+def _dequeued_as_started(conn: redis.Redis, worker: str) -> str:
+    """The one job in the queue, taken off it and marked started by ``worker``; its id."""
+    (job_id,) = [j.decode() for j in conn.lrange(QUEUE_KEY, 0, -1)]
+    conn.lrem(QUEUE_KEY, 0, job_id)
+    conn.hset(Job.key_for(job_id), mapping={"status": "started", "worker_name": worker})
+    return job_id
+
+
 def test_a_job_abandoned_by_a_dead_worker_is_enqueued_again(shop: Shop) -> None:
     shop.prepare(4)
     shop.ok("dispatch", now=SEND_AT)
     conn = redis.Redis.from_url(shop.redis_url)
-    (job_id,) = [j.decode() for j in conn.lrange(QUEUE_KEY, 0, -1)]
     # As RQ leaves it when its worker is SIGKILLed after dequeueing, before the job claimed:
     # started, by a worker whose registration has expired.
-    conn.lrem(QUEUE_KEY, 0, job_id)
-    conn.hset(Job.key_for(job_id), mapping={"status": "started", "worker_name": "dead-worker"})
+    job_id = _dequeued_as_started(conn, "dead-worker")
     later = "2027-03-10T15:06:00Z"
     again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
     assert again["requeued"] == 4
@@ -189,9 +195,7 @@ def test_a_job_running_on_a_live_worker_is_left_alone(shop: Shop) -> None:
     shop.prepare(2)
     shop.ok("dispatch", now=SEND_AT)
     conn = redis.Redis.from_url(shop.redis_url)
-    (job_id,) = [j.decode() for j in conn.lrange(QUEUE_KEY, 0, -1)]
-    conn.lrem(QUEUE_KEY, 0, job_id)
-    conn.hset(Job.key_for(job_id), mapping={"status": "started", "worker_name": "busy"})
+    _dequeued_as_started(conn, "busy")
     conn.hset("rq:worker:busy", mapping={"state": "busy"})
     again = shop.ok("dispatch", "--json", now="2027-03-10T15:30:00Z").json_lines()[0]
     assert again["requeued"] == 0
