@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 from reminders import models
 from tests import services
-from tests.rules_fixtures import Project, Result, config_yaml
+from tests.rules_fixtures import Project, Result, config_yaml, made_at
 
 REDIS_DB = int(os.environ.get("REMINDERS_TEST_CAPS_REDIS_DB", "10"))
 
@@ -160,29 +161,19 @@ def caps_redis() -> Iterator[str]:
         yield url
 
 
+def _notices_at(root: Path, backend: str, redis_url: str) -> AbstractContextManager[Notices]:
+    return made_at(root, backend, lambda root, *database: Notices(root, redis_url, *database))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def notices(request: pytest.FixtureRequest, tmp_path: Path, caps_redis: str) -> Iterator[Notices]:
     """The project on SQLite, and with its business and state DB on PostgreSQL."""
-    if request.param == "sqlite":
-        project = Notices(tmp_path, caps_redis)
-        try:
-            yield project
-        finally:
-            project.close()
-        return
-    with services.postgres_database() as url:
-        project = Notices(tmp_path, caps_redis, "postgresql", url)
-        try:
-            yield project
-        finally:
-            project.close()
+    with _notices_at(tmp_path, request.param, caps_redis) as project:
+        yield project
 
 
 @pytest.fixture
 def lite_notices(tmp_path: Path, caps_redis: str) -> Iterator[Notices]:
     """The project on SQLite only (for what does not depend on the database)."""
-    project = Notices(tmp_path, caps_redis)
-    try:
+    with _notices_at(tmp_path, "sqlite", caps_redis) as project:
         yield project
-    finally:
-        project.close()

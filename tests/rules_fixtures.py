@@ -24,10 +24,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -379,22 +379,33 @@ def _insert_sql(table: str, example: Mapping[str, Any]) -> str:
     return f"INSERT INTO {table} ({columns}) VALUES ({values})"
 
 
+P = TypeVar("P", bound=Project)
+
+
 @contextlib.contextmanager
-def project_at(root: Path, backend: str) -> Iterator[Project]:
-    """A project on ``backend`` ("sqlite" or "postgresql", a throw-away database)."""
+def made_at(root: Path, backend: str, make: Callable[..., P]) -> Iterator[P]:
+    """A project made by ``make`` on ``backend``, closed afterwards: ``make(root)`` on SQLite,
+    ``make(root, "postgresql", url)`` on a throw-away PostgreSQL database."""
     if backend == "sqlite":
-        project = Project(root)
+        project = make(root)
         try:
             yield project
         finally:
             project.close()
         return
     with services.postgres_database() as url:
-        project = Project(root, "postgresql", url)
+        project = make(root, "postgresql", url)
         try:
             yield project
         finally:
             project.close()
+
+
+@contextlib.contextmanager
+def project_at(root: Path, backend: str) -> Iterator[Project]:
+    """A project on ``backend`` ("sqlite" or "postgresql", a throw-away database)."""
+    with made_at(root, backend, Project) as project:
+        yield project
 
 
 BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
