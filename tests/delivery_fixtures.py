@@ -66,6 +66,14 @@ channels:
 
 RULES = refills_yaml(description=None, offsets="[0d]")
 
+
+def rules_with_check(query: str) -> str:
+    """``RULES`` with a ``check`` query after the template."""
+    return RULES.replace(
+        "    template: refill-due\n", f"    template: refill-due\n    check: {query}\n"
+    )
+
+
 SMS_TEMPLATE = "Hi {{ first_name }}, your {{ drug_name }} runs out on {{ runs_out_on|date }}.\n"
 EMAIL_TEMPLATE = """\
 {% block subject %}Your {{ drug_name }} runs out soon{% endblock %}

@@ -13,11 +13,12 @@ import sqlalchemy as sa
 
 from reminders import models
 from tests.channel_fixtures import Mailbox, _start
-from tests.delivery_fixtures import RULES, SEND_AT, Shop
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, rules_with_check
 from tests.twilio_stub import INVALID_NUMBER, TOO_MANY_REQUESTS, UNSUBSCRIBED
 
 SMS_ONLY = RULES.replace("channels: [sms, email]", "channels: [sms]")
 EMAIL_ONLY = RULES.replace("channels: [sms, email]", "channels: [email]")
+CHECKED = rules_with_check("SELECT 1 FROM prescriptions WHERE id = :rx_id AND refills_left > 0")
 
 
 def events_of(shop: Shop, rid: int) -> list[tuple[str | None, str, str | None]]:
@@ -240,12 +241,7 @@ def test_a_reminder_past_grace_at_send_time_is_canceled_as_expired(shop: Shop) -
 
 
 def test_a_check_query_without_a_row_cancels(shop: Shop) -> None:
-    checked = RULES.replace(
-        "    template: refill-due\n",
-        "    template: refill-due\n"
-        "    check: SELECT 1 FROM prescriptions WHERE id = :rx_id AND refills_left > 0\n",
-    )
-    shop.configure(rules=checked)
+    shop.configure(rules=CHECKED)
     shop.prepare(3)
     shop.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 2")
     shop.ok("dispatch", now=SEND_AT)
@@ -406,13 +402,6 @@ def test_rqs_own_worker_command_runs_the_jobs_with_the_settings_module(shop: Sho
     assert done.returncode == 0, done.stderr
     assert "reminders-sms" in done.stdout and "reminders-email" in done.stdout  # its queues
     assert shop.statuses() == {"sent": 3}
-
-
-CHECKED = RULES.replace(
-    "    template: refill-due\n",
-    "    template: refill-due\n"
-    "    check: SELECT 1 FROM prescriptions WHERE id = :rx_id AND refills_left > 0\n",
-)
 
 
 def test_an_unreachable_business_db_at_check_time_is_retried_later(shop: Shop) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.delivery_fixtures import RULES, SEND_AT, Shop
+from tests.delivery_fixtures import SEND_AT, Shop, rules_with_check
 
 
 def test_preview_renders_each_channel_for_the_first_rows_and_sends_nothing(shop: Shop) -> None:
@@ -60,10 +60,8 @@ def test_preview_names_a_template_error_and_exits_2(shop: Shop) -> None:
 
 
 def test_preview_shows_an_unusable_address_and_the_check_answer(shop: Shop) -> None:
-    checked = RULES.replace(
-        "    template: refill-due\n",
-        "    template: refill-due\n"
-        "    check: SELECT 1 FROM patients WHERE id = :customer_id AND first_name <> 'Gone'\n",
+    checked = rules_with_check(
+        "SELECT 1 FROM patients WHERE id = :customer_id AND first_name <> 'Gone'"
     )
     shop.configure(rules=checked)
     shop.patients(1, phone="not a number")
