@@ -12,8 +12,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
+# The other redis-py lines the project allows, beside the installed one, for the worker-stop tests
+# (tests/test_worker_stop.py runs a worker with each on PYTHONPATH).
+REDIS_PY := 5.3.1 6.4.0 7.4.1
+
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@for v in $(REDIS_PY); do [ -d $(VENV)/redis-py/$$v/redis ] || \
+		$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/redis-py/$$v "redis==$$v"; done
 
 # Prism serves Twilio's own OpenAPI spec for the contract tests (skipped without npm, required in CI).
 prism:

@@ -18,12 +18,14 @@ Plain ``rq worker -c workers.rq_settings -w reminders.jobs.DeliveryWorker`` runs
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job
 
@@ -124,8 +126,47 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
+# How long the worker's pub/sub thread (RQ's command channel: stop, kill) blocks in one read. RQ
+# asks 60 s; this bounds how long stopping the thread can ever take (see ``unsubscribe``).
+PUBSUB_POLL = 1.0
+PUBSUB_JOIN = 5.0  # seconds to wait for the pub/sub thread at teardown before going on without it
+
+
 class DeliveryWorker(SimpleWorker):
     """An RQ worker that runs jobs in its own process (see the module's note)."""
+
+    def subscribe(self) -> None:
+        """Listen on RQ's command channel with a short poll instead of RQ's 60 s one."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=PUBSUB_POLL, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+    def unsubscribe(self) -> None:
+        """Stop the pub/sub thread at once, whatever redis-py version runs it.
+
+        RQ 2.12 sends UNSUBSCRIBE and only then stops the thread. When the thread reads the reply
+        first, it is no longer subscribed and goes back to waiting up to ``sleep_time`` for a
+        subscription; redis-py 8's ``PubSubWorkerThread.stop()`` joins it without a limit, so the
+        worker took ~60 s to exit after ``--burst`` or SIGTERM (rq PR #2228). Here the thread is
+        told to stop first, without waiting; the UNSUBSCRIBE reply then wakes its read and it
+        exits; the join is bounded.
+        """
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        self.log.info("Worker %s: unsubscribing from %s", self.name, self.pubsub_channel_name)
+        _stop_without_waiting(thread)
+        try:
+            pubsub.unsubscribe()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            # Redis is gone: the thread still ends within PUBSUB_POLL (or its handler's retry).
+            self.log.debug("Worker %s: UNSUBSCRIBE failed: %s", self.name, exc)
+        thread.join(timeout=PUBSUB_JOIN)
+        pubsub.close()
+        self.pubsub_thread = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         global _worker
@@ -134,6 +175,18 @@ class DeliveryWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             _worker = None
+
+
+def _stop_without_waiting(thread: Any) -> None:
+    """Clear a ``PubSubWorkerThread``'s running flag without joining it.
+
+    redis-py 8's ``stop(timeout)`` joins for at most ``timeout``; older versions' ``stop()`` only
+    clears the flag.
+    """
+    if "timeout" in inspect.signature(thread.stop).parameters:
+        thread.stop(timeout=0)
+    else:
+        thread.stop()
 
 
 def run_worker(
