@@ -34,10 +34,11 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import clock, codec, schedule, store
+from . import clock, codec, schedule
 from .compose import customer_of, customer_zone
 from .config import CapsConfig, Config
-from .models import DELIVERED, PENDING, QUEUED, SENDING, SENT, message, reminder
+from .lifecycle import DELIVERED, PENDING, QUEUED, SENDING, SENT, move
+from .models import message, reminder
 from .rules import Rule, RuleSet
 
 DAY, WEEK = "day", "week"
@@ -308,24 +309,18 @@ def enforce(
     held = allot(caps, now, mine, others, used)
     if not held:
         return set()
-    r = reminder
     done: set[int] = set()
-    events = []
-    for item in held:
-        result = conn.execute(
-            sa.update(r)
-            .where(r.c.id == item.id, r.c.status == QUEUED, r.c.job_id == job_id)
-            .values(
-                status=PENDING,
-                send_at=item.send_at,
+    for item in held:  # each its own send time and reason
+        done.update(
+            move(
+                conn,
+                [item.id],
+                source=QUEUED,
+                target=PENDING,
+                now=now,
                 reason=item.reason,
-                job_id=None,
-                queued_at=None,
-                updated_at=now,
+                values={"send_at": item.send_at, "job_id": None, "queued_at": None},
+                where=[reminder.c.job_id == job_id],
             )
         )
-        if result.rowcount == 1:
-            done.add(item.id)
-            events.append((item.id, QUEUED, PENDING, item.reason))
-    store.record(conn, events, now)
     return done

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from . import clock, models, store
+from . import clock, lifecycle, models, store
 from .app import App
 from .errors import InputError, RemindersError, RuntimeFailure
 
@@ -182,7 +182,7 @@ def scan(app: App, rule_name: str | None, as_json: bool) -> None:
 
 @cli.command("list")
 @click.option("--rule", "rule_name", metavar="R")
-@click.option("--status", type=click.Choice(models.STATUSES))
+@click.option("--status", type=click.Choice([s.value for s in lifecycle.STATUSES]))
 @click.option("--customer", metavar="ID", help="one customer's reminders")
 @click.option("--limit", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
@@ -377,8 +377,8 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
 @click.option(
     "--status",
     "from_status",
-    type=click.Choice([models.FAILED, models.SENDING]),
-    default=models.FAILED,
+    type=click.Choice([lifecycle.FAILED.value, lifecycle.SENDING.value]),
+    default=lifecycle.FAILED.value,
     show_default=True,
     help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",
 )

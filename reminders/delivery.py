@@ -40,7 +40,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, schedule, store
+from . import caps, clock, codec, consent, fallback, phone, schedule
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
@@ -55,17 +55,21 @@ from .compose import (
     template_context,
 )
 from .config import Config
+from .dispatch import release
 from .errors import ChannelError, InputError, PermanentError, RuntimeFailure, TemplateError
-from .models import (
+from .lifecycle import (
     CANCELED,
     FAILED,
     PENDING,
     QUEUED,
     SENDING,
     SENT,
-    message,
-    reminder,
+    Status,
+    move,
+    move_each,
+    param,
 )
+from .models import message, reminder
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
 
@@ -100,20 +104,16 @@ class _Change:
     """A status change out of ``queued`` decided before sending."""
 
     rid: int
-    status: str
+    status: Status
     reason: str
     values: dict[str, Any] = field(default_factory=dict)
     kind: str = ""  # the Counts field it adds to
     enqueue: bool = False  # send_at is now: enqueue on the new channel's queue at once
 
-    def columns(self, now: datetime) -> dict[str, Any]:
-        """The reminder's columns this change writes (back to pending: off its job, too)."""
-        values: dict[str, Any] = {
-            "status": self.status,
-            "reason": self.reason,
-            "updated_at": now,
-            **self.values,
-        }
+    def columns(self) -> dict[str, Any]:
+        """The reminder's columns this change writes besides its status and reason (back to
+        pending: off its job, too)."""
+        values = dict(self.values)
         if self.status == PENDING:
             values.update(job_id=None, queued_at=None)
         return values
@@ -420,34 +420,33 @@ class Delivery:
         """Apply the decided changes, each only if the reminder is still queued under this job."""
         if not changes:
             return set()
-        r = reminder
         moved: set[int] = set()
         with self.app.state.begin() as conn:
-            events = []
             for change in changes:
-                result = conn.execute(
-                    sa.update(r)
-                    .where(r.c.id == change.rid, r.c.status == QUEUED, r.c.job_id == job_id)
-                    .values(**change.columns(now))
-                )
-                if result.rowcount != 1:
+                if not move(
+                    conn,
+                    [change.rid],
+                    source=QUEUED,
+                    target=change.status,
+                    now=now,
+                    reason=change.reason,
+                    values=change.columns(),
+                    where=[reminder.c.job_id == job_id],
+                ):
                     counts.not_claimed += 1
                     continue
-                events.append((change.rid, QUEUED, change.status, change.reason))
                 kind = change.kind or {FAILED: "failed", CANCELED: "canceled"}[change.status]
                 setattr(counts, kind, getattr(counts, kind) + 1)
                 if change.enqueue:
                     moved.add(change.rid)
                 if change.status == FAILED:
                     log.warning("reminder %s failed: %s", change.rid, change.reason)
-            store.record(conn, events, now)
         return moved
 
     # -- claim, send, record ------------------------------------------------------------------
 
     def _claim(self, chunk: list[_Ready], job_id: str, counts: Counts) -> list[_Ready]:
         """``queued -> sending`` for this job's reminders; returns those this call won."""
-        r = reminder
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
         with self.app.state.begin() as conn:
@@ -456,39 +455,25 @@ class Delivery:
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}
-            won = {
-                row.id
-                for row in conn.execute(
-                    sa.update(r)
-                    .where(r.c.id.in_(list(by_id)), r.c.status == QUEUED, r.c.job_id == job_id)
-                    .values(status=SENDING, updated_at=now)
-                    .returning(r.c.id)
+            won = set(
+                move(
+                    conn,
+                    list(by_id),
+                    source=QUEUED,
+                    target=SENDING,
+                    now=now,
+                    where=[reminder.c.job_id == job_id],
                 )
-            }
-            store.record(conn, [(i, QUEUED, SENDING, None) for i in sorted(won)], now)
+            )
         counts.not_claimed += len(by_id) - len(won)
         return [item for item in chunk if item.row["id"] in won]
 
     def _release(self, rest: list[_Ready], job_id: str, counts: Counts) -> None:
         """Give unclaimed reminders back to pending (the job ran out of time)."""
-        r = reminder
         now = self.app.now()
         why = "released: the job ran out of time; the next dispatch enqueues it again"
         with self.app.state.begin() as conn:
-            back = [
-                row.id
-                for row in conn.execute(
-                    sa.update(r)
-                    .where(
-                        r.c.id.in_([item.row["id"] for item in rest]),
-                        r.c.status == QUEUED,
-                        r.c.job_id == job_id,
-                    )
-                    .values(status=PENDING, job_id=None, queued_at=None, updated_at=now)
-                    .returning(r.c.id)
-                )
-            ]
-            store.record(conn, [(i, QUEUED, PENDING, why) for i in back], now)
+            back = release(conn, [item.row["id"] for item in rest], job_id, now, why)
         counts.released += len(back)
 
     def _send(
@@ -506,7 +491,6 @@ class Delivery:
         self, items: list[_Ready], results: list[str | ChannelError], counts: Counts
     ) -> set[int]:
         """Record each claimed reminder's outcome; returns those moved to their next channel."""
-        r = reminder
         now = self.app.now()
         sent: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
@@ -519,12 +503,13 @@ class Delivery:
                 keep = row["reason"] if item.index and row["reason"] else None
                 sent.append(
                     {
-                        "rid": row["id"],
-                        "b_at": now,
-                        "b_provider": result,
-                        "b_channel": item.channel,
-                        "b_index": item.index,
-                        "b_reason": keep,
+                        "id": row["id"],
+                        "source": SENDING,
+                        "reason": f"sent by {item.channel}",
+                        "provider": result,
+                        "channel": item.channel,
+                        "index": item.index,
+                        "kept": keep,
                     }
                 )
                 messages.append(
@@ -565,30 +550,35 @@ class Delivery:
         moved: set[int] = set()
         with self.app.state.begin() as conn:
             if sent:
-                conn.execute(
-                    sa.update(r)
-                    .where(r.c.id == sa.bindparam("rid"), r.c.status == SENDING)
-                    .values(
-                        status=SENT,
-                        sent_at=sa.bindparam("b_at"),
-                        provider_id=sa.bindparam("b_provider"),
-                        channel=sa.bindparam("b_channel"),
-                        channel_index=sa.bindparam("b_index"),
-                        reason=sa.bindparam("b_reason"),
-                        attempts=r.c.attempts + 1,
-                        updated_at=sa.bindparam("b_at"),
-                    ),
+                # Claimed by this worker (sending): one executemany for the whole batch.
+                move_each(
+                    conn,
                     sent,
+                    source=SENDING,
+                    target=SENT,
+                    now=now,
+                    values={
+                        "sent_at": now,
+                        "provider_id": param("provider"),
+                        "channel": param("channel"),
+                        "channel_index": param("index"),
+                        "reason": param("kept"),
+                        "attempts": reminder.c.attempts + 1,
+                    },
                 )
                 conn.execute(message.insert(), messages)
                 counts.sent += len(sent)
             for stop in optouts:
                 consent.opt_out(conn, now=now, **stop)
             for _item, change in other:
-                conn.execute(
-                    sa.update(r)
-                    .where(r.c.id == change.rid, r.c.status == SENDING)
-                    .values(**change.columns(now))
+                move(
+                    conn,
+                    [change.rid],
+                    source=SENDING,
+                    target=change.status,
+                    now=now,
+                    reason=change.reason,
+                    values=change.columns(),
                 )
                 setattr(counts, change.kind, getattr(counts, change.kind) + 1)
                 if change.enqueue:
@@ -603,12 +593,6 @@ class Delivery:
                     moved.add(item.row["id"])
                 elif new == FAILED:
                     counts.failed += 1
-            store.record(
-                conn,
-                [(m["rid"], SENDING, SENT, f"sent by {m['b_channel']}") for m in sent]
-                + [(c.rid, SENDING, c.status, c.reason) for _, c in other],
-                now,
-            )
         return moved
 
 

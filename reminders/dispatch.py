@@ -26,11 +26,13 @@ import sqlalchemy as sa
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.worker import Worker
+from sqlalchemy.engine import Connection
 
-from . import redis_conn, store
+from . import redis_conn
 from .config import Config
 from .errors import ServiceUnavailable
-from .models import FAILED, PENDING, QUEUED, SENDING, reminder
+from .lifecycle import FAILED, PENDING, QUEUED, SENDING, move
+from .models import reminder
 from .rules import Rule, RuleSet
 
 log = logging.getLogger(__name__)
@@ -265,27 +267,25 @@ class Dispatcher:
                 size = batch_size(self.config, channel)
                 for start in range(0, len(ids), size):
                     job_id = new_job_id(channel)
-                    condition = [r.c.id.in_(ids[start : start + size]), r.c.status == old_status]
                     if old_status == PENDING:
-                        condition.append(r.c.send_at <= now)
+                        condition = r.c.send_at <= now
                     else:
-                        condition.append(
+                        condition = (
                             r.c.job_id.is_(None) if old_job is None else r.c.job_id == old_job
                         )
-                    taken = [
-                        row.id
-                        for row in conn.execute(
-                            sa.update(r)
-                            .where(*condition)
-                            .values(status=QUEUED, job_id=job_id, queued_at=now, updated_at=now)
-                            .returning(r.c.id)
-                        )
-                    ]
-                    if not taken:
-                        continue  # a concurrent dispatch or scan got there first
-                    taken.sort()
-                    store.record(conn, [(i, old_status, QUEUED, reason) for i in taken], now)
-                    jobs.append((channel, job_id, taken))
+                    taken = move(
+                        conn,
+                        ids[start : start + size],
+                        source=old_status,
+                        target=QUEUED,
+                        now=now,
+                        reason=reason,
+                        keep_reason=True,
+                        values={"job_id": job_id, "queued_at": now},
+                        where=[condition],
+                    )
+                    if taken:  # else a concurrent dispatch or scan got there first
+                        jobs.append((channel, job_id, taken))
         if not jobs:
             return 0
         try:
@@ -323,19 +323,27 @@ class Dispatcher:
 
     def _release(self, jobs: list[tuple[str, str, list[int]]], now: datetime, why: str) -> None:
         """Put reminders whose job never reached Redis back to pending."""
-        r = reminder
         with self.state.begin() as conn:
             for _channel, job_id, ids in jobs:
-                back = [
-                    row.id
-                    for row in conn.execute(
-                        sa.update(r)
-                        .where(r.c.id.in_(ids), r.c.status == QUEUED, r.c.job_id == job_id)
-                        .values(status=PENDING, job_id=None, queued_at=None, updated_at=now)
-                        .returning(r.c.id)
-                    )
-                ]
-                store.record(conn, [(i, QUEUED, PENDING, why) for i in back], now)
+                release(conn, ids, job_id, now, why)
+
+
+def release(
+    conn: Connection, ids: Sequence[int], job_id: str, now: datetime, why: str
+) -> list[int]:
+    """Put reminders still queued under ``job_id`` back to pending (their job will not send
+    them); the reminder keeps its reason, the event says ``why``. Returns the ids released."""
+    return move(
+        conn,
+        ids,
+        source=QUEUED,
+        target=PENDING,
+        now=now,
+        reason=why,
+        keep_reason=True,
+        values={"job_id": None, "queued_at": None},
+        where=[reminder.c.job_id == job_id],
+    )
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -385,26 +393,21 @@ def retry(
         if dry_run or not rows:
             return [row.id for row in rows]
         done: list[int] = []
-        events = []
-        for row in rows:
+        for row in rows:  # each keeps what it was in its reason
             was = f"was {from_status}" + (f": {row.reason}" if row.reason else "")
-            why = f"retry requested by ops ({was})"
-            result = conn.execute(
-                sa.update(r)
-                .where(r.c.id == row.id, r.c.status == from_status)
-                .values(
-                    status=PENDING,
-                    send_at=now,
-                    attempts=0,
-                    channel_index=0,
-                    job_id=None,
-                    queued_at=None,
-                    reason=why,
-                    updated_at=now,
-                )
+            done += move(
+                conn,
+                [row.id],
+                source=from_status,
+                target=PENDING,
+                now=now,
+                reason=f"retry requested by ops ({was})",
+                values={
+                    "send_at": now,
+                    "attempts": 0,
+                    "channel_index": 0,
+                    "job_id": None,
+                    "queued_at": None,
+                },
             )
-            if result.rowcount == 1:
-                done.append(row.id)
-                events.append((row.id, from_status, PENDING, why))
-        store.record(conn, events, now)
     return done

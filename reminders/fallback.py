@@ -1,7 +1,7 @@
 """Channel fallback, in one place: a channel that failed for good hands the reminder to the next.
 
 A permanent error, at send time (the worker, :mod:`reminders.delivery`) or reported later by the
-provider (a status callback, :mod:`reminders.web.twilio`), moves the reminder to its rule's next
+provider (a delivery report, :mod:`reminders.receipts`), moves the reminder to its rule's next
 channel while one is left and the reminder is within its grace: back to ``pending`` on that
 channel, due at once (its send time is kept, so its grace is not extended), the reason kept
 (``...; trying email``). Otherwise it ends in the status the caller names (``failed`` at send time,
@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from . import schedule, store
-from .models import PENDING, reminder
+from . import schedule
+from .lifecycle import PENDING, move
 from .rules import Rule
 
 
@@ -53,19 +53,14 @@ def fall_back(
     in that status (another process moved it first), and nothing changed.
     """
     following = next_channel(rule, rem["channel_index"], rem["send_at"], now)
-    changes: dict[str, Any] = {**(values or {}), "updated_at": now}
+    changes: dict[str, Any] = dict(values or {})
     if following is None:
         new, reason = otherwise, why
     else:
         index, name = following
         new, reason = PENDING, f"{why}; trying {name}"
         changes.update(channel_index=index, channel=name, job_id=None, queued_at=None)
-    result = conn.execute(
-        reminder.update()
-        .where(reminder.c.id == rem["id"], reminder.c.status == status)
-        .values(status=new, reason=reason, **changes)
+    done = move(
+        conn, [rem["id"]], source=status, target=new, now=now, reason=reason, values=changes
     )
-    if result.rowcount != 1:
-        return None
-    store.record(conn, [(rem["id"], status, new, reason)], now)
-    return new
+    return new if done else None

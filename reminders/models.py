@@ -57,13 +57,6 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-# Lifecycle: pending -> queued -> sending -> sent -> delivered | undelivered; canceled; failed.
-PENDING, QUEUED, SENDING, SENT = "pending", "queued", "sending", "sent"
-DELIVERED, UNDELIVERED, CANCELED, FAILED = "delivered", "undelivered", "canceled", "failed"
-STATUSES = (PENDING, QUEUED, SENDING, SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED)
-OPEN = (PENDING, QUEUED)  # what a scan may still move or cancel
-FINAL = (SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED)
-
 reminder = sa.Table(
     f"{PREFIX}reminder",
     metadata,
@@ -75,7 +68,7 @@ reminder = sa.Table(
     # planned_at comes from the due date; send_at is the current send time (deferrals, retries).
     sa.Column("planned_at", UtcDateTime(), nullable=False),
     sa.Column("send_at", UtcDateTime(), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # a lifecycle.Status
     sa.Column("channel", sa.String(16)),
     sa.Column("channel_index", sa.Integer, nullable=False, server_default="0"),
     sa.Column("reason", sa.Text),

@@ -25,7 +25,8 @@ from sqlalchemy.engine import Connection
 
 from . import consent, store
 from .config import Config
-from .models import OPEN, PENDING, inbound, message, reminder
+from .lifecycle import CANCELED, OPEN, PENDING, move
+from .models import inbound, message, reminder
 from .phone import mask
 from .rules import HELP_WORDS, START_WORDS, STOP_WORDS, Rule, RuleSet
 
@@ -185,18 +186,12 @@ def cancel_occurrence(
     conn: Connection, rule: str, occurrence: str, why: str, now: datetime
 ) -> list[int]:
     """Cancel an occurrence's open reminders; returns their ids. Each change is recorded."""
-    canceled = []
-    for row in _open(conn, rule, occurrence):
-        # Conditional on the status read: a worker may be claiming it (queued -> sending).
-        result = conn.execute(
-            reminder.update()
-            .where(reminder.c.id == row.id, reminder.c.status == row.status)
-            .values(status="canceled", reason=why, updated_at=now)
-        )
-        if result.rowcount == 1:
-            store.record(conn, [(row.id, row.status, "canceled", why)], now)
-            canceled.append(row.id)
-    return canceled
+    rows = _open(conn, rule, occurrence)
+    canceled: list[int] = []
+    for status in OPEN:  # conditional on the status read: a worker may be claiming one
+        ids = [row.id for row in rows if row.status == status]
+        canceled += move(conn, ids, source=status, target=CANCELED, now=now, reason=why)
+    return sorted(canceled)
 
 
 def snooze_occurrence(
@@ -210,19 +205,9 @@ def snooze_occurrence(
     """
     for row in _open(conn, rule, occurrence):
         new_time = max(row.send_at, now) + delay
-        result = conn.execute(
-            reminder.update()
-            .where(reminder.c.id == row.id, reminder.c.status == row.status)
-            .values(
-                status=PENDING,
-                send_at=new_time,
-                job_id=None,
-                queued_at=None,
-                reason=why,
-                updated_at=now,
-            )
-        )
-        if result.rowcount == 1:
-            store.record(conn, [(row.id, row.status, PENDING, why)], now)
+        values = {"send_at": new_time, "job_id": None, "queued_at": None}
+        if move(
+            conn, [row.id], source=row.status, target=PENDING, now=now, reason=why, values=values
+        ):
             return new_time
     return None

@@ -6,7 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import clock, consent, models, phone
+from . import clock, consent, lifecycle, models, phone
 
 r = models.reminder
 o = models.optout
@@ -35,22 +35,22 @@ def status_report(app: Any) -> dict[str, Any]:
             counts.setdefault(rule, {})[status] = n
         next_due = conn.execute(
             sa.select(r.c.id, r.c.rule, r.c.send_at)
-            .where(r.c.status == models.PENDING)
+            .where(r.c.status == lifecycle.PENDING)
             .order_by(r.c.send_at, r.c.id)
             .limit(1)
         ).first()
         overdue = conn.execute(
-            sa.select(sa.func.count()).where(r.c.status == models.PENDING, r.c.send_at <= now)
+            sa.select(sa.func.count()).where(r.c.status == lifecycle.PENDING, r.c.send_at <= now)
         ).scalar_one()
         stuck = conn.execute(
             sa.select(r.c.id, r.c.rule, r.c.channel, r.c.updated_at)
-            .where(r.c.status == models.SENDING)
+            .where(r.c.status == lifecycle.SENDING)
             .order_by(r.c.updated_at)
             .limit(20)
         ).all()
         failures = conn.execute(
             sa.select(r.c.id, r.c.rule, r.c.channel, r.c.reason, r.c.updated_at)
-            .where(r.c.status == models.FAILED)
+            .where(r.c.status == lifecycle.FAILED)
             .order_by(r.c.updated_at.desc(), r.c.id.desc())
             .limit(10)
         ).all()
@@ -153,7 +153,7 @@ def _deferred(conn: Any) -> dict[str, Any]:
     )
     pushed = (
         sa.select(kind.label("kind"), r.c.send_at)
-        .where(r.c.status == models.PENDING, r.c.send_at > r.c.planned_at)
+        .where(r.c.status == lifecycle.PENDING, r.c.send_at > r.c.planned_at)
         .subquery()
     )
     by_reason: dict[str, int] = {}
@@ -184,7 +184,7 @@ def _totals(counts: dict[str, dict[str, int]]) -> dict[str, int]:
 def format_status(report: dict[str, Any]) -> str:
     """The report as a readable page."""
     lines = [f"now {report['now']}"]
-    statuses = [s for s in models.STATUSES if s in report["totals"]]
+    statuses = [s for s in lifecycle.STATUSES if s in report["totals"]]
     if not statuses:
         lines.append("no reminders yet (run reminders scan)")
     else:

@@ -37,7 +37,8 @@ from sqlalchemy.engine import Connection, Engine
 from . import codec, consent, schedule, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
-from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
+from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
+from .models import reminder, scan_run, skipped_row
 from .rules import Rule, compile_key, key_columns
 
 MAX_RECORDED_SKIPS = 1000
@@ -638,12 +639,12 @@ def _apply_batch(
             elif current.planned_at != p.planned_at:
                 moves.append(
                     {
-                        "rid": current.id,
+                        "id": current.id,
+                        "source": current.status,
+                        "reason": MOVED,
                         "planned": p.planned_at,
                         "data": p.data,
                         "hash": p.row_hash,
-                        "now": now,
-                        "old": current.status,
                     }
                 )
             else:
@@ -657,33 +658,29 @@ def _apply_batch(
                 ):
                     cancels.append(
                         {
-                            "rid": current.id,
-                            "now": now,
-                            "old": current.status,
-                            "why": f"canceled: offset {offset} is no longer planned for it",
+                            "id": current.id,
+                            "source": current.status,
+                            "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
     counts.created += store.insert_ignoring_conflicts(conn, reminder, inserts)
     if moves:
-        conn.execute(
-            reminder.update()
-            .where(reminder.c.id == sa.bindparam("rid"), _STILL_OPEN)
-            .values(
-                planned_at=sa.bindparam("planned"),
-                send_at=sa.bindparam("planned"),
-                status=PENDING,
-                job_id=None,
-                data=sa.bindparam("data"),
-                row_hash=sa.bindparam("hash"),
-                updated_at=sa.bindparam("now"),
-                reason="moved: the due date changed",
-            ),
+        move_each(
+            conn,
             moves,
+            source=OPEN,
+            target=PENDING,
+            now=now,
+            values={
+                "planned_at": param("planned"),
+                "send_at": param("planned"),
+                "job_id": None,
+                "data": param("data"),
+                "row_hash": param("hash"),
+                "reason": MOVED,
+            },
         )
         counts.moved += len(moves)
-        store.record(
-            conn, [(m["rid"], m["old"], PENDING, "moved: the due date changed") for m in moves], now
-        )
     if refreshes:
         conn.execute(
             reminder.update()
@@ -693,28 +690,19 @@ def _apply_batch(
         )
         counts.unchanged += len(refreshes)
     if cancels:
-        _cancel(conn, cancels)
+        _cancel(conn, cancels, now)
         counts.canceled += len(cancels)
     return number
 
 
-# A condition for the many-row UPDATEs below: ``status.in_(OPEN)`` would be an "expanding"
-# parameter, which SQLAlchemy refuses in an executemany.
-_STILL_OPEN = sa.or_(*(reminder.c.status == s for s in OPEN))
+MOVED = "moved: the due date changed"
 
 
-def _cancel(conn: Connection, cancels: list[dict[str, Any]]) -> None:
-    conn.execute(
-        reminder.update()
-        .where(reminder.c.id == sa.bindparam("rid"), _STILL_OPEN)
-        .values(
-            status=CANCELED, reason=sa.bindparam("why"), job_id=None, updated_at=sa.bindparam("now")
-        ),
-        cancels,
-    )
-    store.record(
-        conn, [(c["rid"], c["old"], CANCELED, c["why"]) for c in cancels], cancels[0]["now"]
-    )
+def _cancel(conn: Connection, cancels: list[dict[str, Any]], now: datetime) -> None:
+    """Cancel open reminders (each row: ``id``, ``source`` status, ``reason``), under the scan's
+    rule lock."""
+    values = {"reason": param("reason"), "job_id": None}
+    move_each(conn, cancels, source=OPEN, target=CANCELED, now=now, values=values)
 
 
 _EXISTING_COLUMNS = (
@@ -803,22 +791,18 @@ def _escape(text: str) -> str:
 
 def _cancel_vanished(conn: Connection, ids: list[int], earliest: datetime, now: datetime) -> int:
     """Cancel the reminders ``ids`` (whose occurrences no row named) that are still open and
-    within grace: the state DB is asked again, so what changed meanwhile is left alone."""
-    why = "canceled: the occurrence is no longer returned by the rule's query"
-    cancels = []
-    for start in range(0, len(ids), _LOOKUP):
-        chunk = ids[start : start + _LOOKUP]
-        query = sa.select(reminder.c.id, reminder.c.status).where(
-            reminder.c.id.in_(chunk),
-            reminder.c.status.in_(OPEN),
-            reminder.c.planned_at >= earliest,
-        )
-        for rid, status in conn.execute(query).all():
-            cancels.append({"rid": rid, "now": now, "old": status, "why": why})
-    if cancels:
-        cancels.sort(key=lambda c: c["rid"])
-        _cancel(conn, cancels)
-    return len(cancels)
+    within grace: each UPDATE is conditional, so what changed meanwhile is left alone."""
+    canceled = move(
+        conn,
+        ids,
+        source=OPEN,
+        target=CANCELED,
+        now=now,
+        reason="canceled: the occurrence is no longer returned by the rule's query",
+        values={"job_id": None},
+        where=[reminder.c.planned_at >= earliest],
+    )
+    return len(canceled)
 
 
 def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) -> list[ScanCounts]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
@@ -128,20 +128,6 @@ def rule_lock(conn: Connection, rule: str) -> Iterator[None]:
     finally:
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         conn.commit()
-
-
-def record(
-    conn: Connection,
-    changes: Iterable[tuple[int, str | None, str, str | None]],
-    at: datetime,
-) -> None:
-    """Record status changes: (reminder id, from status, to status, reason), all at ``at``."""
-    rows = [
-        {"reminder_id": rid, "at": at, "from_status": old, "to_status": new, "reason": why}
-        for rid, old, new, why in changes
-    ]
-    if rows:
-        conn.execute(models.event.insert(), rows)
 
 
 def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:

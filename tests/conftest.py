@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from reminders import store
 from tests import services
 
 # The SMTP servers, TLS files and Twilio stub fixtures, and the delivery project's (``shop``, its
@@ -32,3 +35,24 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database (dropped afterwards)."""
     with services.postgres_database() as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A state DB URL on SQLite and on PostgreSQL, not yet migrated."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'reminders.db'}"
+        yield url
+    else:
+        with services.postgres_database() as url:
+            yield url
+    engine = store._engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture
+def state(state_url: str) -> sa.Engine:
+    """A migrated state DB's engine."""
+    store.upgrade(state_url)
+    return store.engine_for(state_url)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reminders import clock, models
+from reminders import clock, lifecycle, models
 from tests.rules_fixtures import CONFIG, NOW, REFILLS, Project, lite, project, project_at
 
 __all__ = ["lite", "project"]
@@ -142,11 +142,11 @@ def test_status_json(scanned: Project) -> None:
 def test_status_shows_failures_and_stuck_sends(scanned: Project) -> None:
     r = models.reminder
     with scanned.state.begin() as conn:
-        conn.execute(r.update().where(r.c.id == 2).values(status=models.SENDING, channel="sms"))
+        conn.execute(r.update().where(r.c.id == 2).values(status=lifecycle.SENDING, channel="sms"))
         conn.execute(
             r.update()
             .where(r.c.id == 3)
-            .values(status=models.FAILED, channel="email", reason="no email address")
+            .values(status=lifecycle.FAILED, channel="email", reason="no email address")
         )
     (report,) = scanned.ok("status", "--json").json_lines()
     assert report["stuck_sending"] == [

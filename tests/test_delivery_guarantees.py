@@ -20,7 +20,7 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from reminders import models
+from reminders import lifecycle
 from tests import services
 from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
@@ -212,4 +212,4 @@ def test_redis_down_at_dispatch_keeps_reminders_pending(shop: Shop) -> None:
     assert result.code == 1
     assert "Redis" in result.err and "did not answer" in result.err
     assert shop.statuses() == {"pending": 3}
-    assert not [e for e in shop.events() if e["to_status"] == models.QUEUED]
+    assert not [e for e in shop.events() if e["to_status"] == lifecycle.QUEUED]

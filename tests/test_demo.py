@@ -21,7 +21,7 @@ from reminders import clock, phone, sms
 from reminders.config import load_config
 from reminders.demo import data, run
 from reminders.errors import PermanentError
-from reminders.models import CANCELED, FAILED, SENT
+from reminders.lifecycle import CANCELED, FAILED, SENT
 
 NOW = "2027-03-09T17:00:00Z"  # noon in New York, 9:00 in Los Angeles, 17:00 in London
 RULES = {"renewal-due", "refill-due", "bill-due", "duplicate-purchase", "order-follow-up"}

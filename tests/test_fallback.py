@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from reminders import fallback, store
-from reminders.models import FAILED, PENDING, SENDING, SENT, UNDELIVERED, event, reminder
+from reminders.lifecycle import FAILED, PENDING, SENDING, SENT, UNDELIVERED
+from reminders.models import event, reminder
 from reminders.rules import Rule
 
 NOW = datetime(2027, 3, 10, 15, tzinfo=UTC)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from reminders import codec, models
+from reminders import codec, lifecycle, models
 from tests.rules_fixtures import NOW, REFILLS, Project, lite, project
 
 __all__ = ["lite", "project"]
@@ -246,7 +246,7 @@ def test_a_vanished_row_cancels_its_open_reminders_with_the_reason(scanned: Proj
         conn.execute(
             models.reminder.update()
             .where(models.reminder.c.occurrence == "3", models.reminder.c.offset == "-3d")
-            .values(status=models.QUEUED, job_id="job-1")
+            .values(status=lifecycle.QUEUED, job_id="job-1")
         )
     scanned.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 3")
     assert counts(scanned)["canceled"] == 2
@@ -265,7 +265,7 @@ def test_sent_and_final_reminders_are_left_alone(scanned: Project) -> None:
         conn.execute(
             models.reminder.update()
             .where(models.reminder.c.occurrence == "1")
-            .values(status=models.SENT)
+            .values(status=lifecycle.SENT)
         )
     scanned.sql(
         "UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", {"d": scanned.due("2027-03-19")}

@@ -1,41 +1,18 @@
-"""The state DB: engines, migrations, locks, recorded changes, on SQLite and PostgreSQL."""
+"""The state DB: engines, migrations, locks, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from reminders import models, store
+from reminders import lifecycle, models, store
 from reminders.errors import ServiceUnavailable
-from tests import services
 
 T0 = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A state DB URL, not yet migrated."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'reminders.db'}"
-        yield url
-    else:
-        with services.postgres_database() as url:
-            yield url
-    engine = store._engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
-
-
-@pytest.fixture
-def state(state_url: str) -> sa.Engine:
-    """A migrated state DB's engine."""
-    store.upgrade(state_url)
-    return store.engine_for(state_url)
 
 
 def _reminder(occurrence: str, offset: str = "-3d", **extra: object) -> dict[str, object]:
@@ -46,7 +23,7 @@ def _reminder(occurrence: str, offset: str = "-3d", **extra: object) -> dict[str
         "customer_id": "7",
         "planned_at": T0,
         "send_at": T0,
-        "status": models.PENDING,
+        "status": lifecycle.PENDING,
         "data": "{}",
         "row_hash": "h",
         "created_at": T0,
@@ -107,20 +84,6 @@ def test_insert_ignoring_conflicts_counts_only_new_rows(state: sa.Engine) -> Non
             )
         ).all()
     assert [tuple(k) for k in keys] == [("1", "-3d"), ("2", "-3d"), ("3", "-3d"), ("3", "0d")]
-
-
-def test_record_keeps_each_status_change(state: sa.Engine) -> None:
-    with state.begin() as conn:
-        store.insert_ignoring_conflicts(conn, models.reminder, [_reminder("1")])
-        rid = conn.execute(sa.select(models.reminder.c.id)).scalar_one()
-        store.record(conn, [(rid, models.PENDING, models.CANCELED, "canceled: gone")], T0)
-        store.record(conn, [], T0)
-    with state.connect() as conn:
-        events = conn.execute(sa.select(models.event)).mappings().all()
-    assert [(e["reminder_id"], e["from_status"], e["to_status"], e["reason"]) for e in events] == [
-        (rid, "pending", "canceled", "canceled: gone")
-    ]
-    assert events[0]["at"] == T0
 
 
 def test_times_are_stored_and_returned_as_aware_utc(state: sa.Engine) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from reminders import models, store
+from reminders import lifecycle, models, store
 
 
 def test_bulk_insert_and_core_insert_store_the_same_text(tmp_path):
@@ -21,7 +21,7 @@ def test_bulk_insert_and_core_insert_store_the_same_text(tmp_path):
         "customer_id": "1",
         "planned_at": at,
         "send_at": at,
-        "status": models.PENDING,
+        "status": lifecycle.PENDING,
         "data": "{}",
         "row_hash": "x",
         "created_at": at,

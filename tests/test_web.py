@@ -20,7 +20,7 @@ import requests
 import sqlalchemy as sa
 from twilio.request_validator import RequestValidator
 
-from reminders import codec, links, models, store
+from reminders import codec, lifecycle, links, models, store
 from reminders.app import App
 from tests import services
 
@@ -166,7 +166,7 @@ class Web:
         offset: str = "-3d",
         customer_id: str = "7",
         send_at: datetime = NOW,
-        status: str = models.PENDING,
+        status: str = lifecycle.PENDING,
         channel: str | None = None,
         channel_index: int = 0,
         data: dict[str, Any] | None = None,
@@ -209,7 +209,7 @@ class Web:
     ) -> tuple[int, str]:
         """A reminder sent by SMS at ``at`` (as the worker records it); returns (id, MessageSid)."""
         kwargs.setdefault("send_at", at)
-        rid = self.add_reminder(status=models.SENT, channel="sms", **kwargs)
+        rid = self.add_reminder(status=lifecycle.SENT, channel="sms", **kwargs)
         sid = self.sid()
         with self.state.begin() as conn:
             conn.execute(
@@ -224,7 +224,7 @@ class Web:
                     "channel": "sms",
                     "to_address": to,
                     "provider_id": sid,
-                    "status": models.SENT,
+                    "status": lifecycle.SENT,
                     "created_at": at,
                     "updated_at": at,
                 },
@@ -368,7 +368,7 @@ def test_unsigned_and_badly_signed_webhooks_are_refused_and_change_nothing(web: 
         forged = requests.post(web.base + path, data=altered, headers=headers, timeout=30)
         assert forged.status_code == 403
     assert web.snapshot() == before
-    assert web.reminder(rid).status == models.SENT
+    assert web.reminder(rid).status == lifecycle.SENT
 
 
 def test_signature_covers_the_query_string(sqlite_web: Web) -> None:
@@ -409,9 +409,9 @@ def test_wrong_methods_are_405(sqlite_web: Web) -> None:
 def test_delivered_is_recorded_once(web: Web) -> None:
     rid, sid = web.add_sent()
     assert web.status(sid, "sent").status_code == 204
-    assert web.reminder(rid).status == models.SENT
+    assert web.reminder(rid).status == lifecycle.SENT
     assert web.status(sid, "delivered").status_code == 204
-    assert web.reminder(rid).status == models.DELIVERED
+    assert web.reminder(rid).status == lifecycle.DELIVERED
     (msg,) = web.rows(models.message)
     assert msg.status == "delivered"
     events = web.events(rid)
@@ -421,7 +421,7 @@ def test_delivered_is_recorded_once(web: Web) -> None:
         assert (
             web.status(sid, state, "30005" if state == "undelivered" else None).status_code == 204
         )
-    assert web.reminder(rid).status == models.DELIVERED
+    assert web.reminder(rid).status == lifecycle.DELIVERED
     assert len(web.events(rid)) == 1
     assert web.rows(models.optout) == []
 
@@ -431,7 +431,7 @@ def test_30005_suppresses_the_number_and_falls_back_to_email(web: Web) -> None:
     other, other_sid = web.add_sent(occurrence="rx-2", customer_id="8", to=OTHER_PHONE)
     assert web.status(sid, "undelivered", "30005").status_code == 204
     row = web.reminder(rid)
-    assert (row.status, row.channel, row.channel_index) == (models.PENDING, "email", 1)
+    assert (row.status, row.channel, row.channel_index) == (lifecycle.PENDING, "email", 1)
     assert "30005" in row.reason and "trying email" in row.reason
     assert row.send_at == NOW - timedelta(hours=1)  # due at once; its grace is not extended
     (stopped,) = web.rows(models.optout)
@@ -448,7 +448,7 @@ def test_30005_suppresses_the_number_and_falls_back_to_email(web: Web) -> None:
     before = web.snapshot()
     assert web.status(sid, "undelivered", "30005").status_code == 204
     assert web.snapshot() == before
-    assert web.reminder(other).status == models.SENT
+    assert web.reminder(other).status == lifecycle.SENT
     assert other_sid != sid
 
 
@@ -456,7 +456,7 @@ def test_30005_past_grace_is_undelivered_and_still_suppresses(web: Web) -> None:
     rid, sid = web.add_sent(at=NOW - timedelta(days=2))
     assert web.status(sid, "failed", "30006").status_code == 204
     row = web.reminder(rid)
-    assert row.status == models.UNDELIVERED
+    assert row.status == lifecycle.UNDELIVERED
     assert "30006" in row.reason
     assert [o.source for o in web.rows(models.optout)] == ["30006"]
 
@@ -464,14 +464,14 @@ def test_30005_past_grace_is_undelivered_and_still_suppresses(web: Web) -> None:
 def test_last_channel_undelivered_stays_undelivered(web: Web) -> None:
     rid, sid = web.add_sent(channel_index=1)  # nothing after it in [sms, email]
     assert web.status(sid, "undelivered", "30005").status_code == 204
-    assert web.reminder(rid).status == models.UNDELIVERED
+    assert web.reminder(rid).status == lifecycle.UNDELIVERED
 
 
 def test_other_error_codes_are_recorded_without_suppressing(web: Web) -> None:
     rid, sid = web.add_sent()
     assert web.status(sid, "undelivered", "30003").status_code == 204
     row = web.reminder(rid)
-    assert row.status == models.UNDELIVERED
+    assert row.status == lifecycle.UNDELIVERED
     assert "30003" in row.reason
     (msg,) = web.rows(models.message)
     assert (msg.status, msg.error_code) == ("undelivered", "30003")
@@ -549,7 +549,7 @@ def test_done_cancels_the_occurrences_open_reminders(web: Web) -> None:
     sent, _ = web.add_sent(offset="-3d")
     later = web.add_reminder(offset="0d", send_at=NOW + timedelta(days=3))
     queued = web.add_reminder(
-        offset="-1d", send_at=NOW + timedelta(days=2), status=models.QUEUED, channel="sms"
+        offset="-1d", send_at=NOW + timedelta(days=2), status=lifecycle.QUEUED, channel="sms"
     )
     other = web.add_reminder(occurrence="rx-2", offset="0d", send_at=NOW + timedelta(days=3))
     sid = web.sid()
@@ -558,11 +558,11 @@ def test_done_cancels_the_occurrences_open_reminders(web: Web) -> None:
     assert "<Message>Thanks!" in reply.text
     for rid in (later, queued):
         row = web.reminder(rid)
-        assert row.status == models.CANCELED
+        assert row.status == lifecycle.CANCELED
         assert row.reason == "done: replied DONE"
         assert [(e.from_status, e.to_status) for e in web.events(rid)][-1][1] == "canceled"
-    assert web.reminder(other).status == models.PENDING
-    assert web.reminder(sent).status == models.SENT
+    assert web.reminder(other).status == lifecycle.PENDING
+    assert web.reminder(sent).status == lifecycle.SENT
     (received,) = web.rows(models.inbound)
     assert (received.action, received.reminder_id) == ("done", sent)
     before = web.snapshot()
@@ -583,7 +583,7 @@ def test_snooze_moves_the_next_open_reminder_once(web: Web) -> None:
     moved = web.reminder(nearest)
     assert moved.send_at == NOW + timedelta(days=3)
     assert moved.planned_at == NOW + timedelta(days=2)  # a rescan compares planned times
-    assert moved.status == models.PENDING and moved.reason == "snoozed: replied LATER"
+    assert moved.status == lifecycle.PENDING and moved.reason == "snoozed: replied LATER"
     assert web.reminder(farthest).send_at == NOW + timedelta(days=3)
     assert len(web.events(nearest)) == 1
     web.inbound("later", sid=sid)  # Twilio's retry
@@ -594,11 +594,12 @@ def test_snooze_moves_the_next_open_reminder_once(web: Web) -> None:
 def test_snooze_of_an_overdue_reminder_counts_from_now(sqlite_web: Web) -> None:
     sqlite_web.add_sent()
     due = sqlite_web.add_reminder(
-        offset="0d", send_at=NOW - timedelta(minutes=5), status=models.QUEUED, channel="sms"
+        offset="0d", send_at=NOW - timedelta(minutes=5), status=lifecycle.QUEUED, channel="sms"
     )
     sqlite_web.inbound("LATER")
     row = sqlite_web.reminder(due)
-    assert (row.status, row.send_at, row.job_id) == (models.PENDING, NOW + timedelta(days=1), None)
+    expected = (lifecycle.PENDING, NOW + timedelta(days=1), None)
+    assert (row.status, row.send_at, row.job_id) == expected
 
 
 def test_keywords_apply_to_the_most_recent_message_to_that_number(web: Web) -> None:
@@ -611,9 +612,9 @@ def test_keywords_apply_to_the_most_recent_message_to_that_number(web: Web) -> N
     )
     web.add_sent(occurrence="rx-3", customer_id="8", to=OTHER_PHONE, at=NOW)
     web.inbound("DONE")
-    assert web.reminder(recent).status == models.CANCELED
-    assert web.reminder(old).status == models.PENDING
-    assert web.reminder(someone_else).status == models.PENDING
+    assert web.reminder(recent).status == lifecycle.CANCELED
+    assert web.reminder(old).status == lifecycle.PENDING
+    assert web.reminder(someone_else).status == lifecycle.PENDING
 
 
 def test_unknown_words_get_the_list_of_keywords(web: Web) -> None:
@@ -631,7 +632,7 @@ def test_a_rule_keyword_from_a_number_never_texted_changes_nothing(web: Web) -> 
     reply = web.inbound("DONE", number=OTHER_PHONE)
     assert reply.status_code == 200
     assert "Reply HELP for help, or STOP to opt out." in reply.text
-    assert web.reminder(pending).status == models.PENDING
+    assert web.reminder(pending).status == lifecycle.PENDING
 
 
 # --- unsubscribe ---------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from reminders import clock, codec, phone, store
 from reminders.app import App
 from reminders.config import Config
 from reminders.errors import InputError, Problem
-from reminders.models import CANCELED, FAILED, PENDING, SENT, reminder
+from reminders.lifecycle import CANCELED, FAILED, PENDING, SENT
+from reminders.models import reminder
 
 from . import RULES, TEMPLATES, data
 

@@ -22,7 +22,8 @@ from werkzeug.wrappers import Response as BaseResponse
 from reminders import codec, consent, links, phone, schedule
 from reminders.app import App
 from reminders.errors import PermanentError
-from reminders.models import OPEN, reminder
+from reminders.lifecycle import OPEN
+from reminders.models import reminder
 from reminders.rules import Rule
 
 from . import business_name, error_page

@@ -10,12 +10,8 @@ See https://www.twilio.com/docs/usage/security#validating-requests.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
-from typing import Any
 
-import sqlalchemy as sa
 from flask import Blueprint, Response, abort, request
-from sqlalchemy.engine import Connection
 from twilio.request_validator import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -24,25 +20,14 @@ from twilio.request_validator import (
 )
 from twilio.twiml.messaging_response import MessagingResponse
 
-from reminders import consent, fallback, replies, store
-from reminders.models import DELIVERED, PENDING, SENT, UNDELIVERED, message, reminder
-from reminders.phone import mask
-from reminders.rules import RuleSet
+from reminders import replies
+from reminders.receipts import FINAL_REPORTS, apply_report
 
 from .context import engine
 
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("twilio", __name__, url_prefix="/webhooks/twilio")
-
-# Permanent delivery errors: the number cannot take texts. It is suppressed, and the reminder
-# falls back to its next channel. https://www.twilio.com/docs/api/errors/30005 (and 30004, 30006)
-DEAD_NUMBER = {
-    "30004": "message blocked",
-    "30005": "unknown destination handset",
-    "30006": "landline or unreachable carrier",
-}
-_FINAL = ("delivered", "undelivered", "failed")
 
 
 def _verify() -> None:
@@ -70,18 +55,18 @@ def _fields(*names: str) -> list[str]:
 
 @blueprint.post("/status")
 def status() -> Response:
-    """A delivery report: update the message and its reminder."""
+    """A delivery report: verified and parsed here, applied by :mod:`reminders.receipts`."""
     _verify()
     sid, state = _fields("MessageSid", "MessageStatus")
     code = (request.form.get("ErrorCode") or "").strip()[:32] or None
     state = state.strip().lower()
-    if state not in _FINAL:
+    if state not in FINAL_REPORTS:
         # queued, sending, sent, ...: two of every message's three reports; nothing to record,
         # so no transaction (on SQLite every write transaction takes the database's one lock).
         return Response(status=204)
     app = engine()
     with app.state.begin() as conn:
-        outcome = apply_status(conn, app.ruleset, sid, state, code, app.now())
+        outcome = apply_report(conn, app.ruleset, sid, state, code, app.now())
     log.info("status %s for %s: %s", state, sid, outcome)
     return Response(status=204)
 
@@ -98,79 +83,3 @@ def inbound() -> Response:
     if answer.text:
         twiml.message(answer.text)
     return Response(str(twiml), mimetype="application/xml")
-
-
-def apply_status(
-    conn: Connection,
-    ruleset: RuleSet,
-    sid: str,
-    state: str,
-    code: str | None,
-    now: datetime,
-) -> str:
-    """Apply one status callback; returns what it did (for the log).
-
-    A final report (delivered, undelivered, failed) is applied once; reports that arrive late or
-    twice, and intermediate ones (queued, sent, ...), change nothing. An undelivered or failed
-    report with a dead-number code suppresses the number and falls back to the next channel.
-    """
-    found = conn.execute(
-        sa.select(message)
-        .where(message.c.provider_id == sid, message.c.channel == "sms")
-        .order_by(message.c.id.desc())
-        .limit(1)
-    ).first()
-    if found is None:
-        return "unknown message"
-    if found.status in _FINAL:
-        return f"already {found.status}"
-    if state not in _FINAL:
-        return "intermediate status, nothing to do"
-    changed = conn.execute(
-        message.update()
-        .where(message.c.id == found.id, message.c.status == found.status)
-        .values(status=state, error_code=code, updated_at=now)
-    )
-    if changed.rowcount != 1:
-        return "already updated"
-    rem = conn.execute(sa.select(reminder).where(reminder.c.id == found.reminder_id)).first()
-    if rem is None:
-        return "message updated; its reminder is gone"
-    if code in DEAD_NUMBER:
-        why = f"Twilio {code}: {DEAD_NUMBER[code]}"
-        consent.opt_out(conn, "sms", found.to_address, code, why, now, rem.customer_id)
-        log.info("suppressed %s for sms: %s", mask(found.to_address), why)
-    if rem.status != SENT or rem.channel != "sms":
-        return f"message {state}; reminder {rem.status}, left alone"
-    if state == "delivered":
-        _move(conn, rem, DELIVERED, None, now)
-        return "delivered"
-    why = f"sms {state}" + (
-        f" (Twilio {code}: {DEAD_NUMBER.get(code, 'see Twilio')})" if code else ""
-    )
-    if code in DEAD_NUMBER:
-        # As for a permanent error at send time: the next channel while within grace.
-        rule = next((r for r in ruleset.rules if r.name == rem.rule), None)
-        new = fallback.fall_back(
-            conn, rem._mapping, rule, why, now, status=rem.status, otherwise=UNDELIVERED
-        )
-        if new == PENDING:
-            following = rule.channels[rem.channel_index + 1] if rule else "?"
-            return f"falls back to {following}"
-        return "undelivered" if new else "already updated"
-    _move(conn, rem, UNDELIVERED, why, now)
-    return "undelivered"
-
-
-def _move(conn: Connection, rem: Any, status: str, why: str | None, now: datetime) -> bool:
-    values: dict[str, Any] = {"status": status, "updated_at": now}
-    if why is not None:
-        values["reason"] = why
-    result = conn.execute(
-        reminder.update().where(reminder.c.id == rem.id, reminder.c.status == rem.status),
-        values,
-    )
-    if result.rowcount == 1:
-        store.record(conn, [(rem.id, rem.status, status, why)], now)
-        return True
-    return False
