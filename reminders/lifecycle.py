@@ -56,11 +56,11 @@ FINAL = frozenset({SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED})  # a scan le
 
 # Each status and the statuses a reminder may go to from it.
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    # dispatched; moved or snoozed (a new send time); canceled; failed before sending (no channel
-    # left, a template error)
-    PENDING: frozenset({QUEUED, PENDING, CANCELED, FAILED}),
+    # dispatched; moved or snoozed (a new send time); canceled
+    PENDING: frozenset({QUEUED, PENDING, CANCELED}),
     # claimed; enqueued again (its job was lost); back to pending (deferred by quiet hours or caps,
     # released unsent, retried, moved to another channel, moved or snoozed); canceled; failed
+    # before sending (no channel left, a template error)
     QUEUED: frozenset({SENDING, QUEUED, PENDING, CANCELED, FAILED}),
     # accepted by the provider; retried or moved to the next channel; failed for good; ops' retry
     SENDING: frozenset({SENT, PENDING, FAILED}),
