@@ -135,6 +135,15 @@ PUBSUB_JOIN = 5.0  # seconds to wait for the pub/sub thread at teardown before g
 class DeliveryWorker(SimpleWorker):
     """An RQ worker that runs jobs in its own process (see the module's note)."""
 
+    stop_requested = False  # SIGTERM/SIGINT arrived: ``work()`` ended because it was asked to
+    # RQ retries a dequeue that finds Redis gone, doubling its wait up to this (RQ: 60 s): a
+    # worker notices a Redis that came back within this many seconds.
+    max_connection_wait_time = 10.0
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)
+
     def subscribe(self) -> None:
         """Listen on RQ's command channel with a short poll instead of RQ's 60 s one."""
         self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
@@ -208,10 +217,47 @@ def run_worker(
     work = get_delivery(connection)
     work.open()
     app.ruleset  # noqa: B018 - load and validate the rules now, not in the first job
-    worker = DeliveryWorker(
-        [Queue(q, connection=connection) for q in queues], connection=connection, name=name
-    )
+    worked = False
+    wait = RECONNECT_FIRST
     try:
-        return bool(worker.work(burst=burst, max_jobs=max_jobs, logging_level=logging_level))
+        while True:
+            worker = DeliveryWorker(
+                [Queue(q, connection=connection) for q in queues], connection=connection, name=name
+            )
+            started = time.monotonic()
+            try:
+                worked |= bool(
+                    worker.work(burst=burst, max_jobs=max_jobs, logging_level=logging_level)
+                )
+            except redis.RedisError as exc:  # RQ's teardown itself needs Redis
+                log.warning("worker %s: Redis failed while stopping: %s", worker.name, exc)
+            if burst or max_jobs is not None or worker.stop_requested:
+                return worked
+            # A serving worker's loop ends unasked only on an error RQ does not retry (Redis
+            # gone mid-command, a Redis timeout): wait for Redis and serve again, rather than
+            # exit and leave the queues to whatever restarts processes.
+            if time.monotonic() - started > RECONNECT_CAP:
+                wait = RECONNECT_FIRST  # it served a while: start the backoff over
+            log.warning("worker %s stopped unasked; serving again once Redis answers", worker.name)
+            wait = _wait_for_redis(connection, wait)
     finally:
         work.close()
+
+
+RECONNECT_FIRST = 1.0  # seconds before the first reconnection attempt
+RECONNECT_CAP = DeliveryWorker.max_connection_wait_time  # the longest wait between attempts
+
+
+def _wait_for_redis(connection: redis.Redis, wait: float) -> float:
+    """Sleep ``wait`` seconds, then PING until Redis answers, doubling the wait up to
+    ``RECONNECT_CAP`` (logged at each attempt); returns the next wait."""
+    while True:
+        time.sleep(wait)
+        wait = min(wait * 2, RECONNECT_CAP)
+        try:
+            connection.ping()
+        except redis.RedisError as exc:
+            log.warning("Redis does not answer (%s); next attempt in %.0f s", exc, wait)
+            continue
+        log.info("Redis answers again")
+        return wait

@@ -1,4 +1,5 @@
-"""A worker stops at once: after its last job with ``--burst``, and on SIGTERM when idle.
+"""A worker stops at once: after its last job with ``--burst``, and on SIGTERM when idle; and
+it does not stop when Redis goes away.
 
 With redis-py 8 and RQ 2.12 a worker used to need ~60 s to exit whenever its pub/sub thread read
 the UNSUBSCRIBE reply before being told to stop (see ``DeliveryWorker.unsubscribe``). The child
@@ -11,6 +12,7 @@ under 2 s) and far below the 60 s of the bug, so machine noise cannot flip it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +50,11 @@ def redis_py(request: pytest.FixtureRequest) -> str | None:
 @pytest.fixture
 def project(tmp_path: Path, redis_url: str) -> Path:
     """The refill rule's project (no business data needed) with its queues in the tests' Redis."""
+    return make_project(tmp_path, redis_url)
+
+
+def make_project(tmp_path: Path, redis_url: str) -> Path:
+    """Write the refill rule's project in ``tmp_path`` and create its state DB."""
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "refills.yaml").write_text(REFILLS)
     (tmp_path / "templates").mkdir()
@@ -121,3 +128,66 @@ def test_an_idle_worker_exits_right_after_sigterm(
     assert code == 0, err
     assert not Worker.all(connection=client)  # it went through RQ's teardown, not a crash
     assert took < STOP_BOUND, f"the worker took {took:.1f} s to exit after SIGTERM\n{err}"
+
+
+def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        services.unavailable("redis-server is not on PATH")
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: services.port_open("127.0.0.1", port), timeout=30)
+    return server
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-job"])
+def test_a_worker_outlives_redis_and_serves_again_when_it_returns(
+    tmp_path: Path, when: str
+) -> None:
+    """Idle, RQ's own dequeue retries; mid-job, RQ's loop ends and the engine serves again."""
+    port = services.free_port()
+    server = _redis_server(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    root = tmp_path / "project"
+    root.mkdir()
+    log = tmp_path / "worker.log"
+    try:
+        make_project(root, url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REMINDERS_")}
+        command = [sys.executable, "-c", "from reminders.cli import main; main()", "-c"]
+        with log.open("w") as stderr:
+            child = subprocess.Popen(
+                [*command, str(root / "config.yaml"), "worker"],
+                cwd=root,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        first = enqueue_noop(url)
+        wait_until(lambda: job_status(url, first) == "finished", timeout=60)
+        if when == "mid-job":
+            from rq import Queue
+
+            slow = Queue("reminders-sms", connection=redis.Redis.from_url(url))
+            job = slow.enqueue("time.sleep", 2)
+            wait_until(lambda: job_status(url, str(job.id)) == "started", timeout=60)
+        server.kill()  # Redis gone, and its data with it
+        server.wait()
+        wait_until(lambda: "connect" in log.read_text() or "answer" in log.read_text(), timeout=60)
+        time.sleep(3)  # long enough for a worker that would exit on it to have exited
+        assert child.poll() is None, log.read_text()  # still running, waiting for Redis
+        server = _redis_server(port, tmp_path)
+        second = enqueue_noop(url)
+        wait_until(lambda: job_status(url, second) == "finished", timeout=90)
+        os.killpg(child.pid, signal.SIGTERM)
+        code, _, _ = finish(child, timeout=60)
+        assert code == 0, log.read_text()
+        if when == "mid-job":
+            assert "Redis answers again" in log.read_text()
+    finally:
+        server.kill()
+        server.wait()
