@@ -46,14 +46,13 @@ from .channels.base import Channel
 from .compose import (
     CheckFailed,
     Rendered,
-    address_for,
     customer_of,
     open_channel,
     render,
     template_context,
 )
 from .config import Config
-from .errors import ChannelError, InputError, PermanentError, RuntimeFailure, TemplateError
+from .errors import ChannelError, InputError, RuntimeFailure, TemplateError
 from .models import (
     CANCELED,
     FAILED,
@@ -74,6 +73,7 @@ from .policies import (
     Fail,
     Move,
     Retry,
+    candidates,
     decide,
 )
 from .ratelimit import RateLimiter, paced
@@ -280,14 +280,8 @@ class Delivery:
                 continue
             values = codec.loads(row["data"])
             customer = customer_of(rule, values)
-            candidates: list[Candidate] = []
-            for index in range(row["channel_index"], len(rule.channels)):
-                name = rule.channels[index]
-                try:
-                    candidates.append(Candidate(index, name, address_for(config, name, customer)))
-                except PermanentError as exc:
-                    candidates.append(Candidate(index, name, exc))
-            plans.append((row, rule, values, customer, tuple(candidates)))
+            channels = candidates(config, rule, row["channel_index"], customer)
+            plans.append((row, rule, values, customer, channels))
         customers = {str(row["customer_id"]) for row, *_ in plans}
         addresses = {(c.channel, c.address) for *_, cs in plans for c in cs}
         with self.app.state.connect() as conn:

@@ -34,6 +34,7 @@ from .base import (
     Policy,
     Retry,
     Skip,
+    candidates,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Policy",
     "Retry",
     "Skip",
+    "candidates",
     "decide",
 ]
 

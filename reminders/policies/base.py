@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection
 
+from ..compose import address_for
 from ..config import Config
 from ..consent import View
 from ..errors import PermanentError
@@ -83,6 +84,20 @@ class Candidate(NamedTuple):
     channel_index: int
     channel: str
     address: str | PermanentError
+
+
+def candidates(
+    config: Config, rule: Rule, channel_index: int, customer: Mapping[str, Any]
+) -> tuple[Candidate, ...]:
+    """The rule's channels from ``channel_index`` on, each with the customer's address on it."""
+    found = []
+    for index in range(channel_index, len(rule.channels)):
+        name = rule.channels[index]
+        try:
+            found.append(Candidate(index, name, address_for(config, name, customer)))
+        except PermanentError as exc:
+            found.append(Candidate(index, name, exc))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
