@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from reminders.planner import Planner, RowError, parse_due
-from tests.rule_objects import load
+from tests.rule_objects import load_rule
 
 NOW = datetime(2027, 3, 10, 12, tzinfo=UTC)
 
@@ -49,8 +49,7 @@ def utc(text: str) -> datetime:
 
 
 def planner(tmp_path: Path, rules: str, now: datetime = NOW) -> Planner:
-    config, ruleset = load(tmp_path, rules)
-    (rule,) = ruleset.rules
+    config, rule = load_rule(tmp_path, rules)
     return Planner(rule, config, now)
 
 
