@@ -41,7 +41,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, store
+from . import caps, clock, codec, consent, fallback, phone, policies, store
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
@@ -63,25 +63,10 @@ from .models import (
     message,
     reminder,
 )
-from .policies import (
-    Batch,
-    Cancel,
-    Candidate,
-    Context,
-    Decision,
-    Defer,
-    Fail,
-    Move,
-    Retry,
-    candidates,
-    decide,
-)
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
 
 log = logging.getLogger(__name__)
-
-Plan = tuple[Candidate, ...]  # a reminder's channels from its channel_index, with addresses
 
 ROUND_SECONDS = 2.0  # a rate-limited batch is claimed and sent about this many seconds at a time
 TIME_BUDGET = 0.5  # share of the job timeout after which a job stops claiming and lets go
@@ -139,6 +124,13 @@ class _Ready:
     channel: str
     address: str
     rendered: Rendered
+
+
+# A reminder for its policies: its row, rule, values, customer, and the channels to try with the
+# customer's address on each (or why there is none).
+_Plan = tuple[
+    Mapping[str, Any], Rule, dict[str, Any], dict[str, Any], tuple[policies.Candidate, ...]
+]
 
 
 def backoff(config: Config, attempt: int, rng: random.Random | None = None) -> timedelta:
@@ -269,8 +261,7 @@ class Delivery:
         rules = {rule.name: rule for rule in self.app.ruleset.rules}
         changes: list[_Change] = []
         ready: list[_Ready] = []
-        # Each reminder's candidate channels with their addresses (or why there is none).
-        plans: list[tuple[Mapping[str, Any], Rule, dict[str, Any], dict[str, Any], Plan]] = []
+        plans: list[_Plan] = []
         for row in rows:
             rule = rules.get(row["rule"])
             if rule is None:
@@ -280,7 +271,7 @@ class Delivery:
                 continue
             values = codec.loads(row["data"])
             customer = customer_of(rule, values)
-            channels = candidates(config, rule, row["channel_index"], customer)
+            channels = policies.candidates(config, rule, row["channel_index"], customer)
             plans.append((row, rule, values, customer, channels))
         customers = {str(row["customer_id"]) for row, *_ in plans}
         addresses = {(c.channel, c.address) for *_, cs in plans for c in cs}
@@ -289,12 +280,12 @@ class Delivery:
                 conn, customers, {(n, a) for n, a in addresses if isinstance(a, str)}
             )
         business = _Business(self._business)
-        batch = Batch(config, now, channel, view, business)
+        batch = policies.Batch(config, now, channel, view, business)
         try:
             for row, rule, values, customer, channels in plans:
                 try:
-                    context = Context(batch, row, rule, values, customer, channels)
-                    decision, context = decide(context)
+                    context = policies.Context(batch, row, rule, values, customer, channels)
+                    decision, context = policies.decide(context)
                     if decision is None:
                         decided: _Change | _Ready = self._render(context)
                     else:
@@ -324,25 +315,25 @@ class Delivery:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise CheckFailed(f"business DB unreachable: {detail}") from None
 
-    def _change(self, context: Context, decision: Decision) -> _Change:
+    def _change(self, context: policies.Context, decision: policies.Decision) -> _Change:
         """The status change a policy's decision makes."""
         row = context.row
         rid = row["id"]
-        if isinstance(decision, Cancel):
+        if isinstance(decision, policies.Cancel):
             return _Change(rid, CANCELED, decision.reason)
-        if isinstance(decision, Fail):
+        if isinstance(decision, policies.Fail):
             return _Change(rid, FAILED, decision.reason)
-        if isinstance(decision, Retry):
+        if isinstance(decision, policies.Retry):
             return self._retry_change(row, context.rule, decision.reason, context.now)
-        if isinstance(decision, Move):
+        if isinstance(decision, policies.Move):
             where = {"channel_index": decision.index, "channel": decision.channel}
             return _Change(rid, PENDING, decision.reason, where, kind="moved", enqueue=True)
-        assert isinstance(decision, Defer) and context.candidate is not None
+        assert isinstance(decision, policies.Defer) and context.candidate is not None
         index, name, _address = context.candidate
         values = {"send_at": decision.until, "channel_index": index, "channel": name}
         return _Change(rid, PENDING, decision.reason, values, kind="deferred")
 
-    def _render(self, context: Context) -> _Ready:
+    def _render(self, context: policies.Context) -> _Ready:
         """The message for the channel the policies let through."""
         assert context.candidate is not None
         index, name, address = context.candidate

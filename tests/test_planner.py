@@ -30,17 +30,18 @@ rules:
     template: visit
 """
 
-MONTHLY = """\
+WEEKLY = """\
 rules:
-  - name: statement
-    query: SELECT id AS account_id, id AS customer_id, opened_on FROM accounts
-    occurrence: "{{ account_id }}"
-    due: opened_on
-    recurrence: FREQ=MONTHLY;BYMONTHDAY=1
-    offsets: [-2d]
+  - name: class
+    query: SELECT id AS member_id, id AS customer_id, joined_on FROM members
+    occurrence: "member-{{ member_id }}"
+    due: joined_on
+    recurrence: FREQ=WEEKLY;BYDAY=MO
+    horizon: 3w
+    offsets: [-1d]
     at: "10:00"
     channels: [email]
-    template: statement
+    template: class
 """
 
 
@@ -191,29 +192,37 @@ def test_the_row_is_kept_as_typed_json_with_its_due_parsed(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("now", "opened", "expected"),
+    ("now", "expected"),
     [
-        # horizon 60 days: April's and May's statements; March's is past grace and offsets
-        ("2027-03-10T12:00:00Z", "2026-11-15", ["2027-04-01", "2027-05-01"]),
-        ("2027-04-07T12:00:00Z", "2026-11-15", ["2027-05-01", "2027-06-01"]),
-        # an account opened later starts later
-        ("2027-03-10T12:00:00Z", "2027-04-15", ["2027-05-01"]),
+        # Wednesday 10 March; 3 weeks ahead (and the longest offset): the Mondays 15, 22 and 29
+        # March, each a day before at 10:00 in New York, EDT from the 14th
+        (
+            "2027-03-10T12:00:00Z",
+            {
+                "2027-03-15": "2027-03-14T14:00Z",
+                "2027-03-22": "2027-03-21T14:00Z",
+                "2027-03-29": "2027-03-28T14:00Z",
+            },
+        ),
+        # Monday 29 March, 08:00 EDT: today's is still within grace (its -1d was 22 hours ago)
+        (
+            "2027-03-29T12:00:00Z",
+            {
+                "2027-03-29": "2027-03-28T14:00Z",
+                "2027-04-05": "2027-04-04T14:00Z",
+                "2027-04-12": "2027-04-11T14:00Z",
+                "2027-04-19": "2027-04-18T14:00Z",
+            },
+        ),
     ],
 )
 def test_a_recurring_rule_plans_each_date_within_the_horizon(
-    tmp_path: Path, now: str, opened: str, expected: list[str]
+    tmp_path: Path, now: str, expected: dict[str, str]
 ) -> None:
-    p = planner(tmp_path, MONTHLY, utc(now))
-    row = {"account_id": 7, "customer_id": 7, "opened_on": opened}
-    planned, _ = plan(p, row)
-    assert [key for key, _, _ in planned] == [f"7@{d}" for d in expected]
-
-
-def test_a_recurring_date_lands_at_the_local_time_of_its_own_day(tmp_path: Path) -> None:
-    p = planner(tmp_path, MONTHLY)
-    planned, _ = plan(p, {"account_id": 7, "customer_id": 7, "opened_on": "2026-11-15"})
-    # -2d at 10:00 New York: 30 March is EDT (14:00Z), as is 29 April
-    assert [when for _, _, when in planned] == ["2027-03-30T14:00Z", "2027-04-29T14:00Z"]
+    p = planner(tmp_path, WEEKLY, utc(now))
+    planned, late = plan(p, {"member_id": 7, "customer_id": 7, "joined_on": "2027-01-04"})
+    wanted = [(f"member-7@{day}", "-1d", at) for day, at in expected.items()]
+    assert (planned, late) == (wanted, 0)
 
 
 @pytest.mark.parametrize(
