@@ -2,8 +2,9 @@
 
 For every reminder of the batch that still carries the job's id:
 
-1. **re-check** at send time: the rule still exists; the send time is within grace (else canceled
-   as expired); the channel: the rule's channel at ``channel_index`` or the next one, skipping a
+1. **re-check** at send time: the rule still exists; then the send-time policies, in order
+   (:mod:`reminders.policies`, a module each): the send time is within grace (else canceled as
+   expired); the channel: the rule's channel at ``channel_index`` or the next one, skipping a
    channel without a usable address (an invalid phone number, no email), an opted-out address
    (``optout``) or a channel the customer turned off (``preference``); quiet hours in the
    recipient's zone (deferred to their end, a new send time); the rule's ``check`` query (no row:
@@ -40,23 +41,19 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, schedule
+from . import caps, clock, codec, consent, fallback, phone, policies
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
-    CheckInvalid,
     Rendered,
-    address_for,
     customer_of,
-    customer_zone,
     open_channel,
     render,
-    run_check,
     template_context,
 )
 from .config import Config
 from .dispatch import release
-from .errors import ChannelError, InputError, PermanentError, RuntimeFailure, TemplateError
+from .errors import ChannelError, InputError, RuntimeFailure, TemplateError
 from .lifecycle import (
     CANCELED,
     FAILED,
@@ -127,6 +124,13 @@ class _Ready:
     channel: str
     address: str
     rendered: Rendered
+
+
+# A reminder for its policies: its row, rule, values, customer, and the channels to try with the
+# customer's address on each (or why there is none).
+_Plan = tuple[
+    Mapping[str, Any], Rule, dict[str, Any], dict[str, Any], tuple[policies.Candidate, ...]
+]
 
 
 def backoff(config: Config, attempt: int, rng: random.Random | None = None) -> timedelta:
@@ -248,13 +252,16 @@ class Delivery:
     def _prepare(
         self, channel: str, rows: Sequence[Mapping[str, Any]], now: datetime
     ) -> tuple[list[_Change], list[_Ready]]:
-        """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message."""
+        """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message.
+
+        The send-time policies (:mod:`reminders.policies`) decide; what they let through is
+        rendered. Consent is read and the business DB opened once for the batch.
+        """
         config = self.config
         rules = {rule.name: rule for rule in self.app.ruleset.rules}
         changes: list[_Change] = []
         ready: list[_Ready] = []
-        # Each reminder's candidate channels with their addresses (or why there is none).
-        plans: list[tuple[Mapping[str, Any], Rule, dict[str, Any], list[tuple[int, str, Any]]]] = []
+        plans: list[_Plan] = []
         for row in rows:
             rule = rules.get(row["rule"])
             if rule is None:
@@ -262,53 +269,29 @@ class Delivery:
                     _Change(row["id"], CANCELED, f"canceled: rule {row['rule']} no longer exists")
                 )
                 continue
-            if not schedule.within_grace(row["send_at"], now, rule.grace):
-                changes.append(
-                    _Change(
-                        row["id"],
-                        CANCELED,
-                        f"expired: send time {clock.iso_utc(row['send_at'])} is more than "
-                        f"{_duration(rule.grace)} ago",
-                        kind="canceled",
-                    )
-                )
-                continue
             values = codec.loads(row["data"])
             customer = customer_of(rule, values)
-            candidates: list[tuple[int, str, Any]] = []
-            for index in range(row["channel_index"], len(rule.channels)):
-                name = rule.channels[index]
-                try:
-                    candidates.append((index, name, address_for(config, name, customer)))
-                except PermanentError as exc:
-                    candidates.append((index, name, exc))
-            plans.append((row, rule, values, candidates))
+            channels = policies.candidates(config, rule, row["channel_index"], customer)
+            plans.append((row, rule, values, customer, channels))
+        customers = {str(row["customer_id"]) for row, *_ in plans}
+        addresses = {(c.channel, c.address) for *_, cs in plans for c in cs}
         with self.app.state.connect() as conn:
             view = consent.View.load(
-                conn,
-                {str(row["customer_id"]) for row, _, _, _ in plans},
-                {(n, a) for _, _, _, cs in plans for _, n, a in cs if isinstance(a, str)},
+                conn, customers, {(n, a) for n, a in addresses if isinstance(a, str)}
             )
-        business: Connection | None = None
+        business = _Business(self._business)
+        batch = policies.Batch(config, now, channel, view, business)
         try:
-            for row, rule, values, candidates in plans:
+            for row, rule, values, customer, channels in plans:
                 try:
-                    decided = self._decide(channel, row, rule, values, candidates, view, now)
-                    if isinstance(decided, _Ready) and rule.check:
-                        if business is None:
-                            business = self._business()
-                        if not run_check(business, rule, values, now, config):
-                            decided = _Change(
-                                row["id"],
-                                CANCELED,
-                                "canceled: the rule's check query returned no row",
-                            )
+                    context = policies.Context(batch, row, rule, values, customer, channels)
+                    decision, context = policies.decide(context)
+                    if decision is None:
+                        decided: _Change | _Ready = self._render(context)
+                    else:
+                        decided = self._change(context, decision)
                 except TemplateError as exc:
                     decided = _Change(row["id"], FAILED, f"template error: {_problems(exc)}")
-                except CheckFailed as exc:
-                    decided = self._retry_change(row, rule, f"check query failed: {exc}", now)
-                except CheckInvalid as exc:
-                    decided = _Change(row["id"], FAILED, f"check query: {exc}")
                 except InputError:
                     raise  # a configuration mistake fails the job, visibly; nothing is lost
                 except Exception as exc:  # one reminder's surprise must not sink the batch
@@ -321,8 +304,7 @@ class Delivery:
                 else:
                     changes.append(decided)
         finally:
-            if business is not None:
-                business.close()
+            business.close()
         return changes, ready
 
     def _business(self) -> Connection:
@@ -333,65 +315,32 @@ class Delivery:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise CheckFailed(f"business DB unreachable: {detail}") from None
 
-    def _decide(
-        self,
-        channel: str,
-        row: Mapping[str, Any],
-        rule: Rule,
-        values: dict[str, Any],
-        candidates: list[tuple[int, str, Any]],
-        view: consent.View,
-        now: datetime,
-    ) -> _Change | _Ready:
+    def _change(self, context: policies.Context, decision: policies.Decision) -> _Change:
+        """The status change a policy's decision makes."""
+        row = context.row
         rid = row["id"]
-        skipped: list[str] = []
-        unusable = False
-        chosen: tuple[int, str, str] | None = None
-        for index, name, address in candidates:
-            if isinstance(address, PermanentError):
-                skipped.append(f"{name}: {address.message}")
-                unusable = True
-            elif refused := view.refusal(str(row["customer_id"]), rule.name, name, address):
-                skipped.append(refused)
-            else:
-                chosen = (index, name, address)
-                break
-        earlier = f"{row['reason']}; then " if row["channel_index"] and row["reason"] else ""
-        if chosen is None:
-            if not candidates:
-                why = f"no channel left after {rule.channels[-1]}"
-                return _Change(rid, FAILED, f"{earlier}failed: {why}", kind="failed")
-            if unusable:
-                return _Change(
-                    rid, FAILED, f"{earlier}failed: no usable channel ({'; '.join(skipped)})"
-                )
-            return _Change(rid, CANCELED, f"{earlier}canceled: {'; '.join(skipped)}")
-        index, name, address = chosen
-        note = f"{'; '.join(skipped)}; " if skipped else ""
-        if name != channel:
-            return _Change(
-                rid,
-                PENDING,
-                f"{earlier}{note}sending by {name}",
-                {"channel_index": index, "channel": name},
-                kind="moved",
-                enqueue=True,
-            )
-        quiet = rule.quiet_window(self.config, name)  # the rule's own, else the channel's
-        if quiet is not None:
-            zone = customer_zone(self.config, customer_of(rule, values))
-            until = schedule.quiet_until(now, zone, quiet)
-            if until is not None:
-                return _Change(
-                    rid,
-                    PENDING,
-                    f"deferred: quiet hours {quiet.start:%H:%M}-{quiet.end:%H:%M} in {zone.key} "
-                    f"for {name}; send at {clock.iso_utc(until)}",
-                    {"send_at": until, "channel_index": index, "channel": name},
-                    kind="deferred",
-                )
-        context = template_context(self.config, rule, row, values, now, name, address)
-        rendered = render(self.app.renderer, self.config, rule, row, context, name, address)
+        if isinstance(decision, policies.Cancel):
+            return _Change(rid, CANCELED, decision.reason)
+        if isinstance(decision, policies.Fail):
+            return _Change(rid, FAILED, decision.reason)
+        if isinstance(decision, policies.Retry):
+            return self._retry_change(row, context.rule, decision.reason, context.now)
+        if isinstance(decision, policies.Move):
+            where = {"channel_index": decision.index, "channel": decision.channel}
+            return _Change(rid, PENDING, decision.reason, where, kind="moved", enqueue=True)
+        assert isinstance(decision, policies.Defer) and context.candidate is not None
+        index, name, _address = context.candidate
+        values = {"send_at": decision.until, "channel_index": index, "channel": name}
+        return _Change(rid, PENDING, decision.reason, values, kind="deferred")
+
+    def _render(self, context: policies.Context) -> _Ready:
+        """The message for the channel the policies let through."""
+        assert context.candidate is not None
+        index, name, address = context.candidate
+        assert isinstance(address, str)
+        row, rule, values = context.row, context.rule, context.values
+        variables = template_context(self.config, rule, row, values, context.now, name, address)
+        rendered = render(self.app.renderer, self.config, rule, row, variables, name, address)
         return _Ready(row, rule, index, name, address, rendered)
 
     def _retry_change(self, row: Mapping[str, Any], rule: Rule, why: str, now: datetime) -> _Change:
@@ -603,12 +552,24 @@ def _problems(exc: InputError) -> str:
     return "; ".join(str(p) for p in exc.problems)
 
 
-def _duration(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+class _Business:
+    """A batch's business DB connection for check queries: opened on first use, closed after.
+
+    Opening it may raise ``CheckFailed`` (unreachable: retried); the next reminder tries again.
+    """
+
+    def __init__(self, connect: Callable[[], Connection]) -> None:
+        self._connect = connect
+        self._conn: Connection | None = None
+
+    def __call__(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 def _summary(counts: Counts) -> str:

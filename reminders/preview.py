@@ -16,6 +16,7 @@ from typing import Any
 from . import clock, phone, sms, source
 from .compose import address_for, render, template_context
 from .errors import PermanentError, TemplateError
+from .planner import Planner, RowError, parse_due
 from .rules import Rule
 
 MAX_ROWS_READ = 100_000  # rows looked through for an --occurrence before giving up
@@ -35,8 +36,6 @@ def preview_rule(
     app: Any, rule_name: str, *, occurrence: str | None = None, limit: int = 3
 ) -> PreviewResult:
     """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence)."""
-    from .scan import Planner, RowError
-
     config = app.config
     rule: Rule = app.ruleset.rule(rule_name)
     now = app.now()
@@ -147,8 +146,6 @@ def _preview_row(
 
 
 def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
-    from .scan import parse_due
-
     return parse_due(values.get(rule.due), rule.due)
 
 

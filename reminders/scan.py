@@ -1,10 +1,11 @@
 """Scanning: read a rule's rows from the business DB and bring the state DB in line with them.
 
 For each row the rule yields an occurrence (its identity) and, for each offset, a reminder with a
-planned send time. A scan creates what is new, moves open reminders whose planned time changed,
-cancels open reminders whose occurrence vanished, and leaves everything else alone. It is idempotent
-and safe to run concurrently: inserts skip existing (rule, occurrence, offset) keys, and on
-PostgreSQL a per-rule advisory lock serialises two scans of one rule.
+planned send time (:mod:`reminders.planner` plans them). A scan creates what is new, moves open
+reminders whose planned time changed, cancels open reminders whose occurrence vanished, and leaves
+everything else alone. It is idempotent and safe to run concurrently: inserts skip existing (rule,
+occurrence, offset) keys, and on PostgreSQL a per-rule advisory lock serialises two scans of one
+rule.
 
 How a scan stays fast (a million rows in well under a minute, an unchanged rescan several times
 faster than the first scan; ``benchmarks/scan.py`` measures both):
@@ -20,26 +21,25 @@ faster than the first scan; ``benchmarks/scan.py`` measures both):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from array import array
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime
 from itertools import compress, repeat
 from typing import Any
 
 import sqlalchemy as sa
-from dateutil.rrule import rrulestr
 from sqlalchemy.engine import Connection, Engine
 
-from . import codec, consent, schedule, source, store
+from . import consent, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
 from .models import reminder, scan_run, skipped_row
-from .rules import Rule, compile_key, key_columns
+from .planner import Planner, RowError
+from .rules import Rule
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -77,220 +77,6 @@ class ScanCounts:
             "off": self.off,
             "error": self.error,
         }
-
-
-class RowError(Exception):
-    """A row from which no reminder can be computed; names the column."""
-
-    def __init__(self, column: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.column = column
-        self.reason = reason
-
-
-@dataclass
-class Planned:
-    """One reminder the rule asks for."""
-
-    occurrence: str
-    offset: str
-    customer_id: str
-    planned_at: datetime
-    data: str
-    row_hash: str
-
-
-def parse_due(value: Any, column: str) -> date | datetime:
-    """A due value from the business DB: a date or datetime, or ISO text of one (SQLite)."""
-    if isinstance(value, datetime | date):
-        return value
-    if value is None or value == "":
-        raise RowError(column, f"{column} is empty: no due date")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if len(text) == 10:
-                return date.fromisoformat(text)
-            return datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-    raise RowError(column, f"{column} = {value!r} is not a date or datetime")
-
-
-class Planner:
-    """Turns a rule's rows into planned reminders (pure: no I/O; ``now`` is given)."""
-
-    def __init__(self, rule: Rule, config: Config, now: datetime) -> None:
-        self.rule = rule
-        self.now = now
-        self.key = compile_key(rule.occurrence)
-        self.columns = rule.columns
-        self.default_tz = config.tz()
-        self.window = rule.send_window or config.send_window
-        self.fingerprint = rule.fingerprint(config).encode()
-        self.earliest = now - rule.grace
-        self.recurrence = rrulestr(rule.recurrence) if rule.recurrence else None
-        self._max_offset = max((self._span(o) for o in rule.offsets), default=timedelta(0))
-        self._id_column = self.columns["id"]
-        self._due_column = rule.due
-        # The digest of a row covers the rule and config that decide its schedule, then the row.
-        self._hasher = hashlib.blake2b(self.fingerprint, digest_size=12)
-
-    def bind(self, keys: Sequence[str]) -> None:
-        """Prepare :meth:`identify` for rows as tuples of the columns ``keys``, in that order."""
-        self.keys = list(keys)
-        index = {name: i for i, name in enumerate(self.keys)}
-        self._id_index = index.get(self._id_column, -1)
-        simple = key_columns(self.rule.occurrence)
-        if simple is None:
-            names = self.keys
-            key = self.key
-            self._key_of: Callable[[Sequence[Any]], str] = lambda row: key(
-                dict(zip(names, row, strict=True))
-            )
-            return
-        literals, columns = simple
-        missing = [c for c in columns if c not in index]
-        if missing:
-
-            def absent(_row: Sequence[Any]) -> str:
-                raise KeyError(missing[0])
-
-            self._key_of = absent
-        elif literals == ["", ""]:
-            (at,) = (index[c] for c in columns)
-            column = columns[0]
-
-            def one(row: Sequence[Any]) -> str:
-                value = row[at]
-                if value is None:
-                    raise KeyError(column)
-                return str(value)
-
-            self._key_of = one
-        else:
-            positions = [(index[c], c) for c in columns]
-
-            def several(row: Sequence[Any]) -> str:
-                out = [literals[0]]
-                for (at, column), literal in zip(positions, literals[1:], strict=True):
-                    value = row[at]
-                    if value is None:
-                        raise KeyError(column)
-                    out.append(str(value))
-                    out.append(literal)
-                return "".join(out)
-
-            self._key_of = several
-
-    def identify(self, row: Sequence[Any]) -> tuple[str, str, bytes]:
-        """(occurrence key, customer id, raw digest) of a row given as a tuple (see :meth:`bind`).
-
-        Raises RowError when the row has no occurrence key or no customer. The digest covers
-        the rule's schedule settings and every value of the row with its type, so an unchanged
-        digest means an unchanged row: a rescan skips it without computing anything else.
-        """
-        try:
-            occurrence = self._key_of(row)
-        except KeyError as exc:
-            name = exc.args[0] if exc.args else None
-            raise RowError(name, f"no occurrence key: column {name} is missing or empty") from None
-        except Exception as exc:  # a Jinja error in a custom occurrence template
-            raise RowError(None, f"no occurrence key: {exc}") from None
-        if not occurrence:
-            raise RowError(None, "no occurrence key: the occurrence template gave an empty text")
-        if len(occurrence) > 200:
-            raise RowError(None, "the occurrence key is longer than 200 characters")
-        customer = row[self._id_index] if self._id_index >= 0 else None
-        if customer is None or customer == "":
-            column = self._id_column
-            raise RowError(column, f"no customer id: column {column} is missing or empty")
-        # repr of the values is several times cheaper than JSON and as exact for what databases
-        # return (str, numbers, dates, Decimal, bytes, UUID); a value whose repr is its address
-        # would differ every scan, so such a row is digested as typed JSON instead.
-        text = repr(tuple(row))
-        if " at 0x" in text:
-            text = codec.dumps(dict(zip(self.keys, row, strict=True)))
-        hasher = self._hasher.copy()
-        hasher.update(text.encode())
-        return occurrence, str(customer), hasher.digest()
-
-    @staticmethod
-    def _span(offset: schedule.Offset) -> timedelta:
-        per = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 31 * 86400, "y": 366 * 86400}
-        return timedelta(seconds=abs(offset.amount) * per[offset.unit])
-
-    def identity(self, row: Mapping[str, Any]) -> tuple[str, str, str]:
-        """(occurrence key, customer id, row digest) of a row given as a mapping.
-
-        The same key and digest as :meth:`identify` gives the row as a tuple; raises RowError.
-        """
-        keys = list(row)
-        if getattr(self, "keys", None) != keys:
-            self.bind(keys)
-        occurrence, customer, digest = self.identify(tuple(row.values()))
-        return occurrence, customer, digest.hex()
-
-    def plan(
-        self,
-        row: Mapping[str, Any],
-        occurrence: str,
-        customer: str,
-        digest: str,
-    ) -> tuple[list[Planned], int]:
-        """The reminders a row asks for, and how many were left out as already too late.
-
-        The row's values are kept as typed JSON, the due value parsed (ISO text from SQLite
-        becomes a date or datetime, so a template formats it as one).
-        """
-        rule = self.rule
-        due = parse_due(row.get(rule.due), rule.due)
-        tz_column = self.columns["timezone"]
-        tz_name = row.get(tz_column)
-        if tz_name:
-            try:
-                tz = schedule.zone(str(tz_name))
-            except ValueError:
-                raise RowError(
-                    tz_column, f'{tz_column} = "{tz_name}" is not an IANA time zone'
-                ) from None
-        else:
-            tz = self.default_tz
-        data = codec.dumps({**row, rule.due: due})
-        dues: Iterable[tuple[str, date | datetime]]
-        if self.recurrence is None:
-            dues = ((occurrence, due),)
-        else:
-            dues = self._recurring(occurrence, due, tz)
-        planned: list[Planned] = []
-        late = 0
-        for key, when in dues:
-            for offset in rule.offsets:
-                at = schedule.send_time(when, offset, tz, at=rule.at, window=self.window)
-                if at < self.earliest:
-                    late += 1
-                    continue
-                planned.append(Planned(key, offset.text, customer, at, data, digest))
-        return planned, late
-
-    def _recurring(
-        self, occurrence: str, start: date | datetime, tz: Any
-    ) -> Iterable[tuple[str, date | datetime]]:
-        """Each recurrence date within [now - grace - longest offset, now + horizon]."""
-        assert self.rule.recurrence is not None
-        is_date = not isinstance(start, datetime)
-        first = (
-            start if isinstance(start, datetime) else datetime.combine(start, datetime.min.time())
-        )
-        if first.tzinfo is not None:
-            first = first.astimezone(tz).replace(tzinfo=None)
-        rrule = rrulestr(self.rule.recurrence, dtstart=first)
-        local_now = self.now.astimezone(tz).replace(tzinfo=None)
-        lo = local_now - self.rule.grace - self._max_offset
-        hi = local_now + self.rule.horizon + self._max_offset
-        for moment in rrule.between(lo, hi, inc=True):
-            when: date | datetime = moment.date() if is_date else moment
-            yield f"{occurrence}@{when.isoformat()}", when
 
 
 def _hex64(prefix: str | None) -> int:
@@ -510,7 +296,7 @@ def _classify(
     recurring = planner.rule.recurrence is not None
     changed: list[Item] = []
     absent: list[Item] = []
-    key_of, id_index, hasher = planner._key_of, planner._id_index, planner._hasher
+    key_of, id_index, hasher = planner.key_of, planner.id_index, planner.hasher
     first, keys, digests, seen = known.first, known.keys, known.digests, known.seen
     size = len(keys)
     unchanged = 0
