@@ -148,12 +148,22 @@ def db_current(app: App) -> None:
 @cli.command()
 @click.option("--rule", "rule_name", metavar="NAME", help="scan one rule only")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a rule")
+@click.option(
+    "--allow-mass-cancel",
+    is_flag=True,
+    help="cancel reminders whose rows vanished even when more than scan.max_cancel of a rule's",
+)
 @pass_app
-def scan(app: App, rule_name: str | None, as_json: bool) -> None:
+def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool) -> None:
     """Read the business DB; create, move and cancel reminders; print counts."""
     from .scan import scan_all
 
-    results = scan_all(app, rule_name=rule_name, progress=sys.stderr.isatty())
+    results = scan_all(
+        app,
+        rule_name=rule_name,
+        progress=sys.stderr.isatty(),
+        allow_mass_cancel=allow_mass_cancel,
+    )
     failed = False
     for counts in results:
         if as_json:
@@ -164,6 +174,8 @@ def scan(app: App, rule_name: str | None, as_json: bool) -> None:
                 f"{counts.moved} moved, {counts.canceled} canceled, {counts.unchanged} unchanged, "
                 f"{counts.skipped} skipped, {counts.too_late} too late"
                 + (f", {counts.off} off (turned off by the customer)" if counts.off else "")
+                + (f", {counts.restored} restored" if counts.restored else "")
+                + (f", {counts.held} not canceled (too many)" if counts.held else "")
             )
             for number, occurrence, _column, reason in counts.skips[:10]:
                 where = f"occurrence {occurrence}" if occurrence else f"row {number}"

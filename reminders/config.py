@@ -167,6 +167,15 @@ class SchedulerConfig(_Model):
     dispatch_every: Duration = timedelta(seconds=10)
 
 
+class ScanConfig(_Model):
+    """What a scan may do on its own: ``max_cancel`` is the share of a rule's open reminders
+    (when it has at least ``MASS_CANCEL_FLOOR``) that one scan may cancel because their
+    occurrences vanished from the query; past it, the scan cancels none of them (see
+    :mod:`reminders.scan`)."""
+
+    max_cancel: float = Field(default=0.5, gt=0, le=1)
+
+
 class CapsConfig(_Model):
     """Frequency caps: at most ``per_day`` and ``per_week`` messages to one customer, across every
     rule, counted in the customer's local days and weeks (weeks start on ``week_starts``).
@@ -210,6 +219,7 @@ class Config(_Model):
     batch_size: int = Field(default=100, ge=1, le=10_000)
     retries: RetryConfig = RetryConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    scan: ScanConfig = ScanConfig()
     caps: CapsConfig | None = None  # unset: no frequency caps
     root: Path = Path(".")
     file: str = DEFAULT_CONFIG

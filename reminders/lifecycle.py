@@ -7,6 +7,7 @@ make a change.
        ^         |          |         |
        +---------+----------+---------+   (deferred, retried, released, moved to the next channel)
     any open status -> canceled (condition gone, superseded, opted out, expired)
+    canceled -> pending (its occurrence vanished from the query, then came back)
     queued | sending -> failed (permanent error, retries used up); failed -> pending (ops retry)
 
 Every change goes through :func:`move` (one conditional UPDATE for many reminders) or
@@ -68,7 +69,8 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     SENT: frozenset({DELIVERED, UNDELIVERED, PENDING}),
     DELIVERED: frozenset(),
     UNDELIVERED: frozenset(),
-    CANCELED: frozenset(),
+    # restored: the occurrence whose absence canceled it is back (see reminders.scan)
+    CANCELED: frozenset({PENDING}),
     FAILED: frozenset({PENDING}),  # ops' retry
 }
 

@@ -61,6 +61,8 @@ class ScanCounts:
     skipped: int = 0
     too_late: int = 0
     off: int = 0  # reminders not created: the customer turned every channel of the rule off
+    restored: int = 0  # canceled by their occurrence's absence, pending again on its return
+    held: int = 0  # not canceled although their occurrence vanished: too many at once
     error: str | None = None
     skips: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
 
@@ -75,6 +77,8 @@ class ScanCounts:
             "skipped": self.skipped,
             "too_late": self.too_late,
             "off": self.off,
+            "restored": self.restored,
+            "held": self.held,
             "error": self.error,
         }
 
@@ -172,8 +176,15 @@ def scan_rule(
     business: Engine,
     now: datetime,
     progress: Progress | None = None,
+    *,
+    allow_mass_cancel: bool = False,
 ) -> ScanCounts:
-    """Scan one rule. A failing query fails this rule only: the error is kept in the counts."""
+    """Scan one rule. A failing query fails this rule only: the error is kept in the counts.
+
+    A scan that would cancel more than ``scan.max_cancel`` of the rule's open reminders because
+    their rows vanished (a query suddenly returning nothing) cancels none of them and fails,
+    unless ``allow_mass_cancel``; what it creates and moves stands.
+    """
     counts = ScanCounts(rule.name)
     with state.begin() as conn:
         inserted = conn.execute(
@@ -209,8 +220,20 @@ def scan_rule(
                     )
                 if progress:
                     progress(len(rows))
-            with conn.begin():
-                counts.canceled += _cancel_vanished(conn, known.vanished(), planner.earliest, now)
+            vanished = known.vanished()
+            limit = config.scan.max_cancel
+            if not allow_mass_cancel and is_mass_cancel(len(vanished), len(known), limit):
+                counts.held = len(vanished)
+                counts.error = (
+                    f"rule {rule.name}: {len(vanished)} of its {len(known)} open reminders "
+                    f"({len(vanished) / len(known):.0%}) would be canceled because the query no "
+                    f"longer returns their rows, more than scan.max_cancel ({limit:.0%}) allows: "
+                    "none was canceled. If the rows are really gone (not a truncated table or a "
+                    f"broken WHERE), run `reminders scan --rule {rule.name} --allow-mass-cancel`"
+                )
+            else:
+                with conn.begin():
+                    counts.canceled += _cancel_vanished(conn, vanished, planner.earliest, now)
     except RemindersError as exc:
         counts.error = str(exc)
     except sa.exc.SQLAlchemyError as exc:
@@ -385,6 +408,7 @@ def _apply_batch(
     identified = sorted(changed + absent, key=lambda item: item[0])
     inserts: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
+    restores: list[dict[str, Any]] = []
     refreshes: list[dict[str, Any]] = []
     cancels: list[dict[str, Any]] = []
     earliest = planner.earliest
@@ -420,6 +444,24 @@ def _apply_batch(
                         "updated_at": now,
                     }
                 )
+            elif (
+                current.status == CANCELED
+                and current.reason == VANISHED
+                and p.planned_at >= earliest
+                and p.customer_id not in off
+            ):
+                # Canceled only because its occurrence was missing from the query (a truncated
+                # table, a broken WHERE): the occurrence is back, and so is the reminder.
+                restores.append(
+                    {
+                        "id": current.id,
+                        "source": CANCELED,
+                        "reason": RESTORED,
+                        "planned": p.planned_at,
+                        "data": p.data,
+                        "hash": p.row_hash,
+                    }
+                )
             elif current.status not in OPEN or current.planned_at < earliest:
                 continue  # sent, final, or past grace: scans leave it alone
             elif current.planned_at != p.planned_at:
@@ -450,23 +492,21 @@ def _apply_batch(
                         }
                     )
     counts.created += store.insert_ignoring_conflicts(conn, reminder, inserts)
+    replan = {
+        "planned_at": param("planned"),
+        "send_at": param("planned"),
+        "job_id": None,
+        "data": param("data"),
+        "row_hash": param("hash"),
+        "reason": param("reason"),
+    }
     if moves:
-        move_each(
-            conn,
-            moves,
-            source=OPEN,
-            target=PENDING,
-            now=now,
-            values={
-                "planned_at": param("planned"),
-                "send_at": param("planned"),
-                "job_id": None,
-                "data": param("data"),
-                "row_hash": param("hash"),
-                "reason": MOVED,
-            },
-        )
+        move_each(conn, moves, source=OPEN, target=PENDING, now=now, values=replan)
         counts.moved += len(moves)
+    if restores:
+        anew = {**replan, "attempts": 0, "channel_index": 0, "queued_at": None}
+        move_each(conn, restores, source=CANCELED, target=PENDING, now=now, values=anew)
+        counts.restored += len(restores)
     if refreshes:
         conn.execute(
             reminder.update()
@@ -482,6 +522,8 @@ def _apply_batch(
 
 
 MOVED = "moved: the due date changed"
+VANISHED = "canceled: the occurrence is no longer returned by the rule's query"
+RESTORED = "restored: the occurrence is returned by the rule's query again"
 
 
 def _cancel(conn: Connection, cancels: list[dict[str, Any]], now: datetime) -> None:
@@ -498,6 +540,7 @@ _EXISTING_COLUMNS = (
     reminder.c.planned_at,
     reminder.c.status,
     reminder.c.row_hash,
+    reminder.c.reason,
 )
 
 # Keys a query looks up at once: a scan batch (source.stream's 2000) in one statement.
@@ -523,17 +566,20 @@ def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
 def _stored_digests(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, str]:
     """Occurrence -> its reminders' row digest, for those of ``keys`` that have reminders.
 
-    An occurrence whose reminders disagree gets an empty digest, so it never looks unchanged.
+    An occurrence whose reminders disagree gets an empty digest, so it never looks unchanged; so
+    does one with a reminder its absence canceled, which its return restores.
     """
     found: dict[str, str] = {}
+    vanished = sa.and_(reminder.c.status == CANCELED, reminder.c.reason == VANISHED)
     for start in range(0, len(keys), _LOOKUP):
         chunk = keys[start : start + _LOOKUP]
-        query = sa.select(reminder.c.occurrence, reminder.c.row_hash).where(
+        query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished).where(
             reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
         )
-        for occurrence, digest in conn.execute(query).all():
+        for occurrence, digest, gone in conn.execute(query).all():
             known = found.get(occurrence)
-            found[occurrence] = digest if known is None or known == digest else ""
+            same = not gone and (known is None or known == digest)
+            found[occurrence] = digest if same else ""
     return found
 
 
@@ -584,14 +630,28 @@ def _cancel_vanished(conn: Connection, ids: list[int], earliest: datetime, now: 
         source=OPEN,
         target=CANCELED,
         now=now,
-        reason="canceled: the occurrence is no longer returned by the rule's query",
+        reason=VANISHED,
         values={"job_id": None},
         where=[reminder.c.planned_at >= earliest],
     )
     return len(canceled)
 
 
-def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) -> list[ScanCounts]:
+MASS_CANCEL_FLOOR = 20  # open reminders a rule needs before the mass-cancel guard applies
+
+
+def is_mass_cancel(vanished: int, open_count: int, max_cancel: float) -> bool:
+    """Whether canceling ``vanished`` of a rule's ``open_count`` reminders at once is too many."""
+    return open_count >= MASS_CANCEL_FLOOR and vanished > max_cancel * open_count
+
+
+def scan_all(
+    app: Any,
+    *,
+    rule_name: str | None = None,
+    progress: bool = False,
+    allow_mass_cancel: bool = False,
+) -> list[ScanCounts]:
     """Scan every rule (or one), each on its own: a failing rule does not stop the others."""
     from tqdm import tqdm
 
@@ -604,7 +664,15 @@ def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) 
         bar = tqdm(desc=f"scan {rule.name}", unit=" rows", disable=not progress, leave=False)
         try:
             results.append(
-                scan_rule(app.config, rule, app.state, app.business, now, progress=bar.update)  # type: ignore[arg-type]
+                scan_rule(
+                    app.config,
+                    rule,
+                    app.state,
+                    app.business,
+                    now,
+                    progress=bar.update,  # type: ignore[arg-type]
+                    allow_mass_cancel=allow_mass_cancel,
+                )
             )
         finally:
             bar.close()

@@ -90,6 +90,8 @@ def test_scanning_three_times_creates_nothing_more(scanned: Project) -> None:
             "skipped": 0,
             "too_late": 0,
             "off": 0,
+            "restored": 0,
+            "held": 0,
         }
     assert scanned.reminders() == before
     assert scanned.events() == []
@@ -189,6 +191,8 @@ def test_a_changed_due_date_moves_the_pending_reminders(scanned: Project) -> Non
         "skipped": 0,
         "too_late": 0,
         "off": 0,
+        "restored": 0,
+        "held": 0,
     }
     after = scanned.by_key()
     assert {k: r["id"] for k, r in after.items()} == ids  # the same reminders, moved
@@ -227,6 +231,8 @@ def test_a_date_in_the_occurrence_key_makes_a_new_occurrence_and_cancels_the_old
         "skipped": 0,
         "too_late": 0,
         "off": 0,
+        "restored": 0,
+        "held": 0,
     }
     found = send_times(project)
     assert found[("1:2027-03-17", "-3d")] == ("canceled", "2027-03-14T14:00:00Z")
@@ -323,6 +329,8 @@ def test_a_reminder_already_past_grace_is_not_created(project: Project) -> None:
         "skipped": 0,
         "too_late": 1,
         "off": 0,
+        "restored": 0,
+        "held": 0,
     }
     assert ("1", "-3d") not in project.by_key()
     assert send_times(project)[("1", "0d")] == ("pending", "2027-03-17T14:00:00Z")
@@ -698,6 +706,8 @@ def test_a_row_whose_reminders_are_all_past_grace_stays_unchanged(scanned: Proje
         "skipped": 0,
         "too_late": 0,
         "off": 0,
+        "restored": 0,
+        "held": 0,
     }
     # Changed after its reminders went by: nothing to move, nothing new (the keys exist).
     scanned.sql(

@@ -1,0 +1,145 @@
+"""What a scan must not do by mistake, on SQLite and PostgreSQL: cancel a rule's reminders en
+masse because its query suddenly returns nothing, or cancel for good what only went missing.
+
+A truncated table, a WHERE typo or a replica that lost its data looks, to a scan, exactly like
+every occurrence having vanished. Past ``scan.max_cancel`` of a rule's open reminders (with at
+least 20 of them) the scan cancels none of them, fails with the way forward, and creates and moves
+what it can as usual. And a reminder canceled only because its occurrence went missing comes back
+when the occurrence does.
+"""
+
+from __future__ import annotations
+
+import json
+
+from reminders import lifecycle
+from reminders.clock import parse_instant
+from reminders.lifecycle import CANCELED, PENDING
+from reminders.scan import RESTORED, VANISHED, is_mass_cancel
+from tests.rules_fixtures import NOW, Project, project
+
+__all__ = ["project"]
+
+PATIENTS = 30  # 60 open reminders: above the guard's floor of 20
+
+
+def _populate(p: Project, count: int = PATIENTS) -> None:
+    """``count`` patients, one refillable prescription each, due 2027-03-20 (two reminders)."""
+    p.sql("DELETE FROM prescriptions")
+    p.sql("DELETE FROM patients")
+    p.sql(
+        "INSERT INTO patients (id, first_name, phone, email, timezone) "
+        "VALUES (:id, :name, :phone, :email, NULL)",
+        [
+            {"id": i, "name": f"P{i}", "phone": f"+1212555{i:04d}", "email": f"p{i}@example.com"}
+            for i in range(1, count + 1)
+        ],
+    )
+    p.sql(
+        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
+        "VALUES (:id, :id, 'Lisinopril', :due)",
+        [{"id": i, "due": p.due("2027-03-20")} for i in range(1, count + 1)],
+    )
+
+
+def _statuses(p: Project) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for row in p.reminders():
+        found[row["status"]] = found.get(row["status"], 0) + 1
+    return found
+
+
+def _scan(p: Project, *args: str) -> tuple[int, dict[str, object], str]:
+    result = p.run("scan", "--json", *args, now=NOW)
+    (line,) = result.json_lines()
+    return result.code, line, result.err
+
+
+def test_the_guards_threshold() -> None:
+    assert not is_mass_cancel(19, 19, 0.5)  # too few open reminders to judge
+    assert not is_mass_cancel(10, 20, 0.5)  # exactly half: allowed
+    assert is_mass_cancel(11, 20, 0.5)
+    assert is_mass_cancel(2000, 2000, 0.5)
+    assert not is_mass_cancel(2000, 2000, 1.0)
+
+
+def test_an_emptied_table_cancels_nothing_fails_and_says_how_to_proceed(project: Project) -> None:
+    project.ok("db", "upgrade")
+    _populate(project)
+    assert _scan(project)[1]["created"] == 2 * PATIENTS
+    project.sql("DELETE FROM prescriptions")  # a truncated table, as the scan sees it
+    code, counts, err = _scan(project)
+    assert code == 1
+    assert (counts["canceled"], counts["held"]) == (0, 2 * PATIENTS)
+    assert "--allow-mass-cancel" in err and "scan.max_cancel (50%)" in err
+    assert _statuses(project) == {"pending": 2 * PATIENTS}
+    last = project.scan_runs()[-1]
+    assert last["status"] == "failed" and "none was canceled" in last["error"]
+    status = json.loads(project.ok("status", "--json", now=NOW).out)
+    assert "--allow-mass-cancel" in json.dumps(status)  # ops see why in `status`
+    # Ops checked: the rows are really gone.
+    code, counts, _ = _scan(project, "--rule", "refill-due", "--allow-mass-cancel")
+    assert (code, counts["canceled"], counts["held"]) == (0, 2 * PATIENTS, 0)
+    assert _statuses(project) == {"canceled": 2 * PATIENTS}
+
+
+def test_the_guarded_scan_still_creates_and_moves(project: Project) -> None:
+    project.ok("db", "upgrade")
+    _populate(project)
+    _scan(project)
+    # Most rows vanish (a broken WHERE), one moves, one is new.
+    project.sql("DELETE FROM prescriptions WHERE id > 2")
+    moved = {"d": project.due("2027-03-21")}
+    project.sql("UPDATE prescriptions SET runs_out_on = :d WHERE id = 1", moved)
+    project.sql(
+        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
+        "VALUES (100, 2, 'Metformin', :d)",
+        {"d": project.due("2027-03-22")},
+    )
+    code, counts, _ = _scan(project)
+    assert code == 1
+    assert (counts["created"], counts["moved"], counts["canceled"]) == (2, 2, 0)
+
+
+def test_a_normal_days_cancellations_are_not_held(project: Project) -> None:
+    project.ok("db", "upgrade")
+    _populate(project)
+    _scan(project)
+    project.sql("DELETE FROM prescriptions WHERE id <= 5")  # 10 of 60: a day's refills done
+    code, counts, _ = _scan(project)
+    assert (code, counts["canceled"], counts["held"]) == (0, 10, 0)
+
+
+def test_a_vanished_occurrence_that_comes_back_is_pending_again(project: Project) -> None:
+    project.ok("db", "upgrade")
+    _scan(project)
+    planned = {k: r["planned_at"] for k, r in project.by_key().items()}
+    project.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 3")  # a WHERE now misses it
+    assert _scan(project)[1]["canceled"] == 2
+    assert {r["reason"] for k, r in project.by_key().items() if k[0] == "3"} == {VANISHED}
+    project.sql("UPDATE prescriptions SET refills_left = 1 WHERE id = 3")  # fixed
+    code, counts, _ = _scan(project)
+    assert (code, counts["restored"], counts["created"]) == (0, 2, 0)
+    after = project.by_key()
+    for key in (("3", "-3d"), ("3", "0d")):
+        row = after[key]
+        assert (row["status"], row["reason"]) == ("pending", RESTORED)
+        assert row["planned_at"] == row["send_at"] == planned[key]  # the same planned time
+    events = [(e["from_status"], e["to_status"], e["reason"]) for e in project.events()]
+    assert events[-2:] == [("canceled", "pending", RESTORED)] * 2
+    assert _scan(project)[1]["restored"] == 0  # once
+
+
+def test_a_reminder_canceled_for_another_reason_stays_canceled(project: Project) -> None:
+    project.ok("db", "upgrade")
+    _scan(project)
+    rid = project.by_key()[("3", "-3d")]["id"]
+    with project.state.begin() as conn:  # the customer answered DONE to the first one
+        lifecycle.move(
+            conn, [rid], source=PENDING, target=CANCELED, now=parse_instant(NOW), reason="done"
+        )
+    project.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 3")
+    _scan(project)
+    project.sql("UPDATE prescriptions SET refills_left = 1 WHERE id = 3")
+    assert _scan(project)[1]["restored"] == 1  # the 0d one; the replied one stays done
+    assert project.by_key()[("3", "-3d")]["reason"] == "done"
