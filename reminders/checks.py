@@ -33,13 +33,12 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import clock, source
+from . import clock, dberrors, source
 from .errors import (
     InputError,
     Problem,
     RuntimeFailure,
     ServiceUnavailable,
-    SourceError,
     TemplateError,
 )
 
@@ -305,10 +304,6 @@ class _Timeout(Exception):
     pass
 
 
-def _db_message(exc: sa.exc.DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-
-
 def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str, Any] | None:
     """The query's first row, or None. Raises _Timeout past the check's timeout.
 
@@ -362,17 +357,12 @@ def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str,
 
 def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception:
     """What a failed check query means: a timeout, an unreachable DB, or a broken query."""
-    message = _db_message(exc)
     state = getattr(exc.orig, "sqlstate", None)
     if fired or state in _PG_TIMEOUT_STATES:
         return _Timeout(f"the query took longer than {_millis(check.timeout)} ms")
-    if isinstance(exc.orig, sqlite3.Error) and "database is locked" in message:
+    if isinstance(exc.orig, sqlite3.Error) and "database is locked" in dberrors.message(exc):
         return _Timeout(f"the business DB stayed locked for {_millis(check.timeout)} ms")
-    if exc.connection_invalidated or (
-        isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower()
-    ):
-        return ServiceUnavailable(f"check {check.name}: business DB unreachable: {message}")
-    return SourceError(f"check {check.name}: the query failed: {message}")
+    return dberrors.error(exc, dberrors.BUSINESS_DB, f"check {check.name}")
 
 
 def _engine_params(check: CheckRule, app: App, now: datetime) -> list[tuple[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import phone, schedule, sms, source
+from . import dberrors, phone, schedule, sms, source
 from .channels.base import Channel, Message
 from .config import Config
 from .errors import PermanentError, TemplateError
@@ -223,5 +223,4 @@ def run_check(
         return found
     except sa.exc.DBAPIError as exc:
         conn.rollback()
-        text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise CheckFailed(f"rule {rule.name}: {text}") from None
+        raise CheckFailed(f"rule {rule.name}: {dberrors.message(exc)}") from None

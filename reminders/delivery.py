@@ -40,7 +40,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, schedule, store
+from . import caps, clock, codec, consent, dberrors, fallback, phone, schedule, store
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
@@ -330,8 +330,7 @@ class Delivery:
         try:
             return self.app.business.connect()
         except (sa.exc.DBAPIError, RuntimeFailure) as exc:
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise CheckFailed(f"business DB unreachable: {detail}") from None
+            raise CheckFailed(f"business DB unreachable: {dberrors.message(exc)}") from None
 
     def _decide(
         self,

@@ -63,6 +63,10 @@ class SourceError(RuntimeFailure):
     """A rule's query failed against the business database (names the rule and the DB's message)."""
 
 
+class StateError(RuntimeFailure):
+    """A statement failed against the state DB (names the DB's message)."""
+
+
 class ServiceUnavailable(RuntimeFailure):
     """Redis, the state DB or another service the engine needs did not answer."""
 

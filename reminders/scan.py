@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from dateutil.rrule import rrulestr
 from sqlalchemy.engine import Connection, Engine
 
-from . import codec, consent, schedule, source, store
+from . import codec, consent, dberrors, schedule, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
@@ -428,8 +428,7 @@ def scan_rule(
         counts.error = str(exc)
     except sa.exc.SQLAlchemyError as exc:
         # The state DB failed: the database's own message, without the statement and its rows.
-        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
-        counts.error = f"rule {rule.name}: state DB: {str(cause).strip().splitlines()[0]}"
+        counts.error = f"rule {rule.name}: state DB: {dberrors.message(exc)}"
     counts.skips.sort(key=lambda skip: skip[0])  # in row order (a batch finds them in two passes)
     with state.begin() as conn:
         if counts.skips:

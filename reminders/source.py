@@ -19,6 +19,7 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from . import dberrors
 from .errors import ServiceUnavailable, SourceError
 
 _engines: dict[str, Engine] = {}
@@ -138,10 +139,7 @@ def stream_rows(
             for rows in batches(result, batch):
                 yield keys, rows
     except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
-            raise ServiceUnavailable(f"{what}: business DB unreachable: {message}") from None
-        raise SourceError(f"{what}: the query failed: {message}") from None
+        raise dberrors.error(exc, dberrors.BUSINESS_DB, what) from None
     except sa.exc.ArgumentError as exc:
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:

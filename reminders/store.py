@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
-from . import models
+from . import dberrors, models
 from .errors import ServiceUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -81,8 +81,8 @@ def upgrade(url: str, revision: str = "head") -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
             conn.commit()
-    except sa.exc.OperationalError as exc:
-        raise ServiceUnavailable(f"state DB unreachable: {exc.orig}") from None
+    except sa.exc.DBAPIError as exc:
+        raise dberrors.error(exc, dberrors.STATE_DB) from None
 
 
 def current_revision(url: str) -> str | None:
@@ -103,8 +103,8 @@ def ensure_current(url: str) -> None:
     """Raise a clear error when the state DB is not migrated to the code's revision."""
     try:
         current = current_revision(url)
-    except sa.exc.OperationalError as exc:
-        raise ServiceUnavailable(f"state DB unreachable: {exc.orig}") from None
+    except sa.exc.DBAPIError as exc:
+        raise dberrors.error(exc, dberrors.STATE_DB) from None
     head = head_revision()
     if current != head:
         state = "has no tables yet" if current is None else f"is at revision {current}"
