@@ -250,13 +250,12 @@ class Delivery:
     ) -> tuple[list[_Change], list[_Ready]]:
         """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message."""
         config = self.config
-        rules = {rule.name: rule for rule in self.app.ruleset.rules}
         changes: list[_Change] = []
         ready: list[_Ready] = []
         # Each reminder's candidate channels with their addresses (or why there is none).
         plans: list[tuple[Mapping[str, Any], Rule, dict[str, Any], list[tuple[int, str, Any]]]] = []
         for row in rows:
-            rule = rules.get(row["rule"])
+            rule = self.app.ruleset.get(row["rule"])
             if rule is None:
                 changes.append(
                     _Change(row["id"], CANCELED, f"canceled: rule {row['rule']} no longer exists")

@@ -31,7 +31,7 @@ from . import redis_conn, store
 from .config import Config
 from .errors import ServiceUnavailable
 from .models import FAILED, PENDING, QUEUED, SENDING, reminder
-from .rules import Rule, RuleSet
+from .rules import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,13 @@ class DispatchCounts:
         return {"enqueued": self.enqueued, "requeued": self.requeued, "jobs": self.jobs}
 
 
-def _channel_of(rules: dict[str, Rule], config: Config, rule: str, index: int) -> str:
+def _channel_of(ruleset: RuleSet, config: Config, rule: str, index: int) -> str:
     """The queue a reminder goes to: its rule's channel at ``index``.
 
     A reminder whose rule is gone or whose index is past the rule's channels still goes to a
     queue: the worker records why it cannot be sent, so nothing stays pending without a reason.
     """
-    found = rules.get(rule)
+    found = ruleset.get(rule)
     if found is None:
         return config.channel_names[0]
     if 0 <= index < len(found.channels):
@@ -108,7 +108,6 @@ class Dispatcher:
         self.ruleset = ruleset
         self.state = state
         self.connection = connection
-        self._rules = {rule.name: rule for rule in ruleset.rules}
         self._queues: dict[str, Queue] = {}
 
     def queue(self, channel: str) -> Queue:
@@ -257,7 +256,7 @@ class Dispatcher:
         """
         by_channel: dict[str, list[int]] = defaultdict(list)
         for rid, rule, index in items:
-            by_channel[_channel_of(self._rules, self.config, rule, index)].append(rid)
+            by_channel[_channel_of(self.ruleset, self.config, rule, index)].append(rid)
         jobs: list[tuple[str, str, list[int]]] = []
         r = reminder
         with self.state.begin() as conn:
