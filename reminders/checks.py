@@ -365,17 +365,6 @@ def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception
     return dberrors.error(exc, dberrors.BUSINESS_DB, f"check {check.name}")
 
 
-def _engine_params(check: CheckRule, app: App, now: datetime) -> list[tuple[str, Any]]:
-    """``:now`` (UTC) and ``:today`` (the config's zone), when the query uses them."""
-    used = source.parameters(check.query)
-    found: list[tuple[str, Any]] = []
-    if "now" in used:
-        found.append(("now", now))
-    if "today" in used:
-        found.append(("today", now.astimezone(app.config.tz()).date()))
-    return found
-
-
 # --- asking ---------------------------------------------------------------------------------------
 
 
@@ -406,11 +395,9 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     check = app.ruleset.check(name)
     params = coerce_params(check, given, text=text)
     now = clock.now()
-    bound = dict(params)
+    bound = {**source.time_params(check.query, now, app.config.tz()), **params}
     if check.window is not None:
         bound["since"] = now - check.window
-    for key, value in _engine_params(check, app, now):
-        bound.setdefault(key, value)
     try:
         engine = check_engine(app.config.source_url, check.timeout)
         dialect = engine.dialect.name

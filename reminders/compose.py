@@ -206,9 +206,7 @@ def run_check(
 ) -> bool:
     """Ask the rule's check query again; True when it returns a row."""
     assert rule.check is not None
-    available = dict(values)
-    available.setdefault("now", now)
-    available.setdefault("today", now.astimezone(config.tz()).date())
+    available = {**source.time_params(rule.check, now, config.tz()), **values}
     wanted = source.parameters(rule.check)
     missing = wanted - set(available)
     if missing:

@@ -42,7 +42,7 @@ def preview_rule(
     now = app.now()
     planner = Planner(rule, config, now)
     result = PreviewResult(rule.name)
-    params = _query_params(rule.query, now, config)
+    params = source.time_params(rule.query, now, config.tz())
     seen = 0
     shown = 0
     for batch in source.stream(app.business, rule.query, params, what=f"rule {rule.name}"):
@@ -74,12 +74,6 @@ def preview_rule(
     elif shown == 0:
         result.notes.append(f"rule {rule.name}: its query returned no usable row")
     return result
-
-
-def _query_params(sql: str, now: Any, config: Any) -> dict[str, Any]:
-    wanted = source.parameters(sql)
-    available = {"now": now, "today": now.astimezone(config.tz()).date()}
-    return {k: v for k, v in available.items() if k in wanted}
 
 
 def _preview_row(

@@ -38,7 +38,7 @@ from . import codec, consent, dberrors, schedule, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
-from .rules import Rule, compile_key, key_columns
+from .rules import QUERY_PARAMETERS, Rule, compile_key, key_columns
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -467,14 +467,12 @@ def scan_rule(
 
 def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
     """The engine's own parameters a rule query may use: ``:now`` (UTC) and ``:today``."""
-    wanted = source.parameters(sql)
-    available = {"now": now, "today": now.astimezone(config.tz()).date()}
-    unknown = wanted - set(available)
+    unknown = source.parameters(sql) - set(QUERY_PARAMETERS)
     if unknown:
         raise SourceError(
             f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, :today"
         )
-    return {k: v for k, v in available.items() if k in wanted}
+    return source.time_params(sql, now, config.tz())
 
 
 def _check_columns(rule: Rule, keys: Sequence[str]) -> None:

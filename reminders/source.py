@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,18 @@ def query(sql: str) -> sa.TextClause:
 
     Cached, as the same few queries run for every check and every message sent."""
     return sa.text(_LITERAL.sub(lambda m: _COLON_WORD.sub(r"\\:", m.group(0)), sql))
+
+
+def time_params(sql: str, now: datetime, zone: tzinfo) -> dict[str, Any]:
+    """The engine's own parameters ``sql`` uses: ``:now`` (UTC) and ``:today`` (the date in
+    ``zone``, the config's), bound the same way in rules' queries, their checks and checks."""
+    used = parameters(sql)
+    found: dict[str, Any] = {}
+    if "now" in used:
+        found["now"] = now
+    if "today" in used:
+        found["today"] = now.astimezone(zone).date()
+    return found
 
 
 def stream(
