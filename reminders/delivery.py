@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import sqlalchemy as sa
@@ -68,6 +68,9 @@ from .models import (
 )
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ class Delivery:
     queue and for rate limits).
     """
 
-    def __init__(self, app: Any, connection: redis.Redis) -> None:
+    def __init__(self, app: App, connection: redis.Redis) -> None:
         self.app = app
         self.config: Config = app.config
         self.connection = connection
@@ -246,7 +249,7 @@ class Delivery:
     # -- before sending ---------------------------------------------------------------------
 
     def _prepare(
-        self, channel: str, rows: Sequence[Mapping[str, Any]], now: datetime
+        self, channel: str, rows: Sequence[Mapping[Any, Any]], now: datetime
     ) -> tuple[list[_Change], list[_Ready]]:
         """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message."""
         config = self.config

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import sqlalchemy as sa
@@ -32,6 +32,9 @@ from .config import Config
 from .errors import ServiceUnavailable
 from .models import FAILED, PENDING, QUEUED, SENDING, reminder
 from .rules import RuleSet
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -345,18 +348,18 @@ def _span(ids: list[int]) -> str:
     return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
 
 
-def dispatcher(app: Any) -> Dispatcher:
+def dispatcher(app: App) -> Dispatcher:
     """A dispatcher for a running engine (``reminders.app.App``)."""
     return Dispatcher(app.config, app.ruleset, app.state, redis_conn.connect(app.config))
 
 
-def dispatch(app: Any, now: datetime | None = None) -> DispatchCounts:
+def dispatch(app: App, now: datetime | None = None) -> DispatchCounts:
     """Enqueue what is due now (engine clock) and re-enqueue lost jobs' reminders."""
     return dispatcher(app).run(app.now() if now is None else now)
 
 
 def retry(
-    app: Any,
+    app: App,
     from_status: str,
     *,
     rule: str | None = None,

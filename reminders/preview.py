@@ -11,12 +11,15 @@ masked: the output is safe to paste into a ticket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import clock, phone, sms, source
 from .compose import address_for, render, template_context
 from .errors import PermanentError, TemplateError
 from .rules import Rule
+
+if TYPE_CHECKING:
+    from .app import App
 
 MAX_ROWS_READ = 100_000  # rows looked through for an --occurrence before giving up
 
@@ -32,7 +35,7 @@ class PreviewResult:
 
 
 def preview_rule(
-    app: Any, rule_name: str, *, occurrence: str | None = None, limit: int = 3
+    app: App, rule_name: str, *, occurrence: str | None = None, limit: int = 3
 ) -> PreviewResult:
     """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence)."""
     from .scan import Planner, RowError
@@ -77,7 +80,7 @@ def preview_rule(
 
 
 def _preview_row(
-    app: Any,
+    app: App,
     rule: Rule,
     values: dict[str, Any],
     key: str,
@@ -146,7 +149,7 @@ def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
     return parse_due(values.get(rule.due), rule.due)
 
 
-def _check(app: Any, rule: Rule, values: dict[str, Any], now: Any) -> str:
+def _check(app: App, rule: Rule, values: dict[str, Any], now: Any) -> str:
     """What the rule's check query says now, in words."""
     from .compose import CheckFailed, CheckInvalid, run_check
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from itertools import compress, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from dateutil.rrule import rrulestr
@@ -39,6 +39,9 @@ from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
 from .rules import QUERY_PARAMETERS, Rule, compile_key, key_columns
+
+if TYPE_CHECKING:
+    from .app import App
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -818,7 +821,7 @@ def _cancel_vanished(conn: Connection, ids: list[int], earliest: datetime, now: 
     return len(cancels)
 
 
-def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) -> list[ScanCounts]:
+def scan_all(app: App, *, rule_name: str | None = None, progress: bool = False) -> list[ScanCounts]:
     """Scan every rule (or one), each on its own: a failing rule does not stop the others."""
     from tqdm import tqdm
 
@@ -838,7 +841,7 @@ def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) 
     return results
 
 
-def _check_templates(app: Any, rules: list[Rule]) -> None:
+def _check_templates(app: App, rules: list[Rule]) -> None:
     """Refuse to schedule reminders whose templates are missing or broken (nothing is written)."""
     from .validate import template_problems
 
