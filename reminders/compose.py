@@ -24,33 +24,10 @@ from .rules import Rule
 
 def open_channel(config: Config, name: str) -> Channel:
     """The provider of channel ``name`` as configured (raises ``ConfigError`` if it is not)."""
-    from .channels import OutboxChannel, SmtpChannel, TwilioChannel
-    from .config import EmailConfig, SmsConfig
+    from .channels import PROVIDERS
 
     cfg = config.channel(name)
-    if cfg.provider == "outbox":
-        assert cfg.path is not None
-        return OutboxChannel(name, config.path(cfg.path))
-    if isinstance(cfg, SmsConfig):
-        assert cfg.account_sid and cfg.auth_token  # the config requires them for twilio
-        return TwilioChannel(
-            cfg.account_sid,
-            cfg.auth_token,
-            from_=cfg.from_,
-            messaging_service_sid=cfg.messaging_service_sid,
-            api_url=cfg.api_url,
-            concurrency=cfg.concurrency,
-        )
-    assert isinstance(cfg, EmailConfig) and cfg.from_
-    return SmtpChannel(
-        cfg.host,
-        cfg.port,
-        cfg.from_,
-        username=cfg.username,
-        password=cfg.password,
-        security=cfg.security,
-        timeout=cfg.timeout.total_seconds(),
-    )
+    return PROVIDERS[cfg.provider].from_config(name, cfg, config)
 
 
 # -- the customer and the template context -----------------------------------------------------
