@@ -25,12 +25,11 @@ from .errors import ServiceUnavailable, SourceError
 _engines: dict[str, Engine] = {}
 
 
-def engine_for(url: str, statement_timeout: timedelta | None = None) -> Engine:
+def engine_for(url: str) -> Engine:
     """The process' read-only engine for the business DB at ``url``."""
-    key = f"{url}|{statement_timeout}"
-    engine = _engines.get(key)
+    engine = _engines.get(url)
     if engine is None:
-        engine = _engines[key] = create_engine(url, statement_timeout)
+        engine = _engines[url] = create_engine(url)
     return engine
 
 
@@ -178,16 +177,3 @@ def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequen
             yield rows
     finally:
         result.close()
-
-
-def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -> list[str]:
-    """The column names a query returns (runs it, reading no rows)."""
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(query(sql), dict(params))
-            names = list(result.keys())
-            result.close()
-            return names
-    except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise SourceError(f"{what}: the query failed: {message}") from None

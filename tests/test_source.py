@@ -214,15 +214,6 @@ def test_an_unsupported_database_is_named() -> None:
         source.create_engine("oracle://u:p@h/db")
 
 
-def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -> None:
-    engine = source.create_engine(business[0])
-    try:
-        names = source.columns(engine, "SELECT id AS rx_id, name FROM items", {}, what="rule t")
-    finally:
-        engine.dispose()
-    assert names == ["rx_id", "name"]
-
-
 def test_time_params_bind_what_the_query_uses_today_in_the_configs_zone() -> None:
     now = datetime(2026, 3, 8, 3, 30, tzinfo=UTC)  # still the 7th in Chicago
     chicago = ZoneInfo("America/Chicago")
