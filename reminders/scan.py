@@ -502,9 +502,10 @@ def _classify(
     """Sort a batch's rows: unchanged (counted, done), changed (reminders within grace exist),
     absent (none do); bad rows are skipped. Every row's occurrence is marked seen in ``known``.
 
-    The scan's hottest loop, a million times for a million rows: :meth:`Planner.identify` and
-    :meth:`_Known.match` written out inline for the usual row, the methods themselves for the
-    rest (they give the same key and digest, and name what is wrong with a bad row).
+    The scan's hottest loop, a million times for a million rows: :meth:`Planner.identify`
+    written out inline for the usual row, and :meth:`_Known.mark` with the digests compared in
+    the same pass; ``identify`` itself for the rest (it gives the same key and digest, and names
+    what is wrong with a bad row).
     """
     recurring = planner.rule.recurrence is not None
     changed: list[Item] = []
