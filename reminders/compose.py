@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from . import dberrors, phone, schedule, sms, source
 from .channels.base import Channel, Message
 from .config import Config
-from .errors import PermanentError, TemplateError
+from .errors import PermanentError, RuleError, RuntimeFailure, TemplateError
 from .rules import Rule
 
 
@@ -170,11 +170,11 @@ def render(
     return Rendered(msg, None)
 
 
-class CheckFailed(Exception):
+class CheckFailed(RuntimeFailure):
     """The rule's check query could not be answered (a transient failure)."""
 
 
-class CheckInvalid(Exception):
+class CheckInvalid(RuleError):
     """The rule's check query cannot be asked for this reminder (a parameter is missing)."""
 
 

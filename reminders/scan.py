@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import codec, consent, dberrors, schedule, source, store
 from .config import Config
-from .errors import RemindersError, SourceError, TemplateError
+from .errors import InputError, RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
 from .rules import QUERY_PARAMETERS, Rule, compile_key, key_columns
 
@@ -81,8 +81,9 @@ class ScanCounts:
         }
 
 
-class RowError(Exception):
-    """A row from which no reminder can be computed; names the column."""
+class RowError(InputError):
+    """A row from which no reminder can be computed; names the column. The scan skips the row
+    and records why."""
 
     def __init__(self, column: str | None, reason: str) -> None:
         super().__init__(reason)
