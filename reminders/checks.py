@@ -34,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import clock, dberrors, source
+from .engines import EngineCache
 from .errors import (
     InputError,
     Problem,
@@ -232,8 +233,7 @@ def _plain(value: Any) -> Any:
 
 # --- engines and the query -----------------------------------------------------------------------
 
-_engines: dict[tuple[str, int], Engine] = {}
-_engines_lock = threading.Lock()
+_engines = EngineCache()
 
 
 def _millis(duration: timedelta) -> int:
@@ -242,15 +242,7 @@ def _millis(duration: timedelta) -> int:
 
 def check_engine(url: str, timeout: timedelta) -> Engine:
     """The process' read-only engine for checks with ``timeout`` against the business DB."""
-    key = (url, _millis(timeout))
-    engine = _engines.get(key)
-    if engine is not None:
-        return engine
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None:
-            engine = _engines[key] = _create_engine(url, timeout)
-    return engine
+    return _engines.get(url, lambda: _create_engine(url, timeout), _millis(timeout))
 
 
 def _create_engine(url: str, timeout: timedelta) -> Engine:
@@ -274,12 +266,9 @@ def _create_engine(url: str, timeout: timedelta) -> Engine:
     return engine
 
 
-def dispose_engines() -> None:
-    """Close every pooled check connection of this process (tests, forks)."""
-    with _engines_lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the check engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def _bind(value: Any, dialect: str) -> Any:

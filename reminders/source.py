@@ -20,17 +20,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import dberrors
+from .engines import EngineCache
 from .errors import ServiceUnavailable, SourceError
 
-_engines: dict[str, Engine] = {}
+_engines = EngineCache()
 
 
 def engine_for(url: str) -> Engine:
     """The process' read-only engine for the business DB at ``url``."""
-    engine = _engines.get(url)
-    if engine is None:
-        engine = _engines[url] = create_engine(url)
-    return engine
+    return _engines.get(url, lambda: create_engine(url))
+
+
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the business DB engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def create_engine(

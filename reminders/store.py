@@ -21,18 +21,21 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
 from . import dberrors, models
+from .engines import EngineCache
 from .errors import ServiceUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_engines: dict[str, Engine] = {}
+_engines = EngineCache()
 
 
 def engine_for(url: str) -> Engine:
     """The process' one engine for a state DB URL (created on first use)."""
-    engine = _engines.get(url)
-    if engine is None:
-        engine = _engines[url] = create_engine(url)
-    return engine
+    return _engines.get(url, lambda: create_engine(url))
+
+
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the state DB engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def create_engine(url: str) -> Engine:
