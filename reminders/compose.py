@@ -170,24 +170,28 @@ def render(
     return Rendered(msg, None)
 
 
-class CheckFailed(RuntimeFailure):
+# The send-time re-check: a rule's ``check:`` query, asked again before each message. Not to be
+# confused with the checkout's checks (reminders.checks), asked by the business.
+
+
+class RecheckFailed(RuntimeFailure):
     """The rule's check query could not be answered (a transient failure)."""
 
 
-class CheckInvalid(RuleError):
+class RecheckInvalid(RuleError):
     """The rule's check query cannot be asked for this reminder (a parameter is missing)."""
 
 
-def run_check(
+def recheck(
     conn: Connection, rule: Rule, values: Mapping[str, Any], now: datetime, config: Config
 ) -> bool:
-    """Ask the rule's check query again; True when it returns a row."""
+    """Ask the rule's ``check`` query again at send time; True when it returns a row."""
     assert rule.check is not None
     available = {**source.time_params(rule.check, now, config.tz()), **values}
     wanted = source.parameters(rule.check)
     missing = wanted - set(available)
     if missing:
-        raise CheckInvalid(
+        raise RecheckInvalid(
             f"rule {rule.name} ({rule.file}:{rule.line}): the check query uses "
             f":{', :'.join(sorted(missing))}, which the rule's query does not return"
         )
@@ -198,4 +202,4 @@ def run_check(
         return found
     except sa.exc.DBAPIError as exc:
         conn.rollback()
-        raise CheckFailed(f"rule {rule.name}: {dberrors.message(exc)}") from None
+        raise RecheckFailed(f"rule {rule.name}: {dberrors.message(exc)}") from None

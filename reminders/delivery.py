@@ -43,15 +43,15 @@ from sqlalchemy.engine import Connection
 from . import caps, clock, codec, consent, dberrors, fallback, phone, schedule, store
 from .channels.base import Channel
 from .compose import (
-    CheckFailed,
-    CheckInvalid,
+    RecheckFailed,
+    RecheckInvalid,
     Rendered,
     address_for,
     customer_of,
     customer_zone,
     open_channel,
+    recheck,
     render,
-    run_check,
     template_context,
 )
 from .config import Config
@@ -299,7 +299,7 @@ class Delivery:
                     if isinstance(decided, _Ready) and rule.check:
                         if business is None:
                             business = self._business()
-                        if not run_check(business, rule, values, now, config):
+                        if not recheck(business, rule, values, now, config):
                             decided = _Change(
                                 row["id"],
                                 CANCELED,
@@ -307,9 +307,9 @@ class Delivery:
                             )
                 except TemplateError as exc:
                     decided = _Change(row["id"], FAILED, f"template error: {_problems(exc)}")
-                except CheckFailed as exc:
+                except RecheckFailed as exc:
                     decided = self._retry_change(row, rule, f"check query failed: {exc}", now)
-                except CheckInvalid as exc:
+                except RecheckInvalid as exc:
                     decided = _Change(row["id"], FAILED, f"check query: {exc}")
                 except InputError:
                     raise  # a configuration mistake fails the job, visibly; nothing is lost
@@ -328,11 +328,11 @@ class Delivery:
         return changes, ready
 
     def _business(self) -> Connection:
-        """A connection to the business DB for check queries; unreachable is transient."""
+        """A connection to the business DB for re-check queries; unreachable is transient."""
         try:
             return self.app.business.connect()
         except (sa.exc.DBAPIError, RuntimeFailure) as exc:
-            raise CheckFailed(f"business DB unreachable: {dberrors.message(exc)}") from None
+            raise RecheckFailed(f"business DB unreachable: {dberrors.message(exc)}") from None
 
     def _decide(
         self,

@@ -11,7 +11,7 @@ The tree (classes defined beside the code that raises them name their module)::
     ├── InputError                  exit 2
     │   ├── ConfigError
     │   ├── RuleError
-    │   │   └── CheckInvalid        compose: a rule's check query asks what its row lacks
+    │   │   └── RecheckInvalid      compose: a rule's check query asks what its row lacks
     │   ├── TemplateError
     │   ├── YamlError               yamlfile: becomes a ConfigError or a RuleError
     │   ├── CheckParamError         checks: the checkout's parameters
@@ -20,7 +20,7 @@ The tree (classes defined beside the code that raises them name their module)::
     │   ├── SourceError             the business DB
     │   ├── StateError              the state DB
     │   ├── ServiceUnavailable
-    │   └── CheckFailed             compose: a rule's check query went unanswered (retried)
+    │   └── RecheckFailed           compose: a rule's check query went unanswered (retried)
     ├── ChannelError                permanent or not
     │   ├── TransientError
     │   └── PermanentError

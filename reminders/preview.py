@@ -108,7 +108,7 @@ def _preview_row(
         "send_at": clock.iso_utc(row["send_at"]) if row["send_at"] else None,
     }
     if rule.check:
-        base["check"] = _check(app, rule, values, now)
+        base["check"] = _recheck(app, rule, values, now)
     for channel in rule.channels:
         item: dict[str, Any] = dict(base, channel=channel)
         customer = {k: values.get(c) for k, c in rule.columns.items()}
@@ -149,14 +149,14 @@ def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
     return parse_due(values.get(rule.due), rule.due)
 
 
-def _check(app: App, rule: Rule, values: dict[str, Any], now: Any) -> str:
+def _recheck(app: App, rule: Rule, values: dict[str, Any], now: Any) -> str:
     """What the rule's check query says now, in words."""
-    from .compose import CheckFailed, CheckInvalid, run_check
+    from .compose import RecheckFailed, RecheckInvalid, recheck
 
     try:
         with app.business.connect() as conn:
-            found = run_check(conn, rule, values, now, app.config)
-    except (CheckFailed, CheckInvalid) as exc:
+            found = recheck(conn, rule, values, now, app.config)
+    except (RecheckFailed, RecheckInvalid) as exc:
         return f"failed: {exc}"
     return "returns a row: would send" if found else "no row: would be canceled"
 

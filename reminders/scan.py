@@ -411,7 +411,7 @@ def scan_rule(
                     is None
                 )
                 # Customers who switched this rule off get no new reminders; their open ones
-                # are left to the send-time check (consent), which also sees a switch back on.
+                # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
             params = _query_params(rule.query, now, config)
             number = 0

@@ -29,17 +29,17 @@ def _public_exceptions() -> dict[str, type[BaseException]]:
 
 def test_every_public_exception_is_in_the_tree() -> None:
     found = _public_exceptions()
-    assert "reminders.scan.RowError" in found and "reminders.compose.CheckFailed" in found
+    assert "reminders.scan.RowError" in found and "reminders.compose.RecheckFailed" in found
     outside = sorted(name for name, cls in found.items() if not issubclass(cls, RemindersError))
     assert outside == []
 
 
 def test_the_branches_decide_the_exit_code() -> None:
-    from reminders.compose import CheckFailed, CheckInvalid
+    from reminders.compose import RecheckFailed, RecheckInvalid
     from reminders.scan import RowError
     from reminders.yamlfile import YamlError
 
-    assert issubclass(CheckInvalid, RuleError) and issubclass(CheckFailed, RuntimeFailure)
+    assert issubclass(RecheckInvalid, RuleError) and issubclass(RecheckFailed, RuntimeFailure)
     assert issubclass(RowError, InputError) and issubclass(YamlError, InputError)
     row = RowError("due", "due is empty: no due date")
     assert (str(row), row.column, row.reason) == ("due is empty: no due date", "due", row.reason)
