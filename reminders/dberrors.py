@@ -17,9 +17,9 @@ STATE_DB = "state DB"
 
 
 def message(exc: BaseException) -> str:
-    """The first line of the database's own message: a ``DBAPIError``'s ``orig``, else the
-    exception's text ("" when it has none)."""
-    cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    """The first line of the database's own message: the ``orig`` of SQLAlchemy's
+    ``DBAPIError`` (or other ``StatementError``), else the exception's text ("" when none)."""
+    cause = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig is not None else exc
     lines = str(cause).strip().splitlines()
     return lines[0] if lines else ""
 

@@ -157,7 +157,7 @@ def stream_rows(
     except sa.exc.ArgumentError as exc:
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
-        raise SourceError(f"{what}: {exc.orig or exc}") from None
+        raise SourceError(f"{what}: {dberrors.message(exc)}") from None
 
 
 def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequence[Any]]]:
