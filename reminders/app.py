@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import clock, source, store
 from .config import Config, load_config
@@ -13,6 +13,8 @@ from .rules import RuleSet, load_rules
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+    from .render import Renderer
 
 
 class App:
@@ -40,7 +42,7 @@ class App:
         return source.engine_for(self.config.source_url)
 
     @cached_property
-    def renderer(self) -> Any:
+    def renderer(self) -> Renderer:
         from .render import Renderer
 
         return Renderer(self.config.templates_path)

@@ -223,7 +223,7 @@ def usage(
     customers: Sequence[str],
     since: datetime,
     now: datetime,
-    rules: Mapping[str, Rule],
+    ruleset: RuleSet,
 ) -> tuple[dict[str, list[datetime]], list[Due]]:
     """What counts against these customers' caps since ``since``, and their capped due reminders.
 
@@ -261,7 +261,7 @@ def usage(
         for kind, customer, rid, rule_name, at in conn.execute(
             sa.union_all(sent, sending, waiting)
         ):
-            rule = rules.get(rule_name)
+            rule = ruleset.get(rule_name)
             if kind != "due":
                 if rule is None or rule.caps:
                     used[customer].append(at)
@@ -302,8 +302,7 @@ def enforce(
     lock(conn, customers)
     widest = WEEK if caps.per_week is not None else DAY
     since = min(start_of(period(now, d.zone, widest, caps.week_starts), d.zone) for d in mine)  # type: ignore[arg-type]
-    rules = {rule.name: rule for rule in ruleset.rules}
-    used, due = usage(conn, customers, since, now, rules)
+    used, due = usage(conn, customers, since, now, ruleset)
     in_batch = {row["id"] for row, _ in batch}
     others = [d for d in due if d.id not in in_batch]
     held = allot(caps, now, mine, others, used)

@@ -33,13 +33,13 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import clock, source
+from . import clock, dberrors, source
+from .engines import EngineCache
 from .errors import (
     InputError,
     Problem,
     RuntimeFailure,
     ServiceUnavailable,
-    SourceError,
     TemplateError,
 )
 
@@ -233,8 +233,7 @@ def _plain(value: Any) -> Any:
 
 # --- engines and the query -----------------------------------------------------------------------
 
-_engines: dict[tuple[str, int], Engine] = {}
-_engines_lock = threading.Lock()
+_engines = EngineCache()
 
 
 def _millis(duration: timedelta) -> int:
@@ -243,15 +242,7 @@ def _millis(duration: timedelta) -> int:
 
 def check_engine(url: str, timeout: timedelta) -> Engine:
     """The process' read-only engine for checks with ``timeout`` against the business DB."""
-    key = (url, _millis(timeout))
-    engine = _engines.get(key)
-    if engine is not None:
-        return engine
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None:
-            engine = _engines[key] = _create_engine(url, timeout)
-    return engine
+    return _engines.get(url, lambda: _create_engine(url, timeout), _millis(timeout))
 
 
 def _create_engine(url: str, timeout: timedelta) -> Engine:
@@ -275,12 +266,9 @@ def _create_engine(url: str, timeout: timedelta) -> Engine:
     return engine
 
 
-def dispose_engines() -> None:
-    """Close every pooled check connection of this process (tests, forks)."""
-    with _engines_lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the check engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def _bind(value: Any, dialect: str) -> Any:
@@ -303,10 +291,6 @@ def _bind(value: Any, dialect: str) -> Any:
 
 class _Timeout(Exception):
     pass
-
-
-def _db_message(exc: sa.exc.DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
 
 
 def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str, Any] | None:
@@ -362,28 +346,12 @@ def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str,
 
 def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception:
     """What a failed check query means: a timeout, an unreachable DB, or a broken query."""
-    message = _db_message(exc)
     state = getattr(exc.orig, "sqlstate", None)
     if fired or state in _PG_TIMEOUT_STATES:
         return _Timeout(f"the query took longer than {_millis(check.timeout)} ms")
-    if isinstance(exc.orig, sqlite3.Error) and "database is locked" in message:
+    if isinstance(exc.orig, sqlite3.Error) and "database is locked" in dberrors.message(exc):
         return _Timeout(f"the business DB stayed locked for {_millis(check.timeout)} ms")
-    if exc.connection_invalidated or (
-        isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower()
-    ):
-        return ServiceUnavailable(f"check {check.name}: business DB unreachable: {message}")
-    return SourceError(f"check {check.name}: the query failed: {message}")
-
-
-def _engine_params(check: CheckRule, app: App, now: datetime) -> list[tuple[str, Any]]:
-    """``:now`` (UTC) and ``:today`` (the config's zone), when the query uses them."""
-    used = source.parameters(check.query)
-    found: list[tuple[str, Any]] = []
-    if "now" in used:
-        found.append(("now", now))
-    if "today" in used:
-        found.append(("today", now.astimezone(app.config.tz()).date()))
-    return found
+    return dberrors.error(exc, dberrors.BUSINESS_DB, f"check {check.name}")
 
 
 # --- asking ---------------------------------------------------------------------------------------
@@ -416,11 +384,9 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     check = app.ruleset.check(name)
     params = coerce_params(check, given, text=text)
     now = clock.now()
-    bound = dict(params)
+    bound = {**source.time_params(check.query, now, app.config.tz()), **params}
     if check.window is not None:
         bound["since"] = now - check.window
-    for key, value in _engine_params(check, app, now):
-        bound.setdefault(key, value)
     try:
         engine = check_engine(app.config.source_url, check.timeout)
         dialect = engine.dialect.name

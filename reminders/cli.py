@@ -14,7 +14,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from . import clock, lifecycle, models, store
+from . import clock, dberrors, lifecycle, models, store
 from .app import App
 from .errors import InputError, RemindersError, RuntimeFailure
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except sa.exc.OperationalError as exc:
-        click.echo(f"error: database unreachable: {exc.orig}", err=True)
+        click.echo(f"error: database unreachable: {dberrors.message(exc)}", err=True)
         sys.exit(1)
     sys.exit(0)
 

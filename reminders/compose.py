@@ -15,42 +15,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import phone, schedule, sms, source
+from . import dberrors, phone, schedule, sms, source
 from .channels.base import Channel, Message
 from .config import Config
-from .errors import PermanentError, TemplateError
+from .errors import PermanentError, RuleError, RuntimeFailure, TemplateError
 from .rules import Rule
 
 
 def open_channel(config: Config, name: str) -> Channel:
     """The provider of channel ``name`` as configured (raises ``ConfigError`` if it is not)."""
-    from .channels import OutboxChannel, SmtpChannel, TwilioChannel
-    from .config import EmailConfig, SmsConfig
+    from .channels import PROVIDERS
 
     cfg = config.channel(name)
-    if cfg.provider == "outbox":
-        assert cfg.path is not None
-        return OutboxChannel(name, config.path(cfg.path))
-    if isinstance(cfg, SmsConfig):
-        assert cfg.account_sid and cfg.auth_token  # the config requires them for twilio
-        return TwilioChannel(
-            cfg.account_sid,
-            cfg.auth_token,
-            from_=cfg.from_,
-            messaging_service_sid=cfg.messaging_service_sid,
-            api_url=cfg.api_url,
-            concurrency=cfg.concurrency,
-        )
-    assert isinstance(cfg, EmailConfig) and cfg.from_
-    return SmtpChannel(
-        cfg.host,
-        cfg.port,
-        cfg.from_,
-        username=cfg.username,
-        password=cfg.password,
-        security=cfg.security,
-        timeout=cfg.timeout.total_seconds(),
-    )
+    return PROVIDERS[cfg.provider].from_config(name, cfg, config)
 
 
 # -- the customer and the template context -----------------------------------------------------
@@ -193,26 +170,28 @@ def render(
     return Rendered(msg, None)
 
 
-class CheckFailed(Exception):
+# The send-time re-check: a rule's ``check:`` query, asked again before each message. Not to be
+# confused with the checkout's checks (reminders.checks), asked by the business.
+
+
+class RecheckFailed(RuntimeFailure):
     """The rule's check query could not be answered (a transient failure)."""
 
 
-class CheckInvalid(Exception):
+class RecheckInvalid(RuleError):
     """The rule's check query cannot be asked for this reminder (a parameter is missing)."""
 
 
-def run_check(
+def recheck(
     conn: Connection, rule: Rule, values: Mapping[str, Any], now: datetime, config: Config
 ) -> bool:
-    """Ask the rule's check query again; True when it returns a row."""
+    """Ask the rule's ``check`` query again at send time; True when it returns a row."""
     assert rule.check is not None
-    available = dict(values)
-    available.setdefault("now", now)
-    available.setdefault("today", now.astimezone(config.tz()).date())
+    available = {**source.time_params(rule.check, now, config.tz()), **values}
     wanted = source.parameters(rule.check)
     missing = wanted - set(available)
     if missing:
-        raise CheckInvalid(
+        raise RecheckInvalid(
             f"rule {rule.name} ({rule.file}:{rule.line}): the check query uses "
             f":{', :'.join(sorted(missing))}, which the rule's query does not return"
         )
@@ -223,5 +202,4 @@ def run_check(
         return found
     except sa.exc.DBAPIError as exc:
         conn.rollback()
-        text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise CheckFailed(f"rule {rule.name}: {text}") from None
+        raise RecheckFailed(f"rule {rule.name}: {dberrors.message(exc)}") from None

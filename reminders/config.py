@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import time, timedelta
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -282,9 +282,6 @@ class Config(_Model):
 
     def tz(self) -> Any:
         return schedule.zone(self.timezone)
-
-    def default_send_time(self) -> time:
-        return self.send_window.start
 
 
 def resolve_url(url: str, root: Path) -> str:

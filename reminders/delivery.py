@@ -35,16 +35,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, policies
+from . import caps, clock, codec, consent, dberrors, fallback, phone, policies
 from .channels.base import Channel
 from .compose import (
-    CheckFailed,
+    RecheckFailed,
     Rendered,
     customer_of,
     open_channel,
@@ -69,6 +69,9 @@ from .lifecycle import (
 from .models import message, reminder
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ class Delivery:
     queue and for rate limits).
     """
 
-    def __init__(self, app: Any, connection: redis.Redis) -> None:
+    def __init__(self, app: App, connection: redis.Redis) -> None:
         self.app = app
         self.config: Config = app.config
         self.connection = connection
@@ -250,7 +253,7 @@ class Delivery:
     # -- before sending ---------------------------------------------------------------------
 
     def _prepare(
-        self, channel: str, rows: Sequence[Mapping[str, Any]], now: datetime
+        self, channel: str, rows: Sequence[Mapping[Any, Any]], now: datetime
     ) -> tuple[list[_Change], list[_Ready]]:
         """Decide, for each reminder, a change (cancel, defer, fail, move) or a rendered message.
 
@@ -258,12 +261,11 @@ class Delivery:
         rendered. Consent is read and the business DB opened once for the batch.
         """
         config = self.config
-        rules = {rule.name: rule for rule in self.app.ruleset.rules}
         changes: list[_Change] = []
         ready: list[_Ready] = []
         plans: list[_Plan] = []
         for row in rows:
-            rule = rules.get(row["rule"])
+            rule = self.app.ruleset.get(row["rule"])
             if rule is None:
                 changes.append(
                     _Change(row["id"], CANCELED, f"canceled: rule {row['rule']} no longer exists")
@@ -308,12 +310,11 @@ class Delivery:
         return changes, ready
 
     def _business(self) -> Connection:
-        """A connection to the business DB for check queries; unreachable is transient."""
+        """A connection to the business DB for re-check queries; unreachable is transient."""
         try:
             return self.app.business.connect()
         except (sa.exc.DBAPIError, RuntimeFailure) as exc:
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise CheckFailed(f"business DB unreachable: {detail}") from None
+            raise RecheckFailed(f"business DB unreachable: {dberrors.message(exc)}") from None
 
     def _change(self, context: policies.Context, decision: policies.Decision) -> _Change:
         """The status change a policy's decision makes."""

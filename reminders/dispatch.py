@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import sqlalchemy as sa
@@ -33,7 +33,10 @@ from .config import Config
 from .errors import ServiceUnavailable
 from .lifecycle import FAILED, PENDING, QUEUED, SENDING, move
 from .models import reminder
-from .rules import Rule, RuleSet
+from .rules import RuleSet
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +89,13 @@ class DispatchCounts:
         return {"enqueued": self.enqueued, "requeued": self.requeued, "jobs": self.jobs}
 
 
-def _channel_of(rules: dict[str, Rule], config: Config, rule: str, index: int) -> str:
+def _channel_of(ruleset: RuleSet, config: Config, rule: str, index: int) -> str:
     """The queue a reminder goes to: its rule's channel at ``index``.
 
     A reminder whose rule is gone or whose index is past the rule's channels still goes to a
     queue: the worker records why it cannot be sent, so nothing stays pending without a reason.
     """
-    found = rules.get(rule)
+    found = ruleset.get(rule)
     if found is None:
         return config.channel_names[0]
     if 0 <= index < len(found.channels):
@@ -110,7 +113,6 @@ class Dispatcher:
         self.ruleset = ruleset
         self.state = state
         self.connection = connection
-        self._rules = {rule.name: rule for rule in ruleset.rules}
         self._queues: dict[str, Queue] = {}
 
     def queue(self, channel: str) -> Queue:
@@ -259,7 +261,7 @@ class Dispatcher:
         """
         by_channel: dict[str, list[int]] = defaultdict(list)
         for rid, rule, index in items:
-            by_channel[_channel_of(self._rules, self.config, rule, index)].append(rid)
+            by_channel[_channel_of(self.ruleset, self.config, rule, index)].append(rid)
         jobs: list[tuple[str, str, list[int]]] = []
         r = reminder
         with self.state.begin() as conn:
@@ -354,18 +356,18 @@ def _span(ids: list[int]) -> str:
     return f"{ids[0]}" if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
 
 
-def dispatcher(app: Any) -> Dispatcher:
+def dispatcher(app: App) -> Dispatcher:
     """A dispatcher for a running engine (``reminders.app.App``)."""
     return Dispatcher(app.config, app.ruleset, app.state, redis_conn.connect(app.config))
 
 
-def dispatch(app: Any, now: datetime | None = None) -> DispatchCounts:
+def dispatch(app: App, now: datetime | None = None) -> DispatchCounts:
     """Enqueue what is due now (engine clock) and re-enqueue lost jobs' reminders."""
     return dispatcher(app).run(app.now() if now is None else now)
 
 
 def retry(
-    app: Any,
+    app: App,
     from_status: str,
     *,
     rule: str | None = None,

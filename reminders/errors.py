@@ -1,8 +1,30 @@
 """The engine's errors: one tree, each naming where the problem is.
 
-``InputError`` and its children are the business's mistakes (config, rules, templates): the command
-line exits 2 on them. ``RuntimeFailure`` and its children are failures of the world (a rule's SQL
-failed, a service is unreachable): exit 1. Channel errors say whether retrying can help.
+``InputError`` and its children are the business's mistakes (config, rules, templates, a row their
+query returned): the command line exits 2 on them. ``RuntimeFailure`` and its children are
+failures of the world (a rule's SQL failed, a service is unreachable): exit 1. Channel errors say
+whether retrying can help. Database errors enter the tree in one place, :mod:`reminders.dberrors`.
+
+The tree (classes defined beside the code that raises them name their module)::
+
+    RemindersError
+    ├── InputError                  exit 2
+    │   ├── ConfigError
+    │   ├── RuleError
+    │   │   └── RecheckInvalid      compose: a rule's check query asks what its row lacks
+    │   ├── TemplateError
+    │   ├── YamlError               yamlfile: becomes a ConfigError or a RuleError
+    │   ├── CheckParamError         checks: the checkout's parameters
+    │   └── RowError                scan: a row no reminder can be computed from (skipped)
+    ├── RuntimeFailure              exit 1
+    │   ├── SourceError             the business DB
+    │   ├── StateError              the state DB
+    │   ├── ServiceUnavailable
+    │   └── RecheckFailed           compose: a rule's check query went unanswered (retried)
+    ├── ChannelError                permanent or not
+    │   ├── TransientError
+    │   └── PermanentError
+    └── LinkError                   links: a customer's link token is not ours or has expired
 """
 
 from __future__ import annotations
@@ -61,6 +83,10 @@ class RuntimeFailure(RemindersError):
 
 class SourceError(RuntimeFailure):
     """A rule's query failed against the business database (names the rule and the DB's message)."""
+
+
+class StateError(RuntimeFailure):
+    """A statement failed against the state DB (names the DB's message)."""
 
 
 class ServiceUnavailable(RuntimeFailure):

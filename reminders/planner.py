@@ -19,11 +19,13 @@ from dateutil.rrule import rrulestr
 
 from . import codec, schedule
 from .config import Config
+from .errors import InputError
 from .rules import Rule, compile_key, key_columns
 
 
-class RowError(Exception):
-    """A row from which no reminder can be computed; names the column."""
+class RowError(InputError):
+    """A row from which no reminder can be computed; names the column. The scan skips the row
+    and records why."""
 
     def __init__(self, column: str | None, reason: str) -> None:
         super().__init__(reason)

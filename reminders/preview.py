@@ -11,13 +11,16 @@ masked: the output is safe to paste into a ticket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import clock, phone, sms, source
 from .compose import address_for, render, template_context
 from .errors import PermanentError, TemplateError
 from .planner import Planner, RowError, parse_due
 from .rules import Rule
+
+if TYPE_CHECKING:
+    from .app import App
 
 MAX_ROWS_READ = 100_000  # rows looked through for an --occurrence before giving up
 
@@ -33,7 +36,7 @@ class PreviewResult:
 
 
 def preview_rule(
-    app: Any, rule_name: str, *, occurrence: str | None = None, limit: int = 3
+    app: App, rule_name: str, *, occurrence: str | None = None, limit: int = 3
 ) -> PreviewResult:
     """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence)."""
     config = app.config
@@ -41,7 +44,7 @@ def preview_rule(
     now = app.now()
     planner = Planner(rule, config, now)
     result = PreviewResult(rule.name)
-    params = _query_params(rule.query, now, config)
+    params = source.time_params(rule.query, now, config.tz())
     seen = 0
     shown = 0
     for batch in source.stream(app.business, rule.query, params, what=f"rule {rule.name}"):
@@ -75,14 +78,8 @@ def preview_rule(
     return result
 
 
-def _query_params(sql: str, now: Any, config: Any) -> dict[str, Any]:
-    wanted = source.parameters(sql)
-    available = {"now": now, "today": now.astimezone(config.tz()).date()}
-    return {k: v for k, v in available.items() if k in wanted}
-
-
 def _preview_row(
-    app: Any,
+    app: App,
     rule: Rule,
     values: dict[str, Any],
     key: str,
@@ -110,7 +107,7 @@ def _preview_row(
         "send_at": clock.iso_utc(row["send_at"]) if row["send_at"] else None,
     }
     if rule.check:
-        base["check"] = _check(app, rule, values, now)
+        base["check"] = _recheck(app, rule, values, now)
     for channel in rule.channels:
         item: dict[str, Any] = dict(base, channel=channel)
         customer = {k: values.get(c) for k, c in rule.columns.items()}
@@ -149,14 +146,14 @@ def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
     return parse_due(values.get(rule.due), rule.due)
 
 
-def _check(app: Any, rule: Rule, values: dict[str, Any], now: Any) -> str:
+def _recheck(app: App, rule: Rule, values: dict[str, Any], now: Any) -> str:
     """What the rule's check query says now, in words."""
-    from .compose import CheckFailed, CheckInvalid, run_check
+    from .compose import RecheckFailed, RecheckInvalid, recheck
 
     try:
         with app.business.connect() as conn:
-            found = run_check(conn, rule, values, now, app.config)
-    except (CheckFailed, CheckInvalid) as exc:
+            found = recheck(conn, rule, values, now, app.config)
+    except (RecheckFailed, RecheckInvalid) as exc:
         return f"failed: {exc}"
     return "returns a row: would send" if found else "no row: would be canceled"
 

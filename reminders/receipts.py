@@ -81,7 +81,7 @@ def apply_report(
     )
     if code in DEAD_NUMBER:
         # As for a permanent error at send time: the next channel while within grace.
-        rule = next((r for r in ruleset.rules if r.name == rem.rule), None)
+        rule = ruleset.get(rem.rule)
         new = fallback.fall_back(
             conn, rem._mapping, rule, why, now, status=SENT, otherwise=UNDELIVERED
         )

@@ -76,10 +76,6 @@ def latest_to(conn: Connection, number: str) -> _Latest | None:
     return None if row is None else _Latest(row.id, row.rule, row.occurrence, row.customer_id)
 
 
-def _find_rule(ruleset: RuleSet, name: str) -> Rule | None:
-    return next((r for r in ruleset.rules if r.name == name), None)
-
-
 def handle(
     conn: Connection,
     ruleset: RuleSet,
@@ -92,7 +88,7 @@ def handle(
     """Handle one inbound SMS inside the caller's transaction; returns what to answer."""
     word = keyword(body)
     latest = latest_to(conn, number)
-    rule = _find_rule(ruleset, latest.rule) if latest else None
+    rule = ruleset.get(latest.rule) if latest else None
     reply = rule.replies.get(word) if rule is not None else None
     if word in STOP_WORDS:
         action = STOP

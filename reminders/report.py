@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from . import clock, consent, lifecycle, models, phone
+
+if TYPE_CHECKING:
+    from .app import App
 
 r = models.reminder
 o = models.optout
@@ -23,7 +26,7 @@ DEFERRALS = (
 RECENT_SUPPRESSED = 10
 
 
-def status_report(app: Any) -> dict[str, Any]:
+def status_report(app: App) -> dict[str, Any]:
     """Counts by rule and status, the next due reminder, stuck sends, failures, last scans,
     deferred reminders, opt-outs and suppressed addresses."""
     now = app.now()

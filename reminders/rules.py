@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import time, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -388,10 +389,19 @@ class RuleSet:
     checks: list[CheckRule]
     warnings: list[Problem]
 
+    @cached_property
+    def _by_name(self) -> dict[str, Rule]:
+        return {rule.name: rule for rule in self.rules}
+
+    def get(self, name: str) -> Rule | None:
+        """The rule named ``name``, or None (a reminder may outlive its rule)."""
+        return self._by_name.get(name)
+
     def rule(self, name: str) -> Rule:
-        for rule in self.rules:
-            if rule.name == name:
-                return rule
+        """The rule named ``name``; raises :class:`RuleError` listing the rules there are."""
+        found = self.get(name)
+        if found is not None:
+            return found
         known = ", ".join(r.name for r in self.rules) or "none"
         raise RuleError(Problem(f'no rule named "{name}" (rules: {known})'))
 

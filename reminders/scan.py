@@ -28,18 +28,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import compress, repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import consent, source, store
+from . import consent, dberrors, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
 from .models import reminder, scan_run, skipped_row
 from .planner import Planner, RowError
-from .rules import Rule
+from .rules import QUERY_PARAMETERS, Rule
+
+if TYPE_CHECKING:
+    from .app import App
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -205,7 +208,7 @@ def scan_rule(
                     is None
                 )
                 # Customers who switched this rule off get no new reminders; their open ones
-                # are left to the send-time check (consent), which also sees a switch back on.
+                # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
             params = _query_params(rule.query, now, config)
             number = 0
@@ -238,8 +241,7 @@ def scan_rule(
         counts.error = str(exc)
     except sa.exc.SQLAlchemyError as exc:
         # The state DB failed: the database's own message, without the statement and its rows.
-        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
-        counts.error = f"rule {rule.name}: state DB: {str(cause).strip().splitlines()[0]}"
+        counts.error = f"rule {rule.name}: state DB: {dberrors.message(exc)}"
     counts.skips.sort(key=lambda skip: skip[0])  # in row order (a batch finds them in two passes)
     with state.begin() as conn:
         if counts.skips:
@@ -278,14 +280,12 @@ def scan_rule(
 
 def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
     """The engine's own parameters a rule query may use: ``:now`` (UTC) and ``:today``."""
-    wanted = source.parameters(sql)
-    available = {"now": now, "today": now.astimezone(config.tz()).date()}
-    unknown = wanted - set(available)
+    unknown = source.parameters(sql) - set(QUERY_PARAMETERS)
     if unknown:
         raise SourceError(
             f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, :today"
         )
-    return {k: v for k, v in available.items() if k in wanted}
+    return source.time_params(sql, now, config.tz())
 
 
 def _check_columns(rule: Rule, keys: Sequence[str]) -> None:
@@ -312,9 +312,10 @@ def _classify(
     """Sort a batch's rows: unchanged (counted, done), changed (reminders within grace exist),
     absent (none do); bad rows are skipped. Every row's occurrence is marked seen in ``known``.
 
-    The scan's hottest loop, a million times for a million rows: :meth:`Planner.identify` and
-    :meth:`_Known.match` written out inline for the usual row, the methods themselves for the
-    rest (they give the same key and digest, and name what is wrong with a bad row).
+    The scan's hottest loop, a million times for a million rows: :meth:`Planner.identify`
+    written out inline for the usual row, and :meth:`_Known.mark` with the digests compared in
+    the same pass; ``identify`` itself for the rest (it gives the same key and digest, and names
+    what is wrong with a bad row).
     """
     recurring = planner.rule.recurrence is not None
     changed: list[Item] = []
@@ -646,7 +647,7 @@ def is_mass_cancel(vanished: int, open_count: int, max_cancel: float) -> bool:
 
 
 def scan_all(
-    app: Any,
+    app: App,
     *,
     rule_name: str | None = None,
     progress: bool = False,
@@ -679,7 +680,7 @@ def scan_all(
     return results
 
 
-def _check_templates(app: Any, rules: list[Rule]) -> None:
+def _check_templates(app: App, rules: list[Rule]) -> None:
     """Refuse to schedule reminders whose templates are missing or broken (nothing is written)."""
     from .validate import template_problems
 

@@ -110,11 +110,6 @@ class Offset:
         else:
             object.__setattr__(self, "_months", 12 * self.amount)
 
-    @property
-    def is_calendar(self) -> bool:
-        """True for calendar steps (d, w, mo, y), which land at ``at`` and move into the window."""
-        return not self._exact
-
 
 def parse_offset(text: str) -> Offset:
     """Parse an offset such as ``-3d``, ``+2h``, ``30m``, ``1w``, ``-1mo``, ``1y`` or ``0d``.

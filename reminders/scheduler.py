@@ -24,12 +24,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from . import redis_conn
 from .errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class Cycle:
 class Scheduler:
     """Scans and dispatches for ``app`` while it leads."""
 
-    def __init__(self, app: Any, lock_ttl: float = LOCK_TTL) -> None:
+    def __init__(self, app: App, lock_ttl: float = LOCK_TTL) -> None:
         self.app = app
         self.connection = redis_conn.connect(app.config)
         self.lock = LeaderLock(self.connection, lock_ttl)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,18 +19,21 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from . import dberrors
+from .engines import EngineCache
 from .errors import ServiceUnavailable, SourceError
 
-_engines: dict[str, Engine] = {}
+_engines = EngineCache()
 
 
-def engine_for(url: str, statement_timeout: timedelta | None = None) -> Engine:
+def engine_for(url: str) -> Engine:
     """The process' read-only engine for the business DB at ``url``."""
-    key = f"{url}|{statement_timeout}"
-    engine = _engines.get(key)
-    if engine is None:
-        engine = _engines[key] = create_engine(url, statement_timeout)
-    return engine
+    return _engines.get(url, lambda: create_engine(url))
+
+
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the business DB engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def create_engine(
@@ -109,6 +112,18 @@ def query(sql: str) -> sa.TextClause:
     return sa.text(_LITERAL.sub(lambda m: _COLON_WORD.sub(r"\\:", m.group(0)), sql))
 
 
+def time_params(sql: str, now: datetime, zone: tzinfo) -> dict[str, Any]:
+    """The engine's own parameters ``sql`` uses: ``:now`` (UTC) and ``:today`` (the date in
+    ``zone``, the config's), bound the same way in rules' queries, their checks and checks."""
+    used = parameters(sql)
+    found: dict[str, Any] = {}
+    if "now" in used:
+        found["now"] = now
+    if "today" in used:
+        found["today"] = now.astimezone(zone).date()
+    return found
+
+
 def stream(
     engine: Engine, sql: str, params: Mapping[str, Any], *, what: str, batch: int = 2000
 ) -> Iterator[list[dict[str, Any]]]:
@@ -138,14 +153,11 @@ def stream_rows(
             for rows in batches(result, batch):
                 yield keys, rows
     except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
-            raise ServiceUnavailable(f"{what}: business DB unreachable: {message}") from None
-        raise SourceError(f"{what}: the query failed: {message}") from None
+        raise dberrors.error(exc, dberrors.BUSINESS_DB, what) from None
     except sa.exc.ArgumentError as exc:
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
-        raise SourceError(f"{what}: {exc.orig or exc}") from None
+        raise SourceError(f"{what}: {dberrors.message(exc)}") from None
 
 
 def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequence[Any]]]:
@@ -168,16 +180,3 @@ def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequen
             yield rows
     finally:
         result.close()
-
-
-def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -> list[str]:
-    """The column names a query returns (runs it, reading no rows)."""
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(query(sql), dict(params))
-            names = list(result.keys())
-            result.close()
-            return names
-    except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise SourceError(f"{what}: the query failed: {message}") from None

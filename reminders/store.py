@@ -20,19 +20,22 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection, Engine
 
-from . import models
+from . import dberrors, models
+from .engines import EngineCache
 from .errors import ServiceUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_engines: dict[str, Engine] = {}
+_engines = EngineCache()
 
 
 def engine_for(url: str) -> Engine:
     """The process' one engine for a state DB URL (created on first use)."""
-    engine = _engines.get(url)
-    if engine is None:
-        engine = _engines[url] = create_engine(url)
-    return engine
+    return _engines.get(url, lambda: create_engine(url))
+
+
+def dispose_engines(matching: str | None = None) -> None:
+    """Close and forget the state DB engines whose URL contains ``matching`` (all when None)."""
+    _engines.dispose(matching)
 
 
 def create_engine(url: str) -> Engine:
@@ -81,8 +84,8 @@ def upgrade(url: str, revision: str = "head") -> None:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
             conn.commit()
-    except sa.exc.OperationalError as exc:
-        raise ServiceUnavailable(f"state DB unreachable: {exc.orig}") from None
+    except sa.exc.DBAPIError as exc:
+        raise dberrors.error(exc, dberrors.STATE_DB) from None
 
 
 def current_revision(url: str) -> str | None:
@@ -103,8 +106,8 @@ def ensure_current(url: str) -> None:
     """Raise a clear error when the state DB is not migrated to the code's revision."""
     try:
         current = current_revision(url)
-    except sa.exc.OperationalError as exc:
-        raise ServiceUnavailable(f"state DB unreachable: {exc.orig}") from None
+    except sa.exc.DBAPIError as exc:
+        raise dberrors.error(exc, dberrors.STATE_DB) from None
     head = head_revision()
     if current != head:
         state = "has no tables yet" if current is None else f"is at revision {current}"

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, Problem
 
+if TYPE_CHECKING:
+    from .app import App
 
-def validate_all(app: Any) -> list[Problem]:
+
+def validate_all(app: App) -> list[Problem]:
     """Problems (errors and warnings) of the config, the rules and every template they name."""
     try:
         app.config  # noqa: B018 - loading is the check
@@ -25,7 +28,7 @@ def validate_all(app: Any) -> list[Problem]:
     return problems
 
 
-def template_problems(app: Any, rules: Iterable[Any], checks: Iterable[Any] = ()) -> list[Problem]:
+def template_problems(app: App, rules: Iterable[Any], checks: Iterable[Any] = ()) -> list[Problem]:
     """What is wrong with the templates of ``rules`` (each channel) and of ``checks``.
 
     Files are named relative to the config's folder, like rule files (``templates/x.sms.j2``).

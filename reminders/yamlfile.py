@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .errors import Problem
+from .errors import InputError, Problem
 
 Path_ = tuple[str | int, ...]
 
@@ -174,9 +174,9 @@ def load(path: Path, display: str | None = None) -> Document:
     return loads(text, name)
 
 
-class YamlError(Exception):
+class YamlError(InputError):
     """A YAML file could not be parsed; carries the problem with its place."""
 
     def __init__(self, problem: Problem) -> None:
-        super().__init__(str(problem))
+        super().__init__(problem)
         self.problem = problem

@@ -46,9 +46,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with services.postgres_database() as url:
             yield url
-    engine = store._engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    store.dispose_engines(url)
 
 
 @pytest.fixture

@@ -367,10 +367,8 @@ class Project:
         # The engine keeps one engine per URL for the process; a finished test's are let go.
         database = "/" + self.business_url.rsplit("/", 1)[-1]
         mine = str(self.root) if self.backend == "sqlite" else database
-        for cache in (store._engines, source._engines):
-            for key in list(cache):
-                if mine in key:
-                    cache.pop(key).dispose()
+        store.dispose_engines(mine)
+        source.dispose_engines(mine)
 
 
 def _insert_sql(table: str, example: Mapping[str, Any]) -> str:

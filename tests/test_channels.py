@@ -24,6 +24,8 @@ from reminders.channels import (
     SmtpChannel,
     TwilioChannel,
 )
+from reminders.compose import open_channel
+from reminders.config import load_config
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from tests import services
 from tests.twilio_stub import (
@@ -38,6 +40,7 @@ from tests.twilio_stub import (
 )
 
 if TYPE_CHECKING:
+    from reminders.config import Config, EmailConfig, SmsConfig
     from tests.channel_fixtures import SmtpServer
 
 # prism_url, twilio_stub, smtp_server, smtp_tls_server, smtp_ssl_server, trust_test_ca
@@ -76,6 +79,43 @@ def test_registry() -> None:
     assert all(issubclass(cls, Channel) for cls in PROVIDERS.values())
 
 
+@pytest.mark.parametrize(
+    ("channels", "sms_provider", "email_provider"),
+    [
+        (
+            "channels:\n  sms:\n    provider: twilio\n    account_sid: AC1\n"
+            "    auth_token: secret\n    from: '+15005550006'\n"
+            "  email:\n    provider: smtp\n    from: Shop <care@example.com>\n    port: 2525\n",
+            "twilio",
+            "smtp",
+        ),
+        (
+            "channels:\n  sms:\n    provider: outbox\n  email:\n    provider: outbox\n"
+            "    path: mail/outbox.jsonl\n",
+            "outbox",
+            "outbox",
+        ),
+    ],
+)
+def test_each_configured_channel_opens_its_registered_provider(
+    tmp_path: Path, channels: str, sms_provider: str, email_provider: str
+) -> None:
+    (tmp_path / "config.yaml").write_text("source:\n  url: sqlite:///shop.db\n" + channels)
+    config = load_config(tmp_path / "config.yaml", env={})
+    sms_channel, email = open_channel(config, "sms"), open_channel(config, "email")
+    try:
+        assert type(sms_channel) is PROVIDERS[sms_provider] and sms_channel.name == "sms"
+        assert type(email) is PROVIDERS[email_provider] and email.name == "email"
+        if isinstance(email, SmtpChannel):
+            assert (email.port, email.envelope_from) == (2525, "care@example.com")
+        else:
+            assert isinstance(email, OutboxChannel)
+            assert email.path == tmp_path / "mail" / "outbox.jsonl"
+    finally:
+        sms_channel.close()
+        email.close()
+
+
 # -- the interface's default send_many -----------------------------------------------------------
 
 
@@ -83,6 +123,10 @@ class _Numbered(Channel):
     """A provider of the test's own: even reminder ids fail permanently."""
 
     name = "sms"
+
+    @classmethod
+    def from_config(cls, name: str, cfg: SmsConfig | EmailConfig, config: Config) -> _Numbered:
+        return cls()
 
     def send(self, message: Message) -> str:
         if message.reminder_id == 99:

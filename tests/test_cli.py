@@ -370,6 +370,4 @@ def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: s
         assert len(lite.ok("list", "--json").json_lines()) == 6
     from reminders import store
 
-    database = pg_url.rsplit("/", 1)[-1]
-    for key in [k for k in store._engines if k.endswith(database)]:
-        store._engines.pop(key).dispose()
+    store.dispose_engines(pg_url.rsplit("/", 1)[-1])  # the state DB's engine, by its name

@@ -38,7 +38,7 @@ def state(tmp_path: Path) -> Iterator[sa.Engine]:
     store.upgrade(url)
     engine = store.engine_for(url)
     yield engine
-    store._engines.pop(url).dispose()
+    store.dispose_engines(url)
 
 
 def add(state: sa.Engine, status: str, index: int = 0, send_at: datetime = NOW) -> dict[str, Any]:

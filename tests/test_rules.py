@@ -279,6 +279,12 @@ def test_an_unknown_rule_name_lists_the_known_ones(lite: Project) -> None:
         _load(lite).rule("nope")
 
 
+def test_a_rule_is_found_by_name_or_is_none(lite: Project) -> None:
+    ruleset = _load(lite)
+    assert ruleset.get("refill-due") is ruleset.rule("refill-due") is ruleset.rules[0]
+    assert ruleset.get("nope") is None
+
+
 def test_the_fingerprint_changes_with_what_decides_a_schedule(lite: Project) -> None:
     config = load_config(lite.root / "config.yaml")
     rule = _load(lite).rules[0]

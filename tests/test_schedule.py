@@ -48,27 +48,26 @@ def utc(text: str) -> datetime:
 
 
 @pytest.mark.parametrize(
-    ("text", "amount", "unit", "written", "is_calendar"),
+    ("text", "amount", "unit", "written"),
     [
-        ("-3d", -3, "d", "-3d", True),
-        ("0d", 0, "d", "0d", True),
-        ("+2h", 2, "h", "+2h", False),
-        ("30m", 30, "m", "30m", False),
-        ("-90m", -90, "m", "-90m", False),
-        ("1w", 1, "w", "1w", True),
-        ("-1mo", -1, "mo", "-1mo", True),
-        ("+12mo", 12, "mo", "+12mo", True),
-        ("1y", 1, "y", "1y", True),
-        ("-0d", 0, "d", "-0d", True),
-        ("  -3d\n", -3, "d", "-3d", True),
-        ("0", 0, "d", "0", True),  # YAML's integer 0, passed on as "0": the due day itself
-        ("1000y", 1000, "y", "1000y", True),
+        ("-3d", -3, "d", "-3d"),
+        ("0d", 0, "d", "0d"),
+        ("+2h", 2, "h", "+2h"),
+        ("30m", 30, "m", "30m"),
+        ("-90m", -90, "m", "-90m"),
+        ("1w", 1, "w", "1w"),
+        ("-1mo", -1, "mo", "-1mo"),
+        ("+12mo", 12, "mo", "+12mo"),
+        ("1y", 1, "y", "1y"),
+        ("-0d", 0, "d", "-0d"),
+        ("  -3d\n", -3, "d", "-3d"),
+        ("0", 0, "d", "0"),  # YAML's integer 0, passed on as "0": the due day itself
+        ("1000y", 1000, "y", "1000y"),
     ],
 )
-def test_parse_offset(text: str, amount: int, unit: str, written: str, is_calendar: bool) -> None:
+def test_parse_offset(text: str, amount: int, unit: str, written: str) -> None:
     offset = parse_offset(text)
     assert (offset.amount, offset.unit, offset.text) == (amount, unit, written)
-    assert offset.is_calendar is is_calendar
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -212,10 +214,11 @@ def test_an_unsupported_database_is_named() -> None:
         source.create_engine("oracle://u:p@h/db")
 
 
-def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -> None:
-    engine = source.create_engine(business[0])
-    try:
-        names = source.columns(engine, "SELECT id AS rx_id, name FROM items", {}, what="rule t")
-    finally:
-        engine.dispose()
-    assert names == ["rx_id", "name"]
+def test_time_params_bind_what_the_query_uses_today_in_the_configs_zone() -> None:
+    now = datetime(2026, 3, 8, 3, 30, tzinfo=UTC)  # still the 7th in Chicago
+    chicago = ZoneInfo("America/Chicago")
+    assert source.time_params("SELECT 1 WHERE :today > d", now, chicago) == {
+        "today": date(2026, 3, 7)
+    }
+    assert source.time_params("SELECT :now, ':today'", now, chicago) == {"now": now}
+    assert source.time_params("SELECT 1", now, chicago) == {}

@@ -122,7 +122,7 @@ def test_sqlite_runs_in_wal_mode_and_takes_the_write_lock_at_begin(tmp_path: Pat
                 other.execute("BEGIN IMMEDIATE")
             other.close()
     finally:
-        store._engines.pop(url).dispose()
+        store.dispose_engines(url)
 
 
 def test_rule_lock_is_held_per_rule_on_postgresql(pg_url: str) -> None:
@@ -150,4 +150,16 @@ def test_rule_lock_is_held_per_rule_on_postgresql(pg_url: str) -> None:
             assert free("refill-due")
     finally:
         other.dispose()
-        store._engines.pop(pg_url).dispose()
+        store.dispose_engines(pg_url)
+
+
+def test_dispose_engines_lets_go_of_the_matching_ones_only(tmp_path: Path) -> None:
+    first, second = (f"sqlite:///{tmp_path / name / 'reminders.db'}" for name in ("a", "b"))
+    engine = store.engine_for(first)
+    kept = store.engine_for(second)
+    try:
+        store.dispose_engines(str(tmp_path / "a"))
+        assert store.engine_for(first) is not engine
+        assert store.engine_for(second) is kept
+    finally:
+        store.dispose_engines(str(tmp_path))

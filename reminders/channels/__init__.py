@@ -1,8 +1,9 @@
 """Channels: one interface (:mod:`.base`), one small module per provider.
 
-``PROVIDERS`` maps the ``provider:`` name of ``config.yaml`` to the class that implements it.
-Provider modules are imported when first asked for, so commands that send nothing do not pay for
-importing the Twilio library.
+``PROVIDERS`` maps the ``provider:`` name of ``config.yaml`` to the class that implements it, and
+each class builds itself from its channel's section (:meth:`Channel.from_config`):
+:func:`reminders.compose.open_channel` asks nothing else. Provider modules are imported when
+first asked for, so commands that send nothing do not pay for importing the Twilio library.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ A provider takes a rendered :class:`Message` and either returns the provider's i
 provider, next to the provider's code.
 
 Adding a provider: subclass :class:`Channel`, implement :meth:`Channel.send` (and
-:meth:`Channel.send_many` when the provider can do better than one call after another), map the
-provider's errors in one place, and register the class in ``reminders.channels.PROVIDERS``.
+:meth:`Channel.send_many` when the provider can do better than one call after another) and
+:meth:`Channel.from_config`, map the provider's errors in one place, and register the class in
+``reminders.channels.PROVIDERS`` under the ``provider:`` name config.yaml gives it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from reminders.errors import ChannelError
+
+if TYPE_CHECKING:
+    from reminders.config import Config, EmailConfig, SmsConfig
 
 
 @dataclass
@@ -41,6 +46,12 @@ class Channel(ABC):
     """Sends messages through one provider. Instances may be reused for many batches."""
 
     name: str  # "sms" or "email": the channel this instance serves
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, name: str, cfg: SmsConfig | EmailConfig, config: Config) -> Channel:
+        """This provider for channel ``name`` as ``cfg``, its section of config.yaml, sets it
+        up (``config`` resolves relative paths). The config was validated when loaded."""
 
     @abstractmethod
     def send(self, message: Message) -> str:

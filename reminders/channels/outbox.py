@@ -15,10 +15,14 @@ import os
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reminders import clock
 from reminders.channels.base import Channel, Message
 from reminders.errors import TransientError
+
+if TYPE_CHECKING:
+    from reminders.config import Config, EmailConfig, SmsConfig
 
 
 class OutboxChannel(Channel):
@@ -29,6 +33,11 @@ class OutboxChannel(Channel):
         self.path = Path(path)
         self._fd: int | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, name: str, cfg: SmsConfig | EmailConfig, config: Config) -> OutboxChannel:
+        assert cfg.path is not None  # the config defaults it to outbox.jsonl
+        return cls(name, config.path(cfg.path))
 
     def _open(self) -> int:
         if self._fd is None:

@@ -21,11 +21,15 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from reminders.channels.base import Channel, Message
+from reminders.config import EmailConfig
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask_email
+
+if TYPE_CHECKING:
+    from reminders.config import Config, SmsConfig
 
 Security = Literal["none", "starttls", "ssl"]
 
@@ -140,6 +144,19 @@ class SmtpChannel(Channel):
         self.password = password
         self.security: Security = security
         self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, name: str, cfg: SmsConfig | EmailConfig, config: Config) -> SmtpChannel:
+        assert isinstance(cfg, EmailConfig) and cfg.from_  # the config requires from for smtp
+        return cls(
+            cfg.host,
+            cfg.port,
+            cfg.from_,
+            username=cfg.username,
+            password=cfg.password,
+            security=cfg.security,
+            timeout=cfg.timeout.total_seconds(),
+        )
 
     # -- building ---------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
@@ -42,8 +42,12 @@ from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 
 from reminders.channels.base import Channel, Message
 from reminders.channels.twilio_http import Urllib3HttpClient
+from reminders.config import SmsConfig
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask, mask_numbers_in
+
+if TYPE_CHECKING:
+    from reminders.config import Config, EmailConfig
 
 OPT_OUT_CODES = frozenset({21610})  # the recipient replied STOP to this sender
 PERMANENT_CODES = frozenset({21211, 21614, 21408}) | OPT_OUT_CODES
@@ -142,6 +146,19 @@ class TwilioChannel(Channel):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, name: str, cfg: SmsConfig | EmailConfig, config: Config) -> TwilioChannel:
+        assert isinstance(cfg, SmsConfig)
+        assert cfg.account_sid and cfg.auth_token  # the config requires them for twilio
+        return cls(
+            cfg.account_sid,
+            cfg.auth_token,
+            from_=cfg.from_,
+            messaging_service_sid=cfg.messaging_service_sid,
+            api_url=cfg.api_url,
+            concurrency=cfg.concurrency,
+        )
 
     def send(self, message: Message) -> str:
         params: dict[str, Any] = {"to": message.to, "body": message.body}

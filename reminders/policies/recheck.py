@@ -8,7 +8,7 @@ row does not have) fails it.
 
 from __future__ import annotations
 
-from ..compose import CheckFailed, CheckInvalid, run_check
+from ..compose import RecheckFailed, RecheckInvalid, recheck
 from .base import Cancel, Context, Fail, Retry
 
 
@@ -20,10 +20,10 @@ def policy(context: Context) -> Cancel | Fail | Retry | None:
         return None
     try:
         business = context.batch.business()
-        found = run_check(business, rule, context.values, context.now, context.config)
-    except CheckFailed as exc:
+        found = recheck(business, rule, context.values, context.now, context.config)
+    except RecheckFailed as exc:
         return Retry(f"check query failed: {exc}")
-    except CheckInvalid as exc:
+    except RecheckInvalid as exc:
         return Fail(f"check query: {exc}")
     if found:
         return None

@@ -39,7 +39,8 @@ PREFIX = "/v1/checks/"
 
 log = logging.getLogger(__name__)
 
-Answer = tuple[int, dict[str, Any], list[tuple[str, str]]]
+# (HTTP status, JSON body, headers): not the check's own Answer, which the body carries
+HttpAnswer = tuple[int, dict[str, Any], list[tuple[str, str]]]
 _JSON_HEADERS = [
     ("Content-Type", "application/json"),
     ("Cache-Control", "no-store"),  # an answer about one customer's purchases
@@ -61,7 +62,7 @@ def key_is_valid(given: bytes, keys: list[bytes]) -> bool:
     return found
 
 
-def refused(authorization: str) -> Answer | None:
+def refused(authorization: str) -> HttpAnswer | None:
     """A 401/403 answer when ``authorization`` (the header) holds no valid API key, else None."""
     keys = api_keys()
     if not keys:
@@ -78,7 +79,7 @@ def refused(authorization: str) -> Answer | None:
     return None
 
 
-def _standard(status: int) -> Answer:
+def _standard(status: int) -> HttpAnswer:
     return status, {"error": HTTPStatus(status).phrase}, []
 
 
@@ -101,7 +102,7 @@ class ChecksEndpoint:
         )
         return [data]
 
-    def answer(self, environ: WSGIEnvironment, path: str) -> Answer:
+    def answer(self, environ: WSGIEnvironment, path: str) -> HttpAnswer:
         # WSGI hands the path over as latin-1 text of its bytes (PEP 3333); names are UTF-8.
         name = path[len(PREFIX) :].encode("latin-1", "replace").decode("utf-8", "replace")
         if not name or "/" in name:
@@ -120,7 +121,7 @@ class ChecksEndpoint:
             log.exception("check %s failed", name)
             return _standard(500)
 
-    def check(self, environ: WSGIEnvironment, name: str) -> Answer:
+    def check(self, environ: WSGIEnvironment, name: str) -> HttpAnswer:
         try:
             ruleset = self.engine.ruleset
         except InputError as exc:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 
+from reminders import dberrors
 from reminders.config import Config
 
 from .context import engine
@@ -74,4 +75,4 @@ def healthz() -> ResponseReturnValue:
 
 
 def _short(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return f"{type(exc).__name__}: {dberrors.message(exc)}"[:300]

@@ -181,7 +181,7 @@ def customer_page(
     conn: Connection, app: App, customer_id: str
 ) -> tuple[list[Upcoming], list[Kind]]:
     """A customer's upcoming reminders and their switches, read for ``customer_id`` only."""
-    rules = {r.name: r for r in app.ruleset.rules}
+    ruleset = app.ruleset
     rows = list(
         conn.execute(
             sa.select(
@@ -205,7 +205,7 @@ def customer_page(
     decoded = [(row, codec.loads(row.data)) for row in rows]
     pairs = []
     for row, data in decoded:
-        rule = rules.get(row.rule)
+        rule = ruleset.get(row.rule)
         if rule is not None:
             for channel in rule.channels:
                 address = _address(app, rule, channel, data)
@@ -216,7 +216,7 @@ def customer_page(
     upcoming = []
     default_zone = app.config.tz()
     for row, data in decoded:
-        rule = rules.get(row.rule)
+        rule = ruleset.get(row.rule)
         if rule is None:
             continue
         columns = rule.columns
@@ -241,7 +241,7 @@ def customer_page(
 
     kinds = []
     for name in sorted(heard):
-        rule = rules.get(name)
+        rule = ruleset.get(name)
         if rule is None:
             continue  # a rule the business removed: nothing left to switch
         switches = [
