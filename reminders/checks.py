@@ -306,7 +306,7 @@ class _Timeout(Exception):
 
 
 def _db_message(exc: sa.exc.DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    return source.db_message(exc)
 
 
 def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str, Any] | None:

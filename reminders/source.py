@@ -56,6 +56,7 @@ def create_engine(
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA query_only=ON")
+            conn.set_authorizer(_authorize)
             return conn
 
         # QueuePool, as for any SQLite file: the default for "sqlite://" (SingletonThreadPool)
@@ -81,6 +82,44 @@ def create_engine(
     raise ServiceUnavailable(
         f"source.url: {backend} is not supported (use sqlite, postgresql or mysql)"
     )
+
+
+# What a business query may do on SQLite: read. ``mode=ro`` and ``query_only`` keep the file
+# itself unchanged, but ATTACH (and VACUUM INTO, which attaches its target first) opens or
+# creates any other file, writable; the authorizer refuses it when the statement is prepared.
+_ALLOWED = frozenset(
+    {
+        sqlite3.SQLITE_SELECT,
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_FUNCTION,
+        sqlite3.SQLITE_RECURSIVE,
+        sqlite3.SQLITE_TRANSACTION,  # BEGIN/COMMIT/ROLLBACK the driver itself issues
+    }
+)
+# Reading a pragma is allowed; setting one only for these, which the engine sets itself on a
+# connection (a check's wait for a lock) and which change nothing but how long it waits.
+_SETTABLE_PRAGMAS = frozenset({"busy_timeout"})
+NOT_AUTHORIZED = (
+    "not allowed on the business DB, which is read-only: a query may only read "
+    "(SELECT, WITH; no ATTACH, VACUUM, PRAGMA settings or writes)"
+)
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, *_where: str | None) -> int:
+    """SQLite authorizer of business connections: reading is allowed, anything else denied."""
+    if action in _ALLOWED:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg2 is None or arg1 in _SETTABLE_PRAGMAS):
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def db_message(exc: sa.exc.DBAPIError) -> str:
+    """The database's own message (first line), SQLite's bare authorizer refusal explained."""
+    message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if message in ("not authorized", "authorization denied"):  # VACUUM says the latter
+        return f"not authorized: {NOT_AUTHORIZED}"
+    return message
 
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
@@ -138,7 +177,7 @@ def stream_rows(
             for rows in batches(result, batch):
                 yield keys, rows
     except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        message = db_message(exc)
         if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
             raise ServiceUnavailable(f"{what}: business DB unreachable: {message}") from None
         raise SourceError(f"{what}: the query failed: {message}") from None
@@ -146,6 +185,12 @@ def stream_rows(
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
         raise SourceError(f"{what}: {exc.orig or exc}") from None
+    except sa.exc.ResourceClosedError:
+        # A statement that returns no rows (not a SELECT): said here, against the business DB,
+        # not left to a caller to mistake for its own database's failure.
+        raise SourceError(f"{what}: the query returns no rows (write a SELECT)") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise SourceError(f"{what}: the query failed: {exc}") from None
 
 
 def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequence[Any]]]:

@@ -500,6 +500,24 @@ def test_a_rule_query_cannot_write_to_the_business_db(project: Project) -> None:
     assert {r["rule"] for r in project.reminders()} == {"refill-due"}
 
 
+def test_a_sqlite_rule_query_cannot_attach_a_file_and_its_error_names_the_business_db(
+    lite: Project,
+) -> None:
+    elsewhere = lite.root / "elsewhere.db"
+    lite.write(
+        "rules/broken.yaml",
+        BROKEN.replace(
+            "SELECT rx_id, due FROM no_such_table", f"ATTACH DATABASE '{elsewhere}' AS e"
+        ),
+    )
+    lite.ok("db", "upgrade")
+    result = lite.run("scan")
+    assert result.code == 1, result
+    assert result.err.startswith("error: rule broken: the query failed: not authorized: "), result
+    assert "state DB" not in result.err
+    assert not elsewhere.exists()
+
+
 # --- recurrence -----------------------------------------------------------------------------------
 
 MONTHLY = """\

@@ -95,7 +95,7 @@ def test_sqlite_says_the_database_is_read_only(tmp_path: Path) -> None:
     writable.dispose()
     engine = source.create_engine(f"sqlite:///{path}")
     try:
-        with pytest.raises(SourceError, match="attempt to write a readonly database"):
+        with pytest.raises(SourceError, match=r"not authorized: .* read-only"):
             _run(engine, "INSERT INTO items (id) VALUES (1) RETURNING id")
     finally:
         engine.dispose()
@@ -219,3 +219,45 @@ def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -
     finally:
         engine.dispose()
     assert names == ["rx_id", "name"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ATTACH DATABASE '{elsewhere}' AS elsewhere",
+        "VACUUM INTO '{elsewhere}'",
+        "PRAGMA query_only = OFF",
+    ],
+)
+def test_sqlite_denies_attach_vacuum_into_and_pragma_settings(
+    tmp_path: Path, statement: str
+) -> None:
+    path = tmp_path / "business.db"
+    writable = sa.create_engine(f"sqlite:///{path}")
+    with writable.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY)")
+    writable.dispose()
+    before = path.read_bytes()
+    elsewhere = tmp_path / "elsewhere" / "copy.db"
+    elsewhere.parent.mkdir()
+    engine = source.create_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query failed: not authorized: not "):
+            _run(engine, statement.format(elsewhere=elsewhere))
+        assert _run(engine, "SELECT count(*) AS n FROM items") == [[{"n": 0}]]
+    finally:
+        engine.dispose()
+    assert list(elsewhere.parent.iterdir()) == []
+    assert path.read_bytes() == before
+
+
+def test_a_statement_that_returns_no_rows_is_the_business_queries_fault(tmp_path: Path) -> None:
+    path = tmp_path / "business.db"
+    sa.create_engine(f"sqlite:///{path}").dispose()
+    path.touch()
+    engine = source.create_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query returns no rows"):
+            _run(engine, "PRAGMA no_such_pragma")  # allowed (it sets nothing), and returns nothing
+    finally:
+        engine.dispose()
