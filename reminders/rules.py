@@ -197,6 +197,11 @@ class Rule(_Model):
     quiet_hours: QuietHours = None
     file: str = ""
     line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
+
+    def line_of(self, key: str) -> int:
+        """The line of the rule's ``key`` (``query``, ``check``...), else the rule's own."""
+        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -343,6 +348,11 @@ class CheckRule(_Model):
     window: Duration | None = None
     file: str = ""
     line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
+
+    def line_of(self, key: str) -> int:
+        """The line of the check's ``key`` (``query``, ``message``...), else the check's own."""
+        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -476,10 +486,14 @@ def _load_file(
             if not isinstance(raw, dict):
                 problems.append(doc.problem(where, f"{kind}[{index}]: expected a mapping of keys"))
                 continue
-            for reserved in ("file", "line"):
+            for reserved in ("file", "line", "lines"):
                 if reserved in raw:
                     problems.append(doc.problem((*where, reserved), f"{reserved}: unknown key"))
-            data = dict(raw, file=doc.file, line=doc.line(where) or 0)
+            lines = {
+                str(key): doc.key_lines.get((*where, key)) or doc.line((*where, key)) or 0
+                for key in raw
+            }
+            data = dict(raw, file=doc.file, line=doc.line(where) or 0, lines=lines)
             try:
                 item = model.model_validate(data)
             except ValidationError as exc:

@@ -177,10 +177,7 @@ def stream_rows(
             for rows in batches(result, batch):
                 yield keys, rows
     except sa.exc.DBAPIError as exc:
-        message = db_message(exc)
-        if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
-            raise ServiceUnavailable(f"{what}: business DB unreachable: {message}") from None
-        raise SourceError(f"{what}: the query failed: {message}") from None
+        raise _failure(exc, what) from None
     except sa.exc.ArgumentError as exc:
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
@@ -215,14 +212,43 @@ def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequen
         result.close()
 
 
-def columns(engine: Engine, sql: str, params: Mapping[str, Any], *, what: str) -> list[str]:
-    """The column names a query returns (runs it, reading no rows)."""
+def columns(
+    engine: Engine,
+    sql: str,
+    params: Mapping[str, Any],
+    *,
+    what: str,
+    timeout: timedelta = timedelta(seconds=10),
+) -> list[str]:
+    """The column names a query returns, from the database preparing it: no row is read.
+
+    The query runs as ``SELECT * FROM (<query>) AS q WHERE 1=0`` (every dialect here plans a
+    constant false filter without reading its input), so a misspelt table or column, a syntax
+    error or a parameter of the wrong type fails here as it would in a scan. On PostgreSQL it runs
+    in the engine's read-only transaction with a ``statement_timeout`` of ``timeout``. Raises
+    :class:`SourceError` (or :class:`ServiceUnavailable`) naming ``what``.
+    """
+    wrapped = f"SELECT * FROM ({sql}\n) AS q WHERE 1=0"  # the newline ends a trailing -- comment
     try:
         with engine.connect() as conn:
-            result = conn.execute(query(sql), dict(params))
+            if engine.dialect.name == "postgresql":
+                millis = max(1, int(timeout.total_seconds() * 1000))
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
+            result = conn.execute(query(wrapped), dict(params))
             names = list(result.keys())
             result.close()
+            conn.rollback()
             return names
     except sa.exc.DBAPIError as exc:
-        message = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise SourceError(f"{what}: the query failed: {message}") from None
+        raise _failure(exc, what) from None
+    except sa.exc.SQLAlchemyError as exc:
+        cause = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig else exc
+        raise SourceError(f"{what}: the query failed: {cause}") from None
+
+
+def _failure(exc: sa.exc.DBAPIError, what: str) -> SourceError | ServiceUnavailable:
+    """A driver's error as the engine's: the database unreachable, or the query failed."""
+    message = db_message(exc)
+    if isinstance(exc, sa.exc.OperationalError) and "connect" in message.lower():
+        return ServiceUnavailable(f"{what}: business DB unreachable: {message}")
+    return SourceError(f"{what}: the query failed: {message}")

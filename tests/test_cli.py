@@ -322,7 +322,7 @@ def test_scan_one_rule(lite: Project) -> None:
 
 def test_validate_ok(lite: Project) -> None:
     result = lite.ok("validate")
-    assert result.out == "ok: 1 rule(s), 0 check(s), channels: sms, email\n"
+    assert result.out == "ok: 1 rule(s), 0 check(s), channels: sms, email; queries prepared\n"
     assert result.err == ""
 
 
