@@ -16,7 +16,6 @@ from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from dateutil.rrule import rrulestr
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
@@ -278,11 +277,13 @@ class Rule(_Model):
         if value is None:
             return None
         try:
-            rrulestr(value)
-        except (ValueError, TypeError) as exc:
+            schedule.check_recurrence(value)
+        except schedule.RecurrenceSyntaxError as exc:
             raise ValueError(
                 f'"{value}" is not an RFC 5545 RRULE (e.g. FREQ=MONTHLY;BYMONTHDAY=1): {exc}'
             ) from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f'"{value}": {exc}') from None
         return value
 
     @field_validator("replies")

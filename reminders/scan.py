@@ -283,7 +283,7 @@ class Planner:
         )
         if first.tzinfo is not None:
             first = first.astimezone(tz).replace(tzinfo=None)
-        rrule = rrulestr(self.rule.recurrence, dtstart=first)
+        rrule = rrulestr(schedule.recurrence_in(self.rule.recurrence, tz), dtstart=first)
         local_now = self.now.astimezone(tz).replace(tzinfo=None)
         lo = local_now - self.rule.grace - self._max_offset
         hi = local_now + self.rule.horizon + self._max_offset

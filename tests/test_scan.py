@@ -562,6 +562,25 @@ def test_a_monthly_rule_makes_an_occurrence_per_date_within_the_horizon(project:
     }
 
 
+def test_a_utc_until_is_accepted_and_ends_the_recurrence_at_that_instant(project: Project) -> None:
+    # RFC 5545 asks UNTIL in UTC when the start is zoned. 2027-05-01T03:00Z is April 30, 23:00
+    # in New York: the May 1 statement (local midnight) is past it, April 1's is not.
+    until = "FREQ=MONTHLY;BYMONTHDAY=1;UNTIL=20270501T030000Z"
+    project.write("rules/refills.yaml", MONTHLY.replace("FREQ=MONTHLY;BYMONTHDAY=1", until))
+    project.write(
+        "templates/refill-due.email.j2",
+        "{% block subject %}Statement{% endblock %}{% block text %}{{ account_id }}{% endblock %}",
+    )
+    project.sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, opened_on DATE)")
+    project.sql("INSERT INTO accounts VALUES (7, :d)", {"d": project.due("2026-11-15")})
+    assert project.ok("validate").err == ""
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 1
+    assert send_times(project) == {
+        ("7@2027-04-01", "-2d"): ("pending", "2027-03-30T14:00:00Z"),
+    }
+
+
 def test_a_recurring_row_keeps_its_reminders_when_its_other_values_change(
     project: Project,
 ) -> None:
