@@ -3,8 +3,10 @@ business DB (no row read), the columns the rule and its templates use, recurrenc
 
 from __future__ import annotations
 
+import pytest
+
 from tests import services
-from tests.rules_fixtures import Project, lite, project
+from tests.rules_fixtures import Project, config_yaml, lite, project
 
 __all__ = ["lite", "project"]
 
@@ -178,3 +180,30 @@ def test_validate_reads_no_row(project: Project) -> None:
         result = project.run("scan")
         assert result.code == 1, result
         assert "invalid input syntax for type integer" in result.err
+
+
+# --- secrets the configuration makes necessary ----------------------------------------------------
+
+SECRET_MISSING = (
+    "config.yaml: web.public_url is set: environment variable REMINDERS_SECRET is not set: links "
+    "in messages are signed with it"
+)
+
+
+def test_a_public_url_without_reminders_secret_stops_validate_and_the_worker(
+    lite: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REMINDERS_SECRET", raising=False)
+    lite.write_config(config_yaml(settings="web:\n  public_url: https://r.example.com\n"))
+    result = lite.run("validate", "--offline")
+    assert result.code == 2, result
+    assert result.err.replace(f"{lite.root}/", "").startswith(SECRET_MISSING), result.err
+    lite.ok("db", "upgrade")
+    # The worker refuses to start instead of failing every job it takes, one by one.
+    result = lite.run("worker", "--burst")
+    assert result.code == 2, result
+    assert result.err.replace(f"{lite.root}/", "").startswith(SECRET_MISSING), result.err
+    short = lite.run("validate", env={"REMINDERS_SECRET": "short"})
+    assert short.code == 2
+    assert "REMINDERS_SECRET is too short" in short.err
+    lite.ok("validate", env={"REMINDERS_SECRET": "x" * 32})
