@@ -379,8 +379,12 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
             _echo_json(item)
     else:
         click.echo(format_preview(shown))
+    for failure in shown.failures:
+        click.echo(f"error: {failure}", err=True)
     if shown.errors:
         raise SystemExit(2)
+    if shown.failures:
+        raise SystemExit(1)
 
 
 @cli.command()
