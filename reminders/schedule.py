@@ -360,9 +360,12 @@ _BY_RANGES = {
     "BYWEEKNO": (1, 53, True, " counting from the year's end"),
     "BYHOUR": (0, 23, False, ""),
     "BYMINUTE": (0, 59, False, ""),
-    "BYSECOND": (0, 60, False, ""),
+    "BYSECOND": (0, 59, False, ""),  # RFC 5545 allows 60 (a leap second); dateutil does not
     "BYSETPOS": (1, 366, True, " counting from the end"),
+    "INTERVAL": (1, 10_000, False, ""),  # 0 would never advance
+    "COUNT": (1, 1_000_000, False, ""),
 }
+_BYDAY_ORDINAL = re.compile(r"^([+-]?\d+)?([A-Za-z]{2})$")
 _UNTIL_UTC = re.compile(r"(UNTIL=)(\d{8}T\d{6})Z", re.IGNORECASE)
 _SAMPLE_START = datetime(2027, 1, 1, 10, 0)
 
@@ -392,6 +395,8 @@ def check_recurrence(text: str) -> None:
     from dateutil.rrule import rrulestr
 
     for key, value in _parts(text):
+        if key == "BYDAY":
+            _check_byday(value)
         if key not in _BY_RANGES:
             continue
         low, high, signed, meaning = _BY_RANGES[key]
@@ -411,8 +416,23 @@ def check_recurrence(text: str) -> None:
         raise RecurrenceSyntaxError(str(exc)) from None
     bounded = any(key in ("UNTIL", "COUNT") for key, _ in _parts(text))
     # dateutil gives up after its 9999-year limit: a rule with no date at all is quick to find.
-    if not bounded and rule.after(_SAMPLE_START, inc=True) is None:
+    try:
+        first = rule.after(_SAMPLE_START, inc=True)
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError) as exc:
+        raise ValueError(f"dateutil cannot expand it: {exc}") from None
+    if first is None and not bounded:
         raise ValueError("never yields a date")
+
+
+def _check_byday(value: str) -> None:
+    for item in value.split(","):
+        match = _BYDAY_ORDINAL.match(item.strip())
+        if match is None:
+            continue  # not a weekday: dateutil's own error says so
+        if match.group(1) is not None and not 1 <= abs(int(match.group(1))) <= 53:
+            raise ValueError(
+                f"BYDAY={item} is out of range (an ordinal 1 to 53 or -53 to -1 before the day)"
+            )
 
 
 @lru_cache(maxsize=256)
