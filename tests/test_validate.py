@@ -3,6 +3,8 @@ business DB (no row read), the columns the rule and its templates use, recurrenc
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from tests import services
@@ -207,3 +209,15 @@ def test_a_public_url_without_reminders_secret_stops_validate_and_the_worker(
     assert short.code == 2
     assert "REMINDERS_SECRET is too short" in short.err
     lite.ok("validate", env={"REMINDERS_SECRET": "x" * 32})
+
+
+def test_the_names_validate_allows_are_those_a_worker_puts_in_the_context(lite: Project) -> None:
+    from reminders.app import App
+    from reminders.compose import template_context
+    from reminders.validate import RULE_CONTEXT
+
+    app = App(lite.root / "config.yaml")
+    rule = app.ruleset.rule("refill-due")
+    now = datetime(2027, 3, 10, 12, tzinfo=UTC)
+    context = template_context(app.config, rule, {}, {"rx_id": 1}, now, "sms", "+15005550006")
+    assert set(context) - {"rx_id"} == RULE_CONTEXT
