@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from . import clock, dberrors, lifecycle, models, store
 from .app import App
-from .errors import InputError, RemindersError, RuntimeFailure
+from .errors import InputError, RemindersError, RuntimeFailure, ServiceUnavailable
 
 pass_app = click.make_pass_decorator(App)
 
@@ -99,21 +99,31 @@ def _echo_json(obj: Any) -> None:
 
 
 @cli.command()
+@click.option("--offline", is_flag=True, help="Do not prepare the queries against the business DB.")
 @pass_app
-def validate(app: App) -> None:
-    """Check config, rules and templates; exit 2 with file:line: message lines on error."""
+def validate(app: App, offline: bool) -> None:
+    """Check config, rules and templates, and prepare every query against the business DB
+    (reading no row); exit 2 with file:line: message lines on error, 1 when the DB is
+    unreachable."""
     from .validate import validate_all
 
-    problems = validate_all(app)
+    try:
+        problems = validate_all(app, business=not offline)
+    except ServiceUnavailable as exc:
+        raise ServiceUnavailable(
+            f"{exc} (validate prepares every query against the business DB; "
+            "validate --offline checks the rest without it)"
+        ) from None
     errors = [p for p in problems if not p.warning]
     for problem in problems:
         click.echo(str(problem), err=True)
     if errors:
         raise SystemExit(2)
     rules = app.ruleset
+    checked = "not checked against the business DB" if offline else "queries prepared"
     click.echo(
         f"ok: {len(rules.rules)} rule(s), {len(rules.checks)} check(s), "
-        f"channels: {', '.join(app.config.channel_names) or 'none'}"
+        f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}"
     )
 
 
@@ -381,8 +391,12 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
             _echo_json(item)
     else:
         click.echo(format_preview(shown))
+    for failure in shown.failures:
+        click.echo(f"error: {failure}", err=True)
     if shown.errors:
         raise SystemExit(2)
+    if shown.failures:
+        raise SystemExit(1)
 
 
 @cli.command()

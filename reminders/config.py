@@ -121,6 +121,15 @@ class EmailConfig(_Model):
     def _provider_needs(self) -> EmailConfig:
         if self.provider == "smtp" and not self.from_:
             raise ValueError('provider smtp needs from (e.g. "Acme <care@example.com>")')
+        # Caught here, not at the first message: the server would refuse every one of them.
+        if self.provider == "smtp" and self.username and not self.password:
+            raise ValueError(
+                "provider smtp has a username but no password (e.g. password: ${SMTP_PASSWORD})"
+            )
+        if self.provider == "smtp" and self.password and not self.username:
+            raise ValueError(
+                "provider smtp has a password but no username (e.g. username: ${SMTP_USERNAME})"
+            )
         if self.provider == "outbox" and self.path is None:
             object.__setattr__(self, "path", Path("outbox.jsonl"))
         return self

@@ -16,12 +16,25 @@ BUSINESS_DB = "business DB"
 STATE_DB = "state DB"
 
 
+# What the SQLite authorizer on business connections (reminders.source) makes SQLite say when it
+# refuses a statement; VACUUM says the second.
+_REFUSED = ("not authorized", "authorization denied")
+NOT_AUTHORIZED = (
+    "not allowed on the business DB, which is read-only: a query may only read "
+    "(SELECT, WITH; no ATTACH, VACUUM, PRAGMA settings or writes)"
+)
+
+
 def message(exc: BaseException) -> str:
     """The first line of the database's own message: the ``orig`` of SQLAlchemy's
-    ``DBAPIError`` (or other ``StatementError``), else the exception's text ("" when none)."""
+    ``DBAPIError`` (or other ``StatementError``), else the exception's text ("" when none).
+    SQLite's bare refusal by the business DB's authorizer is explained."""
     cause = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig is not None else exc
     lines = str(cause).strip().splitlines()
-    return lines[0] if lines else ""
+    first = lines[0] if lines else ""
+    if first in _REFUSED:
+        return f"not authorized: {NOT_AUTHORIZED}"
+    return first
 
 
 def unreachable(exc: BaseException) -> bool:

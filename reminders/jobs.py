@@ -209,9 +209,14 @@ def run_worker(
 ) -> bool:
     """Serve ``queues`` until stopped (or, with ``burst``, until they are empty).
 
-    Opens the channels first, so a configuration mistake stops the worker at start instead of
-    failing every job. Returns whether any job ran.
+    Checks the secrets the configuration needs and opens the channels first, so a configuration
+    mistake stops the worker at start instead of failing every job. Returns whether any job ran.
     """
+    from .validate import secret_problems
+
+    missing = secret_problems(app.config)
+    if missing:
+        raise ConfigError(missing)
     use_app(app)
     connection = redis_conn.connect(app.config)
     work = get_delivery(connection)

@@ -76,6 +76,12 @@ class Planner:
         self.earliest = now - rule.grace
         self.recurrence = rrulestr(rule.recurrence) if rule.recurrence else None
         self._max_offset = max((self._span(o) for o in rule.offsets), default=timedelta(0))
+        # Where a date's first reminder is, from its due date (negative: before it). A date
+        # enters the horizon with its first reminder (README, "horizon").
+        self._first = min(
+            (self._span(o) if o.amount > 0 else -self._span(o) for o in rule.offsets),
+            default=timedelta(0),
+        )
         self._id_column = self.columns["id"]
         self._due_column = rule.due
         # The digest of a row covers the rule and config that decide its schedule, then the row.
@@ -225,7 +231,12 @@ class Planner:
     def _recurring(
         self, occurrence: str, start: date | datetime, tz: Any
     ) -> Iterable[tuple[str, date | datetime]]:
-        """Each recurrence date within [now - grace - longest offset, now + horizon]."""
+        """Each recurrence date with a reminder within [now - grace, now + horizon].
+
+        A date comes in once its first reminder (``due`` + the smallest offset) is within the
+        horizon; months and years count as their longest (31, 366 days). The window reaches
+        back by grace and the longest offset; reminders already too late are left out by the
+        caller."""
         assert self.rule.recurrence is not None
         is_date = not isinstance(start, datetime)
         first = (
@@ -233,10 +244,10 @@ class Planner:
         )
         if first.tzinfo is not None:
             first = first.astimezone(tz).replace(tzinfo=None)
-        rrule = rrulestr(self.rule.recurrence, dtstart=first)
+        rrule = rrulestr(schedule.recurrence_in(self.rule.recurrence, tz), dtstart=first)
         local_now = self.now.astimezone(tz).replace(tzinfo=None)
         lo = local_now - self.rule.grace - self._max_offset
-        hi = local_now + self.rule.horizon + self._max_offset
+        hi = local_now + self.rule.horizon - self._first
         for moment in rrule.between(lo, hi, inc=True):
             when: date | datetime = moment.date() if is_date else moment
             yield f"{occurrence}@{when.isoformat()}", when

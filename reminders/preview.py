@@ -31,7 +31,8 @@ class PreviewResult:
 
     rule: str
     items: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the business's input: exit 2
+    failures: list[str] = field(default_factory=list)  # a query failed at the database: exit 1
     notes: list[str] = field(default_factory=list)
 
 
@@ -107,7 +108,7 @@ def _preview_row(
         "send_at": clock.iso_utc(row["send_at"]) if row["send_at"] else None,
     }
     if rule.check:
-        base["check"] = _recheck(app, rule, values, now)
+        base["check"] = _recheck(app, rule, values, now, result)
     for channel in rule.channels:
         item: dict[str, Any] = dict(base, channel=channel)
         customer = {k: values.get(c) for k, c in rule.columns.items()}
@@ -146,14 +147,24 @@ def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
     return parse_due(values.get(rule.due), rule.due)
 
 
-def _recheck(app: App, rule: Rule, values: dict[str, Any], now: Any) -> str:
-    """What the rule's check query says now, in words."""
+def _recheck(app: App, rule: Rule, values: dict[str, Any], now: Any, result: PreviewResult) -> str:
+    """What the rule's check query says now, in words; a failure is also kept in ``result``
+    (once), so the command does not exit 0 on a check that would fail every send."""
     from .compose import RecheckFailed, RecheckInvalid, recheck
 
     try:
         with app.business.connect() as conn:
             found = recheck(conn, rule, values, now, app.config)
-    except (RecheckFailed, RecheckInvalid) as exc:
+    except RecheckInvalid as exc:
+        if str(exc) not in result.errors:
+            result.errors.append(str(exc))
+        return f"failed: {exc}"
+    except RecheckFailed as exc:
+        said = (
+            f"rule {rule.name}: check query failed: {str(exc).removeprefix(f'rule {rule.name}: ')}"
+        )
+        if said not in result.failures:
+            result.failures.append(said)
         return f"failed: {exc}"
     return "returns a row: would send" if found else "no row: would be canceled"
 

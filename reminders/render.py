@@ -51,6 +51,7 @@ from jinja2 import (
     TemplateNotFound,
     TemplateSyntaxError,
     UndefinedError,
+    meta,
     nodes,
     pass_context,
 )
@@ -389,6 +390,36 @@ class Renderer:
                 found.extend(self._ucs2_warnings(file))
         return found
 
+    def names(self, name: str, kind: str) -> list[tuple[str, str | None, int]]:
+        """The names template ``name`` of ``kind`` reads from its context: (name, file, line of
+        its first use), following the templates it includes, extends or imports by a constant
+        name. Jinja's own globals are left out; a missing or broken file is skipped (reported by
+        :meth:`problems`)."""
+        assert self._env.loader is not None
+        found: dict[str, tuple[str | None, int]] = {}
+        assigned: set[str] = set()  # set by an including template: an included one sees it
+        seen: set[str] = set()
+        pending = [f"{name}{SUFFIXES[kind]}"]
+        while pending:
+            file = pending.pop(0)
+            if file in seen:
+                continue
+            seen.add(file)
+            try:
+                source, filename, _ = self._env.loader.get_source(self._env, file)
+                tree = self._env.parse(source)
+            except (TemplateNotFound, TemplateSyntaxError):
+                continue
+            undeclared = meta.find_undeclared_variables(tree) - set(self._env.globals)
+            assigned.update(_defined(tree))
+            for node in tree.find_all(nodes.Name):
+                if node.ctx == "store":
+                    assigned.add(node.name)
+                elif node.name in undeclared and node.name not in found:
+                    found[node.name] = (self._shown(filename), node.lineno)
+            pending.extend(t for t in meta.find_referenced_templates(tree) if t is not None)
+        return [(n, f, line) for n, (f, line) in found.items() if n not in assigned]
+
     def _ucs2_warnings(self, file: str) -> list[Problem]:
         assert self._env.loader is not None
         source, filename, _ = self._env.loader.get_source(self._env, file)
@@ -401,6 +432,20 @@ class Renderer:
                     problem = Problem(describe_offending(info), self._shown(filename), line, True)
                     warnings.append(problem)
         return warnings
+
+
+def _defined(tree: nodes.Template) -> set[str]:
+    """Names a template defines by import or macro: its blocks see them, though Jinja's
+    ``find_undeclared_variables`` analyses each block on its own."""
+    found: set[str] = set()
+    for node in tree.find_all((nodes.FromImport, nodes.Import, nodes.Macro)):
+        if isinstance(node, nodes.FromImport):
+            found.update(n if isinstance(n, str) else n[1] for n in node.names)
+        elif isinstance(node, nodes.Import):
+            found.add(node.target)
+        elif isinstance(node, nodes.Macro):
+            found.add(node.name)
+    return found
 
 
 def _render_blocks(

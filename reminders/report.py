@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
+import redis
 import sqlalchemy as sa
 
-from . import clock, consent, lifecycle, models, phone
+from . import clock, consent, lifecycle, models, phone, redis_conn
+from .errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     from .app import App
@@ -24,6 +27,7 @@ DEFERRALS = (
     ("frequency cap", "deferred: frequency cap%"),
 )
 RECENT_SUPPRESSED = 10
+RECENT_FAILED_JOBS = 5
 
 
 def status_report(app: App) -> dict[str, Any]:
@@ -65,6 +69,7 @@ def status_report(app: App) -> dict[str, Any]:
             .all()
         )
         extra = {**_consent(conn), "deferred": _deferred(conn)}
+    extra["failed_jobs"] = failed_jobs(app.config)
     return {
         "now": clock.iso_utc(now),
         "counts": counts,
@@ -176,6 +181,65 @@ def _deferred(conn: Any) -> dict[str, Any]:
     }
 
 
+def failed_jobs(config: Any) -> dict[str, Any]:
+    """The jobs RQ moved to its failed registries, by queue, and the latest few with their error.
+
+    A job that fails on something the state DB never records (a worker that cannot open a
+    channel, a crash loop) shows only here. Without ``redis.url``, an embedded server that is not
+    running has no jobs: none is started to say so. An unreachable Redis is reported, not raised:
+    the rest of the status comes from the state DB.
+    """
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+
+    from .dispatch import queue_names
+
+    none: dict[str, Any] = {"total": 0, "by_queue": {}, "recent": []}
+    if not config.redis.url and not redis_conn.embedded(config).running():
+        return none
+    try:
+        connection = redis_conn.connect(config)
+        by_queue: dict[str, int] = {}
+        recent: list[tuple[float, dict[str, Any]]] = []
+        for queue in queue_names(config):
+            registry = FailedJobRegistry(queue, connection=connection)
+            count = registry.count
+            if not count:
+                continue
+            by_queue[queue] = count
+            ids = registry.get_job_ids(0, RECENT_FAILED_JOBS - 1, desc=True)
+            for job in Job.fetch_many(ids, connection=connection):
+                if job is not None:
+                    recent.append(_failed_job(job, queue))
+    except (redis.RedisError, ServiceUnavailable) as exc:
+        return {**none, "total": None, "error": f"Redis: {exc}"}
+    recent.sort(key=lambda item: item[0], reverse=True)
+    return {
+        "total": sum(by_queue.values()),
+        "by_queue": by_queue,
+        "recent": [item for _, item in recent[:RECENT_FAILED_JOBS]],
+    }
+
+
+def _failed_job(job: Any, queue: str) -> tuple[float, dict[str, Any]]:
+    """(when it ended, as a sort key; the job as the report shows it)."""
+    ended = job.ended_at
+    if ended is not None and ended.tzinfo is None:
+        ended = ended.replace(tzinfo=UTC)  # RQ keeps UTC, naive
+    result = job.latest_result()
+    error = ((result.exc_string if result else None) or "").strip().splitlines()
+    return (
+        ended.timestamp() if ended else 0.0,
+        {
+            "id": job.id,
+            "queue": queue,
+            "function": job.func_name,
+            "error": error[-1] if error else None,
+            "at": clock.iso_utc(ended) if ended else None,
+        },
+    )
+
+
 def _totals(counts: dict[str, dict[str, int]]) -> dict[str, int]:
     totals: dict[str, int] = {}
     for by_status in counts.values():
@@ -239,6 +303,16 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"suppressed (cannot receive): {suppressed['total']} ({detail}); latest:")
         for x in suppressed["recent"]:
             lines.append(f"  {x['channel']} {x['address']} {x['at']}: {x['reason'] or x['source']}")
+    jobs = report["failed_jobs"]
+    if jobs.get("error"):
+        lines.append(f"failed jobs (RQ): unknown, {jobs['error']}")
+    elif jobs["total"]:
+        detail = ", ".join(f"{k} {v}" for k, v in jobs["by_queue"].items())
+        lines.append(f"failed jobs (RQ): {jobs['total']} ({detail}); latest:")
+        for x in jobs["recent"]:
+            lines.append(f"  {x['at'] or '-'} {x['queue']} {x['id']}: {x['error']}")
+    else:
+        lines.append("failed jobs (RQ): none")
     if report["last_scans"]:
         lines.append("last scans:")
         for x in report["last_scans"]:

@@ -17,7 +17,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from dateutil.rrule import rrulestr
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
@@ -198,6 +197,11 @@ class Rule(_Model):
     quiet_hours: QuietHours = None
     file: str = ""
     line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
+
+    def line_of(self, key: str) -> int:
+        """The line of the rule's ``key`` (``query``, ``check``...), else the rule's own."""
+        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -274,11 +278,13 @@ class Rule(_Model):
         if value is None:
             return None
         try:
-            rrulestr(value)
-        except (ValueError, TypeError) as exc:
+            schedule.check_recurrence(value)
+        except schedule.RecurrenceSyntaxError as exc:
             raise ValueError(
                 f'"{value}" is not an RFC 5545 RRULE (e.g. FREQ=MONTHLY;BYMONTHDAY=1): {exc}'
             ) from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f'"{value}": {exc}') from None
         return value
 
     @field_validator("replies")
@@ -344,6 +350,11 @@ class CheckRule(_Model):
     window: Duration | None = None
     file: str = ""
     line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
+
+    def line_of(self, key: str) -> int:
+        """The line of the check's ``key`` (``query``, ``message``...), else the check's own."""
+        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -486,10 +497,14 @@ def _load_file(
             if not isinstance(raw, dict):
                 problems.append(doc.problem(where, f"{kind}[{index}]: expected a mapping of keys"))
                 continue
-            for reserved in ("file", "line"):
+            for reserved in ("file", "line", "lines"):
                 if reserved in raw:
                     problems.append(doc.problem((*where, reserved), f"{reserved}: unknown key"))
-            data = dict(raw, file=doc.file, line=doc.line(where) or 0)
+            lines = {
+                str(key): doc.key_lines.get((*where, key)) or doc.line((*where, key)) or 0
+                for key in raw
+            }
+            data = dict(raw, file=doc.file, line=doc.line(where) or 0, lines=lines)
             try:
                 item = model.model_validate(data)
             except ValidationError as exc:

@@ -32,12 +32,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 __all__ = [
     "Offset",
     "Window",
+    "check_recurrence",
     "localize",
     "parse_clock",
     "parse_duration",
     "parse_offset",
     "parse_window",
     "quiet_until",
+    "recurrence_in",
     "send_time",
     "within_grace",
     "zone",
@@ -340,3 +342,105 @@ def within_grace(send_at: datetime, now: datetime, grace: timedelta) -> bool:
     False only when ``send_at`` lies more than ``grace`` before ``now``; exactly ``grace`` is fine.
     """
     return now - send_at <= grace
+
+
+# -- recurrences (RFC 5545 RRULE, expanded by dateutil) ------------------------------------------
+
+# The BY parts dateutil takes without checking their range (a BYMONTH=13 just never matches);
+# (lowest, highest, whether -highest..-1 counts from the end too).
+_BY_RANGES = {
+    "BYMONTH": (1, 12, False, ""),
+    "BYMONTHDAY": (1, 31, True, " counting from the month's end"),
+    "BYYEARDAY": (1, 366, True, " counting from the year's end"),
+    "BYWEEKNO": (1, 53, True, " counting from the year's end"),
+    "BYHOUR": (0, 23, False, ""),
+    "BYMINUTE": (0, 59, False, ""),
+    "BYSECOND": (0, 59, False, ""),  # RFC 5545 allows 60 (a leap second); dateutil does not
+    "BYSETPOS": (1, 366, True, " counting from the end"),
+    "INTERVAL": (1, 10_000, False, ""),  # 0 would never advance
+    "COUNT": (1, 1_000_000, False, ""),
+}
+_BYDAY_ORDINAL = re.compile(r"^([+-]?\d+)?([A-Za-z]{2})$")
+_UNTIL_UTC = re.compile(r"(UNTIL=)(\d{8}T\d{6})Z", re.IGNORECASE)
+_SAMPLE_START = datetime(2027, 1, 1, 10, 0)
+
+
+class RecurrenceSyntaxError(ValueError):
+    """dateutil cannot read the RRULE at all (an unknown part or value)."""
+
+
+def _parts(text: str) -> list[tuple[str, str]]:
+    body = text.strip()
+    if body.upper().startswith("RRULE:"):
+        body = body[len("RRULE:") :]
+    out = []
+    for part in body.split(";"):
+        key, _, value = part.partition("=")
+        out.append((key.strip().upper(), value.strip()))
+    return out
+
+
+def check_recurrence(text: str) -> None:
+    """Raise ``ValueError`` saying why ``text`` is not an RRULE the engine can expand: dateutil
+    refuses it, a BY part is out of RFC 5545's range, or it never yields a date.
+
+    A UTC ``UNTIL`` (``...T000000Z``, what RFC 5545 asks when the start is zoned) is accepted:
+    see :func:`recurrence_in`.
+    """
+    from dateutil.rrule import rrulestr
+
+    for key, value in _parts(text):
+        if key == "BYDAY":
+            _check_byday(value)
+        if key not in _BY_RANGES:
+            continue
+        low, high, signed, meaning = _BY_RANGES[key]
+        for item in value.split(","):
+            try:
+                number = int(item)
+            except ValueError:
+                raise ValueError(f"{key}={item} is not a whole number") from None
+            if not (low <= number <= high or (signed and -high <= number <= -1)):
+                allowed = f"{low} to {high}"
+                if signed:
+                    allowed += f", or -{high} to -1{meaning}"
+                raise ValueError(f"{key}={number} is out of range ({allowed})")
+    try:
+        rule = rrulestr(recurrence_in(text, ZoneInfo("UTC")), dtstart=_SAMPLE_START)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise RecurrenceSyntaxError(str(exc)) from None
+    bounded = any(key in ("UNTIL", "COUNT") for key, _ in _parts(text))
+    # dateutil gives up after its 9999-year limit: a rule with no date at all is quick to find.
+    try:
+        first = rule.after(_SAMPLE_START, inc=True)
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError) as exc:
+        raise ValueError(f"dateutil cannot expand it: {exc}") from None
+    if first is None and not bounded:
+        raise ValueError("never yields a date")
+
+
+def _check_byday(value: str) -> None:
+    for item in value.split(","):
+        match = _BYDAY_ORDINAL.match(item.strip())
+        if match is None:
+            continue  # not a weekday: dateutil's own error says so
+        if match.group(1) is not None and not 1 <= abs(int(match.group(1))) <= 53:
+            raise ValueError(
+                f"BYDAY={item} is out of range (an ordinal 1 to 53 or -53 to -1 before the day)"
+            )
+
+
+@lru_cache(maxsize=256)
+def recurrence_in(text: str, tz: ZoneInfo) -> str:
+    """``text`` with a UTC ``UNTIL`` turned into the local time in ``tz``.
+
+    The engine expands a recurrence on local wall times (a naive start in the customer's zone),
+    and dateutil refuses a zoned ``UNTIL`` with a naive start; RFC 5545 requires UNTIL in UTC
+    when the start has a zone, as a customer's due date does. A local or date ``UNTIL`` is kept.
+    """
+
+    def local(match: re.Match[str]) -> str:
+        instant = datetime.strptime(match.group(2), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+        return match.group(1) + instant.astimezone(tz).strftime("%Y%m%dT%H%M%S")
+
+    return _UNTIL_UTC.sub(local, text)

@@ -59,6 +59,7 @@ def create_engine(
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA query_only=ON")
+            conn.set_authorizer(_authorize)
             return conn
 
         # QueuePool, as for any SQLite file: the default for "sqlite://" (SingletonThreadPool)
@@ -84,6 +85,32 @@ def create_engine(
     raise ServiceUnavailable(
         f"source.url: {backend} is not supported (use sqlite, postgresql or mysql)"
     )
+
+
+# What a business query may do on SQLite: read. ``mode=ro`` and ``query_only`` keep the file
+# itself unchanged, but ATTACH (and VACUUM INTO, which attaches its target first) opens or
+# creates any other file, writable; the authorizer refuses it when the statement is prepared.
+_ALLOWED = frozenset(
+    {
+        sqlite3.SQLITE_SELECT,
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_FUNCTION,
+        sqlite3.SQLITE_RECURSIVE,
+        sqlite3.SQLITE_TRANSACTION,  # BEGIN/COMMIT/ROLLBACK the driver itself issues
+    }
+)
+# Reading a pragma is allowed; setting one only for these, which the engine sets itself on a
+# connection (a check's wait for a lock) and which change nothing but how long it waits.
+_SETTABLE_PRAGMAS = frozenset({"busy_timeout"})
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, *_where: str | None) -> int:
+    """SQLite authorizer of business connections: reading is allowed, anything else denied."""
+    if action in _ALLOWED:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg2 is None or arg1 in _SETTABLE_PRAGMAS):
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
 
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
@@ -158,6 +185,12 @@ def stream_rows(
         raise SourceError(f"{what}: {exc}") from None
     except sa.exc.StatementError as exc:
         raise SourceError(f"{what}: {dberrors.message(exc)}") from None
+    except sa.exc.ResourceClosedError:
+        # A statement that returns no rows (not a SELECT): said here, against the business DB,
+        # not left to a caller to mistake for its own database's failure.
+        raise SourceError(f"{what}: the query returns no rows (write a SELECT)") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise SourceError(f"{what}: the query failed: {exc}") from None
 
 
 def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequence[Any]]]:
@@ -180,3 +213,36 @@ def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequen
             yield rows
     finally:
         result.close()
+
+
+def columns(
+    engine: Engine,
+    sql: str,
+    params: Mapping[str, Any],
+    *,
+    what: str,
+    timeout: timedelta = timedelta(seconds=10),
+) -> list[str]:
+    """The column names a query returns, from the database preparing it: no row is read.
+
+    The query runs as ``SELECT * FROM (<query>) AS q WHERE 1=0`` (every dialect here plans a
+    constant false filter without reading its input), so a misspelt table or column, a syntax
+    error or a parameter of the wrong type fails here as it would in a scan. On PostgreSQL it runs
+    in the engine's read-only transaction with a ``statement_timeout`` of ``timeout``. Raises
+    :class:`SourceError` (or :class:`ServiceUnavailable`) naming ``what``.
+    """
+    wrapped = f"SELECT * FROM ({sql}\n) AS q WHERE 1=0"  # the newline ends a trailing -- comment
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                millis = max(1, int(timeout.total_seconds() * 1000))
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
+            result = conn.execute(query(wrapped), dict(params))
+            names = list(result.keys())
+            result.close()
+            conn.rollback()
+            return names
+    except sa.exc.DBAPIError as exc:
+        raise dberrors.error(exc, dberrors.BUSINESS_DB, what) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise SourceError(f"{what}: the query failed: {dberrors.message(exc)}") from None

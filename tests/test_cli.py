@@ -136,6 +136,7 @@ def test_status_json(scanned: Project) -> None:
         "opt_outs": {},
         "suppressed": {"total": 0, "by_source": {}, "recent": []},
         "deferred": {"total": 0, "by_reason": {}, "next": None},
+        "failed_jobs": {"total": 0, "by_queue": {}, "recent": []},
     }
 
 
@@ -322,7 +323,7 @@ def test_scan_one_rule(lite: Project) -> None:
 
 def test_validate_ok(lite: Project) -> None:
     result = lite.ok("validate")
-    assert result.out == "ok: 1 rule(s), 0 check(s), channels: sms, email\n"
+    assert result.out == "ok: 1 rule(s), 0 check(s), channels: sms, email; queries prepared\n"
     assert result.err == ""
 
 

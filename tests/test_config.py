@@ -194,6 +194,11 @@ def test_the_process_environment_is_read_by_default(
             "config.yaml:5: channels.sms: provider twilio needs account_sid and auth_token",
         ),
         (
+            BASE + 'channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n',
+            "config.yaml:5: channels.email: provider smtp has a username but no password "
+            "(e.g. password: ${SMTP_PASSWORD})",
+        ),
+        (
             BASE + "web:\n  public_url: example.com\n",
             'config.yaml:4: web.public_url: "example.com" is not an http(s) URL',
         ),
@@ -223,6 +228,7 @@ def test_the_process_environment_is_read_by_default(
         "bad-url",
         "bad-provider",
         "twilio-without-credentials",
+        "smtp-username-without-password",
         "bad-public-url",
         "duplicate-key",
         "yaml-syntax",

@@ -455,13 +455,16 @@ def test_links_and_status_callbacks_need_the_secret_and_nothing_is_lost_meanwhil
     shop.prepare(2, phone=lambda i: None if i == 2 else f"+1212555{i:04d}")
     monkeypatch.delenv("REMINDERS_SECRET", raising=False)
     shop.ok("dispatch", now=SEND_AT)
-    shop.worker()  # the job fails on the missing secret: loudly, and the reminders stay queued
+    # The worker refuses to start, naming the secret, rather than failing each job it takes.
+    refused = shop.run("worker", "--burst", now=SEND_AT)
+    assert refused.code == 2, refused
+    assert "web.public_url is set: environment variable REMINDERS_SECRET is not set" in refused.err
     assert shop.statuses() == {"queued": 2}
     assert shop.stub.received == {}
     monkeypatch.setenv("REMINDERS_SECRET", "s" * 32)
     later = "2027-03-10T15:05:00Z"
     again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
-    assert again["requeued"] == 2
+    assert again["requeued"] == 0  # the job waited in its queue, untouched
     shop.worker(now=later)
     assert shop.statuses() == {"sent": 2}
     form = shop.stub.forms[0]

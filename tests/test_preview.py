@@ -71,3 +71,19 @@ def test_preview_shows_an_unusable_address_and_the_check_answer(shop: Shop) -> N
     shop.sql("UPDATE patients SET first_name = 'Gone'")
     out = shop.ok("preview", "refill-due", now=SEND_AT).out
     assert "check: no row: would be canceled" in out
+
+
+def test_preview_exits_1_when_the_check_query_fails_and_2_when_it_cannot_be_asked(
+    shop: Shop,
+) -> None:
+    shop.configure(rules=rules_with_check("SELECT 1 FROM patientz WHERE id = :customer_id"))
+    shop.patients(1)
+    result = shop.run("preview", "refill-due", now=SEND_AT)
+    assert result.code == 1, result
+    assert "check: failed: rule refill-due: " in result.out
+    assert result.err.startswith("error: rule refill-due: check query failed: ")
+    assert "patientz" in result.err
+    shop.configure(rules=rules_with_check("SELECT 1 FROM patients WHERE id = :patient"))
+    result = shop.run("preview", "refill-due", now=SEND_AT)
+    assert result.code == 2, result
+    assert ":patient, which the rule's query does not return" in result.out

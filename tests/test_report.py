@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 
 from reminders import consent
 from tests.caps_fixtures import Notices, caps_redis, lite_notices, notices, rules_yaml
+from tests.rules_fixtures import Project, config_yaml, lite
 
-__all__ = ["caps_redis", "lite_notices", "notices"]
+__all__ = ["caps_redis", "lite", "lite_notices", "notices"]
 
 LATER = "2027-03-14T04:00:00Z"
 
@@ -104,3 +105,42 @@ def test_status_says_none_when_nothing_is_held_back(lite_notices: Notices) -> No
     assert "deferred (pending past their planned time): none" in out
     assert "opt-outs: none" in out
     assert "suppressed" not in out
+
+
+# --- jobs that failed in RQ -----------------------------------------------------------------------
+
+
+def test_status_shows_the_jobs_that_failed_in_rq(lite: Project, redis_url: str) -> None:
+    from redis import Redis
+    from rq import Queue
+
+    from reminders.dispatch import queue_name
+
+    lite.write_config(config_yaml(redis=redis_url))
+    lite.ok("db", "upgrade")
+    queue = Queue(queue_name("sms"), connection=Redis.from_url(redis_url))
+    # Jobs no worker here can run (queued by a version with another job function, say): each
+    # fails, and nothing of them reaches the state DB.
+    for _ in range(2):
+        queue.enqueue("reminders.jobs.deliver_renamed", "sms", [1])
+    lite.ok("worker", "--burst")
+    report = json.loads(lite.ok("status", "--json").out)
+    failed = report["failed_jobs"]
+    assert failed["total"] == 2
+    assert failed["by_queue"] == {queue_name("sms"): 2}
+    assert len(failed["recent"]) == 2
+    latest = failed["recent"][0]
+    assert latest["queue"] == queue_name("sms")
+    assert "deliver_renamed" in latest["error"], latest
+    assert latest["at"].endswith("Z")
+    text = lite.ok("status").out
+    assert f"failed jobs (RQ): 2 ({queue_name('sms')} 2); latest:" in text
+    assert f"{queue_name('sms')} {latest['id']}: {latest['error']}" in text
+
+
+def test_status_without_redis_jobs_says_none_and_starts_no_server(lite: Project) -> None:
+    lite.ok("db", "upgrade")
+    report = json.loads(lite.ok("status", "--json").out)
+    assert report["failed_jobs"] == {"total": 0, "by_queue": {}, "recent": []}
+    assert not (lite.root / ".reminders" / "redis.sock").exists()
+    assert "failed jobs (RQ): none" in lite.ok("status").out

@@ -112,6 +112,31 @@ def test_the_default_rule_loads_with_its_values(lite: Project) -> None:
             "RFC 5545 RRULE",
         ),
         (
+            _after_due("    recurrence: FREQ=MONTHLY;BYMONTHDAY=32\n"),
+            'rules/refills.yaml:12: rule refill-due: recurrence: "FREQ=MONTHLY;BYMONTHDAY=32": '
+            "BYMONTHDAY=32 is out of range (1 to 31, or -31 to -1 counting from the month's end)",
+        ),
+        (
+            _after_due("    recurrence: FREQ=YEARLY;BYMONTH=13\n"),
+            'rules/refills.yaml:12: rule refill-due: recurrence: "FREQ=YEARLY;BYMONTH=13": '
+            "BYMONTH=13 is out of range (1 to 12)",
+        ),
+        (
+            _after_due("    recurrence: FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=30\n"),
+            'rules/refills.yaml:12: rule refill-due: recurrence: "FREQ=YEARLY;BYMONTH=2;'
+            'BYMONTHDAY=30": never yields a date',
+        ),
+        (
+            _after_due("    recurrence: FREQ=DAILY;BYHOUR=24\n"),
+            'rules/refills.yaml:12: rule refill-due: recurrence: "FREQ=DAILY;BYHOUR=24": '
+            "BYHOUR=24 is out of range (0 to 23)",
+        ),
+        (
+            _after_due("    recurrence: FREQ=MONTHLY;DTSTART=20270101T000000\n"),
+            'rules/refills.yaml:12: rule refill-due: recurrence: "FREQ=MONTHLY;'
+            'DTSTART=20270101T000000" is not an RFC 5545 RRULE',
+        ),
+        (
             _after_due("    grace: 1 day\n"),
             'rules/refills.yaml:12: rule refill-due: grace: "1 day" is not a duration',
         ),
@@ -159,6 +184,11 @@ def test_the_default_rule_loads_with_its_values(lite: Project) -> None:
         "no-due",
         "due-not-a-column",
         "bad-rrule",
+        "rrule-bymonthday-32",
+        "rrule-bymonth-13",
+        "rrule-no-date",
+        "rrule-byhour-24",
+        "rrule-dtstart",
         "bad-grace",
         "bad-reply",
         "reserved-reply",

@@ -508,6 +508,24 @@ def test_a_rule_query_cannot_write_to_the_business_db(project: Project) -> None:
     assert {r["rule"] for r in project.reminders()} == {"refill-due"}
 
 
+def test_a_sqlite_rule_query_cannot_attach_a_file_and_its_error_names_the_business_db(
+    lite: Project,
+) -> None:
+    elsewhere = lite.root / "elsewhere.db"
+    lite.write(
+        "rules/broken.yaml",
+        BROKEN.replace(
+            "SELECT rx_id, due FROM no_such_table", f"ATTACH DATABASE '{elsewhere}' AS e"
+        ),
+    )
+    lite.ok("db", "upgrade")
+    result = lite.run("scan")
+    assert result.code == 1, result
+    assert result.err.startswith("error: rule broken: the query failed: not authorized: "), result
+    assert "state DB" not in result.err
+    assert not elsewhere.exists()
+
+
 # --- recurrence -----------------------------------------------------------------------------------
 
 MONTHLY = """\
@@ -549,6 +567,53 @@ def test_a_monthly_rule_makes_an_occurrence_per_date_within_the_horizon(project:
         "7@2027-04-01": "pending",
         "7@2027-05-01": "canceled",
         "7@2027-06-01": "canceled",
+    }
+
+
+def test_a_date_becomes_an_occurrence_once_its_first_reminder_is_within_the_horizon(
+    project: Project,
+) -> None:
+    rule = MONTHLY.replace("offsets: [-2d]", "offsets: [5d]").replace(
+        "    offsets:", "    horizon: 24d\n    offsets:"
+    )
+    project.write("rules/refills.yaml", rule)
+    project.sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, opened_on DATE)")
+    project.sql("INSERT INTO accounts VALUES (7, :d)", {"d": project.due("2026-11-15")})
+    project.ok("db", "upgrade")
+    # Now 2027-03-10, horizon 24 days (to April 3): April 1's reminder, April 6, is beyond it.
+    assert counts(project)["created"] == 0
+    # On March 13 the horizon reaches April 6: its reminder is created; May 1's is not.
+    assert counts(project, now="2027-03-13T16:00:00Z")["created"] == 1
+    assert send_times(project) == {
+        ("7@2027-04-01", "5d"): ("pending", "2027-04-06T14:00:00Z"),
+    }
+    # A reminder before the due date: May 1's statement, 49 days ahead, is created with 24 days
+    # of horizon, as its reminder (April 1) is within it and must go out on time. (April 1's
+    # reminder, March 2, is too late; June 1's, May 2, beyond the horizon.)
+    project.write("rules/refills.yaml", rule.replace("offsets: [5d]", "offsets: [-30d]"))
+    project.sql("DELETE FROM accounts")
+    project.sql("INSERT INTO accounts VALUES (8, :d)", {"d": project.due("2026-11-15")})
+    counts(project, now="2027-03-13T16:00:00Z")
+    pending = {k for k, v in send_times(project).items() if v[0] == "pending"}
+    assert pending == {("8@2027-05-01", "-30d")}
+
+
+def test_a_utc_until_is_accepted_and_ends_the_recurrence_at_that_instant(project: Project) -> None:
+    # RFC 5545 asks UNTIL in UTC when the start is zoned. 2027-05-01T03:00Z is April 30, 23:00
+    # in New York: the May 1 statement (local midnight) is past it, April 1's is not.
+    until = "FREQ=MONTHLY;BYMONTHDAY=1;UNTIL=20270501T030000Z"
+    project.write("rules/refills.yaml", MONTHLY.replace("FREQ=MONTHLY;BYMONTHDAY=1", until))
+    project.write(
+        "templates/refill-due.email.j2",
+        "{% block subject %}Statement{% endblock %}{% block text %}{{ account_id }}{% endblock %}",
+    )
+    project.sql("CREATE TABLE accounts (id INTEGER PRIMARY KEY, opened_on DATE)")
+    project.sql("INSERT INTO accounts VALUES (7, :d)", {"d": project.due("2026-11-15")})
+    assert project.ok("validate").err == ""
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 1
+    assert send_times(project) == {
+        ("7@2027-04-01", "-2d"): ("pending", "2027-03-30T14:00:00Z"),
     }
 
 

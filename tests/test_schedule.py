@@ -10,11 +10,13 @@ The 2024 transitions used below (local wall times):
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from dateutil.relativedelta import relativedelta
 
+from reminders import schedule
 from reminders.schedule import (
     Offset,
     Window,
@@ -611,3 +613,53 @@ def test_quiet_until(name: str, moment: datetime, quiet: Window, expected: str |
 )
 def test_within_grace(send_at: datetime, now: datetime, grace: timedelta, expected: bool) -> None:
     assert within_grace(send_at, now, grace) is expected
+
+
+# --- recurrences ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rrule",
+    [
+        "FREQ=MONTHLY;BYMONTHDAY=1",
+        "FREQ=MONTHLY;BYMONTHDAY=-1",
+        "FREQ=MONTHLY;BYDAY=-1FR",
+        "FREQ=WEEKLY;BYDAY=MO,WE;INTERVAL=2",
+        "FREQ=YEARLY;UNTIL=20280101T000000Z",
+        "FREQ=YEARLY;UNTIL=20280101",
+        "RRULE:FREQ=DAILY;COUNT=3",
+    ],
+)
+def test_recurrences_the_engine_expands_are_accepted(rrule: str) -> None:
+    schedule.check_recurrence(rrule)
+
+
+@pytest.mark.parametrize(
+    ("rrule", "message"),
+    [
+        ("FREQ=MONTHLY;BYMONTHDAY=32", "BYMONTHDAY=32 is out of range (1 to 31, or -31 to -1"),
+        ("FREQ=MONTHLY;BYMONTHDAY=0", "BYMONTHDAY=0 is out of range"),
+        ("FREQ=YEARLY;BYMONTH=13", "BYMONTH=13 is out of range (1 to 12)"),
+        ("FREQ=YEARLY;BYWEEKNO=54", "BYWEEKNO=54 is out of range"),
+        ("FREQ=MONTHLY;INTERVAL=0", "INTERVAL=0 is out of range"),
+        ("FREQ=MONTHLY;BYDAY=+60MO", "BYDAY=+60MO is out of range"),  # dateutil: IndexError
+        ("FREQ=MONTHLY;BYDAY=+6MO", "never yields a date"),
+        ("FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=30", "never yields a date"),
+        ("FREQ=MONTHLY;BYMONTHDAY=x", "BYMONTHDAY=x is not a whole number"),
+    ],
+)
+def test_recurrences_the_engine_cannot_expand_say_why(rrule: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schedule.check_recurrence(rrule)
+
+
+def test_a_utc_until_becomes_the_customers_local_time() -> None:
+    ny = schedule.zone("America/New_York")
+    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270501T030000Z", ny) == (
+        "FREQ=DAILY;UNTIL=20270430T230000"
+    )
+    # Winter: UTC-5, the day before.
+    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270101T030000Z", ny) == (
+        "FREQ=DAILY;UNTIL=20261231T220000"
+    )
+    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270501", ny) == "FREQ=DAILY;UNTIL=20270501"

@@ -97,7 +97,7 @@ def test_sqlite_says_the_database_is_read_only(tmp_path: Path) -> None:
     writable.dispose()
     engine = source.create_engine(f"sqlite:///{path}")
     try:
-        with pytest.raises(SourceError, match="attempt to write a readonly database"):
+        with pytest.raises(SourceError, match=r"not authorized: .* read-only"):
             _run(engine, "INSERT INTO items (id) VALUES (1) RETURNING id")
     finally:
         engine.dispose()
@@ -222,3 +222,54 @@ def test_time_params_bind_what_the_query_uses_today_in_the_configs_zone() -> Non
     }
     assert source.time_params("SELECT :now, ':today'", now, chicago) == {"now": now}
     assert source.time_params("SELECT 1", now, chicago) == {}
+
+
+def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -> None:
+    engine = source.create_engine(business[0])
+    try:
+        names = source.columns(engine, "SELECT id AS rx_id, name FROM items", {}, what="rule t")
+    finally:
+        engine.dispose()
+    assert names == ["rx_id", "name"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "ATTACH DATABASE '{elsewhere}' AS elsewhere",
+        "VACUUM INTO '{elsewhere}'",
+        "PRAGMA query_only = OFF",
+    ],
+)
+def test_sqlite_denies_attach_vacuum_into_and_pragma_settings(
+    tmp_path: Path, statement: str
+) -> None:
+    path = tmp_path / "business.db"
+    writable = sa.create_engine(f"sqlite:///{path}")
+    with writable.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY)")
+    writable.dispose()
+    before = path.read_bytes()
+    elsewhere = tmp_path / "elsewhere" / "copy.db"
+    elsewhere.parent.mkdir()
+    engine = source.create_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query failed: not authorized: not "):
+            _run(engine, statement.format(elsewhere=elsewhere))
+        assert _run(engine, "SELECT count(*) AS n FROM items") == [[{"n": 0}]]
+    finally:
+        engine.dispose()
+    assert list(elsewhere.parent.iterdir()) == []
+    assert path.read_bytes() == before
+
+
+def test_a_statement_that_returns_no_rows_is_the_business_queries_fault(tmp_path: Path) -> None:
+    path = tmp_path / "business.db"
+    sa.create_engine(f"sqlite:///{path}").dispose()
+    path.touch()
+    engine = source.create_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(SourceError, match=r"^rule t: the query returns no rows"):
+            _run(engine, "PRAGMA no_such_pragma")  # allowed (it sets nothing), and returns nothing
+    finally:
+        engine.dispose()
