@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from reminders import source
-from reminders.compose import CheckFailed
+from reminders.compose import RecheckFailed
 from reminders.policies import Cancel, Decision, Fail, Retry, recheck
 from tests.rule_objects import context, load_rule, refills_with
 
@@ -92,7 +92,7 @@ def test_a_rule_without_a_check_asks_nothing(tmp_path: Path) -> None:
 
 def test_an_unreachable_business_db_is_retried(tmp_path: Path) -> None:
     def unreachable() -> Connection:
-        raise CheckFailed("business DB unreachable: connection refused")
+        raise RecheckFailed("business DB unreachable: connection refused")
 
     config, rule = load_rule(tmp_path, refills_with(check=STILL_REFILLABLE))
     decision = recheck.policy(context(config, rule, NOW, business=unreachable))
