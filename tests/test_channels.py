@@ -425,10 +425,31 @@ def test_smtp_reconnects_when_the_server_drops_the_connection(
 
 def test_smtp_invalid_address_is_permanent_without_a_connection(smtp_server: SmtpServer) -> None:
     results = smtp_channel(smtp_server).send_many(
-        [mail(to="not-an-address"), mail(to="a@b.example\r\nBcc: x@y"), mail(to="")]
+        [
+            mail(to="not-an-address"),
+            mail(to="a@b.example\r\nBcc: x@y"),
+            mail(to=""),
+            mail(to="jane\u200b@example.com"),
+            mail(to="jane@example..com"),
+        ]
     )
     assert all(isinstance(r, PermanentError) and r.code == "invalid_address" for r in results)
+    assert "ZERO WIDTH SPACE" in str(results[3])
     assert smtp_server.mailbox.connections == 0
+
+
+def test_smtp_sends_the_local_part_as_written_and_an_idn_domain_in_ascii(
+    smtp_server: SmtpServer,
+) -> None:
+    channel = smtp_channel(smtp_server)
+    channel.send(mail(to="Jane.Doe@Example.COM"))
+    channel.send(mail(to="Jane@Exämple.com"))
+    received = smtp_server.mailbox.messages
+    assert [m.rcpt_tos for m in received] == [["Jane.Doe@example.com"], ["Jane@xn--exmple-cua.com"]]
+    assert [m.message["To"] for m in received] == [
+        "Jane.Doe@example.com",
+        "Jane@xn--exmple-cua.com",
+    ]
 
 
 def test_smtp_login(smtp_server: SmtpServer) -> None:
@@ -475,6 +496,8 @@ def test_smtp_untrusted_certificate_is_refused(
     ("kwargs", "words"),
     [
         ({"from_addr": "care"}, "channels.email.from"),
+        ({"from_addr": "Shop <care\u200b@example.com>"}, "channels.email.from.*ZERO WIDTH SPACE"),
+        ({"from_addr": "Shop <care@example..com>"}, "channels.email.from.*two periods"),
         ({"security": "tls"}, "none, starttls or ssl"),
         ({"username": "u"}, "both username and password"),
     ],

@@ -23,6 +23,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 from typing import Literal
 
+from reminders import email_address
 from reminders.channels.base import Channel, Message
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask_email
@@ -124,11 +125,13 @@ class SmtpChannel(Channel):
                 f"channels.email.security must be none, starttls or ssl, not {security!r}"
             )
         envelope = parseaddr(from_addr)[1]
-        if "@" not in envelope:
+        try:
+            envelope = email_address.wire_form(envelope)
+        except PermanentError as exc:
             raise ConfigError(
                 f"channels.email.from must be an address like 'Shop <care@example.com>', "
-                f"not {from_addr!r}"
-            )
+                f"not {from_addr!r} ({exc})"
+            ) from None
         if bool(username) != bool(password):
             raise ConfigError("channels.email: set both username and password, or neither")
         self.host = host
@@ -144,12 +147,9 @@ class SmtpChannel(Channel):
     # -- building ---------------------------------------------------------------------------
 
     def build(self, message: Message) -> EmailMessage:
-        """The MIME message for ``message`` (raises ``PermanentError`` for an unusable address)."""
-        to = (message.to or "").strip()
-        if "@" not in to or parseaddr(to)[1] != to or any(c in to for c in "\r\n<>, "):
-            raise PermanentError(
-                f"not an email address: {mask_email(to)!r}", code="invalid_address"
-            )
+        """The MIME message for ``message`` (raises ``PermanentError`` for an unusable address,
+        saying why). Its ``To`` is the address the envelope uses too."""
+        to = email_address.wire_form(message.to)
         mail = EmailMessage(policy=_BUILD_POLICY)
         mail["From"] = self.from_addr
         mail["To"] = to
@@ -267,7 +267,7 @@ class SmtpChannel(Channel):
                     try:
                         if conn is None:
                             conn = self._connect()
-                        self._transmit(conn, mail, message.to)
+                        self._transmit(conn, mail, str(mail["To"]))
                         results.append(str(mail["Message-ID"]))
                         break
                     except _Dropped as exc:
