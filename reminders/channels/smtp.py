@@ -20,6 +20,7 @@ import ssl
 from datetime import UTC, datetime
 from email import policy
 from email.header import Header
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import EmailPolicy
 from email.utils import format_datetime, make_msgid, parseaddr
@@ -56,7 +57,7 @@ def _encoded(name: str, value: Any, linesep: str) -> str | None:
         return None
     if key in _UNSTRUCTURED:
         return f"{name}: {_words(text, name, linesep)}{linesep}"
-    addresses = getattr(value, "addresses", ())
+    addresses: tuple[Address, ...] = getattr(value, "addresses", ())
     if key in _ONE_ADDRESS and len(addresses) == 1 and addresses[0].addr_spec.isascii():
         words = _words(addresses[0].display_name, name, linesep)
         spec = f"<{addresses[0].addr_spec}>"
