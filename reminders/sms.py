@@ -62,20 +62,27 @@ def clusters(text: str) -> list[str]:
 
     CR LF, one cluster for Unicode, is two characters here, as GSM 03.38 has both.
     """
-    found: list[str] = []
-    for cluster in _CLUSTER.findall(text):
+    found: list[str] = _CLUSTER.findall(text)
+    if "\r\n" not in text:
+        return found
+    split: list[str] = []
+    for cluster in found:
         if cluster == "\r\n":
-            found.extend(cluster)
+            split.extend(cluster)
         else:
-            found.append(cluster)
-    return found
+            split.append(cluster)
+    return split
 
 
 def _units(chars: str, encoding: Encoding) -> int:
     """Length of ``chars`` in septets (GSM-7) or UTF-16 code units (UCS-2)."""
+    if len(chars) == 1:  # most clusters: answered without a loop
+        if encoding == "GSM-7":
+            return 2 if chars in GSM7_EXTENSION else 1
+        return 2 if chars > "\uffff" else 1
     if encoding == "GSM-7":
         return len(chars) + sum(1 for c in chars if c in GSM7_EXTENSION)
-    return len(chars) + sum(1 for c in chars if ord(c) > 0xFFFF)
+    return len(chars) + sum(1 for c in chars if c > "\uffff")
 
 
 def _sizes(text: str, encoding: Encoding, per_part: int) -> list[int]:
