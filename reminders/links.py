@@ -286,6 +286,7 @@ def check_nonce(token: str, nonce: str | None, *, keys: list[str] | None = None)
 
 
 def normalize_address(channel: str, address: str) -> str:
-    """Addresses as the state DB keeps them: emails trimmed and lowercased, numbers trimmed."""
+    """Addresses as consent compares and keeps them (opt-outs, unsubscribe tags): emails trimmed
+    and lowercased, so any case matches; numbers trimmed."""
     text = (address or "").strip()
     return text.lower() if channel == "email" else text
