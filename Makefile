@@ -43,4 +43,4 @@ format: install-test
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tests/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -15,10 +15,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import dberrors, phone, schedule, sms, source
+from . import dberrors, email_address, phone, schedule, sms, source
 from .channels.base import Channel, Message
 from .config import Config
-from .errors import PermanentError, RuleError, RuntimeFailure, TemplateError
+from .errors import RuleError, RuntimeFailure, TemplateError
 from .rules import Rule
 
 
@@ -50,23 +50,16 @@ def customer_zone(config: Config, customer: Mapping[str, Any]) -> Any:
 
 
 def address_for(config: Config, channel: str, customer: Mapping[str, Any]) -> str:
-    """The customer's address on ``channel``: E.164 for SMS, a lowercased email.
+    """The customer's address on ``channel``: E.164 for SMS; an email with its local part as
+    written (see :mod:`reminders.email_address`).
 
-    Raises ``PermanentError`` when there is none or it cannot be valid.
+    Raises ``PermanentError`` when there is none or it cannot be valid, saying why.
     """
     if channel == "sms":
         raw = customer.get("phone")
         return phone.normalize("" if raw is None else str(raw), config.default_region)
     raw = customer.get("email")
-    text = "" if raw is None else str(raw).strip()
-    if not text:
-        raise PermanentError("no email address", code="invalid_address")
-    local, at, domain = text.rpartition("@")
-    if not at or not local or "." not in domain or any(c.isspace() for c in text):
-        raise PermanentError(
-            f"not an email address: {phone.mask_email(text)}", code="invalid_address"
-        )
-    return text.lower()
+    return email_address.check("" if raw is None else str(raw))
 
 
 def _links(

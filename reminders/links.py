@@ -1,10 +1,16 @@
 """Signed links in messages: one-click unsubscribe and the customer's preferences page.
 
-A token names one customer (and, for unsubscribe, the channel and address it stops), is signed with
-``REMINDERS_SECRET`` (HMAC, itsdangerous) and carries the time it was made, on the engine's clock.
-It is valid for ``web.link_max_age`` (default 90 days: unsubscribe requests arrive late, and the
-law asks for 30). A token is a credential, not a secret store: its payload is signed, not
-encrypted, so it holds only what the recipient already knows (their own address).
+A token names one customer (and, for unsubscribe, the channel and which of their addresses it
+stops), is signed with ``REMINDERS_SECRET`` (HMAC, itsdangerous) and carries the time it was made,
+on the engine's clock. It is valid for ``web.link_max_age`` (default 90 days: unsubscribe requests
+arrive late, and the law asks for 30).
+
+A token's payload is signed, not encrypted: anyone who sees the URL (mail logs, link scanners,
+proxies) can read it. So it carries no personal data: the customer's id as the business keys
+them, and for the address an opaque tag (a keyed HMAC of it, 96 bits) that only the server can
+match, against the addresses it sent that customer messages at (:func:`match_address`).
+Unsubscribe links made before the tag named the address itself; they are still honoured until
+they expire (``read_unsubscribe`` reads both kinds), and no new one is made.
 
 ``REMINDERS_SECRET_PREVIOUS`` (optional) still verifies links signed before a key rotation.
 """
@@ -15,7 +21,7 @@ import base64
 import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,8 +41,11 @@ UNSUBSCRIBE_PATH = "/unsubscribe/"
 PREFERENCES_PATH = "/preferences/"
 
 # A salt per purpose: an unsubscribe token is never accepted as a preferences token, or back.
-_UNSUBSCRIBE = "reminders.unsubscribe.v1"
+_UNSUBSCRIBE = "reminders.unsubscribe.v2"
 _PREFERENCES = "reminders.preferences.v1"
+# Unsubscribe tokens whose payload was the address itself, read until they expire.
+_UNSUBSCRIBE_V1 = "reminders.unsubscribe.v1"
+_ADDRESS_TAG = b"reminders.unsubscribe.address\x00"
 
 
 class LinkError(RemindersError):
@@ -54,6 +63,17 @@ class Unsubscribe:
     customer_id: str
     channel: str
     address: str
+
+
+@dataclass(frozen=True)
+class UnsubscribeLink:
+    """What an unsubscribe token says: a customer, a channel, and the address as an opaque
+    ``tag`` (see :func:`match_address`); a token made before tags has ``address`` instead."""
+
+    customer_id: str
+    channel: str
+    tag: str | None = None
+    address: str | None = None
 
 
 def secrets(env: Mapping[str, str] | None = None) -> list[str]:
@@ -135,6 +155,17 @@ def _base(config: Config) -> str:
     return config.web.public_url
 
 
+def address_tag(channel: str, address: str, key: str) -> str:
+    """The opaque tag of ``address`` on ``channel`` under signing ``key`` (16 URL-safe characters).
+
+    Keyed, so it cannot be reversed by hashing guessed addresses; the address is normalised
+    first, so any spelling of one address has one tag.
+    """
+    data = _ADDRESS_TAG + f"{channel}\x00{normalize_address(channel, address)}".encode()
+    mac = hmac.new(key.encode(), data, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:12]).decode()
+
+
 def unsubscribe_token(
     customer_id: str,
     channel: str,
@@ -143,8 +174,10 @@ def unsubscribe_token(
     keys: list[str] | None = None,
     now: datetime | None = None,
 ) -> str:
-    """A signed token that unsubscribes ``address`` from ``channel`` for ``customer_id``."""
-    payload = [str(customer_id), channel, normalize_address(channel, address)]
+    """A signed token that unsubscribes ``address`` from ``channel`` for ``customer_id``; it
+    carries the address only as an opaque tag."""
+    keys = keys if keys is not None else secrets()
+    payload = [str(customer_id), channel, address_tag(channel, address, keys[-1])]
     return str(_serializer(_UNSUBSCRIBE, keys, now).dumps(payload))
 
 
@@ -167,16 +200,45 @@ def read_unsubscribe(
     keys: list[str] | None = None,
     now: datetime | None = None,
     max_age: timedelta = DEFAULT_MAX_AGE,
-) -> Unsubscribe:
-    """Verify an unsubscribe token; raises ``LinkError`` when forged, altered or expired."""
-    payload = _load(_UNSUBSCRIBE, token, keys, now, max_age)
+) -> UnsubscribeLink:
+    """Verify an unsubscribe token (of either kind); raises ``LinkError`` when forged, altered or
+    expired. The address it names is found with :func:`match_address`."""
+    try:
+        payload = _load(_UNSUBSCRIBE, token, keys, now, max_age)
+        current = True
+    except LinkError as exc:
+        if exc.expired:
+            raise
+        payload = _load(_UNSUBSCRIBE_V1, token, keys, now, max_age)
+        current = False
     if (
         not isinstance(payload, list)
         or len(payload) != 3
         or not all(isinstance(p, str) and p for p in payload)
     ):
         raise LinkError("this link is not valid")
-    return Unsubscribe(*payload)
+    customer_id, channel, third = payload
+    if current:
+        return UnsubscribeLink(customer_id, channel, tag=third)
+    return UnsubscribeLink(customer_id, channel, address=third)
+
+
+def match_address(
+    link: UnsubscribeLink, addresses: Iterable[str], *, keys: list[str] | None = None
+) -> Unsubscribe | None:
+    """What ``link`` stops: the one of ``addresses`` (the customer's on the link's channel) whose
+    tag it carries, under any signing key; None when none is. A token made before tags names
+    its address and needs none."""
+    if link.address is not None:
+        return Unsubscribe(link.customer_id, link.channel, link.address)
+    assert link.tag is not None
+    keys = keys if keys is not None else secrets()
+    for address in addresses:
+        for key in keys:
+            if hmac.compare_digest(address_tag(link.channel, address, key), link.tag):
+                normal = normalize_address(link.channel, address)
+                return Unsubscribe(link.customer_id, link.channel, normal)
+    return None
 
 
 def preferences_token(
@@ -224,6 +286,7 @@ def check_nonce(token: str, nonce: str | None, *, keys: list[str] | None = None)
 
 
 def normalize_address(channel: str, address: str) -> str:
-    """Addresses as the state DB keeps them: emails trimmed and lowercased, numbers trimmed."""
+    """Addresses as consent compares and keeps them (opt-outs, unsubscribe tags): emails trimmed
+    and lowercased, so any case matches; numbers trimmed."""
     text = (address or "").strip()
     return text.lower() if channel == "email" else text

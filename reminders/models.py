@@ -151,7 +151,7 @@ message = sa.Table(
         nullable=False,
     ),
     sa.Column("channel", sa.String(16), nullable=False),
-    sa.Column("to_address", sa.String(320), nullable=False),  # E.164 or a lowercased email
+    sa.Column("to_address", sa.String(320), nullable=False),  # E.164 or an email as sent
     sa.Column("provider_id", sa.String(128)),
     sa.Column("status", sa.String(16), nullable=False),  # sent, delivered, undelivered, failed
     sa.Column("error_code", sa.String(32)),

@@ -5,8 +5,14 @@ once it is split (the rest of each part carries the concatenation header). Chara
 extension table (``€ [ ] { } ^ ~ | \\`` and form feed) take two septets (an escape and the
 character). A single character outside both tables (an emoji, a curly quote, a non-breaking space)
 switches the whole message to UCS-2: 70 UTF-16 code units in one part, 67 per part (an emoji outside
-the Basic Multilingual Plane is two code units). A character is never split across parts, as
-handsets and Twilio do not split an escape sequence or a surrogate pair.
+the Basic Multilingual Plane is two code units).
+
+What a reader sees as one character is never split across parts: an escape sequence, a surrogate
+pair, and a whole grapheme cluster (a letter and its combining accent, a flag, a keycap, an emoji
+with its skin tone, a ZWJ sequence), as Twilio's own calculator packs them (npm
+``sms-segments-calculator``, the tests' oracle). Clusters follow today's Unicode rules (the
+``regex`` module's ``\\X``); CR LF counts as two characters, as GSM 03.38 and the calculator have
+it. A cluster longer than a part cannot stay whole and is split between its characters.
 
 See https://www.twilio.com/docs/glossary/what-sms-character-limit.
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal
+
+import regex
 
 # GSM 03.38 basic character set (ESC, 0x1B, left out: it introduces the extension table).
 GSM7_BASIC = frozenset(
@@ -30,6 +38,8 @@ GSM7_SINGLE, GSM7_PART = 160, 153
 UCS2_SINGLE, UCS2_PART = 70, 67
 
 Encoding = Literal["GSM-7", "UCS-2"]
+
+_CLUSTER = regex.compile(r"\X")
 
 
 @dataclass(frozen=True)
@@ -47,14 +57,49 @@ class SegmentInfo:
     offending: str
 
 
-def _units(char: str, encoding: Encoding) -> int:
+def clusters(text: str) -> list[str]:
+    """Split ``text`` into what a reader sees as characters (extended grapheme clusters).
+
+    CR LF, one cluster for Unicode, is two characters here, as GSM 03.38 has both.
+    """
+    found: list[str] = _CLUSTER.findall(text)
+    if "\r\n" not in text:
+        return found
+    split: list[str] = []
+    for cluster in found:
+        if cluster == "\r\n":
+            split.extend(cluster)
+        else:
+            split.append(cluster)
+    return split
+
+
+def _units(chars: str, encoding: Encoding) -> int:
+    """Length of ``chars`` in septets (GSM-7) or UTF-16 code units (UCS-2)."""
+    if len(chars) == 1:  # most clusters: answered without a loop
+        if encoding == "GSM-7":
+            return 2 if chars in GSM7_EXTENSION else 1
+        return 2 if chars > "\uffff" else 1
     if encoding == "GSM-7":
-        return 2 if char in GSM7_EXTENSION else 1
-    return 2 if ord(char) > 0xFFFF else 1
+        return len(chars) + sum(1 for c in chars if c in GSM7_EXTENSION)
+    return len(chars) + sum(1 for c in chars if c > "\uffff")
+
+
+def _sizes(text: str, encoding: Encoding, per_part: int) -> list[int]:
+    """The units of each piece that must stay in one part: clusters, and the characters of a
+    cluster too long for any part."""
+    sizes: list[int] = []
+    for cluster in clusters(text):
+        size = _units(cluster, encoding)
+        if size > per_part:
+            sizes.extend(_units(c, encoding) for c in cluster)
+        else:
+            sizes.append(size)
+    return sizes
 
 
 def _parts(sizes: list[int], single: int, per_part: int) -> int:
-    """Count parts, packing whole characters (never splitting one) ``per_part`` units a part."""
+    """Count parts, packing whole pieces (never splitting one) ``per_part`` units a part."""
     total = sum(sizes)
     if total == 0:
         return 0
@@ -87,7 +132,7 @@ def segments(text: str) -> SegmentInfo:
     if length <= single:  # one part (or none): no need to pack characters into parts
         count = 1 if length else 0
     else:
-        count = _parts([_units(c, encoding) for c in text], single, per_part)
+        count = _parts(_sizes(text, encoding, per_part), single, per_part)
     return SegmentInfo(encoding=encoding, segments=count, length=length, offending=offending)
 
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+from email.header import decode_header, make_header
+from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reminders.channels import (
     PROVIDERS,
@@ -24,6 +30,7 @@ from reminders.channels import (
     SmtpChannel,
     TwilioChannel,
 )
+from reminders.channels.smtp import wire_bytes
 from reminders.compose import open_channel
 from reminders.config import load_config
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
@@ -375,6 +382,66 @@ def test_smtp_multipart_with_one_click_unsubscribe(smtp_server: SmtpServer) -> N
     assert received.raw.isascii()  # quoted-printable: any server takes it
 
 
+# RFC 2047 section 2: an encoded-word is at most 75 characters.
+ENCODED_WORD = re.compile(rb"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=")
+
+
+def test_smtp_non_ascii_subject_and_name_in_encoded_words_of_75_characters_at_most(
+    smtp_server: SmtpServer,
+) -> None:
+    url = "https://reminders.example.com/unsubscribe/" + "t0k3n" * 30
+    sender = "Pharmacie Générale de la Côte d’Azur — Service Clients <care@example.com>"
+    subject = (
+        "Votre ordonnance de Lisinopril arrive à échéance vendredi 12 mars — répondez « FAIT » "
+        "ou « PLUS TARD » 😀 — Ελληνικά, русский, 日本語のテキストも少し"
+    )
+    channel = SmtpChannel(smtp_server.host, smtp_server.port, sender)
+    channel.send(mail(subject=subject, unsubscribe_url=url))
+
+    [received] = smtp_server.mailbox.messages
+    head = received.raw.split(b"\r\n\r\n", 1)[0]
+    words = ENCODED_WORD.findall(head)
+    assert len(words) > 4  # the subject and the name, each in several words
+    assert max(len(w) for w in words) <= 75, [w for w in words if len(w) > 75]
+    lines = head.split(b"\r\n")
+    assert all(len(line) <= 78 for line in lines if not line.startswith(b"List-Unsubscribe:"))
+    assert f"List-Unsubscribe: <{url}>".encode() in lines  # one line, not encoded
+    assert received.message["Subject"] == subject
+    assert received.message["List-Unsubscribe"] == f"<{url}>"
+    # email.header decodes as RFC 2047 section 6.2 says (the space between two encoded-words is
+    # not text); Python's newer parser puts one back inside a display name.
+    raw_from = message_from_bytes(received.raw, policy=policy.compat32)["From"]
+    assert str(make_header(decode_header(raw_from))) == sender
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subject=st.lists(
+        st.sampled_from([*"ab XY,.;:()'@=?_—«»’éçüßΔЖ中한😀🇫🇷👍🏽", "  ", "x" * 40]),
+        min_size=1,
+        max_size=120,
+    ).map("".join),
+    name=st.lists(st.sampled_from([*"ab XY.—éçüΔЖ中😀", "x" * 30]), min_size=1, max_size=60).map(
+        "".join
+    ),
+)
+def test_smtp_encoded_words_round_trip(subject: str, name: str) -> None:
+    name = " ".join(name.split()) or "x"
+    sender = f'"{name}" <care@example.com>'
+    built = SmtpChannel("127.0.0.1", 25, sender).build(mail(subject=subject))
+    raw = wire_bytes(built)
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(w) <= 75 for w in ENCODED_WORD.findall(head))
+    assert all(len(line) <= 76 for line in head.split(b"\r\n"))
+    parsed = message_from_bytes(raw, policy=policy.compat32)
+    assert str(make_header(decode_header(parsed["Subject"]))) == " ".join(subject.split())
+    decoded = str(make_header(decode_header(parsed["From"])))
+    if name.isascii():  # no encoded-words: as Python quotes and folds it
+        assert parseaddr(decoded) == (name, "care@example.com")
+    else:
+        assert decoded == f"{name} <care@example.com>"
+
+
 def test_smtp_plain_text_without_unsubscribe(smtp_server: SmtpServer) -> None:
     smtp_channel(smtp_server).send(mail())
     got = smtp_server.mailbox.messages[0].message
@@ -469,10 +536,31 @@ def test_smtp_reconnects_when_the_server_drops_the_connection(
 
 def test_smtp_invalid_address_is_permanent_without_a_connection(smtp_server: SmtpServer) -> None:
     results = smtp_channel(smtp_server).send_many(
-        [mail(to="not-an-address"), mail(to="a@b.example\r\nBcc: x@y"), mail(to="")]
+        [
+            mail(to="not-an-address"),
+            mail(to="a@b.example\r\nBcc: x@y"),
+            mail(to=""),
+            mail(to="jane\u200b@example.com"),
+            mail(to="jane@example..com"),
+        ]
     )
     assert all(isinstance(r, PermanentError) and r.code == "invalid_address" for r in results)
+    assert "ZERO WIDTH SPACE" in str(results[3])
     assert smtp_server.mailbox.connections == 0
+
+
+def test_smtp_sends_the_local_part_as_written_and_an_idn_domain_in_ascii(
+    smtp_server: SmtpServer,
+) -> None:
+    channel = smtp_channel(smtp_server)
+    channel.send(mail(to="Jane.Doe@Example.COM"))
+    channel.send(mail(to="Jane@Exämple.com"))
+    received = smtp_server.mailbox.messages
+    assert [m.rcpt_tos for m in received] == [["Jane.Doe@example.com"], ["Jane@xn--exmple-cua.com"]]
+    assert [m.message["To"] for m in received] == [
+        "Jane.Doe@example.com",
+        "Jane@xn--exmple-cua.com",
+    ]
 
 
 def test_smtp_login(smtp_server: SmtpServer) -> None:
@@ -519,6 +607,8 @@ def test_smtp_untrusted_certificate_is_refused(
     ("kwargs", "words"),
     [
         ({"from_addr": "care"}, "channels.email.from"),
+        ({"from_addr": "Shop <care\u200b@example.com>"}, "channels.email.from.*ZERO WIDTH SPACE"),
+        ({"from_addr": "Shop <care@example..com>"}, "channels.email.from.*two periods"),
         ({"security": "tls"}, "none, starttls or ssl"),
         ({"username": "u"}, "both username and password"),
     ],

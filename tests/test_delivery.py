@@ -7,11 +7,12 @@ to the Twilio stub and whose email goes to an aiosmtpd server, and reads the sta
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
 
-from reminders import models
+from reminders import consent, models
 from tests.channel_fixtures import Mailbox, _start
 from tests.delivery_fixtures import RULES, SEND_AT, Shop, rules_with_check
 from tests.twilio_stub import INVALID_NUMBER, TOO_MANY_REQUESTS, UNSUBSCRIBED
@@ -19,6 +20,10 @@ from tests.twilio_stub import INVALID_NUMBER, TOO_MANY_REQUESTS, UNSUBSCRIBED
 SMS_ONLY = RULES.replace("channels: [sms, email]", "channels: [sms]")
 EMAIL_ONLY = RULES.replace("channels: [sms, email]", "channels: [email]")
 CHECKED = rules_with_check("SELECT 1 FROM prescriptions WHERE id = :rx_id AND refills_left > 0")
+
+
+def sa_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def events_of(shop: Shop, rid: int) -> list[tuple[str | None, str, str | None]]:
@@ -214,6 +219,50 @@ def test_no_usable_contact_fails_visibly_with_the_reasons(shop: Shop) -> None:
     assert "sms: no phone number" in row["reason"] and "email: no email address" in row["reason"]
     status = json.loads(shop.ok("status", "--json", now=SEND_AT).out)
     assert [f["id"] for f in status["recent_failures"]] == [1]
+
+
+# Each refused for the reason email-validator gives (syntax only: no DNS lookups here).
+UNUSABLE_EMAILS = {
+    1: ("p1\u200b@example.com", "ZERO WIDTH SPACE"),
+    2: ("\ufeffp2@example.com", "ZERO WIDTH NO-BREAK SPACE"),
+    3: ("p3\x00@example.com", "U+0000"),
+    4: ("p4..walker@example.com", "two periods in a row"),
+    5: ("p5.@example.com", "period immediately before the @-sign"),
+    6: ("p6@-example.com", "hyphen immediately after the @-sign"),
+    7: ("p7@exa_mple.com", "invalid characters: '_'"),
+    8: ("p8@example..com", "two periods in a row"),
+}
+
+
+def test_unusable_email_addresses_fail_with_the_reason_and_nothing_is_sent(shop: Shop) -> None:
+    shop.configure(rules=EMAIL_ONLY)
+    shop.prepare(len(UNUSABLE_EMAILS), email=lambda i: UNUSABLE_EMAILS[i][0])
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    rows = shop.status_of()
+    for rid, (_address, reason) in UNUSABLE_EMAILS.items():
+        assert rows[rid]["status"] == "failed", rows[rid]
+        assert "email: not a usable email address" in rows[rid]["reason"]
+        assert reason in rows[rid]["reason"], rows[rid]["reason"]
+        assert f"p{rid}@" not in rows[rid]["reason"]  # masked
+    assert shop.smtp.mailbox.messages == []
+
+
+def test_the_local_part_goes_out_as_written_and_opt_outs_match_any_case(shop: Shop) -> None:
+    shop.configure(rules=EMAIL_ONLY)
+    shop.prepare(2, email=lambda i: f"Chloe.Walker{i}@Example.COM")
+    with shop.state.begin() as conn:
+        consent.opt_out(conn, "email", "CHLOE.WALKER2@example.com", "unsubscribe", None, sa_now())
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    # RFC 5321 2.4: a local part may be case-sensitive; a domain is not.
+    (received,) = shop.smtp.mailbox.messages
+    assert received.rcpt_tos == ["Chloe.Walker1@example.com"]
+    assert received.message["To"] == "Chloe.Walker1@example.com"
+    rows = shop.status_of()
+    assert rows[1]["status"] == "sent"
+    assert rows[2]["status"] == "canceled" and "opted out of email" in rows[2]["reason"]
+    assert [m["to_address"] for m in shop.messages()] == ["Chloe.Walker1@example.com"]
 
 
 def test_a_template_error_fails_that_reminder_naming_file_and_line(shop: Shop) -> None:
@@ -479,8 +528,11 @@ def test_links_and_status_callbacks_need_the_secret_and_nothing_is_lost_meanwhil
     from reminders import links
 
     token = header.strip("<>").rsplit("/", 1)[1]
-    found = links.read_unsubscribe(token, now=links.clock.parse_instant(later))
-    assert (found.customer_id, found.channel, found.address) == ("2", "email", "p2@example.com")
+    link = links.read_unsubscribe(token, now=links.clock.parse_instant(later))
+    assert (link.customer_id, link.channel) == ("2", "email")
+    assert links.match_address(link, ["p1@example.com", "p2@example.com"]) == links.Unsubscribe(
+        "2", "email", "p2@example.com"
+    )
 
 
 @pytest.mark.parametrize(

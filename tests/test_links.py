@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,10 +26,55 @@ def config(tmp_path: Path):  # type: ignore[no-untyped-def]
     return load_config(file)
 
 
-def test_unsubscribe_round_trip_normalises_the_email() -> None:
+def test_unsubscribe_round_trip_finds_the_address_in_any_case() -> None:
     token = links.unsubscribe_token("42", "email", "  Jane.Doe@Example.COM ", keys=KEYS, now=T0)
     got = links.read_unsubscribe(token, keys=KEYS, now=T0 + timedelta(days=1))
-    assert got == links.Unsubscribe("42", "email", "jane.doe@example.com")
+    assert (got.customer_id, got.channel, got.address) == ("42", "email", None)
+    mine = ["other@example.com", "jane.doe@example.com"]
+    found = links.match_address(got, mine, keys=KEYS)
+    assert found == links.Unsubscribe("42", "email", "jane.doe@example.com")
+    assert links.match_address(got, ["other@example.com", "jane@example.com"], keys=KEYS) is None
+
+
+def _payload(token: str) -> str:
+    return base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+
+
+def test_an_unsubscribe_token_carries_no_address() -> None:
+    email = links.unsubscribe_token("183", "email", "chloe.walker@example.com", keys=KEYS, now=T0)
+    sms = links.unsubscribe_token("183", "sms", "+14155552671", keys=KEYS, now=T0)
+    assert "chloe" not in _payload(email) and "example" not in _payload(email)
+    assert "4155552671" not in _payload(sms)
+    assert json.loads(_payload(email))[:2] == ["183", "email"]
+    # the tag is keyed: without the secret, hashing guessed addresses finds nothing
+    tag = json.loads(_payload(email))[2]
+    assert tag == links.address_tag("email", "Chloe.Walker@example.com", KEYS[0])
+    assert tag != links.address_tag("email", "chloe.walker@example.com", "z" * 32)
+    assert len(email) < 80  # short enough for a text
+
+
+def test_a_tag_made_before_a_key_rotation_still_matches() -> None:
+    old, new = "o" * 32, "n" * 32
+    token = links.unsubscribe_token("42", "email", "jane@example.com", keys=[old], now=T0)
+    link = links.read_unsubscribe(token, keys=[old, new], now=T0)
+    assert links.match_address(link, ["jane@example.com"], keys=[new]) is None
+    assert links.match_address(link, ["jane@example.com"], keys=[old, new]) is not None
+
+
+# Made before links carried no address: ["42","email","jane@example.com"] signed with KEYS at T0.
+OLD_STYLE = "WyI0MiIsImVtYWlsIiwiamFuZUBleGFtcGxlLmNvbSJd.a4VdwA.kToPCUYXxuk5i3snPoFqFw"
+
+
+def test_a_link_made_before_tags_is_read_until_it_expires() -> None:
+    link = links.read_unsubscribe(OLD_STYLE, keys=KEYS, now=T0 + timedelta(days=89))
+    assert link.address == "jane@example.com" and link.tag is None
+    found = links.match_address(link, [], keys=KEYS)
+    assert found == links.Unsubscribe("42", "email", "jane@example.com")
+    with pytest.raises(links.LinkError) as caught:
+        links.read_unsubscribe(OLD_STYLE, keys=KEYS, now=T0 + timedelta(days=91))
+    assert caught.value.expired
+    with pytest.raises(links.LinkError):
+        links.read_unsubscribe(OLD_STYLE, keys=["z" * 32], now=T0)
 
 
 def test_url_uses_public_url_and_secret_from_environment(
@@ -37,7 +84,8 @@ def test_url_uses_public_url_and_secret_from_environment(
     url = links.unsubscribe_url(config, "42", "email", "jane@example.com", now=T0)
     assert url.startswith("https://r.example.com/unsubscribe/")
     token = url.rsplit("/", 1)[1]
-    assert links.read_unsubscribe(token, now=T0).address == "jane@example.com"
+    found = links.match_address(links.read_unsubscribe(token, now=T0), ["jane@example.com"])
+    assert found is not None and found.address == "jane@example.com"
     prefs = links.preferences_url(config, "42", now=T0)
     assert prefs.startswith("https://r.example.com/preferences/")
     assert links.read_preferences(prefs.rsplit("/", 1)[1], now=T0) == "42"

@@ -9,6 +9,7 @@ rows in the real state DB, as the worker leaves them. The app served by ``remind
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -230,6 +231,32 @@ class Web:
                 },
             )
         return rid, sid
+
+    def add_sent_email(self, *, customer_id: str = "7", to: str = EMAIL) -> int:
+        """A reminder of ``customer_id`` sent by email to ``to`` (as the worker records it)."""
+        at = NOW - timedelta(hours=1)
+        rid = self.add_reminder(
+            occurrence=f"rx-{customer_id}-{to}",
+            status=lifecycle.SENT,
+            channel="email",
+            customer_id=customer_id,
+            send_at=at,
+            data={"rx_id": 1, "customer_id": customer_id, "email": to, "first_name": "Jo"},
+        )
+        with self.state.begin() as conn:
+            conn.execute(
+                models.message.insert(),
+                {
+                    "reminder_id": rid,
+                    "channel": "email",
+                    "to_address": to,
+                    "provider_id": f"<{rid}@example.com>",
+                    "status": lifecycle.SENT,
+                    "created_at": at,
+                    "updated_at": at,
+                },
+            )
+        return rid
 
     def reminder(self, rid: int) -> Any:
         with self.state.connect() as conn:
@@ -639,6 +666,7 @@ def test_a_rule_keyword_from_a_number_never_texted_changes_nothing(web: Web) -> 
 
 
 def test_get_shows_a_confirming_page_and_changes_nothing(web: Web) -> None:
+    web.add_sent_email()
     token = unsub_token()
     before = web.snapshot()
     reply = web.get(f"/unsubscribe/{token}")
@@ -655,6 +683,7 @@ def test_get_shows_a_confirming_page_and_changes_nothing(web: Web) -> None:
 
 
 def test_one_click_post_suppresses_the_address(web: Web) -> None:
+    web.add_sent_email(to="Jane.Doe@Example.com")  # as written in the business's row
     token = unsub_token(address="Jane.Doe@Example.com")
     reply = web.post(
         f"/unsubscribe/{token}",
@@ -679,6 +708,7 @@ def test_one_click_post_suppresses_the_address(web: Web) -> None:
 
 
 def test_the_pages_button_unsubscribes_with_its_nonce(sqlite_web: Web) -> None:
+    sqlite_web.add_sent_email()
     token = unsub_token()
     page = sqlite_web.get(f"/unsubscribe/{token}").text
     nonce = page.split('name="nonce" value="')[1].split('"')[0]
@@ -689,6 +719,54 @@ def test_the_pages_button_unsubscribes_with_its_nonce(sqlite_web: Web) -> None:
     assert reply.status_code == 200
     assert "You are unsubscribed" in reply.text
     assert [o.reason for o in sqlite_web.rows(models.optout)] == ["unsubscribe page"]
+
+
+# An unsubscribe link made before links carried no address (["7","email","jane.doe@example.com"]
+# signed with SECRET on 2027-02-28): such links are honoured until they expire.
+OLD_STYLE_TOKEN = "WyI3IiwiZW1haWwiLCJqYW5lLmRvZUBleGFtcGxlLmNvbSJd.a4Q2cA.ECCvCKyQ7d7jRqV6srVwHA"
+OLD_STYLE_EXPIRED = "WyI3IiwiZW1haWwiLCJqYW5lLmRvZUBleGFtcGxlLmNvbSJd.axls8A.cpBNP0ia6KtjSxEQCjDaBA"
+
+
+def test_a_link_carries_no_address_and_the_server_finds_it(web: Web) -> None:
+    web.add_sent_email()
+    token = unsub_token()
+    payload = base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+    assert "jane" not in payload.lower() and "example" not in payload
+    reply = web.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"})
+    assert reply.status_code == 200
+    (stopped,) = web.rows(models.optout)
+    assert (stopped.address, stopped.customer_id) == (EMAIL, "7")
+
+
+def test_an_address_found_only_on_the_customers_reminder_rows(web: Web) -> None:
+    # The worker died after sending, before recording the message: the row still has the address.
+    web.add_reminder(status=lifecycle.SENDING, channel="email")
+    reply = web.post(f"/unsubscribe/{unsub_token()}", data={"List-Unsubscribe": "One-Click"})
+    assert reply.status_code == 200
+    assert [o.address for o in web.rows(models.optout)] == [EMAIL]
+
+
+def test_a_link_for_an_address_the_customer_was_never_sent_changes_nothing(web: Web) -> None:
+    web.add_sent_email(customer_id="7", to=EMAIL)
+    web.add_sent_email(customer_id="8", to="other@example.com")
+    before = web.snapshot()
+    one_click = {"List-Unsubscribe": "One-Click"}
+    # another customer's address under customer 7, and customer 7's address under customer 8
+    for token in (unsub_token("7", "other@example.com"), unsub_token("8", EMAIL)):
+        assert web.post(f"/unsubscribe/{token}", data=one_click).status_code == 404
+        assert web.get(f"/unsubscribe/{token}").status_code == 404
+    assert web.snapshot() == before
+
+
+def test_links_made_before_tags_still_unsubscribe_until_they_expire(web: Web) -> None:
+    before = web.snapshot()
+    expired = web.post(f"/unsubscribe/{OLD_STYLE_EXPIRED}", data={"List-Unsubscribe": "One-Click"})
+    assert expired.status_code == 403
+    assert web.snapshot() == before
+    assert "j*******@example.com" in web.get(f"/unsubscribe/{OLD_STYLE_TOKEN}").text
+    reply = web.post(f"/unsubscribe/{OLD_STYLE_TOKEN}", data={"List-Unsubscribe": "One-Click"})
+    assert reply.status_code == 200
+    assert [(o.address, o.customer_id) for o in web.rows(models.optout)] == [(EMAIL, "7")]
 
 
 @pytest.mark.parametrize(
@@ -723,6 +801,7 @@ def test_a_link_of_one_kind_does_not_open_the_other(web: Web) -> None:
 
 
 def test_expired_tokens_are_refused_and_change_nothing(web: Web) -> None:
+    web.add_sent_email()
     old = NOW - timedelta(days=91)
     unsub, prefs = unsub_token(now=old), pref_token("7", now=old)
     before = web.snapshot()
@@ -791,6 +870,7 @@ def test_saving_preferences_writes_only_the_tokens_customer(web: Web) -> None:
 
 
 def test_huge_bodies_are_413_and_change_nothing(web: Web) -> None:
+    web.add_sent_email()
     before = web.snapshot()
     huge = {"From": PHONE, "Body": "STOP", "MessageSid": web.sid(), "Pad": "x" * 100_000}
     assert web.twilio("/webhooks/twilio/inbound", huge).status_code == 413

@@ -19,10 +19,14 @@ import socket
 import ssl
 from datetime import UTC, datetime
 from email import policy
+from email.header import Header
+from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import EmailPolicy
 from email.utils import format_datetime, make_msgid, parseaddr
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from reminders import email_address
 from reminders.channels.base import Channel, Message
 from reminders.config import EmailConfig
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
@@ -35,9 +39,71 @@ Security = Literal["none", "starttls", "ssl"]
 
 # Non-ASCII text goes quoted-printable or base64, so any server takes it (no 8BITMIME needed).
 _BUILD_POLICY = policy.SMTP.clone(cte_type="7bit")
-# Headers are not folded below RFC 5322's 998: Python folds a long List-Unsubscribe URL into
-# RFC 2047 encoded words, which mail providers do not decode back into a URL.
-_WIRE_POLICY = policy.SMTP.clone(max_line_length=998)
+
+# Headers Python must not fold: it would fold a long List-Unsubscribe URL into RFC 2047 encoded
+# words, which mail providers do not decode back into a URL. RFC 5322's 998 is their limit.
+_UNFOLDED = frozenset({"list-unsubscribe"})
+# Non-ASCII text is written in RFC 2047 encoded-words of at most 75 characters (section 2; longer
+# ones may be shown raw), lines of at most 76. Python's own folder keeps to the length but can
+# drop the space between two words where it folds (CPython 3.11-3.13), so these headers are
+# encoded with email.header, which carries each space inside an encoded-word.
+_ENCODED_LINE = 76
+_UNSTRUCTURED = frozenset({"subject"})
+_ONE_ADDRESS = frozenset({"from", "to", "reply-to", "sender"})
+
+
+def _encoded(name: str, value: Any, linesep: str) -> str | None:
+    """``name: value`` folded, non-ASCII text in encoded-words of at most 75 characters; None
+    when the header has no non-ASCII text to encode (the policy's folding is right for it)."""
+    key = name.lower()
+    text = str(value)
+    if text.isascii():
+        return None
+    if key in _UNSTRUCTURED:
+        return f"{name}: {_words(text, name, linesep)}{linesep}"
+    addresses: tuple[Address, ...] = getattr(value, "addresses", ())
+    if key in _ONE_ADDRESS and len(addresses) == 1 and addresses[0].addr_spec.isascii():
+        words = _words(addresses[0].display_name, name, linesep)
+        spec = f"<{addresses[0].addr_spec}>"
+        lines = words.split(linesep)
+        used = len(lines[-1]) + (len(name) + 2 if len(lines) == 1 else 0)
+        gap = " " if used + 1 + len(spec) <= _ENCODED_LINE else f"{linesep} "
+        return f"{name}: {words}{gap}{spec}{linesep}"
+    return None
+
+
+def _words(text: str, name: str, linesep: str) -> str:
+    """``text`` as UTF-8 encoded-words, folded to lines of ``_ENCODED_LINE`` after ``name: ``."""
+    return str(Header(text, "utf-8", _ENCODED_LINE, name).encode(linesep=linesep))
+
+
+class _WirePolicy(EmailPolicy):
+    """Keeps List-Unsubscribe on one line, and writes a non-ASCII subject or display name in
+    encoded-words of at most 75 characters (see ``_encoded``); other headers fold as usual."""
+
+    def fold(self, name: str, value: Any) -> str:
+        if name.lower() in _UNFOLDED:
+            return super(_WirePolicy, self.clone(max_line_length=998)).fold(name, value)
+        return super().fold(name, value)
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if name.lower() in _UNFOLDED:
+            return super(_WirePolicy, self.clone(max_line_length=998)).fold_binary(name, value)
+        if not self.utf8:  # with SMTPUTF8, non-ASCII headers go as UTF-8, not encoded
+            encoded = _encoded(name, value, self.linesep)
+            if encoded is not None:
+                return encoded.encode("ascii")
+        return super().fold_binary(name, value)
+
+
+_WIRE_POLICY = _WirePolicy(linesep="\r\n", max_line_length=_ENCODED_LINE)
+
+
+def wire_bytes(mail: EmailMessage, utf8: bool = False) -> bytes:
+    """``mail`` as it goes over SMTP: CRLF lines, headers folded as ``_WirePolicy`` does, and with
+    ``utf8`` (the server took SMTPUTF8) non-ASCII headers in UTF-8 instead of encoded-words."""
+    return mail.as_bytes(policy=_WIRE_POLICY.clone(utf8=utf8))
+
 
 # Answers about this session, not the message: authentication or TLS required (530), a
 # temporary (454) or final (535, 534, 538) authentication failure. Ops fix these; retry meanwhile.
@@ -128,11 +194,13 @@ class SmtpChannel(Channel):
                 f"channels.email.security must be none, starttls or ssl, not {security!r}"
             )
         envelope = parseaddr(from_addr)[1]
-        if "@" not in envelope:
+        try:
+            envelope = email_address.wire_form(envelope)
+        except PermanentError as exc:
             raise ConfigError(
                 f"channels.email.from must be an address like 'Shop <care@example.com>', "
-                f"not {from_addr!r}"
-            )
+                f"not {from_addr!r} ({exc})"
+            ) from None
         if bool(username) != bool(password):
             raise ConfigError("channels.email: set both username and password, or neither")
         self.host = host
@@ -161,12 +229,9 @@ class SmtpChannel(Channel):
     # -- building ---------------------------------------------------------------------------
 
     def build(self, message: Message) -> EmailMessage:
-        """The MIME message for ``message`` (raises ``PermanentError`` for an unusable address)."""
-        to = (message.to or "").strip()
-        if "@" not in to or parseaddr(to)[1] != to or any(c in to for c in "\r\n<>, "):
-            raise PermanentError(
-                f"not an email address: {mask_email(to)!r}", code="invalid_address"
-            )
+        """The MIME message for ``message`` (raises ``PermanentError`` for an unusable address,
+        saying why). Its ``To`` is the address the envelope uses too."""
+        to = email_address.wire_form(message.to)
         mail = EmailMessage(policy=_BUILD_POLICY)
         mail["From"] = self.from_addr
         mail["To"] = to
@@ -228,8 +293,7 @@ class SmtpChannel(Channel):
                     code="invalid_address",
                 )
             options = ["SMTPUTF8", "BODY=8BITMIME"]
-        wire = _WIRE_POLICY.clone(utf8=bool(options))
-        data = mail.as_bytes(policy=wire)
+        data = wire_bytes(mail, utf8=bool(options))
         try:
             code, reply = conn.mail(self.envelope_from, options)
             if code == 421:
@@ -284,7 +348,7 @@ class SmtpChannel(Channel):
                     try:
                         if conn is None:
                             conn = self._connect()
-                        self._transmit(conn, mail, message.to)
+                        self._transmit(conn, mail, str(mail["To"]))
                         results.append(str(mail["Message-ID"]))
                         break
                     except _Dropped as exc:

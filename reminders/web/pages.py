@@ -8,6 +8,7 @@ follow links); forms carry a nonce derived from the token, so a POST needs the p
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -23,7 +24,7 @@ from reminders import codec, consent, links, phone, schedule
 from reminders.app import App
 from reminders.errors import PermanentError
 from reminders.lifecycle import OPEN
-from reminders.models import reminder
+from reminders.models import message, reminder
 from reminders.rules import Rule
 
 from . import business_name, error_page
@@ -57,12 +58,54 @@ def _refused(exc: links.LinkError) -> Response:
 # --- unsubscribe ------------------------------------------------------------------------------
 
 
+def _sent_addresses(conn: Connection, customer_id: str, channel: str) -> list[str]:
+    """The addresses ``customer_id`` was sent messages at on ``channel``."""
+    rows = conn.execute(
+        sa.select(message.c.to_address)
+        .join(reminder, reminder.c.id == message.c.reminder_id)
+        .where(reminder.c.customer_id == customer_id, message.c.channel == channel)
+        .distinct()
+    )
+    return list(rows.scalars())
+
+
+def _row_addresses(conn: Connection, app: App, customer_id: str, channel: str) -> Iterator[str]:
+    """The addresses on ``customer_id``'s reminders' rows: a message whose record was lost (its
+    worker died after sending) still has its address there."""
+    rules = {r.name: r for r in app.ruleset.rules}
+    rows = conn.execute(
+        sa.select(reminder.c.rule, reminder.c.data).where(reminder.c.customer_id == customer_id)
+    )
+    for row in rows:
+        rule = rules.get(row.rule)
+        if rule is not None and channel in rule.channels:
+            address = _address(app, rule, channel, codec.loads(row.data))
+            if address:
+                yield address
+
+
+def unsubscribe_target(
+    conn: Connection, app: App, link: links.UnsubscribeLink
+) -> links.Unsubscribe:
+    """The address ``link`` stops, found among its customer's own; raises ``LinkError`` when
+    none is its (a link names no other customer's address)."""
+    for addresses in (
+        _sent_addresses(conn, link.customer_id, link.channel),
+        _row_addresses(conn, app, link.customer_id, link.channel),
+    ):
+        found = links.match_address(link, addresses)
+        if found is not None:
+            return found
+    raise links.LinkError("this link is not valid")
+
+
 @blueprint.get(f"{links.UNSUBSCRIBE_PATH}<token>")
 def unsubscribe_page(token: str) -> Response:
     """A page confirming what the link stops, with a button that POSTs. Changes nothing."""
     app = engine()
-    target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
+    link = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
     with app.state.connect() as conn:
+        target = unsubscribe_target(conn, app, link)
         done = consent.is_opted_out(conn, target.channel, target.address)
     html = render_template(
         "unsubscribe.html",
@@ -80,7 +123,7 @@ def unsubscribe_page(token: str) -> Response:
 def unsubscribe(token: str) -> Response:
     """RFC 8058 one-click (``List-Unsubscribe=One-Click``) or the page's form: stop the address."""
     app = engine()
-    target = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
+    link = links.read_unsubscribe(token, now=app.now(), max_age=app.config.web.link_max_age)
     one_click = request.form.get("List-Unsubscribe") == ONE_CLICK
     if not one_click:
         if "nonce" not in request.form:
@@ -90,6 +133,7 @@ def unsubscribe(token: str) -> Response:
     how = "one-click unsubscribe" if one_click else "unsubscribe page"
     now = app.now()
     with app.state.begin() as conn:
+        target = unsubscribe_target(conn, app, link)
         new = consent.opt_out(
             conn, target.channel, target.address, consent.UNSUBSCRIBE, how, now, target.customer_id
         )

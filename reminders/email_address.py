@@ -1,0 +1,51 @@
+"""Email addresses: checked by email-validator, sent as written, matched case-insensitively.
+
+Customers' addresses come from the business's own database, typed by people: a zero-width space
+or a byte-order mark pasted along, two dots in a row, a domain label starting with a hyphen.
+:func:`check` refuses such an address with email-validator's reason (a ``PermanentError``: the
+next channel is tried, and the reason is kept on the reminder). Only the syntax is checked: no DNS
+lookup is made at send time (the SMTP server is the judge of deliverability).
+
+RFC 5321 (section 2.4) lets a mail server treat the local part as case-sensitive, so an address is
+sent with its local part as written; only the domain, which is case-insensitive, is normalised.
+Consent and opt-outs compare addresses case-insensitively
+(:func:`reminders.links.normalize_address`): a customer who unsubscribed ``chloe@example.com``
+gets nothing at ``Chloe@Example.com``.
+"""
+
+from __future__ import annotations
+
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+
+from reminders.errors import PermanentError
+from reminders.phone import mask_email
+
+
+def validated(raw: str) -> ValidatedEmail:
+    """``raw`` checked by email-validator (syntax only); raises ``PermanentError`` (code
+    ``invalid_address``) with the masked address and the reason it cannot be used."""
+    text = (raw or "").strip()
+    if not text:
+        raise PermanentError("no email address", code="invalid_address")
+    try:
+        return validate_email(text, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise PermanentError(
+            f"not a usable email address {mask_email(text)}: {exc}", code="invalid_address"
+        ) from None
+
+
+def check(raw: str) -> str:
+    """The address to send to: its local part as written, its domain normalised (lowercase,
+    IDNA). Raises ``PermanentError`` when it cannot be used, saying why."""
+    return str(validated(raw).normalized)
+
+
+def wire_form(address: str) -> str:
+    """``address`` for the SMTP envelope and the ``To`` header: with its domain in ASCII (IDNA)
+    when the local part is ASCII, so no SMTPUTF8 server is needed; as it is otherwise.
+
+    Raises ``PermanentError`` when it cannot be used.
+    """
+    found = validated(address)
+    return str(found.ascii_email or found.normalized)
