@@ -271,7 +271,7 @@ def dispose_engines(matching: str | None = None) -> None:
     _engines.dispose(matching)
 
 
-def _bind(value: Any, dialect: str) -> Any:
+def bind(value: Any, dialect: str) -> Any:
     """A typed parameter as the database compares it.
 
     SQLite has no date type: dates bind as ``YYYY-MM-DD`` and datetimes as UTC
@@ -390,7 +390,7 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     try:
         engine = check_engine(app.config.source_url, check.timeout)
         dialect = engine.dialect.name
-        row = _first_row(engine, check, {k: _bind(v, dialect) for k, v in bound.items()})
+        row = _first_row(engine, check, {k: bind(v, dialect) for k, v in bound.items()})
     except _Timeout as exc:
         log.warning("check %s: unknown: %s", name, exc)
         return Answer(name, "unknown", reason=str(exc))

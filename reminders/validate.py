@@ -207,14 +207,14 @@ _SAMPLES: dict[str, Any] = {
 def _check_problems(
     app: Any, engine: Any, check: CheckRule, engine_params: Mapping[str, Any]
 ) -> list[Problem]:
-    from .checks import _bind
+    from .checks import bind
 
     what = f"check {check.name}"
     values: dict[str, Any] = {**engine_params, **{k: _SAMPLES[t] for k, t in check.params.items()}}
     if check.window is not None:
         values["since"] = engine_params["now"] - check.window
     dialect = engine.dialect.name
-    values = {k: _bind(v, dialect) for k, v in values.items()}
+    values = {k: bind(v, dialect) for k, v in values.items()}
     at = Problem(f"{what}: query: ", check.file, check.line_of("query"))
     names, found = _prepare(engine, check.query, values, what, at)
     if names is None or not check.message:

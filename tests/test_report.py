@@ -142,5 +142,8 @@ def test_status_without_redis_jobs_says_none_and_starts_no_server(lite: Project)
     lite.ok("db", "upgrade")
     report = json.loads(lite.ok("status", "--json").out)
     assert report["failed_jobs"] == {"total": 0, "by_queue": {}, "recent": []}
-    assert not (lite.root / ".reminders" / "redis.sock").exists()
+    from reminders import redis_conn
+    from reminders.config import load_config
+
+    assert not redis_conn.embedded(load_config(lite.root / "config.yaml")).running()
     assert "failed jobs (RQ): none" in lite.ok("status").out
