@@ -118,6 +118,22 @@ class _Change:
             values.update(job_id=None, queued_at=None)
         return values
 
+    def apply(
+        self, conn: Connection, source: Status, now: datetime, where: Sequence[Any] = ()
+    ) -> bool:
+        """Make this change to a reminder still in ``source`` (and ``where``); whether it was."""
+        moved = move(
+            conn,
+            [self.rid],
+            source=source,
+            target=self.status,
+            now=now,
+            reason=self.reason,
+            values=self.columns(),
+            where=where,
+        )
+        return bool(moved)
+
 
 @dataclass
 class _Ready:
@@ -373,16 +389,7 @@ class Delivery:
         moved: set[int] = set()
         with self.app.state.begin() as conn:
             for change in changes:
-                if not move(
-                    conn,
-                    [change.rid],
-                    source=QUEUED,
-                    target=change.status,
-                    now=now,
-                    reason=change.reason,
-                    values=change.columns(),
-                    where=[reminder.c.job_id == job_id],
-                ):
+                if not change.apply(conn, QUEUED, now, where=[reminder.c.job_id == job_id]):
                     counts.not_claimed += 1
                     continue
                 kind = change.kind or {FAILED: "failed", CANCELED: "canceled"}[change.status]
@@ -521,15 +528,7 @@ class Delivery:
             for stop in optouts:
                 consent.opt_out(conn, now=now, **stop)
             for _item, change in other:
-                move(
-                    conn,
-                    [change.rid],
-                    source=SENDING,
-                    target=change.status,
-                    now=now,
-                    reason=change.reason,
-                    values=change.columns(),
-                )
+                change.apply(conn, SENDING, now)
                 setattr(counts, change.kind, getattr(counts, change.kind) + 1)
                 if change.enqueue:
                     moved.add(change.rid)

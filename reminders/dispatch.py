@@ -275,17 +275,12 @@ class Dispatcher:
                         condition = (
                             r.c.job_id.is_(None) if old_job is None else r.c.job_id == old_job
                         )
+                    batch = ids[start : start + size]
+                    values = {"job_id": job_id, "queued_at": now}
                     taken = move(
-                        conn,
-                        ids[start : start + size],
-                        source=old_status,
-                        target=QUEUED,
-                        now=now,
-                        reason=reason,
-                        keep_reason=True,
-                        values={"job_id": job_id, "queued_at": now},
-                        where=[condition],
-                    )
+                        conn, batch, source=old_status, target=QUEUED, now=now, reason=reason,
+                        keep_reason=True, values=values, where=[condition],
+                    )  # fmt: skip
                     if taken:  # else a concurrent dispatch or scan got there first
                         jobs.append((channel, job_id, taken))
         if not jobs:
