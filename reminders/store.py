@@ -1,4 +1,5 @@
-"""The state DB: engines, migrations, locks and recorded status changes.
+"""The state DB: engines, migrations, locks and inserts that skip what exists (status changes
+are :mod:`reminders.lifecycle`'s).
 
 SQLite (the default) runs in WAL mode with a busy timeout, and every transaction begins with
 ``BEGIN IMMEDIATE`` so two writers queue instead of failing half-way. PostgreSQL (production)
