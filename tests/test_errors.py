@@ -29,14 +29,14 @@ def _public_exceptions() -> dict[str, type[BaseException]]:
 
 def test_every_public_exception_is_in_the_tree() -> None:
     found = _public_exceptions()
-    assert "reminders.scan.RowError" in found and "reminders.compose.RecheckFailed" in found
+    assert "reminders.planner.RowError" in found and "reminders.compose.RecheckFailed" in found
     outside = sorted(name for name, cls in found.items() if not issubclass(cls, RemindersError))
     assert outside == []
 
 
 def test_the_branches_decide_the_exit_code() -> None:
     from reminders.compose import RecheckFailed, RecheckInvalid
-    from reminders.scan import RowError
+    from reminders.planner import RowError
     from reminders.yamlfile import YamlError
 
     assert issubclass(RecheckInvalid, RuleError) and issubclass(RecheckFailed, RuntimeFailure)
