@@ -11,11 +11,12 @@ The tree (classes defined beside the code that raises them name their module)::
     ├── InputError                  exit 2
     │   ├── ConfigError
     │   ├── RuleError
-    │   │   └── RecheckInvalid      compose: a rule's check query asks what its row lacks
+    │   │   ├── RecheckInvalid      compose: a rule's check query asks what its row lacks
+    │   │   └── RecurrenceSyntaxError  schedule: an RRULE dateutil cannot read
     │   ├── TemplateError
     │   ├── YamlError               yamlfile: becomes a ConfigError or a RuleError
     │   ├── CheckParamError         checks: the checkout's parameters
-    │   └── RowError                scan: a row no reminder can be computed from (skipped)
+    │   └── RowError                planner: a row no reminder can be computed from (skipped)
     ├── RuntimeFailure              exit 1
     │   ├── SourceError             the business DB
     │   ├── StateError              the state DB
@@ -24,7 +25,8 @@ The tree (classes defined beside the code that raises them name their module)::
     ├── ChannelError                permanent or not
     │   ├── TransientError
     │   └── PermanentError
-    └── LinkError                   links: a customer's link token is not ours or has expired
+    ├── LinkError                   links: a customer's link token is not ours or has expired
+    └── TransitionNotAllowed        lifecycle: a status change the table does not allow (a bug)
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .errors import RemindersError
 from .models import event, reminder
 
 
@@ -75,7 +76,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
 }
 
 
-class TransitionNotAllowed(RuntimeError):
+class TransitionNotAllowed(RemindersError, RuntimeError):
     """A change the lifecycle does not allow was asked for: a bug in the caller."""
 
     def __init__(self, source: str, target: str) -> None:

@@ -29,6 +29,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .errors import RuleError
+
 __all__ = [
     "Offset",
     "Window",
@@ -365,7 +367,7 @@ _UNTIL_UTC = re.compile(r"(UNTIL=)(\d{8}T\d{6})Z", re.IGNORECASE)
 _SAMPLE_START = datetime(2027, 1, 1, 10, 0)
 
 
-class RecurrenceSyntaxError(ValueError):
+class RecurrenceSyntaxError(RuleError, ValueError):
     """dateutil cannot read the RRULE at all (an unknown part or value)."""
 
 
