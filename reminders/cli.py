@@ -445,9 +445,32 @@ def demo(folder: str, reset: bool) -> None:
     help="write one line a request to stdout, tokens of customer links masked (a proxy in "
     "front usually logs requests already; errors are always logged)",
 )
+@click.option(
+    "--body-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 300),
+    help="seconds a client has to send a request's whole body, else 408",
+)
 @pass_app
-def web(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
+def web(
+    app: App,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    access_log: bool,
+    body_timeout: float,
+) -> None:
     """Serve the webhooks, unsubscribe links, preferences page, checks and /healthz (granian)."""
     from .web.server import serve
 
-    serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)
+    serve(
+        app,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        access_log=access_log,
+        body_timeout=body_timeout,
+    )
