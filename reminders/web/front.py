@@ -67,17 +67,30 @@ class WSGIFront:
         if _head_size(scope) > self.max_header_bytes:
             await _plain(send, 431, b"431 Request Header Fields Too Large\n")
             return
-        declared = _declared_length(scope)
-        try:
-            body = await asyncio.wait_for(self._body(receive, declared), self.body_timeout)
-        except TimeoutError:
-            await _plain(send, 408, b"408 Request Timeout\n")
-            return
-        except _Gone:
-            return
+        declared, chunked = _framing(scope)
+        body = b""
+        if chunked or declared:
+            try:
+                async with asyncio.timeout(self.body_timeout):  # no task of its own: cheaper
+                    body = await self._body(receive, declared)
+            except TimeoutError:
+                await _plain(send, 408, b"408 Request Timeout\n")
+                return
+            except _Gone:
+                return
         environ = _environ(scope, body, declared)
         loop = asyncio.get_running_loop()
-        status, headers, content = await loop.run_in_executor(self.executor, self._run, environ)
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                outcome: Any = self._run(environ)
+            except BaseException as exc:  # handed to the loop, which raises it there
+                outcome = exc
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+        self.executor.submit(run)
+        status, headers, content = await done
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
@@ -129,14 +142,29 @@ def _head_size(scope: Scope) -> int:
     return line + 12 + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
 
 
-def _declared_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The declared ``Content-Length`` (None when absent or not a number) and whether the body
+    comes chunked; a request with neither has no body to wait for."""
+    declared: int | None = None
+    chunked = False
     for key, value in scope["headers"]:
         if key == b"content-length":
             try:
-                return int(value)
+                declared = int(value)
             except ValueError:
-                return None
-    return None
+                chunked = True  # unreadable: receive what comes, the app judges it
+        elif key == b"transfer-encoding":
+            chunked = True
+    return declared, chunked
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    if future.cancelled():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _environ(scope: Scope, body: bytes, declared: int | None) -> WSGIEnvironment:
@@ -164,7 +192,8 @@ def _environ(scope: Scope, body: bytes, declared: int | None) -> WSGIEnvironment
         "wsgi.run_once": False,
     }
     # A body refused on its declared length keeps that length, so the app answers 413.
-    environ["CONTENT_LENGTH"] = str(declared if declared is not None else len(body))
+    if declared is not None or body:
+        environ["CONTENT_LENGTH"] = str(declared if declared is not None else len(body))
     for key, value in scope["headers"]:
         name = key.decode("latin-1")
         text = value.decode("latin-1")
