@@ -163,6 +163,18 @@ def test_bad_parameters_are_a_422_naming_each(server: Server) -> None:
     }
 
 
+def test_an_integer_beyond_64_bits_is_a_422_naming_it(server: Server) -> None:
+    for value in (10**30, -(2**63) - 1, 2**63):
+        reply = server.check("already-owned", {"customer_id": value, "sku": "B01"})
+        assert reply.status == 422, reply.body
+        assert reply.body["params"] == {
+            "customer_id": "must be an integer from -9223372036854775808 to 9223372036854775807 "
+            f"(64 bits), got the number {value}"
+        }
+    edge = server.check("already-owned", {"customer_id": 2**63 - 1, "sku": "B01"})
+    assert edge.status == 200 and edge.body == {"duplicate": False}
+
+
 def test_a_body_that_is_not_a_json_object(sqlite_server: Server) -> None:
     reply = sqlite_server.check("already-owned", raw=b'{"customer_id": 7,')
     assert reply.status == 400
