@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import click
@@ -69,7 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="reminders", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            # Ctrl-C, or a SIGTERM turned into one by a command that records its stop (scan):
+            # the shell's convention, 128 + the signal's number.
+            name = str(exc.__cause__) or "SIGINT"
+            click.echo(f"interrupted by {name}", err=True)
+            sys.exit(128 + getattr(signal.Signals, name, signal.SIGINT).value)
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
@@ -89,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: database unreachable: {exc.orig}", err=True)
         sys.exit(1)
     sys.exit(0)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _echo_json(obj: Any) -> None:
@@ -153,7 +165,14 @@ def scan(app: App, rule_name: str | None, as_json: bool) -> None:
     """Read the business DB; create, move and cancel reminders; print counts."""
     from .scan import scan_all
 
-    results = scan_all(app, rule_name=rule_name, progress=sys.stderr.isatty())
+    # SIGTERM (systemd, a deploy) stops a scan the way Ctrl-C does: its run is recorded as
+    # interrupted, by which signal, instead of being left "running" by a process that vanished.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        results = scan_all(app, rule_name=rule_name, progress=sys.stderr.isatty())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = False
     for counts in results:
         if as_json:

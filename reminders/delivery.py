@@ -456,12 +456,16 @@ class Delivery:
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}
+            # The channel is recorded with the claim: a reminder stuck in sending shows where
+            # it was going. (With none left to claim, CASE would have no WHEN: keep the column.)
+            picked = {rid: item.channel for rid, item in by_id.items()}
+            channel = sa.case(picked, value=r.c.id) if picked else r.c.channel
             won = {
                 row.id
                 for row in conn.execute(
                     sa.update(r)
                     .where(r.c.id.in_(list(by_id)), r.c.status == QUEUED, r.c.job_id == job_id)
-                    .values(status=SENDING, updated_at=now)
+                    .values(status=SENDING, updated_at=now, channel=channel)
                     .returning(r.c.id)
                 )
             }
