@@ -90,9 +90,25 @@ class RenderedEmail:
 # -- the environment ------------------------------------------------------------------------
 
 
+# A template file larger than this is refused before it is compiled (10 MB took seconds).
+MAX_TEMPLATE_BYTES = 1024 * 1024
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"the template is {size / 2**20:.1f} MiB, more than the "
+            f"{MAX_TEMPLATE_BYTES // 2**20} MiB a template may be"
+        )
+
+
 class _Loader(FileSystemLoader):
     def get_source(self, environment: Any, template: str) -> Any:
-        return super().get_source(environment, template.removesuffix(_HTML))
+        source, filename, uptodate = super().get_source(environment, template.removesuffix(_HTML))
+        size = len(source.encode("utf-8"))
+        if size > MAX_TEMPLATE_BYTES:
+            raise _TooLarge(size)
+        return source, filename, uptodate
 
 
 # The budget of one render, by default.
@@ -553,12 +569,17 @@ class Renderer:
         except TemplateSyntaxError as exc:
             shown = self._shown(exc.filename) or str(self.templates_dir / file.removesuffix(_HTML))
             raise TemplateError(Problem(exc.message or str(exc), shown, exc.lineno)) from None
+        except _TooLarge as exc:
+            shown = str(self.templates_dir / file.removesuffix(_HTML))
+            raise TemplateError(Problem(str(exc), shown)) from None
 
     def _failed(self, exc: Exception, file: str) -> TemplateError:
         filename, line = _template_place(exc.__traceback__)
         shown = self._shown(filename) or str(self.templates_dir / file)
         message = str(exc) or type(exc).__name__
-        if not isinstance(exc, UndefinedError | SecurityError | ValueError | BudgetExceeded):
+        if not isinstance(
+            exc, UndefinedError | SecurityError | ValueError | BudgetExceeded | _TooLarge
+        ):
             message = f"{type(exc).__name__}: {message}"
         return TemplateError(Problem(f"rendering failed: {message}", shown, line))
 

@@ -441,3 +441,19 @@ def test_the_budget_is_per_render_and_leaves_ordinary_templates_alone(tmp_path: 
     # 90,300 iterations each time: under the budget every time, so nothing carries over.
     for _ in range(3):
         assert renderer.render_sms("t", {}) == "ababab 1024    42    7 ab"
+
+
+def test_a_template_file_over_1_mib_is_refused_before_it_is_compiled(tmp_path: Path) -> None:
+    renderer = write(
+        tmp_path, {"t.sms.j2": "x" * (2 * 1024 * 1024), "u.sms.j2": "{% include 't.sms.j2' %}"}
+    )
+    expected = "the template is 2.0 MiB, more than the 1 MiB a template may be"
+    with pytest.raises(TemplateError) as caught:
+        renderer.render_sms("t", {})
+    assert str(caught.value) == f"{tmp_path / 't.sms.j2'}: {expected}"
+    assert [str(p) for p in renderer.problems("t", ["sms"])] == [
+        f"{tmp_path / 't.sms.j2'}: {expected}"
+    ]
+    with pytest.raises(TemplateError) as included:
+        renderer.render_sms("u", {})
+    assert expected in str(included.value)
