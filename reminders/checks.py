@@ -92,7 +92,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, int | float):
-        return f"the number {value!r}"
+        shown = repr(value)
+        return f"the number {shown if len(shown) <= 40 else shown[:37] + '...'}"
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f'the string "{shown}"'
@@ -101,6 +102,15 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return f"a {type(value).__name__}"
+
+
+# What every database's integer column and parameter binding takes (PostgreSQL's bigint,
+# SQLite's INTEGER): a larger one would fail in the driver, after the check was asked.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+class _OutOfRange(ValueError):
+    """A value of the right type beyond what the type allows; its text says what is allowed."""
 
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -113,10 +123,15 @@ def _coerce(kind: str, value: Any, text: bool) -> Any:
         if isinstance(value, str):
             return value
     elif kind == "int":
+        number = None
         if text and isinstance(value, str):
-            return int(value.strip(), 10)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            number = int(value.strip(), 10)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        if number is not None:
+            if not _INT_MIN <= number <= _INT_MAX:
+                raise _OutOfRange(f"{TYPE_NAMES['int']} from {_INT_MIN} to {_INT_MAX} (64 bits)")
+            return number
     elif kind == "float":
         if text and isinstance(value, str):
             return float(value.strip())
@@ -149,6 +164,8 @@ def coerce_params(check: CheckRule, given: Mapping[str, Any], *, text: bool = Fa
             continue
         try:
             typed[param] = _coerce(kind, given[param], text)
+        except _OutOfRange as exc:
+            errors[param] = f"must be {exc}, got {_describe(given[param])}"
         except (ValueError, TypeError, OverflowError):
             errors[param] = f"must be {TYPE_NAMES[kind]}, got {_describe(given[param])}"
     allowed = ", ".join(check.params)

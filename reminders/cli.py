@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import click
@@ -69,7 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="reminders", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            # Ctrl-C, or a SIGTERM turned into one by a command that records its stop (scan):
+            # the shell's convention, 128 + the signal's number.
+            name = str(exc.__cause__) or "SIGINT"
+            click.echo(f"interrupted by {name}", err=True)
+            sys.exit(128 + getattr(signal.Signals, name, signal.SIGINT).value)
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
@@ -89,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: database unreachable: {dberrors.message(exc)}", err=True)
         sys.exit(1)
     sys.exit(0)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _echo_json(obj: Any) -> None:
@@ -168,12 +180,19 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
     """Read the business DB; create, move and cancel reminders; print counts."""
     from .scan import scan_all
 
-    results = scan_all(
-        app,
-        rule_name=rule_name,
-        progress=sys.stderr.isatty(),
-        allow_mass_cancel=allow_mass_cancel,
-    )
+    # SIGTERM (systemd, a deploy) stops a scan the way Ctrl-C does: its run is recorded as
+    # interrupted, by which signal, instead of being left "running" by a process that vanished.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        results = scan_all(
+            app,
+            rule_name=rule_name,
+            progress=sys.stderr.isatty(),
+            allow_mass_cancel=allow_mass_cancel,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = False
     for counts in results:
         if as_json:
@@ -471,9 +490,32 @@ def demo(folder: str, reset: bool) -> None:
     help="write one line a request to stdout, tokens of customer links masked (a proxy in "
     "front usually logs requests already; errors are always logged)",
 )
+@click.option(
+    "--body-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 300),
+    help="seconds a client has to send a request's whole body, else 408",
+)
 @pass_app
-def web(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
+def web(
+    app: App,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    access_log: bool,
+    body_timeout: float,
+) -> None:
     """Serve the webhooks, unsubscribe links, preferences page, checks and /healthz (granian)."""
     from .web.server import serve
 
-    serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)
+    serve(
+        app,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        access_log=access_log,
+        body_timeout=body_timeout,
+    )

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from . import dberrors, email_address, phone, schedule, sms, source
 from .channels.base import Channel, Message
 from .config import Config
-from .errors import RuleError, RuntimeFailure, TemplateError
+from .errors import Problem, RuleError, RuntimeFailure, TemplateError
 from .rules import Rule
 
 
@@ -140,9 +140,13 @@ def render(
             warnings.append(sms.describe_offending(info))
         limit = config.channels.sms.max_segments if config.channels.sms else None
         if limit and info.segments > limit:
-            warnings.append(
-                f"{info.segments} segments ({info.length} {info.encoding} units), "
-                f"more than channels.sms.max_segments = {limit}"
+            # Each part is billed: a runaway template must not become a hundred texts.
+            raise TemplateError(
+                Problem(
+                    f"{info.segments} segments ({info.length} {info.encoding} units), "
+                    f"more than channels.sms.max_segments = {limit}: not sent",
+                    str(renderer.path(name, "sms")),
+                )
             )
         callback = None
         if config.web.public_url:
@@ -150,6 +154,16 @@ def render(
         msg = Message(rid, rule.name, "sms", address, body, status_callback=callback)
         return Rendered(msg, info.segments, warnings)
     email = renderer.render_email(name, context)
+    size = sum(len(part.encode("utf-8")) for part in (email.subject, email.text, email.html or ""))
+    limit = config.channels.email.max_bytes if config.channels.email else None
+    if limit and size > limit:
+        raise TemplateError(
+            Problem(
+                f"{size:,} bytes (subject, text and HTML), more than "
+                f"channels.email.max_bytes = {limit:,}: not sent",
+                str(renderer.path(name, "email")),
+            )
+        )
     msg = Message(
         rid,
         rule.name,

@@ -115,6 +115,8 @@ class EmailConfig(_Model):
     security: Literal["none", "starttls", "ssl"] = "none"
     timeout: Duration = timedelta(seconds=10)
     quiet_hours: Window | None = None
+    # Subject, text and HTML together, UTF-8; a larger message fails instead of being sent.
+    max_bytes: int = Field(default=1_000_000, ge=1_000)
     path: Path | None = None
 
     @model_validator(mode="after")

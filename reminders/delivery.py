@@ -412,6 +412,10 @@ class Delivery:
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}
+            # The channel is recorded with the claim: a reminder stuck in sending shows where
+            # it was going. (With none left to claim, CASE would have no WHEN: keep the column.)
+            picked = {rid: item.channel for rid, item in by_id.items()}
+            channel = sa.case(picked, value=reminder.c.id) if picked else reminder.c.channel
             won = set(
                 move(
                     conn,
@@ -419,6 +423,7 @@ class Delivery:
                     source=QUEUED,
                     target=SENDING,
                     now=now,
+                    values={"channel": channel},
                     where=[reminder.c.job_id == job_id],
                 )
             )

@@ -110,7 +110,7 @@ scan_run = sa.Table(
     sa.Column("rule", sa.String(100), nullable=False),
     sa.Column("started_at", UtcDateTime(), nullable=False),
     sa.Column("finished_at", UtcDateTime()),
-    sa.Column("status", sa.String(16), nullable=False),  # running, done, failed
+    sa.Column("status", sa.String(16), nullable=False),  # running, done, failed, interrupted
     sa.Column("rows", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created", sa.Integer, nullable=False, server_default="0"),
     sa.Column("moved", sa.Integer, nullable=False, server_default="0"),

@@ -8,6 +8,13 @@ Files, in the templates folder:
   seen by every block);
 - ``<name>.check.j2``: the message of a check, rendered with its match.
 
+Every render has a budget (``Renderer`` arguments, defaults below): ``max_seconds`` of time,
+``max_iterations`` loop steps in all, and ``max_output`` characters, both for what it writes and
+for any text or list it builds on the way (``"x" * 10**9``, a string doubled in a loop). Past it
+the render fails with a ``TemplateError`` naming the template: a worker is never held by one
+message. The time is checked at each loop step, call, attribute, filter and operator, not by a
+signal, so it works in any thread (RQ's SimpleWorker, the web server's threads).
+
 Blocks and tags are trimmed (``trim_blocks``, ``lstrip_blocks``): a line holding only a ``{% if %}``
 leaves no blank line. Templates are compiled once per process and folder; restart workers to pick up
 edited templates.
@@ -30,12 +37,16 @@ in the customer's zone (negative when past). Values may be date/datetime objects
 
 from __future__ import annotations
 
+import re
+import string
 import threading
-from collections.abc import Iterator, Mapping
+import time as _time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,8 +66,10 @@ from jinja2 import (
     nodes,
     pass_context,
 )
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import Context, Undefined
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.utils import _PassArg
 
 from reminders import clock
 from reminders.errors import Problem, TemplateError
@@ -78,17 +91,262 @@ class RenderedEmail:
 # -- the environment ------------------------------------------------------------------------
 
 
+# A template file larger than this is refused before it is compiled (10 MB took seconds).
+MAX_TEMPLATE_BYTES = 1024 * 1024
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            f"the template is {size / 2**20:.1f} MiB, more than the "
+            f"{MAX_TEMPLATE_BYTES // 2**20} MiB a template may be"
+        )
+
+
 class _Loader(FileSystemLoader):
     def get_source(self, environment: Any, template: str) -> Any:
-        return super().get_source(environment, template.removesuffix(_HTML))
+        source, filename, uptodate = super().get_source(environment, template.removesuffix(_HTML))
+        size = len(source.encode("utf-8"))
+        if size > MAX_TEMPLATE_BYTES:
+            raise _TooLarge(size)
+        return source, filename, uptodate
+
+
+# The budget of one render, by default.
+MAX_SECONDS = 2.0
+MAX_ITERATIONS = 100_000
+MAX_OUTPUT = 1_000_000  # characters of a text, items of a list
+MAX_BITS = 10_000  # of an integer computed with **
+
+
+class BudgetExceeded(Exception):
+    """A render went past its time, loop or size budget."""
+
+
+@dataclass
+class _Budget:
+    seconds: float
+    max_iterations: int
+    max_output: int
+    deadline: float = 0.0
+    iterations: int = 0
+
+    def tick(self) -> None:
+        if _time.monotonic() >= self.deadline:
+            raise BudgetExceeded(
+                f"took longer than {self.seconds:g} s (the time budget of one render)"
+            )
+
+    def step(self) -> None:
+        self.iterations += 1
+        if self.iterations > self.max_iterations:
+            raise BudgetExceeded(
+                f"more than {self.max_iterations:,} loop iterations in one render (its budget)"
+            )
+        self.tick()
+
+    def too_long(self, size: int, what: str = "characters") -> None:
+        if size > self.max_output:
+            raise BudgetExceeded(
+                f"a value of more than {self.max_output:,} {what} (the size budget of one render)"
+            )
+
+    def sized(self, value: Any) -> Any:
+        """``value``, unless it is a text or list past the size budget."""
+        if isinstance(value, str):
+            self.too_long(len(value))
+        elif isinstance(value, list | tuple):
+            self.too_long(len(value), "items")
+        return value
+
+    def widths(self, fmt: str) -> None:
+        """Refuse a format string (``%`` or ``{}`` style) asking for a width past the budget."""
+        numbers = [int(n) for pair in _PERCENT_WIDTH.findall(fmt) for n in pair if n]
+        try:
+            specs = [spec for _, _, spec, _ in string.Formatter().parse(fmt) if spec]
+        except ValueError:
+            specs = []  # not a {} format: str.format will say so itself
+        numbers += [int(n) for spec in specs for n in re.findall(r"\d+", spec)]
+        for number in numbers:
+            if number > self.max_output:
+                raise BudgetExceeded(
+                    f"a width of {number} in a format (the size budget of one render is "
+                    f"{self.max_output:,} characters)"
+                )
+
+
+_PERCENT_WIDTH = re.compile(r"%[-#0 +]*(\d+)|%[-#0 +]*\*?\.(\d+)")
+_BUDGET: ContextVar[_Budget | None] = ContextVar("reminders_render_budget", default=None)
+_LOOP_FILTER = "reminders_budgeted_loop"
+
+
+@pass_context  # never run on constants while compiling
+def _budgeted(context: Context, iterable: Iterable[Any]) -> Iterator[Any]:
+    """Every ``{% for %}`` iterates through this: each step counts and checks the clock."""
+    budget = _BUDGET.get()
+    if budget is None:
+        yield from iterable
+        return
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _estimated(text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The length of ``text.<name>(*args)`` (or its filter), known before it is built."""
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = args[0] if args else kwargs.get("width", 0)
+        return width if isinstance(width, int) else 0
+    if name == "indent":
+        width = args[0] if args else kwargs.get("width", 4)
+        if isinstance(width, int):
+            return len(text) + width * (text.count("\n") + 1)
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str):
+        old, new = args[0], args[1]
+        if isinstance(new, str):
+            count = text.count(old) if old else len(text) + 1
+            return len(text) + count * max(len(new) - len(old), 0)
+    if name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            return len(text) + text.count("\t") * size
+    if name == "join" and args and hasattr(args[0], "__len__"):
+        return len(text) * len(args[0])
+    return 0
+
+
+def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` (a filter) checked against the budget: the clock, known growth, its result.
+
+    The wrapper takes the context, which also keeps Jinja from running the filter on constants
+    while compiling (``{{ 'x'|center(10**9) }}``), outside any render's budget.
+    """
+    wants = _PassArg.from_obj(func)
+
+    @pass_context
+    @wraps(func)
+    def bounded(context: Context, *args: Any, **kwargs: Any) -> Any:
+        if wants is _PassArg.context:
+            args = (context, *args)
+        elif wants is _PassArg.eval_context:
+            args = (context.eval_ctx, *args)
+        elif wants is _PassArg.environment:
+            args = (context.environment, *args)
+        skip = 0 if wants is None else 1
+        budget = _BUDGET.get()
+        if budget is None:
+            return func(*args, **kwargs)
+        budget.tick()
+        value: Any = args[skip] if len(args) > skip else None
+        rest = args[skip + 1 :]
+        if name == "format" and isinstance(value, str):
+            budget.widths(value)
+        elif name == "join" and rest and isinstance(rest[0], str) and hasattr(value, "__len__"):
+            budget.too_long(len(rest[0]) * len(value))
+        elif isinstance(value, str):
+            budget.too_long(_estimated(value, name, rest, kwargs))
+        return budget.sized(func(*args, **kwargs))
+
+    return bounded
+
+
+class _CodeGenerator(CodeGenerator):
+    """Jinja's code generator, with every loop counted and every ``~`` result measured."""
+
+    def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
+        for loop in node.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None)
+            loop.iter.set_lineno(loop.lineno)
+        super().visit_Template(node, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.measured(")
+        super().visit_Concat(node, frame)
+        self.write(")")
 
 
 class _Environment(SandboxedEnvironment):
+    code_generator_class = _CodeGenerator
+    # Operators that can build a huge value from small ones, checked before they run.
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
     def join_path(self, template: str, parent: str) -> str:
         # An include or extends from the HTML variant stays autoescaped.
         if parent.endswith(_HTML) and not template.endswith(_HTML):
             return template + _HTML
         return template
+
+    def concat(self, parts: Iterable[str]) -> str:
+        """Join output (a render's, a block's, a macro's), within the size budget."""
+        budget = _BUDGET.get()
+        if budget is None:
+            return "".join(parts)
+        kept, total = [], 0
+        for part in parts:
+            total += len(part)
+            if total > budget.max_output:
+                raise BudgetExceeded(
+                    f"more than {budget.max_output:,} characters of output (the size budget "
+                    "of one render)"
+                )
+            kept.append(part)
+        return "".join(kept)
+
+    def measured(self, value: Any) -> Any:
+        """A value the template built (``a ~ b``), within the size budget."""
+        budget = _BUDGET.get()
+        return value if budget is None else budget.sized(value)
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.tick()
+            _before_binop(budget, operator, left, right)
+        result = self.binop_table[operator](left, right)
+        return result if budget is None else budget.sized(result)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is None:
+            return super().call(__context, __obj, *args, **kwargs)
+        budget.tick()
+        # A str method, or the sandbox's wrapper of str.format around one.
+        target = getattr(__obj, "__wrapped__", __obj)
+        owner = getattr(target, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(target, "__name__", "")
+            if name in ("format", "format_map"):
+                budget.widths(owner)
+            else:
+                budget.too_long(_estimated(owner, name, args, kwargs))
+        return budget.sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.tick()
+        return super().getitem(obj, argument)
+
+
+def _before_binop(budget: _Budget, operator: str, left: Any, right: Any) -> None:
+    sized = (str, list, tuple)
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, sized) and isinstance(times, int):
+                budget.too_long(len(seq) * times, "characters" if isinstance(seq, str) else "items")
+    elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        budget.too_long(len(left) + len(right), "characters" if isinstance(left, str) else "items")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+        if abs(left) > 1 and abs(left).bit_length() * right > MAX_BITS:
+            raise BudgetExceeded(f"a number of more than {MAX_BITS:,} bits ({left} ** {right})")
+    elif operator == "%" and isinstance(left, str):
+        budget.widths(left)
 
 
 _ENVIRONMENTS: dict[Path, _Environment] = {}
@@ -110,6 +368,8 @@ def _environment(folder: Path) -> _Environment:
                 cache_size=-1,
             )
             env.filters.update(FILTERS)
+            env.filters = {n: _bounded_filter(n, f) for n, f in env.filters.items()}
+            env.filters[_LOOP_FILTER] = _budgeted
             _ENVIRONMENTS[folder] = env
         return env
 
@@ -268,10 +528,21 @@ def _template_place(tb: TracebackType | None) -> tuple[str | None, int | None]:
 
 
 class Renderer:
-    """Renders the business's templates from ``templates_dir``."""
+    """Renders the business's templates from ``templates_dir``, each render within a budget:
+    ``max_seconds`` (seconds), ``max_iterations`` (loop steps), ``max_output`` (characters)."""
 
-    def __init__(self, templates_dir: Path | str) -> None:
+    def __init__(
+        self,
+        templates_dir: Path | str,
+        *,
+        max_seconds: float = MAX_SECONDS,
+        max_iterations: int = MAX_ITERATIONS,
+        max_output: int = MAX_OUTPUT,
+    ) -> None:
         self.templates_dir = Path(templates_dir)
+        self.max_seconds = max_seconds
+        self.max_iterations = max_iterations
+        self.max_output = max_output
         self._folder = self.templates_dir.resolve()
         self._env = _environment(self._folder)
 
@@ -299,17 +570,26 @@ class Renderer:
         except TemplateSyntaxError as exc:
             shown = self._shown(exc.filename) or str(self.templates_dir / file.removesuffix(_HTML))
             raise TemplateError(Problem(exc.message or str(exc), shown, exc.lineno)) from None
+        except _TooLarge as exc:
+            shown = str(self.templates_dir / file.removesuffix(_HTML))
+            raise TemplateError(Problem(str(exc), shown)) from None
 
     def _failed(self, exc: Exception, file: str) -> TemplateError:
         filename, line = _template_place(exc.__traceback__)
         shown = self._shown(filename) or str(self.templates_dir / file)
         message = str(exc) or type(exc).__name__
-        if not isinstance(exc, UndefinedError | SecurityError | ValueError):
+        if not isinstance(
+            exc, UndefinedError | SecurityError | ValueError | BudgetExceeded | _TooLarge
+        ):
             message = f"{type(exc).__name__}: {message}"
         return TemplateError(Problem(f"rendering failed: {message}", shown, line))
 
     def _run(self, template: Template, file: str, render: Any) -> Any:
-        """Call ``render()``, turning any failure into a ``TemplateError`` at the template line."""
+        """Call ``render()`` within the budget, turning any failure into a ``TemplateError`` at
+        the template line."""
+        budget = _Budget(self.max_seconds, self.max_iterations, self.max_output)
+        budget.deadline = _time.monotonic() + self.max_seconds
+        token = _BUDGET.set(budget)
         try:
             try:
                 return render()
@@ -319,6 +599,8 @@ class Renderer:
             raise
         except Exception as exc:
             raise self._failed(exc, file) from exc
+        finally:
+            _BUDGET.reset(token)
 
     # -- rendering --
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import sqlalchemy as sa
 
-from . import clock, consent, lifecycle, models, phone, redis_conn
+from . import clock, consent, lifecycle, models, phone, redis_conn, store
 from .errors import ServiceUnavailable
 
 if TYPE_CHECKING:
@@ -63,11 +63,12 @@ def status_report(app: App) -> dict[str, Any]:
         ).all()
         s = models.scan_run
         latest = sa.select(s.c.rule, sa.func.max(s.c.id).label("id")).group_by(s.c.rule).subquery()
-        scans = (
-            conn.execute(sa.select(s).join(latest, s.c.id == latest.c.id).order_by(s.c.rule))
-            .mappings()
-            .all()
-        )
+        scans = [
+            _alive_or_stale(conn, dict(x))
+            for x in conn.execute(
+                sa.select(s).join(latest, s.c.id == latest.c.id).order_by(s.c.rule)
+            ).mappings()
+        ]
         extra = {**_consent(conn), "deferred": _deferred(conn)}
     extra["failed_jobs"] = failed_jobs(app.config)
     return {
@@ -108,6 +109,14 @@ def status_report(app: App) -> dict[str, Any]:
         ],
         **extra,
     }
+
+
+def _alive_or_stale(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """A scan run, shown ``interrupted`` when it says ``running`` but no scan of its rule is
+    (its process was killed before it could say so; the next scan records it)."""
+    if run["status"] == "running" and not store.scan_alive(conn, run["rule"]):
+        run.update(status="interrupted", error=store.STALE_RUN)
+    return run
 
 
 def _consent(conn: Any) -> dict[str, Any]:
@@ -275,7 +284,7 @@ def format_status(report: dict[str, Any]) -> str:
             "`reminders retry --status sending`):"
         )
         for x in report["stuck_sending"]:
-            lines.append(f"  #{x['id']} {x['rule']} {x['channel']} since {x['since']}")
+            lines.append(f"  #{x['id']} {x['rule']} {x['channel'] or '-'} since {x['since']}")
     if report["recent_failures"]:
         lines.append("recent failures:")
         for x in report["recent_failures"]:

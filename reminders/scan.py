@@ -21,6 +21,7 @@ faster than the first scan; ``benchmarks/scan.py`` measures both):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from array import array
@@ -189,15 +190,16 @@ def scan_rule(
     unless ``allow_mass_cancel``; what it creates and moves stands.
     """
     counts = ScanCounts(rule.name)
-    with state.begin() as conn:
-        inserted = conn.execute(
-            scan_run.insert().values(rule=rule.name, started_at=now, status="running")
-        ).inserted_primary_key
-        assert inserted is not None
-        run_id = inserted[0]
+    run_id: int | None = None
     planner = Planner(rule, config, now)
     try:
-        with state.connect() as conn, store.rule_lock(conn, rule.name):
+        # The run is recorded under the rule's lock, so a run left ``running`` while nothing
+        # holds the lock is known to be stale (its process died; see store.scan_alive).
+        with state.connect() as conn, store.rule_lock(conn, rule.name) as alone:
+            with conn.begin():
+                if alone:
+                    _end_stale_runs(conn, rule.name)
+                run_id = _start_run(conn, rule.name, now)
             with conn.begin():
                 known = _Known.load(conn, rule, planner.earliest)
                 # A rule with no reminders at all (its first scan) needs no lookups per batch.
@@ -242,6 +244,46 @@ def scan_rule(
     except sa.exc.SQLAlchemyError as exc:
         # The state DB failed: the database's own message, without the statement and its rows.
         counts.error = f"rule {rule.name}: state DB: {dberrors.message(exc)}"
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM (the command turns it into KeyboardInterrupt), a bug: the run ends
+        # with what it did and why it stopped, never left ``running``.
+        if run_id is not None:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                what = f"interrupted by {exc}" if str(exc) else "interrupted"
+                counts.error = f"{what} before the scan finished; the next scan completes it"
+                status = "interrupted"
+            else:
+                counts.error = f"rule {rule.name}: {type(exc).__name__}: {exc}"
+                status = "failed"
+            with contextlib.suppress(sa.exc.SQLAlchemyError):  # the cause matters more
+                _finish_run(state, run_id, counts, now, status)
+        raise
+    if run_id is None:  # the state DB failed before the run could be recorded
+        with state.begin() as conn:
+            run_id = _start_run(conn, rule.name, now)
+    _finish_run(state, run_id, counts, now, "failed" if counts.error else "done")
+    return counts
+
+
+def _start_run(conn: Connection, rule: str, now: datetime) -> int:
+    inserted = conn.execute(
+        scan_run.insert().values(rule=rule, started_at=now, status="running")
+    ).inserted_primary_key
+    assert inserted is not None
+    return int(inserted[0])
+
+
+def _end_stale_runs(conn: Connection, rule: str) -> None:
+    """Runs of ``rule`` left ``running`` by a process that died (the caller scans alone)."""
+    conn.execute(
+        scan_run.update()
+        .where(scan_run.c.rule == rule, scan_run.c.status == "running")
+        .values(status="interrupted", error=store.STALE_RUN)
+    )
+
+
+def _finish_run(state: Engine, run_id: int, counts: ScanCounts, now: datetime, status: str) -> None:
+    """Record the end of a scan run: its counts, skipped rows, status and error."""
     counts.skips.sort(key=lambda skip: skip[0])  # in row order (a batch finds them in two passes)
     with state.begin() as conn:
         if counts.skips:
@@ -250,7 +292,7 @@ def scan_rule(
                 [
                     {
                         "scan_run_id": run_id,
-                        "rule": rule.name,
+                        "rule": counts.rule,
                         "row_number": n,
                         "occurrence": occ,
                         "column": col,
@@ -264,7 +306,7 @@ def scan_rule(
             .where(scan_run.c.id == run_id)
             .values(
                 finished_at=now,
-                status="failed" if counts.error else "done",
+                status=status,
                 rows=counts.rows,
                 created=counts.created,
                 moved=counts.moved,
@@ -275,7 +317,6 @@ def scan_rule(
                 error=counts.error,
             )
         )
-    return counts
 
 
 def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:

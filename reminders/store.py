@@ -3,11 +3,12 @@ are :mod:`reminders.lifecycle`'s).
 
 SQLite (the default) runs in WAL mode with a busy timeout, and every transaction begins with
 ``BEGIN IMMEDIATE`` so two writers queue instead of failing half-way. PostgreSQL (production)
-takes a per-rule advisory lock for a scan.
+takes a per-rule advisory lock for a scan; SQLite a lock file beside the database.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import operator
@@ -118,20 +119,78 @@ def ensure_current(url: str) -> None:
 
 
 @contextmanager
-def rule_lock(conn: Connection, rule: str) -> Iterator[None]:
-    """Hold a per-rule lock for a scan (PostgreSQL advisory lock; SQLite serialises writes)."""
-    if conn.dialect.name != "postgresql":
-        yield
-        return
-    key = int.from_bytes(hashlib.blake2b(f"scan:{rule}".encode(), digest_size=8).digest(), "big")
-    key -= 1 << 63  # advisory keys are signed bigints
-    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-    conn.commit()
-    try:
-        yield
-    finally:
-        conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+def rule_lock(conn: Connection, rule: str) -> Iterator[bool]:
+    """Hold a per-rule lock for a scan; yields whether no other scan of the rule is running.
+
+    PostgreSQL: an advisory lock, exclusive (a second scan of the rule waits), so the holder is
+    always alone. SQLite serialises writes, so scans of a rule may overlap: each holds a shared
+    lock on a file beside the database (``<db>-scan-<rule>.lock``), and is alone when it could
+    have taken it exclusively. Either lock is released by the system when its process dies,
+    however it dies: a scan run left ``running`` whose rule is not locked is stale (see
+    :func:`scan_alive`).
+    """
+    if conn.dialect.name == "postgresql":
+        key = _advisory_key(rule)
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         conn.commit()
+        try:
+            yield True
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+        return
+    path = _lock_file(conn, rule)
+    if path is None:  # an in-memory database: no other process can see it
+        yield True
+        return
+    with open(path, "a+b") as handle:
+        alone = _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_SH)  # others may scan the rule too; none waits on it
+        try:
+            yield alone
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# The error of a scan run found ``running`` while no scan of its rule is.
+STALE_RUN = "no scan holds the rule's lock: its process stopped without finishing"
+
+
+def scan_alive(conn: Connection, rule: str) -> bool:
+    """Whether a scan of ``rule`` holds its lock (is running, in some process)."""
+    if conn.dialect.name == "postgresql":
+        key = _advisory_key(rule)
+        free = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one()
+        if free:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        conn.commit()
+        return not free
+    path = _lock_file(conn, rule)
+    if path is None or not path.exists():
+        return False
+    with open(path, "a+b") as handle:
+        return not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _advisory_key(rule: str) -> int:
+    key = int.from_bytes(hashlib.blake2b(f"scan:{rule}".encode(), digest_size=8).digest(), "big")
+    return key - (1 << 63)  # advisory keys are signed bigints
+
+
+def _lock_file(conn: Connection, rule: str) -> Path | None:
+    database = conn.engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(f"{database}-scan-{rule}.lock")
+
+
+def _flock(handle: Any, how: int) -> bool:
+    """``flock`` without waiting: True when taken."""
+    try:
+        fcntl.flock(handle, how)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:

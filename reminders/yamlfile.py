@@ -7,6 +7,7 @@ error's ``loc``) to its 1-based line.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,12 @@ from pydantic import ValidationError
 from .errors import InputError, Problem
 
 Path_ = tuple[str | int, ...]
+
+# What one config or rules file may make the loader do: its size in bytes, how deep its values
+# nest, and how many values it holds once every alias is expanded (each use counts again).
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
 
 # YAML 1.1 reads an unquoted 10:00 as the base-60 integer 600; a time of day is what was meant.
 _SEXAGESIMAL = re.compile(r"^[-+]?\d+(:[0-5]?\d)+(\.\d*)?$")
@@ -85,46 +92,115 @@ class _Builder(yaml.constructor.SafeConstructor):
     pass
 
 
+class _Composer(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting past ``MAX_DEPTH`` (its composer recurses)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _LoadError(Problem(_too_deep(), None, self.peek_event().start_mark.line + 1))
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_deep() -> str:
+    return f"nested more than {MAX_DEPTH} levels deep (aliases included)"
+
+
 def _scalar(builder: _Builder, node: yaml.ScalarNode) -> Any:
     if node.tag == "tag:yaml.org,2002:int" and _SEXAGESIMAL.match(node.value):
         return node.value
     if node.tag == "tag:yaml.org,2002:float" and _SEXAGESIMAL.match(node.value):
         return node.value
-    return builder.construct_object(node, deep=True)
+    try:
+        return builder.construct_object(node, deep=True)
+    except (ValueError, OverflowError) as exc:
+        # A date that does not exist (2027-02-30), a number too long for Python to read.
+        digits = sum(c.isdigit() for c in node.value)
+        if node.tag.endswith((":int", ":float")) and digits > _MAX_DIGITS:
+            message = f"the number has {digits} digits (at most {_MAX_DIGITS}; quote it for text)"
+        else:
+            kind = node.tag.rpartition(":")[2]
+            message = f"{node.value} is not a valid {kind} ({exc})"
+        problem = Problem(f"not valid YAML: {message}", None, node.start_mark.line + 1)
+        raise _LoadError(problem) from None
 
 
-def _build(
-    builder: _Builder,
-    node: yaml.Node,
-    path: Path_,
-    lines: dict[Path_, int],
-    file: str,
-    key_lines: dict[Path_, int],
-) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        builder.flatten_mapping(node)
+# Python refuses to read an integer of more digits than this (sys.int_info.default_max_str_digits).
+_MAX_DIGITS = 4300
+
+
+@dataclass
+class _Walk:
+    """Builds plain data from composed nodes, counting values and watching aliases.
+
+    PyYAML composes an alias as the very node its anchor names, so a node reached twice is an
+    alias used again: nine nested lists of ten aliases each ("billion laughs") compose in a
+    moment and expand to 10**9 values. The count bounds the expansion; ``active`` (the nodes being
+    built) catches an alias inside the value it names, which would never end.
+    """
+
+    builder: _Builder
+    file: str
+    lines: dict[Path_, int]
+    key_lines: dict[Path_, int]
+    count: int = 0
+    active: set[int] = field(default_factory=set)
+
+    def fail(self, node: yaml.Node, message: str) -> _LoadError:
+        return _LoadError(Problem(message, self.file, node.start_mark.line + 1))
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise self.fail(
+                node,
+                f"more than {MAX_VALUES:,} values once aliases (*name) are expanded "
+                "(a config or rules file needs far fewer: use aliases less deeply)",
+            )
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, _too_deep())
+        if id(node) in self.active:
+            raise self.fail(node, "an alias (*name) refers to the value that holds it")
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode):
+            return _scalar(self.builder, node)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
+            assert isinstance(node, yaml.SequenceNode)
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        finally:
+            self.active.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else []
+                if any(id(n) in self.active for n in (value_node, *merged)):
+                    message = "a merge key (<<) refers to the mapping that holds it"
+                    raise self.fail(key_node, message)
+        try:
+            self.builder.flatten_mapping(node)
+        except RecursionError:
+            raise self.fail(node, "a merge key (<<) refers to the mapping that holds it") from None
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(builder, key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            key = _scalar(self.builder, key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str | int) or isinstance(key, bool):
-                raise _LoadError(
-                    Problem("a key must be a plain word", file, key_node.start_mark.line + 1)
-                )
+                raise self.fail(key_node, "a key must be a plain word")
             if key in result:
-                raise _LoadError(
-                    Problem(f"duplicate key {key!r}", file, key_node.start_mark.line + 1)
-                )
-            key_lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _build(builder, value_node, (*path, key), lines, file, key_lines)
+                raise self.fail(key_node, f"duplicate key {key!r}")
+            self.key_lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = self.build(value_node, (*path, key))
         return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _build(builder, item, (*path, i), lines, file, key_lines)
-            for i, item in enumerate(node.value)
-        ]
-    assert isinstance(node, yaml.ScalarNode)
-    return _scalar(builder, node)
 
 
 class _LoadError(Exception):
@@ -134,9 +210,12 @@ class _LoadError(Exception):
 
 
 def loads(text: str, file: str) -> Document:
-    """Parse YAML text. Raises :class:`YamlError` with the file and line on a syntax error."""
+    """Parse YAML text. Raises :class:`YamlError` with the file and line on a syntax error, or
+    when the text is larger, deeper or expands to more values than ``MAX_*`` allow."""
+    if len(text) > MAX_FILE_BYTES:
+        raise YamlError(Problem(_too_big(len(text.encode("utf-8"))), file))
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -146,27 +225,55 @@ def loads(text: str, file: str) -> Document:
             # Where the broken construct began (an unclosed quote is found only at the end).
             message += f" ({exc.context}, from line {start.line + 1})"
         raise YamlError(Problem(message, file, line)) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        message = f"not valid YAML: control character {chr(exc.character)!r} is not allowed"
+        raise YamlError(Problem(message, file, line)) from None
+    except _LoadError as exc:
+        raise YamlError(Problem(exc.problem.message, file, exc.problem.line)) from None
     if node is None:
         return Document(file, None, {(): 1})
-    lines: dict[Path_, int] = {}
-    key_lines: dict[Path_, int] = {}
+    walk = _Walk(_Builder(), file, {}, {})
     try:
-        data = _build(_Builder(), node, (), lines, file, key_lines)
+        data = walk.build(node, ())
     except _LoadError as exc:
-        raise YamlError(exc.problem) from None
+        raise YamlError(Problem(exc.problem.message, file, exc.problem.line)) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         raise YamlError(
             Problem(f"not valid YAML: {exc.problem}", file, mark.line + 1 if mark else None)
         ) from None
-    return Document(file, data, lines, key_lines)
+    return Document(file, data, walk.lines, walk.key_lines)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _Composer(text)  # checks every character first: may raise ReaderError
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def _too_big(size: int) -> str:
+    return (
+        f"the file is {size / 2**20:.1f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB "
+        "a config or rules file may be"
+    )
 
 
 def load(path: Path, display: str | None = None) -> Document:
-    """Read and parse a YAML file; ``display`` is the name errors use (default: the path)."""
+    """Read and parse a YAML file; ``display`` is the name errors use (default: the path).
+
+    A file over ``MAX_FILE_BYTES`` is refused without reading more than that.
+    """
     name = display or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
+            if len(raw) > MAX_FILE_BYTES:
+                size = max(len(raw), os.fstat(stream.fileno()).st_size)
+                raise YamlError(Problem(_too_big(size), name))
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise YamlError(Problem(f"cannot read: {exc.strerror}", name)) from None
     except UnicodeDecodeError:

@@ -553,6 +553,12 @@ def test_command_line_values_are_parsed_as_their_declared_types(sqlite_shop: Sho
         "customer_id": 'must be an integer, got the string "seven"',
         "digital_only": 'must be true or false, got the string "maybe"',
     }
+    with pytest.raises(CheckParamError) as caught:
+        checks.coerce_params(check, text | {"customer_id": "1" + "0" * 30}, text=True)
+    assert caught.value.errors == {
+        "customer_id": "must be an integer from -9223372036854775808 to 9223372036854775807 "
+        '(64 bits), got the string "1000000000000000000000000000000"'
+    }
 
 
 def test_key_value_pairs_are_parsed_and_bad_ones_named() -> None:

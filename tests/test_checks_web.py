@@ -7,6 +7,7 @@ the one of ``test_checks.py``.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -160,6 +161,18 @@ def test_bad_parameters_are_a_422_naming_each(server: Server) -> None:
         },
         "allowed": {"customer_id": "int", "sku": "str"},
     }
+
+
+def test_an_integer_beyond_64_bits_is_a_422_naming_it(server: Server) -> None:
+    for value in (10**30, -(2**63) - 1, 2**63):
+        reply = server.check("already-owned", {"customer_id": value, "sku": "B01"})
+        assert reply.status == 422, reply.body
+        assert reply.body["params"] == {
+            "customer_id": "must be an integer from -9223372036854775808 to 9223372036854775807 "
+            f"(64 bits), got the number {value}"
+        }
+    edge = server.check("already-owned", {"customer_id": 2**63 - 1, "sku": "B01"})
+    assert edge.status == 200 and edge.body == {"duplicate": False}
 
 
 def test_a_body_that_is_not_a_json_object(sqlite_server: Server) -> None:
@@ -530,24 +543,40 @@ def test_a_check_name_is_read_as_utf8(sqlite_server: Server) -> None:
 
 
 def test_requests_do_not_carry_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reminders.web.server import WithoutProcessEnvironment
+    from reminders.web.front import WSGIFront
 
     monkeypatch.setenv("REMINDERS_SECRET", "do-not-leak-this-secret-0123456789")
     seen: dict[str, Any] = {}
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         seen.update(environ)
+        start_response("204 No Content", [])
         return [b""]
 
-    wrapped = WithoutProcessEnvironment(app)
-    environ = {
-        **os.environ,
-        "PATH_INFO": "/healthz",
-        "REQUEST_METHOD": "GET",
-        "wsgi.version": (1, 0),
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/healthz",
+        "raw_path": b"/healthz",
+        "query_string": b"",
+        "headers": [(b"host", b"reminders.example.com")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
     }
-    wrapped(environ, lambda *a: None)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(WSGIFront(app, 1)(scope, receive, send))
+    assert sent[0]["status"] == 204
     assert seen["PATH_INFO"] == "/healthz"
+    assert seen["HTTP_HOST"] == "reminders.example.com"
     assert seen["wsgi.version"] == (1, 0)
     assert "REMINDERS_SECRET" not in seen
     assert not set(seen) & set(os.environ)

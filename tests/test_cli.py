@@ -158,6 +158,9 @@ def test_status_shows_failures_and_stuck_sends(scanned: Project) -> None:
     ]
     text = scanned.ok("status").out
     assert "stuck in sending" in text and "#2 refill-due sms since" in text
+    with scanned.state.begin() as conn:  # as rows claimed before claims recorded the channel
+        conn.execute(r.update().where(r.c.id == 2).values(channel=None))
+    assert "#2 refill-due - since" in scanned.ok("status").out
     assert "#3 refill-due email 2027-03-10T12:00:00Z: no email address" in text
 
 

@@ -278,6 +278,37 @@ def test_a_template_error_fails_that_reminder_naming_file_and_line(shop: Shop) -
     assert shop.smtp.mailbox.messages == []
 
 
+def test_an_sms_past_max_segments_fails_with_the_reason_and_is_not_sent(shop: Shop) -> None:
+    # 497 GSM-7 characters ("Hi P1, " and 490 more): four parts of 153, past the default of 3.
+    shop.configure(sms_template="Hi {{ first_name }}, " + "x" * 490 + "\n")
+    shop.prepare(1)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    row = shop.status_of()[1]
+    assert row["status"] == "failed"
+    assert "templates/refill-due.sms.j2" in row["reason"]
+    assert "4 segments (497 GSM-7 units), more than channels.sms.max_segments = 3" in row["reason"]
+    assert shop.stub.received == {}
+    assert shop.smtp.mailbox.messages == []
+
+
+def test_an_email_past_max_bytes_fails_with_the_reason_and_is_not_sent(shop: Shop) -> None:
+    shop.configure(rules=EMAIL_ONLY, extra="    max_bytes: 2000\n")
+    shop.write(
+        "templates/refill-due.email.j2",
+        "{% block subject %}Refill{% endblock %}{% block text %}" + "é" * 1000 + "{% endblock %}",
+    )
+    shop.prepare(1)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    row = shop.status_of()[1]
+    assert row["status"] == "failed"
+    assert "templates/refill-due.email.j2" in row["reason"]
+    expected = "2,006 bytes (subject, text and HTML), more than channels.email.max_bytes = 2,000"
+    assert expected in row["reason"]
+    assert shop.smtp.mailbox.messages == []
+
+
 def test_a_reminder_past_grace_at_send_time_is_canceled_as_expired(shop: Shop) -> None:
     shop.prepare(1)
     two_days_late = "2027-03-12T15:00:01Z"

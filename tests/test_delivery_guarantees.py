@@ -115,6 +115,7 @@ def test_a_worker_killed_mid_batch_leaves_only_visible_stuck_reminders(shop: Sho
     stuck = sorted(rid for rid, row in rows.items() if row["status"] == "sending")
     report = json.loads(shop.ok("status", "--json", now=SEND_AT).out)
     assert sorted(x["id"] for x in report["stuck_sending"]) == stuck
+    assert {x["channel"] for x in report["stuck_sending"]} == {"sms"}  # claimed on that channel
     # Nothing automatic resends them, however long it waits ...
     reached = sum(shop.stub.received.values())  # the killed batch's requests may not all have
     later = "2027-03-10T16:00:00Z"

@@ -40,14 +40,25 @@ def test_preview_of_an_unknown_occurrence_or_rule_is_a_usage_error(shop: Shop) -
     assert 'no rule named "no-such-rule"' in no_rule.err
 
 
-def test_preview_warns_of_ucs2_and_too_many_segments(shop: Shop) -> None:
-    long_text = "Hi {{ first_name }} \u2019 " + "x" * 150 + "\n"  # a curly quote forces UCS-2
-    shop.configure(sms_template=long_text, sms_extra="    max_segments: 2\n")
+def test_preview_warns_of_ucs2(shop: Shop) -> None:
+    text = "Hi {{ first_name }} \u2019 " + "x" * 60 + "\n"  # a curly quote forces UCS-2
+    shop.configure(sms_template=text)
     shop.patients(1)
     out = shop.ok("preview", "refill-due", now=SEND_AT).out
-    assert "segments: 3 (UCS-2" in out
+    assert "segments: 1 (UCS-2, 68 units)" in out
     assert "warning: \u2019 (U+2019 RIGHT SINGLE QUOTATION MARK) forces UCS-2" in out
-    assert "warning: 3 segments (158 UCS-2 units), more than channels.sms.max_segments = 2" in out
+
+
+def test_preview_of_too_many_segments_is_the_error_a_worker_would_fail_with(shop: Shop) -> None:
+    long_text = "Hi {{ first_name }} \u2019 " + "x" * 150 + "\n"
+    shop.configure(sms_template=long_text, sms_extra="    max_segments: 2\n")
+    shop.patients(1)
+    result = shop.run("preview", "refill-due", now=SEND_AT)
+    assert result.code == 2
+    assert (
+        "templates/refill-due.sms.j2: 3 segments (158 UCS-2 units), more than "
+        "channels.sms.max_segments = 2: not sent"
+    ) in result.out
 
 
 def test_preview_names_a_template_error_and_exits_2(shop: Shop) -> None:

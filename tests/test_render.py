@@ -366,3 +366,94 @@ def test_problems(tmp_path: Path) -> None:
     assert html.line == 2 and html.file == str(tmp_path / "badhtml.email.j2")
     [kind] = renderer.problems("ok", ["fax"])
     assert "fax" in kind.message and "sms, email, check" in kind.message
+
+
+# -- budgets: what one render may do --------------------------------------------------------------
+
+BUDGET_ERRORS = [
+    # (template, line or None when only the file is known, words in the message)
+    (
+        "{% set l = range(1000)|list %}\n{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}",
+        2,
+        "more than 100,000 loop iterations in one render",
+    ),
+    (
+        "{% for i in range(20000) %}{{ 'x' * 100 }}{% endfor %}",
+        None,
+        "more than 1,000,000 characters of output",
+    ),
+    (
+        "{% set ns = namespace(s='x') %}\n{% for i in range(64) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        2,
+        "more than 1,000,000 characters",
+    ),
+    (
+        "{% set ns = namespace(s='x') %}\n\n{% for i in range(64) %}"
+        "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+        3,
+        "more than 1,000,000 characters",
+    ),
+    ("{{ 'x' * 10**9 }}", 1, "more than 1,000,000 characters"),
+    ("{{ range(10)|list * 10**7 }}", 1, "more than 1,000,000 items"),
+    ("\n{{ 2 ** (10 ** 9) }}", 2, "a number of more than 10,000 bits"),
+    ("{{ '%0999999999d'|format(1) }}", 1, "a width of 999999999"),
+    ("{{ '%0999999999d' % 1 }}", 1, "a width of 999999999"),
+    ("{{ '{:>999999999}'.format(1) }}", 1, "a width of 999999999"),
+    ("{{ 'x'|center(999999999) }}", 1, "more than 1,000,000 characters"),
+    ("{{ ('x' * 1000)|replace('x', 'y' * 1001) }}", 1, "more than 1,000,000 characters"),
+    ("{{ ('x' * 1000).replace('x', 'y' * 1001) }}", 1, "more than 1,000,000 characters"),
+]
+
+
+@pytest.mark.parametrize(("template", "line", "words"), BUDGET_ERRORS)
+def test_a_render_past_its_budget_fails_naming_the_template(
+    tmp_path: Path, template: str, line: int | None, words: str
+) -> None:
+    renderer = write(tmp_path, {"t.sms.j2": template})
+    with pytest.raises(TemplateError) as caught:
+        renderer.render_sms("t", {})
+    [problem] = caught.value.problems
+    assert (problem.file, problem.line) == (str(tmp_path / "t.sms.j2"), line)
+    assert words in problem.message
+
+
+def test_a_render_past_its_time_budget_fails(tmp_path: Path) -> None:
+    # A budget of no time at all: the first loop step or call is past it, however fast the machine.
+    write(tmp_path, {"t.sms.j2": "\n{% for i in range(3) %}{{ i }}{% endfor %}"})
+    renderer = Renderer(tmp_path, max_seconds=0)
+    with pytest.raises(TemplateError) as caught:
+        renderer.render_sms("t", {})
+    assert str(caught.value) == (
+        f"{tmp_path / 't.sms.j2'}:2: rendering failed: took longer than 0 s (the time budget of "
+        "one render)"
+    )
+
+
+def test_the_budget_is_per_render_and_leaves_ordinary_templates_alone(tmp_path: Path) -> None:
+    renderer = write(
+        tmp_path,
+        {
+            "t.sms.j2": "{% for a in range(300) %}{% for b in range(300) %}{% endfor %}{% endfor %}"
+            "{{ 'ab' * 3 }} {{ 2 ** 10 }} {{ '%5d' % 42 }} {{ '{:>4}'.format(7) }} {{ 'a' + 'b' }}",
+        },
+    )
+    # 90,300 iterations each time: under the budget every time, so nothing carries over.
+    for _ in range(3):
+        assert renderer.render_sms("t", {}) == "ababab 1024    42    7 ab"
+
+
+def test_a_template_file_over_1_mib_is_refused_before_it_is_compiled(tmp_path: Path) -> None:
+    renderer = write(
+        tmp_path, {"t.sms.j2": "x" * (2 * 1024 * 1024), "u.sms.j2": "{% include 't.sms.j2' %}"}
+    )
+    expected = "the template is 2.0 MiB, more than the 1 MiB a template may be"
+    with pytest.raises(TemplateError) as caught:
+        renderer.render_sms("t", {})
+    assert str(caught.value) == f"{tmp_path / 't.sms.j2'}: {expected}"
+    assert [str(p) for p in renderer.problems("t", ["sms"])] == [
+        f"{tmp_path / 't.sms.j2'}: {expected}"
+    ]
+    with pytest.raises(TemplateError) as included:
+        renderer.render_sms("u", {})
+    assert expected in str(included.value)

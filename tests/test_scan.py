@@ -8,6 +8,7 @@ prefix), at a fixed ``--now``. See ``tests/rules_fixtures.py`` for the data.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -859,3 +860,88 @@ def test_a_row_without_its_customer_keeps_its_reminders_and_is_reported(lite: Pr
     result = counts(lite)
     assert (result["skipped"], result["canceled"], result["created"]) == (1, 0, 2)
     assert {r["status"] for r in lite.reminders()} == {"pending"}
+
+
+# --- interrupted scans ----------------------------------------------------------------------------
+
+# Millions of generated rows: a scan that is still running when the test stops it.
+ENDLESS = REFILLS.replace(
+    """      SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
+             p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
+      FROM prescriptions rx JOIN patients p ON p.id = rx.patient_id
+      WHERE rx.refills_left > 0
+      ORDER BY rx.id
+""",
+    """      WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000000)
+      SELECT i AS rx_id, 'Lisinopril' AS drug_name, '2027-03-17' AS runs_out_on,
+             i AS customer_id, 'Ann' AS first_name, '+15005550006' AS phone,
+             'ann@example.com' AS email, NULL AS timezone
+      FROM n
+""",
+)
+
+
+def _running_scan(project: Project) -> subprocess.Popen[str]:
+    """A ``reminders scan`` child process, once it has started its scan run and some rows."""
+    project.write("rules/refills.yaml", ENDLESS)
+    project.ok("db", "upgrade")
+    child = project.spawn("scan")
+    deadline = time.monotonic() + 120
+    while not any(r["status"] == "running" and r["rows"] == 0 for r in project.scan_runs()):
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline, "the scan did not start"
+        time.sleep(0.05)
+    while not project.reminders():  # a first batch is written: the scan is well under way
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline, "the scan wrote nothing"
+        time.sleep(0.05)
+    return child
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_scan_stopped_by_a_signal_ends_its_run_interrupted(project: Project, sig: int) -> None:
+    child = _running_scan(project)
+    child.send_signal(sig)
+    _out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + sig, err
+    assert f"interrupted by {signal.Signals(sig).name}" in err
+    (run,) = project.scan_runs()
+    assert run["status"] == "interrupted"
+    assert run["finished_at"] is not None
+    assert run["error"] == (
+        f"interrupted by {signal.Signals(sig).name} before the scan finished; "
+        "the next scan completes it"
+    )
+    assert run["rows"] > 0  # what it had done is counted
+
+
+def test_a_scan_run_left_running_by_a_killed_process_is_seen_as_interrupted(
+    project: Project,
+) -> None:
+    child = _running_scan(project)
+    child.kill()
+    child.communicate(timeout=120)
+    (run,) = project.scan_runs()
+    assert run["status"] == "running"  # nothing could record it: the process was killed
+    (report,) = project.ok("status", "--json").json_lines()
+    (last,) = report["last_scans"]
+    assert last["status"] == "interrupted"
+    assert last["error"] == "no scan holds the rule's lock: its process stopped without finishing"
+    assert "refill-due 2027-03-10T12:00:00Z interrupted" in project.ok("status").out
+    # The next scan of the rule ends the stale run for good (its query now returns 3 rows of the
+    # killed scan's 4,000: canceling the rest is meant).
+    project.write("rules/refills.yaml", REFILLS)
+    project.ok("scan", "--allow-mass-cancel")
+    first, second = sorted(project.scan_runs(), key=lambda r: r["id"])
+    assert (first["status"], second["status"]) == ("interrupted", "done")
+    assert first["error"] == "no scan holds the rule's lock: its process stopped without finishing"
+
+
+def test_status_knows_a_running_scan_from_a_stale_one(project: Project) -> None:
+    child = _running_scan(project)
+    try:
+        (report,) = project.ok("status", "--json").json_lines()
+        assert report["last_scans"][0]["status"] == "running"
+    finally:
+        child.kill()
+        child.communicate(timeout=120)

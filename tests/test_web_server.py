@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,43 @@ def test_the_server_refuses_huge_and_malformed_requests(running: Running) -> Non
     long_line = requests.get(f"{running.base}/preferences/{'x' * 6000}", timeout=30)
     assert long_line.status_code in (400, 414)
     assert requests.get(f"{running.base}/webhooks/twilio/status", timeout=30).status_code == 405
+
+
+def test_request_headers_over_64_kib_get_431(running: Running) -> None:
+    under = requests.get(f"{running.base}/healthz", headers={"X-Big": "a" * 60_000}, timeout=30)
+    assert under.status_code == 200
+    over = requests.get(f"{running.base}/healthz", headers={"X-Big": "a" * 100_000}, timeout=30)
+    assert over.status_code == 431
+    split = {f"X-Part-{i}": "a" * 8_000 for i in range(9)}  # 72 KB in nine headers
+    assert requests.get(f"{running.base}/healthz", headers=split, timeout=30).status_code == 431
+
+
+def _stalled_post(base: str, path: str) -> socket.socket:
+    """A POST that declares 100 bytes of body, sends 2 and stalls."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=60)
+    conn.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-Twilio-Signature: forged\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nab".encode()
+    )
+    return conn
+
+
+def test_stalled_bodies_hold_no_thread_and_get_408(tmp_path: Path) -> None:
+    # Two workers of one thread each: six stalled bodies would hold both for good if a thread
+    # waited for a body.
+    with serving(tmp_path, "--threads", "1", "--body-timeout", "1") as running:
+        stalled = [_stalled_post(running.base, "/webhooks/twilio/inbound") for _ in range(6)]
+        try:
+            for _ in range(4):
+                assert requests.get(f"{running.base}/healthz", timeout=30).status_code == 200
+            for conn in stalled:
+                assert conn.recv(64).startswith(b"HTTP/1.1 408 ")
+        finally:
+            for conn in stalled:
+                conn.close()
+        # A whole request still works, on the same workers.
+        assert requests.get(f"{running.base}/healthz", timeout=30).status_code == 200
 
 
 def test_the_access_log_masks_link_tokens_and_stops_on_sigterm(tmp_path: Path) -> None:

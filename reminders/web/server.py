@@ -1,9 +1,10 @@
 """``reminders web``: the Flask app served by granian, embedded (no separate config file).
 
-granian parses HTTP in Rust (hyper) and hands each request to the WSGI app on one of ``threads``
-Python threads a worker process. A Python HTTP server (gunicorn's gthread workers) spent about
-1 ms of CPU a request before the app ran, twice the whole cost of a checkout's check; see the
-README's performance section for the figures.
+granian parses HTTP in Rust (hyper); its event loop receives each request whole (the ASGI front,
+:mod:`reminders.web.front`, bounding the time a body may take) and hands it to the WSGI app on one
+of ``threads`` Python threads a worker process, so a stalled client holds no thread. A Python HTTP
+server (gunicorn's gthread workers) spent about 1 ms of CPU a request before the app ran, twice the
+whole cost of a checkout's check; see the README's performance section for the figures.
 
 The app is built and checked once in the master before the workers start (a bad config or a
 missing secret stops the command with a clear error); forked workers reuse it, and the state DB's
@@ -18,8 +19,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask
 from granian.constants import HTTPModes, Interfaces
@@ -32,16 +32,12 @@ from reminders.app import App
 from reminders.errors import InputError, RuntimeFailure
 
 from . import create_app
-
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+from .front import BODY_TIMEOUT, MAX_HEADER_BYTES, WSGIFront
 
 log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"(/(?:unsubscribe|preferences)/)[^/?#\s\"]+")
 ACCESS_FORMAT = '%(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
-# Request headers, request line included, are refused past this (hyper answers 431).
-MAX_HEADER_BYTES = 64 * 1024
 
 # The app built by the master, reused by forked workers (keyed by config file).
 _built: dict[str, Flask] = {}
@@ -95,29 +91,19 @@ def log_config() -> dict[str, Any]:
     }
 
 
-class WithoutProcessEnvironment:
-    """The app, given each request's WSGI environ without the process's environment variables.
-
-    granian builds every environ from a copy of ``os.environ`` (as CGI did): the secrets
-    (``REMINDERS_SECRET``, ``REMINDERS_API_KEYS``, the Twilio token) would ride along with every
-    request. The variables are read once, when the worker starts.
-    """
-
-    def __init__(self, app: WSGIApplication) -> None:
-        self.app = app
-        self.names = frozenset(os.environ)
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        names = self.names
-        return self.app({k: v for k, v in environ.items() if k not in names}, start_response)
+def target(config_file: str, threads: int, body_timeout: float) -> str:
+    """What granian hands each worker's :func:`load_app` (a text: spawned workers get it too)."""
+    return f"{threads} {body_timeout!r} {config_file}"
 
 
-def load_app(config_file: str) -> WSGIApplication:
-    """The WSGI app of a worker: the master's when forked, else built from ``config_file``."""
+def load_app(target: str) -> WSGIFront:
+    """The app of a worker: the master's when forked, else built from the config file; behind
+    the front that receives each request whole on ``threads`` threads."""
+    threads, body_timeout, config_file = target.split(" ", 2)
     built = _built.get(config_file)
     if built is None:
         built = _built[config_file] = create_app(App(config_file))
-    return WithoutProcessEnvironment(built)
+    return WSGIFront(built, int(threads), body_timeout=float(body_timeout))
 
 
 def _request_like(name: str) -> bool:
@@ -131,8 +117,9 @@ _CGI_NAMES = frozenset({"PATH_INFO", "QUERY_STRING", "SCRIPT_NAME", "GATEWAY_INT
 def _drop_request_like_variables() -> None:
     """Remove environment variables named like request data (``HTTP_AUTHORIZATION``...).
 
-    granian starts each request's environ from the environment: such a variable would stand in
-    for a header or a length the client did not send (``HTTP_PROXY`` is a common one).
+    A WSGI server that starts each request's environ from the environment (granian's WSGI
+    interface, CGI) would let such a variable stand in for a header or a length the client did not
+    send (``HTTP_PROXY`` is a common one); the front builds its own, and this keeps it so.
     """
     for name in [n for n in os.environ if _request_like(n)]:
         log.warning("ignoring the environment variable %s: it is named like request data", name)
@@ -171,16 +158,17 @@ def server(
     workers: int,
     threads: int,
     access_log: bool = False,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> MPServer:
     """granian serving the app of ``config_file``; ``access_log=False`` writes no line a request
-    (errors are still logged)."""
+    (errors are still logged); a body not received within ``body_timeout`` seconds gets 408."""
     return MPServer(
-        config_file,  # the target, handed to load_app in each worker
+        target(config_file, threads, body_timeout),  # handed to load_app in each worker
         address=host,
         port=port,
-        interface=Interfaces.WSGI,
+        interface=Interfaces.ASGINL,  # the front (no lifespan events), the app on its threads
         workers=workers,
-        blocking_threads=threads,
+        blocking_threads=1,  # granian's own, for ASGI: the event loop's
         runtime_threads=1,
         http1_settings=HTTP1Settings(
             header_read_timeout=30_000, keep_alive=True, max_buffer_size=MAX_HEADER_BYTES
@@ -203,8 +191,10 @@ def serve(
     workers: int = 2,
     threads: int = 4,
     access_log: bool = False,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> None:
-    """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C).
+    """Check what the endpoint needs, then serve it until stopped (SIGTERM, Ctrl-C); a request
+    body not received within ``body_timeout`` seconds gets 408.
 
     SIGHUP reloads the config, rules and templates and respawns the workers gracefully.
     """
@@ -217,6 +207,6 @@ def serve(
     _built[config_file] = create_app(app)
     store.ensure_current(app.config.state_url)
     _release(app)
-    granian = server(config_file, host, port, workers, threads, access_log)
+    granian = server(config_file, host, port, workers, threads, access_log, body_timeout)
     granian.on_reload(functools.partial(_reload, config_file))
     granian.serve(target_loader=load_app)
