@@ -283,7 +283,7 @@ def _env_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
 def test_an_env_file_joins_the_environment_which_wins(tmp_path: Path) -> None:
     _env_file(
         tmp_path,
-        '# secrets\nexport TOKEN="from-file"\nFROM=+15005550006\n\nONLY_FILE=\'quoted value\'\n',
+        "# secrets\nexport TOKEN=\"from-file\"\nFROM=+15005550006\n\nONLY_FILE='quoted value'\n",
     )
     config = _load(
         tmp_path,
