@@ -175,6 +175,9 @@ class Rule(_Model):
 
     name: str
     description: str = ""
+    # What the customer's page calls one reminder: a short template over the row
+    # ("Refill of {{ drug_name }}"); the description is written for staff, never shown to them.
+    label: str | None = None
     query: str
     occurrence: str
     due: str
@@ -295,6 +298,25 @@ class Rule(_Model):
             out[key] = reply
         return out
 
+    @field_validator("label")
+    @classmethod
+    def _label_compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError('the label is empty (e.g. label: "Refill of {{ drug_name }}")')
+        if len(value) > 200:
+            raise ValueError("a label is a short title: at most 200 characters")
+        from .render import FILTERS
+
+        env = SandboxedEnvironment(undefined=StrictUndefined)
+        env.filters.update(FILTERS)
+        try:
+            env.from_string(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f'"{value}" is not a valid template: {exc.message}') from None
+        return value
+
     @field_validator("occurrence")
     @classmethod
     def _occurrence_compiles(cls, value: str) -> str:
@@ -304,6 +326,11 @@ class Rule(_Model):
     @property
     def template_name(self) -> str:
         return self.template or self.name
+
+    @property
+    def plain_name(self) -> str:
+        """The rule's name for people: ``refill-due`` -> ``Refill due``."""
+        return self.name.replace("-", " ").capitalize()
 
     @property
     def columns(self) -> dict[str, str]:

@@ -314,3 +314,17 @@ def test_an_occurrence_column_that_is_missing_or_null_raises(source: str) -> Non
     if "~" not in source:
         with pytest.raises(KeyError, match="rx_id"):
             key({"rx_id": None})
+
+
+def test_a_label_is_checked_when_the_rules_load(lite: Project) -> None:
+    assert _problems(lite, _after_due('    label: "Refill of {{ drug_name | nope }}"\n')) == [
+        'rules/refills.yaml:12: rule refill-due: label: "Refill of {{ drug_name | nope }}" is '
+        "not a valid template: No filter named 'nope'."
+    ]
+    assert _problems(lite, _after_due('    label: "  "\n')) == [
+        "rules/refills.yaml:12: rule refill-due: label: the label is empty "
+        '(e.g. label: "Refill of {{ drug_name }}")'
+    ]
+    lite.write("rules/refills.yaml", _after_due('    label: "Refill of {{ drug_name }}"\n'))
+    (rule,) = _load(lite).rules
+    assert (rule.label, rule.plain_name) == ("Refill of {{ drug_name }}", "Refill due")
