@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError
 
 from . import schedule
 from .errors import ConfigError, Problem
-from .yamlfile import Document, YamlError, load
+from .yamlfile import Document, YamlError, load, unknown_key
 
 CONFIG_ENV = "REMINDERS_CONFIG"
 DEFAULT_CONFIG = "config.yaml"
@@ -399,12 +399,13 @@ def load_config(
         raise ConfigError(problems)
     for reserved in ("root", "file"):
         if reserved in doc.data:
-            raise ConfigError(doc.problem((reserved,), f"{reserved}: unknown key"))
+            message = f"{reserved}: {unknown_key(Config, (), reserved)}"
+            raise ConfigError(doc.problem((reserved,), message, key=True))
     data = dict(doc.data, root=file.resolve().parent, file=display)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(doc.problems_from(exc)) from None
+        raise ConfigError(doc.problems_from(exc, model=Config)) from None
     for key, url in (("source", config.source.url), ("state", config.state.url)):
         try:
             make_url(url)

@@ -34,7 +34,7 @@ from . import schedule
 from .config import Config, Duration
 from .errors import Problem, RuleError
 from .source import parameters
-from .yamlfile import Document, YamlError, load
+from .yamlfile import Document, YamlError, load, unknown_key
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 CUSTOMER_FIELDS = ("id", "phone", "email", "timezone", "locale", "first_name")
@@ -493,7 +493,7 @@ def _load_file(
     try:
         _RuleFile.model_validate(doc.data)
     except ValidationError as exc:
-        return [], [], doc.problems_from(exc)
+        return [], [], doc.problems_from(exc, model=_RuleFile)
     problems: list[Problem] = []
     rules: list[Rule] = []
     checks: list[CheckRule] = []
@@ -505,13 +505,14 @@ def _load_file(
                 continue
             for reserved in ("file", "line"):
                 if reserved in raw:
-                    problems.append(doc.problem((*where, reserved), f"{reserved}: unknown key"))
+                    message = f"{reserved}: {unknown_key(model, (), reserved)}"
+                    problems.append(doc.problem((*where, reserved), message, key=True))
             data = dict(raw, file=doc.file, line=doc.line(where) or 0)
             try:
                 item = model.model_validate(data)
             except ValidationError as exc:
                 label = raw.get("name") if isinstance(raw.get("name"), str) else f"{kind}[{index}]"
-                for problem in doc.problems_from(exc, where):
+                for problem in doc.problems_from(exc, where, model):
                     problems.append(
                         Problem(
                             f"{kind[:-1]} {label}: {problem.message}", problem.file, problem.line

@@ -141,7 +141,9 @@ def test_the_process_environment_is_read_by_default(
         ),
         (
             BASE + "colour: blue\n",
-            "config.yaml:3: colour: unknown key (check its spelling; see the documented keys)",
+            "config.yaml:3: colour: unknown key (allowed: timezone, send_window, default_region, "
+            "source, state, redis, rules, templates, channels, web, requeue_after, batch_size, "
+            "retries, scheduler, caps, env_file)",
         ),
         (
             BASE + "channels:\n  email:\n    provider: outbox\n    pth: x.jsonl\n",
@@ -324,3 +326,21 @@ def test_a_missing_env_file_or_a_bad_line_is_named_without_its_value(tmp_path: P
     path = _env_file(tmp_path, "OK=1\nthis is the secret-ish line\n")
     message = _problem(tmp_path, BASE + "env_file: .env\n")
     assert message == f"{path}:2: not a NAME=value line"
+
+
+def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -> None:
+    message = _problem(
+        tmp_path,
+        BASE + "timezon: UTC\nweb:\n  business: Acme\nchannels:\n  sms:\n"
+        "    provider: outbox\n    ratelimit: 1\n",
+    )
+    assert message.splitlines() == [
+        "config.yaml:3: timezon: unknown key; did you mean timezone? (allowed: timezone, "
+        "send_window, default_region, source, state, redis, rules, templates, channels, web, "
+        "requeue_after, batch_size, retries, scheduler, caps, env_file)",
+        "config.yaml:5: web.business: unknown key; did you mean business_name? (allowed: "
+        "public_url, business_name, help_text, link_max_age)",
+        "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "
+        "provider, account_sid, auth_token, from, messaging_service_sid, api_url, quiet_hours, "
+        "rate_limit, max_segments, concurrency, path)",
+    ]
