@@ -140,7 +140,8 @@ def test_the_demo_ends_with_the_way_to_a_customers_pages(report: run.Report) -> 
         "SEE IT AS A CUSTOMER: the links in the emails open pages served by the web endpoint."
     )
     door = printed[start:]
-    assert door[1].endswith(f"reminders -c {report.folder}/config.yaml web")
+    assert door[1].startswith("  Start it in another terminal")
+    assert door.pop(2) == f"    reminders -c {report.folder}/config.yaml web"
     email = next(line for line in report.sent if line["channel"] == "email")
     customer = next(r for r in report.reminders if r["id"] == email["reminder_id"])
     assert door[2] == (

@@ -457,7 +457,8 @@ def _print_doors(report: Report, echo: Callable[[str], None]) -> None:
         echo(f"SEE IT AS A CUSTOMER: {doors.get('customer pages', '')}")
         return
     echo("SEE IT AS A CUSTOMER: the links in the emails open pages served by the web endpoint.")
-    echo(f"  Start it (Ctrl-C stops it; again after each demo run):  {doors['web endpoint']}")
+    echo("  Start it in another terminal (Ctrl-C stops it; start it again after a new demo run):")
+    echo(f"    {doors['web endpoint']}")
     if report.door_customer:
         echo(f"  then open the pages of {report.door_customer}, who got the email above:")
     shown = [(what, how) for what, how in report.doors if what != "web endpoint"]

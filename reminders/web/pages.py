@@ -22,7 +22,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import codec, consent, links, phone, schedule
 from reminders.app import App
-from reminders.compose import customer_of
+from reminders.compose import label_of
 from reminders.errors import PermanentError, TemplateError
 from reminders.lifecycle import OPEN
 from reminders.models import optout, reminder
@@ -185,16 +185,8 @@ class Page:
 def _what(app: App, rule: Rule, data: dict[str, Any]) -> str:
     """The customer-facing title of one reminder: the rule's label over its row, else the
     rule's plain name (never the description: it is written for staff)."""
-    if rule.label is None:
-        return rule.plain_name
-    context = dict(data)
-    context.update(
-        customer=customer_of(rule, data),
-        default_timezone=app.config.timezone,
-        now=app.now(),
-    )
     try:
-        return str(app.renderer.render_label(rule.name, rule.label, context))
+        return label_of(app.renderer, app.config, rule, data, app.now())
     except TemplateError as exc:
         log.warning("preferences page: %s", exc)
         return rule.plain_name
