@@ -109,9 +109,11 @@ class Report:
     checks: list[tuple[dict[str, Any], dict[str, Any]]]  # (request, answer)
     seconds: float = 0.0
     statuses: Counter[str] = field(default_factory=Counter)
-    # Where to go next: (what, command or URL), printed last. Each page or process a user can
-    # open on the demo's folder is one line.
+    # Where to go next, printed last: (what, URL) of one customer's pages, and (what, command)
+    # of each process a user can start on the demo's folder (the web endpoint; another process,
+    # such as a console, is one more line).
     doors: list[tuple[str, str]] = field(default_factory=list)
+    processes: list[tuple[str, str]] = field(default_factory=list)
     door_customer: str = ""  # whose pages the links open, as the printout names them
 
     @property
@@ -267,14 +269,8 @@ def _open_doors(report: Report, config: Config) -> None:
     prog, shown = program(), _relative(report.folder)
     base = config.web.public_url
     if not base:
-        report.doors.append(
-            (
-                "customer pages",
-                f"add a web: section to {shown}/config.yaml (reminders demo --reset writes one)",
-            )
-        )
         return
-    report.doors.append(("web endpoint", f"{prog} -c {shown}/config.yaml web"))
+    report.processes.append(("web endpoint", f"{prog} -c {shown}/config.yaml web"))
     email = next((line for line in report.sent if line["channel"] == "email"), None)
     if email is not None:
         found = next(r for r in report.reminders if r["id"] == email["reminder_id"])
@@ -285,7 +281,7 @@ def _open_doors(report: Report, config: Config) -> None:
         report.doors.append(
             ("unsubscribe", links.unsubscribe_url(config, customer_id, "email", email["to"]))
         )
-    report.doors.append(("health", f"{base}/healthz"))
+    report.doors.append(("health", f"{base}/healthz"))  # for ops: 200 when DB and Redis answer
 
 
 def _secret_file(path: Path) -> None:
@@ -451,17 +447,22 @@ def _print(report: Report, echo: Callable[[str], None]) -> None:
 
 
 def _print_doors(report: Report, echo: Callable[[str], None]) -> None:
-    doors = dict(report.doors)
     echo("")
-    if "web endpoint" not in doors:
-        echo(f"SEE IT AS A CUSTOMER: {doors.get('customer pages', '')}")
+    if not report.processes:
+        config = f"{_relative(report.folder)}/config.yaml"
+        echo(
+            f"SEE IT AS A CUSTOMER: {config} has no web: section, so messages carry no links "
+            "(reminders demo --reset writes the demo's config again, with one)."
+        )
         return
     echo("SEE IT AS A CUSTOMER: the links in the emails open pages served by the web endpoint.")
-    echo("  Start it in another terminal (Ctrl-C stops it; start it again after a new demo run):")
-    echo(f"    {doors['web endpoint']}")
+    start = "it in another terminal" if len(report.processes) == 1 else "each in a terminal"
+    echo(f"  Start {start} (Ctrl-C stops it; start it again after a new demo run):")
+    width = max(len(what) for what, _how in report.processes)
+    for what, how in report.processes:
+        echo(f"    {how}" if len(report.processes) == 1 else f"    {what:{width}}  {how}")
     if report.door_customer:
         echo(f"  then open the pages of {report.door_customer}, who got the email above:")
-    shown = [(what, how) for what, how in report.doors if what != "web endpoint"]
-    width = max(len(what) for what, _how in shown)
-    for what, how in shown:
+    width = max(len(what) for what, _how in report.doors)
+    for what, how in report.doors:
         echo(f"    {what:{width}}  {how}")
