@@ -2,25 +2,83 @@
 
 Exit codes: 0 done (skipped bad rows still count as done), 1 a runtime failure (a rule's SQL failed,
 a service unreachable), 2 invalid config, rules, templates or usage.
+
+Each command imports what it needs when it runs: ``reminders --help`` and ``--version`` load click
+and nothing of the engine (no SQLAlchemy, pydantic or Jinja), so they answer at once; see
+``benchmarks/cli_startup.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
+from collections.abc import Callable
+from functools import update_wrapper
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import sqlalchemy as sa
 
-from . import clock, dberrors, lifecycle, models, store
-from .app import App
+from . import __version__, clock
 from .errors import InputError, RemindersError, RuntimeFailure, ServiceUnavailable
 
-pass_app = click.make_pass_decorator(App)
+if TYPE_CHECKING:
+    from .app import App
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def pass_app(command: F) -> F:
+    """Give ``command`` the engine's App for ``-c`` (made when the command runs, never for
+    ``--help``: click runs the group before a subcommand's own --help)."""
+
+    @click.pass_context
+    def run(ctx: click.Context, /, *args: Any, **kwargs: Any) -> Any:
+        from .app import App
+
+        return ctx.invoke(command, App(ctx.find_root().obj), *args, **kwargs)
+
+    return update_wrapper(run, command)  # type: ignore[return-value]
+
+
+LIST_LIMIT = 50  # rows of the list table unless --limit says otherwise (--json: all)
+
+
+class StatusType(click.ParamType):
+    """A reminder status, checked against the lifecycle's own list when a command runs (so
+    ``reminders --help`` does not import the state DB's code)."""
+
+    name = "status"
+
+    def __init__(self, allowed: tuple[str, ...] | None = None) -> None:
+        self.allowed = allowed
+
+    def names(self) -> list[str]:
+        if self.allowed is not None:
+            return list(self.allowed)
+        from .lifecycle import STATUSES
+
+        return [s.value for s in STATUSES]
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        names = self.names()
+        if value not in names:
+            self.fail(f"{value!r} is not one of {', '.join(names)}", param, ctx)
+        return str(value)
+
+
+def color() -> bool | None:
+    """Colours: on a terminal, never when piped (click strips them) or when NO_COLOR is set."""
+    return False if os.environ.get("NO_COLOR") else None
+
+
+def _database_unreachable(exc: Exception) -> bool:
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded only by a command that used a database
+    return sa_exc is not None and isinstance(exc, sa_exc.OperationalError)
 
 
 def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -51,10 +109,11 @@ def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     metavar="ISO",
     help="the current time, ISO 8601 (no zone = UTC); default: $REMINDERS_NOW or the real time",
 )
-@click.version_option(package_name="reminders")
+@click.version_option(__version__, prog_name="reminders")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """reminders: proactive customer reminders from your own database."""
+
     if os.environ.get(clock.ENV):
         try:
             clock.now()
@@ -62,7 +121,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
             raise click.BadParameter(
                 f'REMINDERS_NOW="{os.environ[clock.ENV]}" is not an ISO 8601 time'
             ) from None
-    ctx.obj = App(config_path)
+    ctx.obj = config_path  # pass_app makes the App when a command runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     except RemindersError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except sa.exc.OperationalError as exc:
+    except Exception as exc:
+        if not _database_unreachable(exc):
+            raise
+        from . import dberrors
+
         click.echo(f"error: database unreachable: {dberrors.message(exc)}", err=True)
         sys.exit(1)
     sys.exit(0)
@@ -103,7 +166,16 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _migrated(app: App) -> None:
+    """Refuse (exit 1, saying what to run) a state DB not at the code's revision."""
+    from . import store
+
+    store.ensure_current(app.config.state_url)
+
+
 def _echo_json(obj: Any) -> None:
+    import json
+
     click.echo(json.dumps(obj, separators=(",", ":"), default=str))
 
 
@@ -128,14 +200,17 @@ def validate(app: App, offline: bool) -> None:
         ) from None
     errors = [p for p in problems if not p.warning]
     for problem in problems:
-        click.echo(str(problem), err=True)
+        tint = "yellow" if problem.warning else "red"
+        click.echo(click.style(str(problem), fg=tint), err=True, color=color())
     if errors:
         raise SystemExit(2)
     rules = app.ruleset
     checked = "not checked against the business DB" if offline else "queries prepared"
     click.echo(
-        f"ok: {len(rules.rules)} rule(s), {len(rules.checks)} check(s), "
-        f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}"
+        click.style("ok", fg="green", bold=True)
+        + f": {len(rules.rules)} rule(s), {len(rules.checks)} check(s), "
+        f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}",
+        color=color(),
     )
 
 
@@ -152,6 +227,8 @@ def db() -> None:
 @pass_app
 def db_upgrade(app: App, revision: str) -> None:
     """Create or migrate the state DB (alembic)."""
+    from . import store
+
     store.upgrade(app.config.state_url, revision)
     click.echo(f"state DB at revision {store.current_revision(app.config.state_url)}")
 
@@ -160,6 +237,8 @@ def db_upgrade(app: App, revision: str) -> None:
 @pass_app
 def db_current(app: App) -> None:
     """Print the state DB's revision and the code's."""
+    from . import store
+
     click.echo(f"state DB: {store.current_revision(app.config.state_url) or 'none'}")
     click.echo(f"code:     {store.head_revision()}")
 
@@ -221,11 +300,28 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
 # --- list -----------------------------------------------------------------------------------------
 
 
+STATUS_COLORS = {
+    "sent": "green",
+    "delivered": "green",
+    "failed": "red",
+    "undelivered": "red",
+    "canceled": "bright_black",
+    "queued": "cyan",
+    "sending": "cyan",
+}
+
+
 @cli.command("list")
-@click.option("--rule", "rule_name", metavar="R")
-@click.option("--status", type=click.Choice([s.value for s in lifecycle.STATUSES]))
+@click.option("--rule", "rule_name", metavar="R", help="one rule's reminders")
+@click.option("--status", type=StatusType(), help="reminders in this status only")
 @click.option("--customer", metavar="ID", help="one customer's reminders")
-@click.option("--limit", type=int, default=None)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help=f"at most N rows (default: {LIST_LIMIT} in the table, all with --json; 0 = all)",
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
 @pass_app
 def list_(
@@ -236,7 +332,11 @@ def list_(
     limit: int | None,
     as_json: bool,
 ) -> None:
-    """List reminders ordered by send time then id."""
+    """List reminders ordered by send time then id, with when each was sent."""
+    import sqlalchemy as sa
+
+    from . import models
+
     r = models.reminder
     query = sa.select(
         r.c.id,
@@ -248,18 +348,23 @@ def list_(
         r.c.status,
         r.c.channel,
         r.c.reason,
-    ).order_by(r.c.send_at, r.c.id)
+        r.c.sent_at,
+    )
     if rule_name:
         query = query.where(r.c.rule == rule_name)
     if status:
         query = query.where(r.c.status == status)
     if customer:
         query = query.where(r.c.customer_id == customer)
-    if limit:
-        query = query.limit(limit)
-    store.ensure_current(app.config.state_url)
+    if limit is None and not as_json:
+        limit = LIST_LIMIT
+    _migrated(app)
     with app.state.connect() as conn:
-        rows = conn.execute(query).mappings()
+        total = None
+        if limit:
+            total = conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar()
+            query = query.limit(limit)
+        rows = conn.execute(query.order_by(r.c.send_at, r.c.id)).mappings()
         if as_json:
             for row in rows:
                 _echo_json(
@@ -273,20 +378,31 @@ def list_(
                         "status": row["status"],
                         "channel": row["channel"],
                         "reason": row["reason"],
+                        "sent_at": clock.iso_utc(row["sent_at"]) if row["sent_at"] else None,
                     }
                 )
             return
         header = (
-            f"{'id':>6}  {'send at (UTC)':20}  {'status':10}  {'rule':20}  {'offset':6}  "
-            f"{'customer':10}  {'channel':7}  occurrence / reason"
+            f"{'id':>6}  {'send at (UTC)':20}  {'status':11}  {'sent at (UTC)':20}  {'rule':20}  "
+            f"{'offset':6}  {'customer':10}  {'channel':7}  occurrence / reason"
         )
-        click.echo(header)
+        click.echo(click.style(header, bold=True), color=color())
+        shown = 0
         for row in rows:
+            shown += 1
             tail = row["occurrence"] + (f"  ({row['reason']})" if row["reason"] else "")
+            sent = clock.iso_utc(row["sent_at"]) if row["sent_at"] else "-"
+            state = click.style(f"{row['status']:11}", fg=STATUS_COLORS.get(row["status"]))
             click.echo(
-                f"{row['id']:>6}  {clock.iso_utc(row['send_at']):20}  {row['status']:10}  "
+                f"{row['id']:>6}  {clock.iso_utc(row['send_at']):20}  {state}  {sent:20}  "
                 f"{row['rule'][:20]:20}  {row['offset']:6}  {row['customer_id'][:10]:10}  "
-                f"{(row['channel'] or '-'):7}  {tail}"
+                f"{(row['channel'] or '-'):7}  {tail}",
+                color=color(),
+            )
+        if total is not None and total > shown:
+            click.echo(
+                f"... and {total - shown} more (--limit 0 shows all; --rule, --status or "
+                "--customer narrow them)"
             )
 
 
@@ -294,13 +410,13 @@ def list_(
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="the report as one JSON object")
 @pass_app
 def status(app: App, as_json: bool) -> None:
     """Counts by rule and status, next due, stuck and recent failures, last scans."""
     from .report import format_status, status_report
 
-    store.ensure_current(app.config.state_url)
+    _migrated(app)
     report = status_report(app)
     if as_json:
         _echo_json(report)
@@ -338,7 +454,7 @@ def dispatch(app: App, as_json: bool) -> None:
     """Enqueue the reminders that are due (and re-enqueue those whose job was lost)."""
     from .dispatch import dispatch as run_dispatch
 
-    store.ensure_current(app.config.state_url)
+    _migrated(app)
     counts = run_dispatch(app)
     if as_json:
         _echo_json(counts.as_dict())
@@ -363,7 +479,7 @@ def worker(
     """An RQ worker; with no --queue it serves every channel's queue."""
     from .jobs import resolve_queues, run_worker, setup_logging
 
-    store.ensure_current(app.config.state_url)
+    _migrated(app)
     setup_logging()
     run_worker(app, resolve_queues(app.config, queues), burst=burst, name=name, max_jobs=max_jobs)
 
@@ -376,7 +492,7 @@ def scheduler(app: App, once: bool) -> None:
     from .jobs import setup_logging
     from .scheduler import Scheduler
 
-    store.ensure_current(app.config.state_url)
+    _migrated(app)
     setup_logging()
     cycles = Scheduler(app).run(once=once)
     if once and not cycles:
@@ -422,8 +538,8 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
 @click.option(
     "--status",
     "from_status",
-    type=click.Choice([lifecycle.FAILED.value, lifecycle.SENDING.value]),
-    default=lifecycle.FAILED.value,
+    type=StatusType(("failed", "sending")),
+    default="failed",
     show_default=True,
     help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",
 )
@@ -437,7 +553,7 @@ def retry(
     """Ops: put failed or stuck reminders back to pending, deliberately (recorded)."""
     from .dispatch import retry as run_retry
 
-    store.ensure_current(app.config.state_url)
+    _migrated(app)
     found = run_retry(app, from_status, rule=rule_name, ids=list(ids), dry_run=dry_run)
     verb = "would put back" if dry_run else "put back"
     click.echo(f"{verb} {len(found)} {from_status} reminder(s) to pending")
@@ -472,7 +588,9 @@ def demo(folder: str, reset: bool) -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port"
+)
 @click.option(
     "--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="processes"
 )

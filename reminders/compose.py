@@ -109,6 +109,18 @@ def template_context(
     return context
 
 
+def label_of(
+    renderer: Any, config: Config, rule: Rule, values: Mapping[str, Any], now: datetime
+) -> str:
+    """What the customer's page calls this row's reminder: the rule's ``label`` over the row, or
+    its plain name without one. Raises ``TemplateError`` (rule, file, line) when it fails."""
+    if rule.label is None:
+        return rule.plain_name
+    context = dict(values)
+    context.update(customer=customer_of(rule, values), default_timezone=config.timezone, now=now)
+    return str(renderer.render_label(rule.name, rule.label, context, rule.file, rule.line))
+
+
 @dataclass
 class Rendered:
     """A rendered message before sending: the channel's ``Message`` and its SMS segments."""

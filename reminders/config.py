@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError
 
 from . import schedule
 from .errors import ConfigError, Problem
-from .yamlfile import Document, YamlError, load
+from .yamlfile import Document, YamlError, load, unknown_key
 
 CONFIG_ENV = "REMINDERS_CONFIG"
 DEFAULT_CONFIG = "config.yaml"
@@ -232,6 +232,9 @@ class Config(_Model):
     scheduler: SchedulerConfig = SchedulerConfig()
     scan: ScanConfig = ScanConfig()
     caps: CapsConfig | None = None  # unset: no frequency caps
+    # A file of NAME=value lines read into the environment at start (the environment wins): the
+    # demo keeps its generated REMINDERS_SECRET there. Only its owner may read it (chmod 600).
+    env_file: Path | None = None
     root: Path = Path(".")
     file: str = DEFAULT_CONFIG
 
@@ -335,6 +338,49 @@ def _substitute(doc: Document, env: dict[str, str]) -> list[Problem]:
     return problems
 
 
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def read_env_file(doc: Document, root: Path) -> dict[str, str]:
+    """The variables of the config's ``env_file`` (``NAME=value`` lines, ``#`` comments, values
+    optionally quoted: the format of systemd's ``EnvironmentFile``)."""
+    value = doc.data["env_file"]
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(doc.problem(("env_file",), "env_file: a file name (e.g. .env)"))
+    path = Path(value) if Path(value).is_absolute() else root / value
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(doc.problem(("env_file",), f"env_file: {path} does not exist")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            doc.problem(("env_file",), f"env_file: cannot read {path}: {exc}")
+        ) from None
+    if mode & 0o077:
+        raise ConfigError(
+            doc.problem(
+                ("env_file",),
+                f"env_file: {path} holds secrets but others may read it "
+                f"(mode {mode & 0o777:o}): chmod 600 {path}",
+            )
+        )
+    found: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match is None:
+            # The line itself is not shown: it may hold a secret.
+            raise ConfigError(Problem("not a NAME=value line", str(path), number))
+        name, item = match.group(1), match.group(2).strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "\"'":
+            item = item[1:-1]
+        found[name] = item
+    return found
+
+
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where the config is: ``-c`` wins, then ``REMINDERS_CONFIG``, then ./config.yaml."""
     return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
@@ -356,17 +402,28 @@ def load_config(
         raise ConfigError(exc.problem) from None
     if not isinstance(doc.data, dict):
         raise ConfigError(doc.problem((), "the config must be a mapping of keys (see README)"))
-    problems = _substitute(doc, dict(os.environ) if env is None else env)
+    environment = dict(os.environ) if env is None else dict(env)
+    env_file = doc.data.get("env_file")
+    if env_file is not None:
+        found = read_env_file(doc, file.resolve().parent)
+        for name, value in found.items():
+            environment.setdefault(name, value)
+            if env is None:
+                # Links are signed with REMINDERS_SECRET read from the environment, by this
+                # process and the workers it starts: the file's values join it (never replace).
+                os.environ.setdefault(name, value)
+    problems = _substitute(doc, environment)
     if problems:
         raise ConfigError(problems)
     for reserved in ("root", "file"):
         if reserved in doc.data:
-            raise ConfigError(doc.problem((reserved,), f"{reserved}: unknown key"))
+            message = f"{reserved}: {unknown_key(Config, (), reserved)}"
+            raise ConfigError(doc.problem((reserved,), message, key=True))
     data = dict(doc.data, root=file.resolve().parent, file=display)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(doc.problems_from(exc)) from None
+        raise ConfigError(doc.problems_from(exc, model=Config)) from None
     for key, url in (("source", config.source.url), ("state", config.state.url)):
         try:
             make_url(url)

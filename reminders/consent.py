@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from . import store
 from .links import normalize_address
-from .models import optout, preference
+from .models import consent_event, optout, preference
 
 ANY = "*"
 TURNED_OFF = "turned off by the customer"
@@ -36,6 +36,11 @@ TURNED_OFF = "turned off by the customer"
 # opt-out sources (optout.source): who or what stopped the address
 STOP = "stop"
 UNSUBSCRIBE = "unsubscribe"
+# opt-in sources: what lifted an opt-out
+START = "start"
+PREFERENCES = "preferences"
+# consent_event.action
+OPT_OUT, OPT_IN = "opt_out", "opt_in"
 
 
 @dataclass(frozen=True)
@@ -72,18 +77,67 @@ def opt_out(
         "reason": reason,
         "created_at": now,
     }
-    return store.insert_ignoring_conflicts(conn, optout, [row]) > 0
+    if store.insert_ignoring_conflicts(conn, optout, [row]) == 0:
+        return False
+    _record(conn, OPT_OUT, row)
+    return True
 
 
-def opt_in(conn: Connection, channel: str, address: str) -> bool:
-    """Let ``address`` be contacted on ``channel`` again (START). False when it was not stopped."""
+def opt_in(
+    conn: Connection,
+    channel: str,
+    address: str,
+    source: str,
+    reason: str | None,
+    now: datetime,
+    customer_id: str | None = None,
+) -> bool:
+    """Let ``address`` be contacted on ``channel`` again (START, the preferences page), recorded
+    with its source. False when it was not stopped (nothing is recorded then)."""
+    address = normalize_address(channel, address)
     result = conn.execute(
-        optout.delete().where(
-            optout.c.channel == channel,
-            optout.c.address == normalize_address(channel, address),
+        optout.delete().where(optout.c.channel == channel, optout.c.address == address)
+    )
+    if result.rowcount == 0:
+        return False
+    row = {
+        "channel": channel,
+        "address": address,
+        "customer_id": None if customer_id is None else str(customer_id),
+        "source": source[:32],
+        "reason": reason,
+        "created_at": now,
+    }
+    _record(conn, OPT_IN, row)
+    return True
+
+
+def _record(conn: Connection, action: str, row: Mapping[str, object]) -> None:
+    """One line of the consent history, in the transaction of the change it records."""
+    conn.execute(
+        consent_event.insert().values(
+            channel=row["channel"],
+            address=row["address"],
+            customer_id=row["customer_id"],
+            action=action,
+            source=row["source"],
+            reason=row["reason"],
+            at=row["created_at"],
         )
     )
-    return result.rowcount > 0
+
+
+def history(conn: Connection, channel: str, address: str) -> list[dict[str, object]]:
+    """The consent history of ``address`` on ``channel``, oldest first."""
+    rows = conn.execute(
+        sa.select(consent_event)
+        .where(
+            consent_event.c.channel == channel,
+            consent_event.c.address == normalize_address(channel, address),
+        )
+        .order_by(consent_event.c.at, consent_event.c.id)
+    ).mappings()
+    return [dict(row) for row in rows]
 
 
 def opted_out(conn: Connection, channel: str, address: str) -> OptOut | None:

@@ -12,7 +12,7 @@ default fork-per-job ``Worker``, because:
   that dispatch enqueues again), whichever process it was.
 
 Scale out by running more worker processes (``reminders worker`` on any number of machines).
-Plain ``rq worker -c workers.rq_settings -w reminders.jobs.DeliveryWorker`` runs the same jobs
+Plain ``rq worker -c reminders.rq_settings -w reminders.jobs.DeliveryWorker`` runs the same jobs
 (see ``workers/``); the job finds its config through ``REMINDERS_CONFIG``.
 """
 

@@ -178,6 +178,22 @@ optout = sa.Table(
     sa.UniqueConstraint("channel", "address"),
 )
 
+# The history of consent: every opt-out recorded and every opt-in that lifted one (START, the
+# preferences page), with what did it and when. ``optout`` holds only the current stops.
+consent_event = sa.Table(
+    f"{PREFIX}consent_event",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(320), nullable=False),
+    sa.Column("customer_id", sa.String(255)),
+    sa.Column("action", sa.String(16), nullable=False),  # opt_out, opt_in
+    sa.Column("source", sa.String(32), nullable=False),  # stop, start, unsubscribe, preferences...
+    sa.Column("reason", sa.Text),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Index(None, "channel", "address", "at"),
+)
+
 # A customer's own choices from the preferences page: a rule ("*" = every rule) on a channel
 # ("*" = every channel) turned off (enabled false) or back on.
 preference = sa.Table(

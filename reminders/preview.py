@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import clock, phone, sms, source
-from .compose import address_for, render, template_context
+from .compose import address_for, label_of, render, template_context
 from .errors import PermanentError, TemplateError
 from .planner import Planner, RowError, parse_due
 from .rules import Rule
@@ -107,6 +107,12 @@ def _preview_row(
         "offset": row["offset"],
         "send_at": clock.iso_utc(row["send_at"]) if row["send_at"] else None,
     }
+    if rule.label is not None:
+        try:
+            base["label"] = label_of(app.renderer, config, rule, values, now)
+        except TemplateError as exc:
+            base["label_error"] = "; ".join(str(p) for p in exc.problems)
+            result.errors.append(base["label_error"])
     if rule.check:
         base["check"] = _recheck(app, rule, values, now, result)
     for channel in rule.channels:
@@ -180,6 +186,10 @@ def format_preview(result: PreviewResult) -> str:
         if item.get("offset"):
             head += f", offset {item['offset']} at {item['send_at']}"
         lines.append(head)
+        if "label" in item:
+            lines.append(f"label: {item['label']}")
+        if "label_error" in item:
+            lines.append(f"error: {item['label_error']}")
         if "check" in item:
             lines.append(f"check: {item['check']}")
         if "unusable" in item:

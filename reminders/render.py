@@ -616,6 +616,28 @@ class Renderer:
         """The message of check ``name`` (``<name>.check.j2``), stripped."""
         return self._render_whole(f"{name}{SUFFIXES['check']}", context)
 
+    def render_label(
+        self,
+        rule: str,
+        source: str,
+        context: Mapping[str, Any],
+        file: str | None = None,
+        line: int | None = None,
+    ) -> str:
+        """A rule's customer-facing ``label`` (a one-line template over the row), on one line.
+
+        Raises ``TemplateError`` naming the rule (and its file and line) when it does not render.
+        """
+        where = f"rule {rule}: label"
+        try:
+            template = self._env.from_string(source)
+        except TemplateSyntaxError as exc:
+            raise TemplateError(Problem(f"{where}: {exc.message}", file, line)) from None
+        try:
+            return " ".join(str(template.render(dict(context))).split())
+        except Exception as exc:  # an undefined column, a filter's ValueError: name the rule
+            raise TemplateError(Problem(f"{where}: {exc}", file, line)) from None
+
     def render_email(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
         """Subject (one line), text and HTML (``None`` without an ``html`` block) of an email."""
         file = f"{name}{SUFFIXES['email']}"

@@ -120,7 +120,7 @@ def handle(
     if action == STOP:
         consent.opt_out(conn, "sms", number, consent.STOP, f"replied {word}", now, customer_id)
     elif action == START:
-        consent.opt_in(conn, "sms", number)
+        consent.opt_in(conn, "sms", number, consent.START, f"replied {word}", now, customer_id)
     elif action == DONE and latest is not None:
         cancel_occurrence(conn, latest.rule, latest.occurrence, f"done: replied {word}", now)
     elif action == SNOOZE and latest is not None and reply is not None and reply.delay:

@@ -34,7 +34,7 @@ from . import schedule
 from .config import Config, Duration
 from .errors import Problem, RuleError
 from .source import parameters
-from .yamlfile import Document, YamlError, load
+from .yamlfile import Document, YamlError, load, unknown_key
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 CUSTOMER_FIELDS = ("id", "phone", "email", "timezone", "locale", "first_name")
@@ -175,6 +175,9 @@ class Rule(_Model):
 
     name: str
     description: str = ""
+    # What the customer's page calls one reminder: a short template over the row
+    # ("Refill of {{ drug_name }}"); the description is written for staff, never shown to them.
+    label: str | None = None
     query: str
     occurrence: str
     due: str
@@ -302,6 +305,25 @@ class Rule(_Model):
             out[key] = reply
         return out
 
+    @field_validator("label")
+    @classmethod
+    def _label_compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError('the label is empty (e.g. label: "Refill of {{ drug_name }}")')
+        if len(value) > 200:
+            raise ValueError("a label is a short title: at most 200 characters")
+        from .render import FILTERS
+
+        env = SandboxedEnvironment(undefined=StrictUndefined)
+        env.filters.update(FILTERS)
+        try:
+            env.from_string(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f'"{value}" is not a valid template: {exc.message}') from None
+        return value
+
     @field_validator("occurrence")
     @classmethod
     def _occurrence_compiles(cls, value: str) -> str:
@@ -311,6 +333,11 @@ class Rule(_Model):
     @property
     def template_name(self) -> str:
         return self.template or self.name
+
+    @property
+    def plain_name(self) -> str:
+        """The rule's name for people: ``refill-due`` -> ``Refill due``."""
+        return self.name.replace("-", " ").capitalize()
 
     @property
     def columns(self) -> dict[str, str]:
@@ -487,7 +514,7 @@ def _load_file(
     try:
         _RuleFile.model_validate(doc.data)
     except ValidationError as exc:
-        return [], [], doc.problems_from(exc)
+        return [], [], doc.problems_from(exc, model=_RuleFile)
     problems: list[Problem] = []
     rules: list[Rule] = []
     checks: list[CheckRule] = []
@@ -499,7 +526,8 @@ def _load_file(
                 continue
             for reserved in ("file", "line", "lines"):
                 if reserved in raw:
-                    problems.append(doc.problem((*where, reserved), f"{reserved}: unknown key"))
+                    message = f"{reserved}: {unknown_key(model, (), reserved)}"
+                    problems.append(doc.problem((*where, reserved), message, key=True))
             lines = {
                 str(key): doc.key_lines.get((*where, key)) or doc.line((*where, key)) or 0
                 for key in raw
@@ -509,7 +537,7 @@ def _load_file(
                 item = model.model_validate(data)
             except ValidationError as exc:
                 label = raw.get("name") if isinstance(raw.get("name"), str) else f"{kind}[{index}]"
-                for problem in doc.problems_from(exc, where):
+                for problem in doc.problems_from(exc, where, model):
                     problems.append(
                         Problem(
                             f"{kind[:-1]} {label}: {problem.message}", problem.file, problem.line

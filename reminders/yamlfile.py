@@ -7,14 +7,17 @@ error's ``loc``) to its 1-based line.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import InputError, Problem
 
@@ -56,12 +59,20 @@ class Document:
         line = self.key_lines.get(tuple(path)) if key else None
         return Problem(message, file=self.file, line=line or self.line(path), warning=warning)
 
-    def problems_from(self, error: ValidationError, prefix: Path_ = ()) -> list[Problem]:
-        """Turn a pydantic error into problems, each with the line of the offending value."""
+    def problems_from(
+        self, error: ValidationError, prefix: Path_ = (), model: type[BaseModel] | None = None
+    ) -> list[Problem]:
+        """Turn a pydantic error into problems, each with the line of the offending value.
+
+        ``model`` (the one validated) lets an unknown key name the allowed ones and the nearest.
+        """
         problems = []
         for item in error.errors():
             loc = tuple(prefix) + tuple(item["loc"])
-            message = _message(item)
+            if item["type"] == "extra_forbidden":
+                message = unknown_key(model, tuple(item["loc"][:-1]), str(item["loc"][-1]))
+            else:
+                message = _message(item)
             where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in item["loc"])
             where = where.replace(".[", "[")
             text = f"{where}: {message}" if where else message
@@ -71,13 +82,74 @@ class Document:
         return problems
 
 
+# Fields the engine fills in itself (where a file is, which line): never the business's to write.
+INTERNAL_FIELDS = frozenset({"root", "file", "line", "lines"})
+
+
+def unknown_key(model: type[BaseModel] | None, path: Path_, key: str) -> str:
+    """``ofsets: unknown key; did you mean offsets? (allowed: ...)`` for the mapping at ``path``
+    of ``model`` (the message carries no place: the problem has the file and line)."""
+    allowed = allowed_keys(model, path) if model is not None else None
+    if not allowed:
+        return "unknown key (check its spelling; see the documented keys)"
+    near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"unknown key{hint} (allowed: {', '.join(allowed)})"
+
+
+def allowed_keys(model: type[BaseModel], path: Path_) -> list[str] | None:
+    """The keys the mapping at ``path`` of ``model`` takes (aliases as written), or None when
+    ``path`` leads to no model."""
+    current: Any = model
+    for part in path:
+        current = _model_in(current)
+        if current is None:
+            return None
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = _field(current, str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (list, dict):
+            current = typing.get_args(current)[-1]  # a list's items, a mapping's values
+        else:
+            return None
+    found = _model_in(current)
+    if not (isinstance(found, type) and issubclass(found, BaseModel)):
+        return None
+    return [
+        info.alias or name
+        for name, info in found.model_fields.items()
+        if name not in INTERNAL_FIELDS
+    ]
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return info
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model (or container) inside ``Annotated[...]`` and ``X | None``."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            annotation = (models or members)[0]
+        else:
+            return annotation
+
+
 def _message(item: Any) -> str:
     kind = item["type"]
     msg = str(item["msg"])
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        return "unknown key (check its spelling; see the documented keys)"
     if kind == "missing":
         return "required key is missing"
     if kind == "assertion_error":

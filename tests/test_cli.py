@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,14 @@ def test_list_json_is_one_object_a_line_in_send_time_order(scanned: Project) -> 
     lines = scanned.ok("list", "--json").out.splitlines()
     assert lines[:3] == [
         '{"id":1,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"-3d",'
-        '"send_at":"2027-03-14T14:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-14T14:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"sent_at":null}',
         '{"id":2,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"0d",'
-        '"send_at":"2027-03-17T14:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-17T14:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"sent_at":null}',
         '{"id":3,"rule":"refill-due","occurrence":"2","customer_id":"2","offset":"-3d",'
-        '"send_at":"2027-03-17T15:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-17T15:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"sent_at":null}',
     ]
     rows = scanned.ok("list", "--json").json_lines()
     assert [(r["occurrence"], r["offset"]) for r in rows] == [
@@ -78,6 +82,9 @@ def test_list_without_json_is_a_table(scanned: Project) -> None:
         "at",
         "(UTC)",
         "status",
+        "sent",
+        "at",
+        "(UTC)",
         "rule",
         "offset",
         "customer",
@@ -90,6 +97,7 @@ def test_list_without_json_is_a_table(scanned: Project) -> None:
         "1",
         "2027-03-14T14:00:00Z",
         "pending",
+        "-",
         "refill-due",
         "-3d",
         "1",
@@ -102,7 +110,69 @@ def test_list_without_json_is_a_table(scanned: Project) -> None:
 def test_list_rejects_an_unknown_status(scanned: Project) -> None:
     result = scanned.run("list", "--status", "lost")
     assert result.code == 2
-    assert "'lost' is not one of" in result.err
+    assert "'lost' is not one of pending, queued, sending" in result.err
+
+
+def test_list_limits_the_table_and_says_how_many_more(scanned: Project) -> None:
+    lines = scanned.ok("list", "--limit", "2").out.splitlines()
+    assert len(lines) == 4 and [line.split()[0] for line in lines[1:3]] == ["1", "2"]
+    assert lines[3] == (
+        "... and 4 more (--limit 0 shows all; --rule, --status or --customer narrow them)"
+    )
+    assert len(scanned.ok("list", "--limit", "0").out.splitlines()) == 7
+    assert len(scanned.ok("list", "--json", "--limit", "2").json_lines()) == 2
+    assert len(scanned.ok("list", "--json").json_lines()) == 6  # --json: every row by default
+
+
+def test_list_shows_when_a_message_went_out(scanned: Project) -> None:
+    with scanned.state.begin() as conn:
+        conn.execute(
+            models.reminder.update()
+            .where(models.reminder.c.id == 1)
+            .values(
+                status="sent", channel="sms", sent_at=datetime(2027, 3, 14, 14, 0, 5, tzinfo=UTC)
+            )
+        )
+    row = scanned.ok("list", "--json").json_lines()[0]
+    assert (row["status"], row["sent_at"]) == ("sent", "2027-03-14T14:00:05Z")
+    line = scanned.ok("list").out.splitlines()[1]
+    assert line.split()[1:4] == ["2027-03-14T14:00:00Z", "sent", "2027-03-14T14:00:05Z"]
+
+
+def test_colours_only_on_a_terminal_and_never_with_no_color(scanned: Project) -> None:
+    import click
+
+    from reminders import cli
+
+    assert "\x1b[" not in scanned.ok("list").out  # piped: plain text
+    assert click.style("sent", fg=cli.STATUS_COLORS["sent"]) == "\x1b[32msent\x1b[0m"
+    assert cli.color() is None  # click decides by the terminal
+    os.environ["NO_COLOR"] = "1"
+    try:
+        assert cli.color() is False
+    finally:
+        del os.environ["NO_COLOR"]
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    import click
+
+    from reminders.cli import cli
+
+    def walk(group: click.Group, path: str) -> list[str]:
+        missing = []
+        for name, command in group.commands.items():
+            where = f"{path} {name}"
+            if isinstance(command, click.Group):
+                missing += walk(command, where)
+            missing += [
+                f"{where} {p.opts[0]}"
+                for p in command.params
+                if isinstance(p, click.Option) and not p.help
+            ]
+        return missing
+
+    assert walk(cli, "reminders") == []
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -361,8 +431,15 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 
 def test_db_upgrade_and_current(project: Project) -> None:
-    assert project.ok("db", "upgrade").out == "state DB at revision 0002\n"
-    assert project.ok("db", "current").out.splitlines() == ["state DB: 0002", "code:     0002"]
+    from reminders import store
+
+    head = store.head_revision()  # the newest migration's (re-chained when branches merge)
+    assert head is not None
+    assert project.ok("db", "upgrade").out == f"state DB at revision {head}\n"
+    assert project.ok("db", "current").out.splitlines() == [
+        f"state DB: {head}",
+        f"code:     {head}",
+    ]
 
 
 def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: str) -> None:
@@ -375,3 +452,23 @@ def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: s
     from reminders import store
 
     store.dispose_engines(pg_url.rsplit("/", 1)[-1])  # the state DB's engine, by its name
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["scan", "--help"]])
+def test_help_and_version_load_none_of_the_engine(args: list[str]) -> None:
+    """Each command imports what it needs when it runs: --help and --version answer without
+    SQLAlchemy, pydantic, Jinja or Redis (their start-up time is in benchmarks/cli_startup.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from reminders.cli import main; sys.argv = ['reminders', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = {'sqlalchemy', 'pydantic', 'jinja2', 'redis', 'rq', 'flask', 'yaml', 'babel'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy), file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+    assert "Usage: reminders" in done.stdout or done.stdout.startswith("reminders, version ")

@@ -141,7 +141,9 @@ def test_the_process_environment_is_read_by_default(
         ),
         (
             BASE + "colour: blue\n",
-            "config.yaml:3: colour: unknown key (check its spelling; see the documented keys)",
+            "config.yaml:3: colour: unknown key (allowed: timezone, send_window, default_region, "
+            "source, state, redis, rules, templates, channels, web, requeue_after, batch_size, "
+            "retries, scheduler, scan, caps, env_file)",
         ),
         (
             BASE + "channels:\n  email:\n    provider: outbox\n    pth: x.jsonl\n",
@@ -277,3 +279,74 @@ def test_unquoted_times_are_read_as_times_not_sexagesimal_numbers(tmp_path: Path
     sms = config.channels.sms
     assert sms is not None and sms.quiet_hours is not None
     assert (sms.quiet_hours.start, sms.quiet_hours.end) == (time(21), time(8))
+
+
+def _env_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / ".env"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_an_env_file_joins_the_environment_which_wins(tmp_path: Path) -> None:
+    _env_file(
+        tmp_path,
+        "# secrets\nexport TOKEN=\"from-file\"\nFROM=+15005550006\n\nONLY_FILE='quoted value'\n",
+    )
+    config = _load(
+        tmp_path,
+        BASE + "env_file: .env\nweb: {public_url: 'https://x.example/${ONLY_FILE}', "
+        "help_text: '${TOKEN} ${FROM}'}\n",
+        env={"TOKEN": "from-environment"},
+    )
+    assert config.web.help_text == "from-environment +15005550006"
+    assert config.web.public_url == "https://x.example/quoted value"
+
+
+def test_an_env_file_sets_what_the_process_environment_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REMINDERS_TEST_ENV_FILE_SET", "kept")
+    monkeypatch.setenv("REMINDERS_TEST_ENV_FILE_NEW", "placeholder")
+    monkeypatch.delenv("REMINDERS_TEST_ENV_FILE_NEW")  # restored as absent after the test
+    _env_file(tmp_path, "REMINDERS_TEST_ENV_FILE_SET=replaced\nREMINDERS_TEST_ENV_FILE_NEW=new\n")
+    (tmp_path / "config.yaml").write_text(BASE + "env_file: .env\n")
+    load_config(tmp_path / "config.yaml")
+    assert os.environ["REMINDERS_TEST_ENV_FILE_SET"] == "kept"
+    assert os.environ["REMINDERS_TEST_ENV_FILE_NEW"] == "new"
+
+
+def test_an_env_file_others_may_read_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = _env_file(tmp_path, "REMINDERS_SECRET=x\n", mode=0o644)
+    message = _problem(tmp_path, BASE + "env_file: .env\n")
+    assert message == (
+        f"config.yaml:3: env_file: {path} holds secrets but others may read it (mode 644): "
+        f"chmod 600 {path}"
+    )
+
+
+def test_a_missing_env_file_or_a_bad_line_is_named_without_its_value(tmp_path: Path) -> None:
+    assert _problem(tmp_path, BASE + "env_file: nowhere.env\n") == (
+        f"config.yaml:3: env_file: {tmp_path / 'nowhere.env'} does not exist"
+    )
+    path = _env_file(tmp_path, "OK=1\nthis is the secret-ish line\n")
+    message = _problem(tmp_path, BASE + "env_file: .env\n")
+    assert message == f"{path}:2: not a NAME=value line"
+
+
+def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -> None:
+    message = _problem(
+        tmp_path,
+        BASE + "timezon: UTC\nweb:\n  business: Acme\nchannels:\n  sms:\n"
+        "    provider: outbox\n    ratelimit: 1\n",
+    )
+    assert message.splitlines() == [
+        "config.yaml:3: timezon: unknown key; did you mean timezone? (allowed: timezone, "
+        "send_window, default_region, source, state, redis, rules, templates, channels, web, "
+        "requeue_after, batch_size, retries, scheduler, scan, caps, env_file)",
+        "config.yaml:5: web.business: unknown key; did you mean business_name? (allowed: "
+        "public_url, business_name, help_text, link_max_age)",
+        "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "
+        "provider, account_sid, auth_token, from, messaging_service_sid, api_url, quiet_hours, "
+        "rate_limit, max_segments, concurrency, path)",
+    ]

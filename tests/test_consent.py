@@ -48,13 +48,45 @@ def test_email_addresses_match_whatever_their_case(state: sa.Engine) -> None:
         assert not consent.is_opted_out(conn, "sms", "jane@example.com")
 
 
-def test_opt_in_removes_the_opt_out(state: sa.Engine) -> None:
+def test_opt_in_removes_the_opt_out_and_both_are_kept_in_the_history(state: sa.Engine) -> None:
+    later = NOW.replace(hour=13)
     with state.begin() as conn:
-        consent.opt_out(conn, "sms", "+15005550006", "stop", None, NOW)
-        assert consent.opt_in(conn, "sms", "+15005550006")
-        assert not consent.opt_in(conn, "sms", "+15005550006")
+        consent.opt_out(conn, "sms", "+15005550006", "stop", "replied STOP", NOW, "7")
+        assert consent.opt_in(conn, "sms", "+15005550006", "start", "replied START", later, "7")
+        assert not consent.opt_in(conn, "sms", "+15005550006", "start", "replied YES", later)
+        consent.opt_out(conn, "email", "Jane@example.com", "unsubscribe", "one-click", NOW, "7")
+        assert consent.opt_in(conn, "email", "jane@example.com", "preferences", None, later, "7")
     with state.connect() as conn:
         assert not consent.is_opted_out(conn, "sms", "+15005550006")
+        assert not consent.is_opted_out(conn, "email", "jane@example.com")
+        sms = consent.history(conn, "sms", "+15005550006")
+        email = consent.history(conn, "email", "JANE@example.com")
+    assert [(e["action"], e["source"], e["reason"], e["at"], e["customer_id"]) for e in sms] == [
+        ("opt_out", "stop", "replied STOP", NOW, "7"),
+        ("opt_in", "start", "replied START", later, "7"),
+    ]
+    assert [(e["action"], e["source"]) for e in email] == [
+        ("opt_out", "unsubscribe"),
+        ("opt_in", "preferences"),
+    ]
+
+
+def test_the_migration_starts_the_history_with_the_opt_outs_already_recorded(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store.upgrade(url, "0002")
+    engine = store.engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(
+            models.optout.insert().values(
+                channel="sms", address="+15005550006", source="stop", created_at=NOW
+            )
+        )
+    store.upgrade(url)
+    with engine.connect() as conn:
+        found = consent.history(conn, "sms", "+15005550006")
+    assert [(e["action"], e["source"], e["at"]) for e in found] == [("opt_out", "stop", NOW)]
 
 
 @pytest.mark.parametrize(

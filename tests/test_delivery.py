@@ -464,16 +464,15 @@ def test_rqs_own_worker_command_runs_the_jobs_with_the_settings_module(shop: Sho
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     shop.prepare(3)
     shop.ok("dispatch", now=SEND_AT)
-    repository = Path(__file__).resolve().parent.parent
+    # From the business's folder, not the repository: the settings ship in the package.
     env = dict(os.environ, REMINDERS_CONFIG=str(shop.root / "config.yaml"), REMINDERS_NOW=SEND_AT)
-    command = [sys.executable, "-m", "rq.cli", "worker", "--burst", "-c", "workers.rq_settings"]
+    command = [sys.executable, "-m", "rq.cli", "worker", "--burst", "-c", "reminders.rq_settings"]
     done = subprocess.run(
         [*command, "-w", "reminders.jobs.DeliveryWorker"],
-        cwd=repository,
+        cwd=shop.root,
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reminders import clock, phone, sms
+from reminders import clock, links, phone, sms
 from reminders.config import load_config
 from reminders.demo import data, run
 from reminders.errors import PermanentError
@@ -32,6 +32,10 @@ FULL_EMAIL = re.compile(r"\b[a-z]+\.[a-z]+\d*@example\.com")
 @pytest.fixture
 def demo_now(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(clock.ENV, NOW)
+    # The demo's env_file puts its REMINDERS_SECRET in this process' environment: set and
+    # removed here, so it is removed again after the test (monkeypatch restores the absence).
+    monkeypatch.setenv(links.SECRET_ENV, "restored after the test")
+    monkeypatch.delenv(links.SECRET_ENV)
     return NOW
 
 
@@ -128,6 +132,47 @@ def test_the_demo_prints_its_story_with_masked_addresses(report: run.Report) -> 
         assert act in printed
     assert "no usable channel" in printed and "not a valid number" in printed
     assert re.search(r"Done in \d+\.\d s\.", printed)
+
+
+def test_the_demo_ends_with_the_way_to_a_customers_pages(report: run.Report) -> None:
+    printed = report.printed  # type: ignore[attr-defined]
+    start = printed.index(
+        "SEE IT AS A CUSTOMER: the links in the emails open pages served by the web endpoint."
+    )
+    door = printed[start:]
+    assert door[1].startswith("  Start it in another terminal")
+    assert door.pop(2) == f"    reminders -c {report.folder}/config.yaml web"
+    email = next(line for line in report.sent if line["channel"] == "email")
+    customer = next(r for r in report.reminders if r["id"] == email["reminder_id"])
+    assert door[2] == (
+        f"  then open the pages of {customer['data']['first_name']} (customer "
+        f"{customer['customer_id']}), who got the email above:"
+    )
+    doors = dict(report.doors)
+    assert door[3] == f"    preferences  {doors['preferences']}"
+    assert door[4] == f"    unsubscribe  {doors['unsubscribe']}"
+    assert door[5] == "    health       http://127.0.0.1:8000/healthz"
+    assert re.fullmatch(r"Done in \d+\.\d s\.", printed[-1])
+    # The links are the customer's own, signed with the demo's secret, and in the email itself.
+    config = load_config(report.config_path)
+    token = doors["preferences"].removeprefix("http://127.0.0.1:8000/preferences/")
+    assert links.read_preferences(token) == str(customer["customer_id"])
+    link = links.read_unsubscribe(doors["unsubscribe"].rsplit("/", 1)[1])
+    assert (link.channel, link.address) == ("email", None)  # no address in the link itself
+    stop = links.match_address(link, [email["to"]])
+    assert stop is not None and (stop.channel, stop.address) == ("email", email["to"])
+    assert "Stop these emails: http://127.0.0.1:8000/unsubscribe/" in email["body"]
+    assert config.web.business_name == "Harbor Market"
+
+
+def test_the_demo_keeps_its_secret_readable_by_its_owner_only(tmp_path: Path) -> None:
+    assert _demo(tmp_path).returncode == 0
+    env = tmp_path / "demo" / ".env"
+    assert env.stat().st_mode & 0o777 == 0o600
+    secret = env.read_text()
+    assert re.search(r"^REMINDERS_SECRET=[\w-]{43}$", secret, re.MULTILINE)
+    assert _demo(tmp_path).returncode == 0
+    assert env.read_text() == secret  # kept: links from the last run still open
 
 
 def test_the_demo_leaves_no_server_running(report: run.Report) -> None:

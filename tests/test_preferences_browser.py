@@ -42,7 +42,8 @@ REDIS_DB = 6
 RULES = """\
 rules:
   - name: refill-due
-    description: Your prescription refill
+    description: Text patients 3 days before their prescription runs out.
+    label: Your prescription refill
     query: |
       SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
              p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
@@ -152,7 +153,7 @@ def test_turning_texts_off_on_the_page_is_respected_by_the_next_scan_and_send(
     page.goto(f"{web.base}/preferences/{token}")
 
     expect(page.get_by_role("heading", level=1)).to_have_text("Your reminders from Harbor Pharmacy")
-    upcoming = page.get_by_role("list").get_by_role("listitem")
+    upcoming = page.get_by_role("list", name="Coming up").get_by_role("listitem")
     expect(upcoming).to_have_count(2)  # Jane's two, never Bob's
     expect(upcoming.first).to_contain_text("Thursday, March 11, 2027")
     expect(upcoming.first).to_contain_text("10:00")
@@ -160,7 +161,8 @@ def test_turning_texts_off_on_the_page_is_respected_by_the_next_scan_and_send(
     assert "Metformin" not in page.content() and "Bob" not in page.content()
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
-    kind = page.get_by_role("group", name="Your prescription refill")
+    expect(upcoming.first).to_contain_text("Your prescription refill")  # its label
+    kind = page.get_by_role("group", name="Refill due")  # the rule's plain name
     texts = kind.get_by_role("checkbox", name="Text message")
     expect(texts).to_be_checked()
     expect(kind.get_by_role("checkbox", name="Email")).to_be_checked()

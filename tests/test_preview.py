@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.delivery_fixtures import SEND_AT, Shop, rules_with_check
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, rules_with_check
 
 
 def test_preview_renders_each_channel_for_the_first_rows_and_sends_nothing(shop: Shop) -> None:
@@ -98,3 +98,20 @@ def test_preview_exits_1_when_the_check_query_fails_and_2_when_it_cannot_be_aske
     result = shop.run("preview", "refill-due", now=SEND_AT)
     assert result.code == 2, result
     assert ":patient, which the rule's query does not return" in result.out
+
+
+def test_preview_shows_the_label_a_customer_sees_and_names_a_broken_one(shop: Shop) -> None:
+    labeled = RULES.replace(
+        "    template: refill-due\n",
+        "    template: refill-due\n"
+        "    label: \"Refill of {{ drug_name }}, runs out {{ runs_out_on | date('MMM d') }}\"\n",
+    )
+    shop.configure(rules=labeled)
+    shop.patients(1)
+    result = shop.ok("preview", "refill-due", now=SEND_AT)
+    assert "label: Refill of Lisinopril, runs out Mar 10" in result.out
+    shop.configure(rules=labeled.replace("drug_name }}", "drug }}"))
+    broken = shop.run("preview", "refill-due", now=SEND_AT)
+    assert broken.code == 2
+    line = labeled.splitlines().index("  - name: refill-due") + 1
+    assert f"rules/refills.yaml:{line}: rule refill-due: label: 'drug' is undefined" in broken.out

@@ -350,3 +350,38 @@ def test_an_occurrence_column_that_is_missing_or_null_raises(source: str) -> Non
     if "~" not in source:
         with pytest.raises(KeyError, match="rx_id"):
             key({"rx_id": None})
+
+
+def test_a_label_is_checked_when_the_rules_load(lite: Project) -> None:
+    assert _problems(lite, _after_due('    label: "Refill of {{ drug_name | nope }}"\n')) == [
+        'rules/refills.yaml:12: rule refill-due: label: "Refill of {{ drug_name | nope }}" is '
+        "not a valid template: No filter named 'nope'."
+    ]
+    assert _problems(lite, _after_due('    label: "  "\n')) == [
+        "rules/refills.yaml:12: rule refill-due: label: the label is empty "
+        '(e.g. label: "Refill of {{ drug_name }}")'
+    ]
+    lite.write("rules/refills.yaml", _after_due('    label: "Refill of {{ drug_name }}"\n'))
+    (rule,) = _load(lite).rules
+    assert (rule.label, rule.plain_name) == ("Refill of {{ drug_name }}", "Refill due")
+
+
+def test_an_unknown_key_in_a_rule_a_check_or_the_file_names_the_nearest(lite: Project) -> None:
+    rules = _after_due("    ofsets: [1d]\n").replace("    offsets: [-3d, 0d]\n", "")
+    rules += (
+        "checks:\n  - name: owned\n    query: SELECT 1 FROM rx WHERE id = :id\n"
+        "    params: {id: int}\n    timout: 100ms\n"
+    )
+    problems = _problems(lite, rules)
+    assert [p.split(" (allowed: ")[0] for p in problems] == [
+        "rules/refills.yaml:2: rule refill-due: offsets: required key is missing",
+        "rules/refills.yaml:12: rule refill-due: ofsets: unknown key; did you mean offsets?",
+        "rules/refills.yaml:20: check owned: timout: unknown key; did you mean timeout?",
+    ]
+    assert problems[2].endswith(
+        "(allowed: name, description, query, params, message, timeout, window)"
+    )
+    (file_level,) = _problems(lite, REFILLS + "rulse: []\n")
+    assert file_level == (
+        "rules/refills.yaml:16: rulse: unknown key; did you mean rules? (allowed: rules, checks)"
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ HELP = "Acme Pharmacy reminders. Questions: 555-0100. Reply STOP to opt out."
 RULES = """\
 rules:
   - name: refill-due
-    description: Your prescription refill
+    description: Text patients 3 days before their prescription runs out.
+    label: "Refill of {{ drug_name }}, runs out {{ runs_out_on | date('MMM d') }}"
     query: SELECT * FROM rx
     occurrence: "{{ rx_id }}"
     due: runs_out_on
@@ -50,7 +51,7 @@ rules:
       DONE: done
       LATER: snooze 1d
   - name: renewal
-    description: Your membership renewal
+    description: Email members a week before their membership renews.
     query: SELECT * FROM members
     occurrence: "{{ member_id }}"
     due: renews_on
@@ -174,6 +175,8 @@ class Web:
     ) -> int:
         values = data or {
             "rx_id": occurrence,
+            "drug_name": "Metformin",
+            "runs_out_on": date(2027, 3, 17),
             "customer_id": customer_id,
             "phone": PHONE,
             "email": EMAIL,
@@ -285,6 +288,7 @@ class Web:
             models.optout,
             models.preference,
             models.inbound,
+            models.consent_event,
         )
         return {t.name: [tuple(r) for r in self.rows(t)] for t in tables}
 
@@ -832,14 +836,19 @@ def test_preferences_show_only_the_customers_own_reminders(web: Web) -> None:
     reply = web.get(f"/preferences/{pref_token('7')}")
     assert reply.status_code == 200
     page = reply.text
-    assert "Your prescription refill" in page
+    # The card says what it is about (the rule's label over the row); the on/off section uses
+    # the rule's plain name; the description, written for staff, is never shown.
+    assert "<strong>Refill of Metformin, runs out Mar 17</strong>" in page
+    assert "<legend>Refill due</legend>" in page
+    assert "Text patients" not in page
     assert "Sunday, March 14, 2027" in page and "10:00" in page  # New York time
     assert "America/New_York" in page
     assert "By text message" in page
     assert "renewal" not in page.lower() and "bob@" not in page and "April" not in page
     assert 'value="refill-due:sms" checked' in page and 'value="refill-due:email" checked' in page
     other = web.get(f"/preferences/{pref_token('8')}").text
-    assert "Your membership renewal" in other and "refill" not in other.lower()
+    assert "<strong>Renewal</strong>" in other and "<legend>Renewal</legend>" in other
+    assert "refill" not in other.lower() and "Email members" not in other
 
 
 def test_saving_preferences_writes_only_the_tokens_customer(web: Web) -> None:
@@ -864,6 +873,89 @@ def test_saving_preferences_writes_only_the_tokens_customer(web: Web) -> None:
     page = web.get(f"/preferences/{mine}?saved=1").text
     assert "Your choices are saved" in page
     assert 'value="refill-due:sms">' in page and "By email" in page
+
+
+def _nonce(page: str) -> str:
+    return page.split('name="nonce" value="')[1].split('"')[0]
+
+
+def _resume_ref(page: str) -> str:
+    return page.split('name="resume" value="')[1].split('"')[0]
+
+
+def test_after_a_one_click_unsubscribe_the_page_says_email_is_stopped_and_can_resume_it(
+    web: Web,
+) -> None:
+    web.add_reminder(customer_id="7")
+    mine = pref_token("7")
+    one_click = {"List-Unsubscribe": "One-Click"}
+    assert web.post(f"/unsubscribe/{unsub_token()}", data=one_click).status_code == 200
+    page = web.get(f"/preferences/{mine}").text
+    assert "<strong>Emails</strong> to j*******@example.com:" in page
+    assert "You unsubscribed with the link in an email on March 10, 2027." in page
+    assert "<strong>Text messages</strong> to +1******2671:" in page
+    # The email switch is shown off and disabled, never ticked as if it worked.
+    assert 'value="refill-due:email" disabled> Email <span class="note">(stopped' in page
+    assert "Send me emails again" in page and "By text message" in page
+
+    # Saving the switches does not lift the stop (and records no choice for the stopped channel).
+    form = {"nonce": _nonce(page), "on": ["refill-due:sms", "refill-due:email"]}
+    assert web.post(f"/preferences/{mine}", data=form).status_code == 303
+    assert [r.channel for r in web.rows(models.optout)] == ["email"]
+    assert web.rows(models.preference) == []
+
+    # The resume button lifts it, recorded as an opt-in from the preferences page.
+    resume = {"nonce": _nonce(page), "resume": _resume_ref(page)}
+    reply = web.post(f"/preferences/{mine}", data=resume)
+    assert reply.status_code == 303
+    assert reply.headers["Location"].endswith(f"/preferences/{mine}?resumed=email")
+    assert web.rows(models.optout) == []
+    history = [
+        (e.channel, e.address, e.customer_id, e.action, e.source, e.reason)
+        for e in web.rows(models.consent_event)
+    ]
+    assert history == [
+        ("email", EMAIL, "7", "opt_out", "unsubscribe", "one-click unsubscribe"),
+        ("email", EMAIL, "7", "opt_in", "preferences", "preferences page"),
+    ]
+    page = web.get(f"/preferences/{mine}?resumed=email").text
+    assert "Emails are back on." in page
+    assert 'value="refill-due:email" checked' in page and "You unsubscribed" not in page
+
+
+def test_a_stop_reply_is_shown_with_start_as_the_way_back_and_the_page_cannot_lift_it(
+    web: Web,
+) -> None:
+    web.add_reminder(customer_id="7")
+    assert web.inbound("STOP").status_code == 200
+    mine = pref_token("7")
+    page = web.get(f"/preferences/{mine}").text
+    assert "You replied STOP to a text message on March 10, 2027." in page
+    assert "reply START to any of our texts" in page
+    assert 'name="resume"' not in page  # only a START from the phone lifts a STOP
+    before = web.snapshot()
+    ref = "sms:" + page.split("sms:")[0][-1:]  # anything: no stopped SMS address is resumable
+    forged = {"nonce": _nonce(page), "resume": ref}
+    assert web.post(f"/preferences/{mine}", data=forged).status_code == 400
+    assert web.snapshot() == before
+
+
+def test_a_page_cannot_resume_another_customers_address(web: Web) -> None:
+    web.add_reminder(customer_id="7")
+    web.add_reminder(
+        occurrence="rx-9",
+        customer_id="9",
+        data={"rx_id": "rx-9", "customer_id": "9", "email": "bob@example.com"},
+    )
+    one_click = {"List-Unsubscribe": "One-Click"}
+    bobs = links.unsubscribe_token("9", "email", "bob@example.com", keys=[SECRET], now=NOW)
+    assert web.post(f"/unsubscribe/{bobs}", data=one_click).status_code == 200
+    theirs = web.get(f"/preferences/{pref_token('9')}").text
+    mine = web.get(f"/preferences/{pref_token('7')}").text
+    before = web.snapshot()
+    stolen = {"nonce": _nonce(mine), "resume": _resume_ref(theirs)}
+    assert web.post(f"/preferences/{pref_token('7')}", data=stolen).status_code == 400
+    assert web.snapshot() == before
 
 
 # --- limits --------------------------------------------------------------------------------------

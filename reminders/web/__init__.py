@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from email.utils import parseaddr
 
 from flask import Flask, Response, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestURITooLarge
@@ -133,6 +134,16 @@ def error_page(code: int, message: str, title: str | None = None) -> str:
     )
 
 
-def business_name() -> str:
-    """The business's name on customer pages (``web.business_name``)."""
-    return engine().config.web.business_name or "Reminders"
+def business_name() -> str | None:
+    """The business's name on every customer page: ``web.business_name``, else the display name
+    of the email sender (``"Harbor Market <care@example.com>"``), else None (the pages then
+    say "us")."""
+    config = engine().config
+    if config.web.business_name:
+        return config.web.business_name
+    email = config.channels.email
+    if email is not None and email.from_:
+        name = parseaddr(email.from_)[0].strip()
+        if name:
+            return name
+    return None

@@ -7,6 +7,7 @@ follow links); forms carry a nonce derived from the token, so a POST needs the p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import codec, consent, links, phone, schedule
 from reminders.app import App
-from reminders.errors import PermanentError
+from reminders.compose import label_of
+from reminders.errors import PermanentError, TemplateError
 from reminders.lifecycle import OPEN
-from reminders.models import message, reminder
+from reminders.models import message, optout, reminder
+from reminders.receipts import DEAD_NUMBER
 from reminders.rules import Rule
 
 from . import business_name, error_page
@@ -36,7 +39,11 @@ blueprint = Blueprint("pages", __name__)
 
 ONE_CLICK = "One-Click"  # RFC 8058: the body is List-Unsubscribe=One-Click
 CHANNEL_NAMES = {"sms": "Text message", "email": "Email"}
+CHANNEL_PLURALS = {"sms": "Text messages", "email": "Emails"}
+CHANNEL_ORDER = {"sms": 0, "email": 1}
+DEAD_NUMBER_CODES = frozenset(DEAD_NUMBER)
 MAX_UPCOMING = 50
+MAX_RECENT = 200  # reminders read for the customer's addresses (newest first)
 
 
 @blueprint.errorhandler(links.LinkError)
@@ -72,12 +79,11 @@ def _sent_addresses(conn: Connection, customer_id: str, channel: str) -> list[st
 def _row_addresses(conn: Connection, app: App, customer_id: str, channel: str) -> Iterator[str]:
     """The addresses on ``customer_id``'s reminders' rows: a message whose record was lost (its
     worker died after sending) still has its address there."""
-    rules = {r.name: r for r in app.ruleset.rules}
     rows = conn.execute(
         sa.select(reminder.c.rule, reminder.c.data).where(reminder.c.customer_id == customer_id)
     )
     for row in rows:
-        rule = rules.get(row.rule)
+        rule = app.ruleset.get(row.rule)
         if rule is not None and channel in rule.channels:
             address = _address(app, rule, channel, codec.loads(row.data))
             if address:
@@ -161,11 +167,11 @@ def unsubscribe(token: str) -> Response:
 class Upcoming:
     """One upcoming reminder as the customer sees it."""
 
-    what: str
+    what: str  # the rule's label for this row ("Refill of Metformin, runs out Dec 9, 2026")
     date: str
     time: str
     zone: str
-    channel: str | None  # None: it will not be sent (turned off or opted out everywhere)
+    channel: str | None  # None: it will not be sent (turned off or stopped everywhere)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class Switch:
     channel: str
     label: str
     on: bool
+    stopped: bool = False  # the channel is stopped for every address: the switch cannot act
 
     @property
     def key(self) -> str:
@@ -189,10 +196,43 @@ class Kind:
     switches: list[Switch]
 
 
-def _what(rule: Rule | None, name: str) -> str:
-    if rule is not None and rule.description:
-        return rule.description
-    return name.replace("-", " ").capitalize()
+@dataclass(frozen=True)
+class Reach:
+    """One of the customer's addresses on a channel, and whether it is stopped: by what, when."""
+
+    channel: str
+    address: str  # as the state DB keeps it (never shown: see ``shown``)
+    shown: str  # masked
+    stopped: consent.OptOut | None
+    why: str | None  # "You unsubscribed with the link in an email on December 6, 2026."
+    resume: bool  # the page may lift the stop (not a STOP reply: only START lifts that)
+
+    @property
+    def ref(self) -> str:
+        """The form's name for this address (not the address itself)."""
+        digest = hashlib.blake2b(f"{self.channel}:{self.address}".encode(), digest_size=6)
+        return f"{self.channel}:{digest.hexdigest()}"
+
+    @property
+    def name(self) -> str:
+        return CHANNEL_PLURALS.get(self.channel, self.channel)
+
+
+@dataclass
+class Page:
+    upcoming: list[Upcoming]
+    kinds: list[Kind]
+    reaches: list[Reach]
+
+
+def _what(app: App, rule: Rule, data: dict[str, Any]) -> str:
+    """The customer-facing title of one reminder: the rule's label over its row, else the
+    rule's plain name (never the description: it is written for staff)."""
+    try:
+        return label_of(app.renderer, app.config, rule, data, app.now())
+    except TemplateError as exc:
+        log.warning("preferences page: %s", exc)
+        return rule.plain_name
 
 
 def _locale(value: Any) -> Locale:
@@ -221,10 +261,25 @@ def _address(app: App, rule: Rule, channel: str, data: dict[str, Any]) -> str | 
     return links.normalize_address(channel, str(raw))
 
 
-def customer_page(
-    conn: Connection, app: App, customer_id: str
-) -> tuple[list[Upcoming], list[Kind]]:
-    """A customer's upcoming reminders and their switches, read for ``customer_id`` only."""
+def _why(stop: consent.OptOut, when: str) -> tuple[str, bool]:
+    """What stopped an address, in the customer's words, and whether the page may lift it."""
+    reason = stop.reason or ""
+    if stop.source == consent.STOP:
+        word = reason.removeprefix("replied ").strip() or "STOP"
+        return f"You replied {word} to a text message on {when}.", False
+    if stop.source == "21610":
+        return f"This number replied STOP to our texts (recorded on {when}).", False
+    if stop.source == consent.UNSUBSCRIBE:
+        how = "on our unsubscribe page" if "page" in reason else "with the link in an email"
+        return f"You unsubscribed {how} on {when}.", True
+    if stop.source in DEAD_NUMBER_CODES:
+        return f"Our texts to this number could not be delivered ({when}).", True
+    return f"Our messages to this address could not be delivered ({when}).", True
+
+
+def customer_page(conn: Connection, app: App, customer_id: str) -> Page:
+    """A customer's upcoming reminders, their switches and the state of each of their addresses,
+    read for ``customer_id`` only."""
     ruleset = app.ruleset
     rows = list(
         conn.execute(
@@ -244,29 +299,66 @@ def customer_page(
             sa.select(reminder.c.rule).where(reminder.c.customer_id == customer_id).distinct()
         ).scalars()
     )
+    recent = list(
+        conn.execute(
+            sa.select(reminder.c.rule, reminder.c.data)
+            .where(reminder.c.customer_id == customer_id)
+            .order_by(reminder.c.id.desc())
+            .limit(MAX_RECENT)
+        )
+    )
     choices = consent.preferences(conn, customer_id)
     heard |= {rule for rule, _channel in choices if rule != consent.ANY}
     decoded = [(row, codec.loads(row.data)) for row in rows]
-    pairs = []
-    for row, data in decoded:
-        rule = ruleset.get(row.rule)
-        if rule is not None:
-            for channel in rule.channels:
-                address = _address(app, rule, channel, data)
-                if address:
-                    pairs.append((channel, address))
+
+    # The customer's addresses: from their rows (newest first), and any stop recorded for them.
+    default_zone = app.config.tz()
+    zone, locale, located = default_zone, _locale(None), False
+    pairs: list[tuple[str, str]] = []
+    for past in recent:
+        rule = ruleset.get(past.rule)
+        if rule is None:
+            continue
+        data = codec.loads(past.data)
+        if not located:  # dates on the page in the zone and language of the newest row
+            zone = _zone(data.get(rule.columns["timezone"]), default_zone)
+            locale = _locale(data.get(rule.columns["locale"]))
+            located = True
+        for channel in rule.channels:
+            address = _address(app, rule, channel, data)
+            if address and (channel, address) not in pairs:
+                pairs.append((channel, address))
+    for kept in conn.execute(
+        sa.select(optout.c.channel, optout.c.address).where(optout.c.customer_id == customer_id)
+    ):
+        if (kept.channel, kept.address) not in pairs:
+            pairs.append((kept.channel, kept.address))
+    reaches = []
+    for channel, address in sorted(pairs, key=lambda p: (CHANNEL_ORDER.get(p[0], 9), p[1])):
+        stop = consent.opted_out(conn, channel, address)
+        why, resume = None, False
+        if stop is not None:
+            when = format_date(stop.created_at.astimezone(zone), format="long", locale=locale)
+            why, resume = _why(stop, when)
+        reaches.append(
+            Reach(channel, address, phone.mask_address(channel, address), stop, why, resume)
+        )
+    stopped_channels = {
+        channel
+        for channel in {r.channel for r in reaches}
+        if all(r.stopped is not None for r in reaches if r.channel == channel)
+    }
     view = consent.View.load(conn, [customer_id], pairs)
 
     upcoming = []
-    default_zone = app.config.tz()
     for row, data in decoded:
         rule = ruleset.get(row.rule)
         if rule is None:
             continue
         columns = rule.columns
-        zone = _zone(data.get(columns["timezone"]), default_zone)
-        locale = _locale(data.get(columns["locale"]))
-        local = row.send_at.astimezone(zone)
+        row_zone = _zone(data.get(columns["timezone"]), default_zone)
+        row_locale = _locale(data.get(columns["locale"]))
+        local = row.send_at.astimezone(row_zone)
         going = None
         for channel in rule.channels[row.channel_index :]:
             address = _address(app, rule, channel, data)
@@ -275,10 +367,10 @@ def customer_page(
                 break
         upcoming.append(
             Upcoming(
-                what=_what(rule, row.rule),
-                date=format_date(local, format="full", locale=locale),
-                time=format_time(local, format="short", locale=locale),
-                zone=zone.key,
+                what=_what(app, rule, data),
+                date=format_date(local, format="full", locale=row_locale),
+                time=format_time(local, format="short", locale=row_locale),
+                zone=row_zone.key,
                 channel=going,
             )
         )
@@ -289,11 +381,18 @@ def customer_page(
         if rule is None:
             continue  # a rule the business removed: nothing left to switch
         switches = [
-            Switch(name, ch, CHANNEL_NAMES.get(ch, ch), consent.resolve(choices, name, ch))
-            for ch in rule.channels
+            Switch(
+                name,
+                ch,
+                CHANNEL_NAMES.get(ch, ch),
+                consent.resolve(choices, name, ch),
+                stopped=ch in stopped_channels,
+            )
+            # In one order on every kind (the rule's order is its fallback order, not the page's).
+            for ch in sorted(rule.channels, key=lambda c: CHANNEL_ORDER.get(c, 9))
         ]
-        kinds.append(Kind(name, _what(rule, name), switches))
-    return upcoming, kinds
+        kinds.append(Kind(name, rule.plain_name, switches))
+    return Page(upcoming, kinds, reaches)
 
 
 def _customer(token: str) -> tuple[App, str]:
@@ -303,35 +402,68 @@ def _customer(token: str) -> tuple[App, str]:
 
 @blueprint.get(f"{links.PREFERENCES_PATH}<token>")
 def preferences_page(token: str) -> Response:
-    """The customer's upcoming reminders and on/off switches per rule and channel."""
+    """The customer's upcoming reminders, the state of each address and on/off switches per rule
+    and channel."""
     app, customer_id = _customer(token)
     with app.state.connect() as conn:
-        upcoming, kinds = customer_page(conn, app, customer_id)
+        page = customer_page(conn, app, customer_id)
+    resumed = request.args.get("resumed")
     html = render_template(
         "preferences.html",
         business=business_name(),
-        upcoming=upcoming,
-        kinds=kinds,
+        upcoming=page.upcoming,
+        kinds=page.kinds,
+        reaches=page.reaches,
         nonce=links.form_nonce(token),
         saved=request.args.get("saved") == "1",
+        resumed=CHANNEL_PLURALS.get(resumed or ""),
     )
     return Response(html, mimetype="text/html")
 
 
 @blueprint.post(f"{links.PREFERENCES_PATH}<token>")
 def preferences_save(token: str) -> Response | BaseResponse:
-    """Save the switches shown on the page (unchecked boxes are sent as nothing: off)."""
+    """Save the switches shown on the page (unchecked boxes are sent as nothing: off), or, with
+    ``resume``, lift the stop of one of the customer's addresses (recorded as an opt-in)."""
     app, customer_id = _customer(token)
     if "nonce" not in request.form:
         abort(400)
     if not links.check_nonce(token, request.form.get("nonce")):
         abort(403)
-    checked = set(request.form.getlist("on"))
     now = app.now()
+    resume = request.form.get("resume")
     with app.state.begin() as conn:
-        _upcoming, kinds = customer_page(conn, app, customer_id)
-        # Only the switches this customer's page shows can be set: nothing else in the form counts.
-        choices = {(s.rule, s.channel): s.key in checked for k in kinds for s in k.switches}
+        page = customer_page(conn, app, customer_id)
+        if resume is not None:
+            # Only an address this customer's page shows as stopped, and that the page may lift.
+            found = next((r for r in page.reaches if r.ref == resume), None)
+            if found is None or found.stopped is None or not found.resume:
+                abort(400)
+            consent.opt_in(
+                conn,
+                found.channel,
+                found.address,
+                consent.PREFERENCES,
+                "preferences page",
+                now,
+                customer_id,
+            )
+            log.info(
+                "%s resumed on the preferences page",
+                phone.mask_address(found.channel, found.address),
+            )
+            return redirect(
+                url_for("pages.preferences_page", token=token, resumed=found.channel), code=303
+            )
+        checked = set(request.form.getlist("on"))
+        # Only the switches this customer's page shows can be set, and not those of a stopped
+        # channel (shown off and disabled: their own choice is kept for when it is resumed).
+        choices = {
+            (s.rule, s.channel): s.key in checked
+            for k in page.kinds
+            for s in k.switches
+            if not s.stopped
+        }
         changed = consent.set_preferences(conn, customer_id, choices, now)
     log.info("preferences saved (%d changed)", changed)
     return redirect(url_for("pages.preferences_page", token=token, saved=1), code=303)

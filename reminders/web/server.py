@@ -29,7 +29,7 @@ from granian.server import MPServer
 
 from reminders import store
 from reminders.app import App
-from reminders.errors import InputError, RuntimeFailure
+from reminders.errors import InputError, RuntimeFailure, ServiceUnavailable
 
 from . import create_app
 from .front import BODY_TIMEOUT, MAX_HEADER_BYTES, WSGIFront
@@ -144,6 +144,23 @@ def _reload(config_file: str) -> None:
     log.info("reloaded %s", config_file)
 
 
+def _start_embedded_redis(app: App) -> None:
+    """Without ``redis.url``, start the embedded Redis (``/healthz`` asks it), or say why not.
+
+    The pages and webhooks do not need it, so a Redis that cannot start is logged, not fatal.
+    """
+    if app.config.redis.url:
+        return
+    from reminders import redis_conn
+
+    try:
+        url = redis_conn.embedded(app.config).ensure()
+    except ServiceUnavailable as exc:
+        log.error("the embedded Redis did not start, so /healthz answers 503: %s", exc)
+        return
+    log.info("embedded Redis at %s", url)
+
+
 def _release(app: App) -> None:
     """Close the master's connections: no forked worker may share a parent's connection."""
     app.state.dispose()
@@ -206,6 +223,7 @@ def serve(
     config_file = os.fspath(app.config.file)
     _built[config_file] = create_app(app)
     store.ensure_current(app.config.state_url)
+    _start_embedded_redis(app)
     _release(app)
     granian = server(config_file, host, port, workers, threads, access_log, body_timeout)
     granian.on_reload(functools.partial(_reload, config_file))
