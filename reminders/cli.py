@@ -219,6 +219,16 @@ def list_(
 ) -> None:
     """List reminders ordered by send time then id."""
     r = models.reminder
+    m = models.message
+    # The locale of the template variant of the reminder's latest message (null: the default
+    # template, or nothing sent yet).
+    locale = (
+        sa.select(m.c.locale)
+        .where(m.c.reminder_id == r.c.id)
+        .order_by(m.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     query = sa.select(
         r.c.id,
         r.c.rule,
@@ -229,6 +239,7 @@ def list_(
         r.c.status,
         r.c.channel,
         r.c.reason,
+        locale.label("locale"),
     ).order_by(r.c.send_at, r.c.id)
     if rule_name:
         query = query.where(r.c.rule == rule_name)
@@ -254,6 +265,7 @@ def list_(
                         "status": row["status"],
                         "channel": row["channel"],
                         "reason": row["reason"],
+                        "locale": row["locale"],
                     }
                 )
             return
@@ -379,13 +391,23 @@ def scheduler(app: App, once: bool) -> None:
     "--occurrence", metavar="KEY", help="the occurrence to show (default: the first rows)"
 )
 @click.option("--limit", type=int, default=3, show_default=True, help="rows to show")
+@click.option(
+    "--locale", metavar="LOCALE", help="render the variant for this locale (es, fr-CA) instead"
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a message")
 @pass_app
-def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_json: bool) -> None:
+def preview(
+    app: App,
+    rule_name: str,
+    occurrence: str | None,
+    limit: int,
+    locale: str | None,
+    as_json: bool,
+) -> None:
     """Render a rule's messages for real rows of the business DB; sends nothing."""
     from .preview import format_preview, preview_rule
 
-    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit)
+    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit, locale=locale)
     if as_json:
         for item in shown.items:
             _echo_json(item)

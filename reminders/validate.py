@@ -27,7 +27,16 @@ from .rules import CheckRule, Rule, key_columns
 # compose.template_context), and in a check template's besides its query's columns and params
 # (checks._message); Jinja's own globals (range, dict, namespace...) are added per environment.
 RULE_CONTEXT = frozenset(
-    {"customer", "reminder", "now", "default_timezone", "unsubscribe_url", "preferences_url"}
+    {
+        "customer",
+        "reminder",
+        "now",
+        "default_timezone",
+        "default_locale",
+        "template_locale",
+        "unsubscribe_url",
+        "preferences_url",
+    }
 )
 CHECK_CONTEXT = frozenset(
     {"params", "match", "check", "now", "customer", "default_timezone", "default_locale"}
@@ -235,12 +244,19 @@ def _check_problems(
 
 
 def _template_name_problems(app: Any, rule: Rule, returned: set[str]) -> list[Problem]:
-    """Names the rule's templates use that neither its query nor the engine provides."""
+    """Names the rule's templates (each variant too) use that neither its query nor the engine
+    provides."""
     known = returned | RULE_CONTEXT
     found = []
     reported: set[tuple[str, str | None]] = set()
-    for channel in rule.channels:
-        for name, file, line in app.renderer.names(rule.template_name, channel):
+    renderer = app.renderer
+    kinds = [
+        (kind, locale)
+        for kind in rule.channels
+        for locale in [None, *renderer.variants(rule.template_name, kind)]
+    ]
+    for channel, locale in kinds:
+        for name, file, line in renderer.names(rule.template_name, channel, locale):
             if name in known or (name, file) in reported:
                 continue
             reported.add((name, file))

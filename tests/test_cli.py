@@ -27,11 +27,14 @@ def test_list_json_is_one_object_a_line_in_send_time_order(scanned: Project) -> 
     lines = scanned.ok("list", "--json").out.splitlines()
     assert lines[:3] == [
         '{"id":1,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"-3d",'
-        '"send_at":"2027-03-14T14:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-14T14:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"locale":null}',
         '{"id":2,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"0d",'
-        '"send_at":"2027-03-17T14:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-17T14:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"locale":null}',
         '{"id":3,"rule":"refill-due","occurrence":"2","customer_id":"2","offset":"-3d",'
-        '"send_at":"2027-03-17T15:00:00Z","status":"pending","channel":null,"reason":null}',
+        '"send_at":"2027-03-17T15:00:00Z","status":"pending","channel":null,"reason":null,'
+        '"locale":null}',
     ]
     rows = scanned.ok("list", "--json").json_lines()
     assert [(r["occurrence"], r["offset"]) for r in rows] == [
@@ -358,8 +361,11 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 
 def test_db_upgrade_and_current(project: Project) -> None:
-    assert project.ok("db", "upgrade").out == "state DB at revision 0002\n"
-    assert project.ok("db", "current").out.splitlines() == ["state DB: 0002", "code:     0002"]
+    assert project.ok("db", "upgrade").out == "state DB at revision 0003_locale\n"
+    assert project.ok("db", "current").out.splitlines() == [
+        "state DB: 0003_locale",
+        "code:     0003_locale",
+    ]
 
 
 def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: str) -> None:
