@@ -11,6 +11,7 @@ masked: the output is safe to paste into a ticket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import clock, phone, sms, source
@@ -59,9 +60,10 @@ def preview_rule(
         missing = [c for c in rule.channels if renderer.choose(rule.template_name, c, tag) is None]
         for channel in missing:
             known = ", ".join(renderer.variants(rule.template_name, channel)) or "none"
+            default_file = _shown(config, renderer.path(rule.template_name, channel))
+            wanted = _shown(config, renderer.path(rule.template_name, channel, tag))
             said = (
-                f"{renderer.path(rule.template_name, channel)} has no variant for {tag} "
-                f"(its variants: {known}; write {renderer.path(rule.template_name, channel, tag)})"
+                f"{default_file} has no variant for {tag} (its variants: {known}; write {wanted})"
             )
             if len(missing) == len(rule.channels):
                 raise TemplateError(said)
@@ -168,6 +170,14 @@ def _preview_row(
         if rendered.warnings:
             item["warnings"] = rendered.warnings
         result.items.append(item)
+
+
+def _shown(config: Any, path: Path) -> str:
+    """A template's path relative to the config's folder, as validate names it."""
+    try:
+        return str(path.resolve().relative_to(Path(config.root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _typed_due(values: dict[str, Any], rule: Rule) -> Any:

@@ -501,7 +501,8 @@ class Renderer:
                 blocks = self._file_problems(file, channel, found)
                 if default_blocks is None or blocks is None:
                     continue
-                for block in sorted(set(default_blocks) - set(blocks)):
+                required = set(EMAIL_BLOCKS) if channel == "email" else set()
+                for block in sorted(set(default_blocks) - set(blocks) - required):
                     found.append(
                         Problem(
                             f"the {tag} variant has no {{% block {block} %}}, which "
