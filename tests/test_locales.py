@@ -11,6 +11,8 @@ import pytest
 
 from reminders import clock, locales, models, replies
 from reminders.app import App
+from reminders.config import Config, load_config
+from reminders.errors import ConfigError
 from reminders.render import Renderer
 from tests.rules_fixtures import REFILLS, Project, lite, project
 
@@ -330,3 +332,74 @@ def test_each_customer_gets_the_variant_their_locale_chooses_recorded_on_the_mes
     assert [(o["channel"], o["address"]) for o in project.rows(models.optout)] == [("sms", ann)]
     assert answer("alta").action == "start"
     assert project.rows(models.optout) == []
+
+
+# --- config: default_locale, help texts and keywords per language ---------------------------------
+
+BASE = "source:\n  url: sqlite:///business.db\n"
+
+
+def _config(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE + text)
+    return load_config(path, env={})
+
+
+def _config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        _config(tmp_path, text)
+    return str(err.value).replace(str(tmp_path / "config.yaml"), "config.yaml")
+
+
+def test_help_text_is_one_string_or_one_a_language(tmp_path: Path) -> None:
+    plain = _config(tmp_path, "web:\n  help_text: Acme. Reply STOP to opt out.\n")
+    assert plain.web.help_text == {"default": "Acme. Reply STOP to opt out."}
+    assert replies.help_text(plain, "es") == "Acme. Reply STOP to opt out."
+    assert replies.help_text(_config(tmp_path, ""), "es") is None
+    both = _config(
+        tmp_path,
+        "default_locale: fr_ca\nweb:\n  help_text: {default: Acme., es_MX: Acme MX., ES: Acme ES.,"
+        " fr-CA: Acme QC.}\n",
+    )
+    assert both.default_locale == "fr-CA"
+    assert both.web.help_text == {
+        "default": "Acme.",
+        "es-MX": "Acme MX.",
+        "es": "Acme ES.",
+        "fr-CA": "Acme QC.",
+    }
+    said = {loc: replies.help_text(both, loc) for loc in ("es-mx", "es_AR", "de", None)}
+    assert said == {"es-mx": "Acme MX.", "es_AR": "Acme ES.", "de": "Acme QC.", None: "Acme QC."}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "default_locale: español\n",
+            'config.yaml:3: default_locale: "español" is not a locale (examples: en, es, fr-CA, '
+            "pt_BR)",
+        ),
+        (
+            "web:\n  help_text: {default: Hi, 'e s': Hola}\n",
+            'config.yaml:4: web.help_text: "e s" is not a locale (examples: en, es, fr-CA, pt_BR)',
+        ),
+        (
+            "keywords:\n  es: {stop: [BAJA], start: [baja]}\n",
+            "config.yaml:4: keywords: es: BAJA is a start word here but means stop elsewhere "
+            "(a keyword means one thing in every language)",
+        ),
+        (
+            "keywords:\n  es: {start: [STOP]}\n",
+            "config.yaml:4: keywords: es: STOP is a start word here but means stop elsewhere "
+            "(a keyword means one thing in every language)",
+        ),
+        (
+            "keywords:\n  es: {stop: [no más]}\n",
+            'config.yaml:4: keywords.es.stop: "no más" is not a one-word keyword',
+        ),
+        ("keywords:\n  es: {unsubscribe: [BAJA]}\n", "config.yaml:4: keywords.es.unsubscribe"),
+    ],
+)
+def test_bad_locale_settings_name_their_line(tmp_path: Path, text: str, problem: str) -> None:
+    assert _config_error(tmp_path, text).startswith(problem)
