@@ -63,10 +63,36 @@ def validate_all(app: App, *, business: bool = True) -> list[Problem]:
         return list(exc.problems)
     problems: list[Problem] = list(ruleset.warnings)
     problems.extend(template_problems(app, ruleset.rules, ruleset.checks))
+    problems.extend(keyword_problems(app.config, ruleset.rules))
     problems.extend(secret_problems(app.config))
     if business and not any(not p.warning for p in problems):
         problems.extend(query_problems(app, ruleset.rules, ruleset.checks))
     return problems
+
+
+def keyword_problems(config: Any, rules: Iterable[Rule]) -> list[Problem]:
+    """A rule's reply word that a language's keywords (config ``keywords``) already claim: the
+    engine's meaning would win, and the rule's never happen."""
+    claimed = {
+        word: (language, action)
+        for language, words in config.keywords.items()
+        for action in ("stop", "start", "help")
+        for word in getattr(words, action)
+    }
+    found = []
+    for rule in rules:
+        for word in rule.replies:
+            if word in claimed:
+                language, action = claimed[word]
+                found.append(
+                    Problem(
+                        f"rule {rule.name}: replies: {word} is the {language} {action} keyword "
+                        f"(config keywords.{language}.{action}); choose another word",
+                        rule.file,
+                        rule.line_of("replies"),
+                    )
+                )
+    return [_relative(p, config.root) for p in found]
 
 
 def secret_problems(config: Any) -> list[Problem]:

@@ -403,3 +403,18 @@ def test_help_text_is_one_string_or_one_a_language(tmp_path: Path) -> None:
 )
 def test_bad_locale_settings_name_their_line(tmp_path: Path, text: str, problem: str) -> None:
     assert _config_error(tmp_path, text).startswith(problem)
+
+
+def test_a_rules_reply_word_in_any_language_and_not_a_languages_keyword(lite: Project) -> None:
+    rules = LOCALE_RULES + "    replies:\n      Listo: done\n      más: snooze 1d\n"
+    lite.write("rules/refills.yaml", rules)
+    app = App(lite.root / "config.yaml")
+    assert sorted(app.ruleset.rule("refill-due").replies) == ["LISTO", "MAS"]
+    config = lite.root / "config.yaml"
+    config.write_text(config.read_text() + "keywords:\n  es: {stop: [listo]}\n")
+    result = lite.run("validate", "--offline")
+    assert result.code == 2
+    assert result.err == (
+        "rules/refills.yaml:16: rule refill-due: replies: LISTO is the es stop keyword "
+        "(config keywords.es.stop); choose another word\n"
+    )
