@@ -194,7 +194,7 @@ def test_the_process_environment_is_read_by_default(
             "config.yaml:5: channels.sms: provider twilio needs account_sid and auth_token",
         ),
         (
-            BASE + "channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n",
+            BASE + 'channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n',
             "config.yaml:5: channels.email: provider smtp has a username but no password "
             "(e.g. password: ${SMTP_PASSWORD})",
         ),
