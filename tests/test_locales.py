@@ -418,3 +418,11 @@ def test_a_rules_reply_word_in_any_language_and_not_a_languages_keyword(lite: Pr
         "rules/refills.yaml:16: rule refill-due: replies: LISTO is the es stop keyword "
         "(config keywords.es.stop); choose another word\n"
     )
+
+
+def test_a_variant_in_a_locale_babel_does_not_know_is_a_warning(tmp_path: Path) -> None:
+    renderer = _templates(tmp_path, {"t.sms.j2": "Hi", "t.qq.sms.j2": "Qq"})
+    (problem,) = renderer.problems("t", ["sms"])
+    assert problem.warning and problem.file == str(tmp_path / "templates" / "t.qq.sms.j2")
+    assert problem.message.startswith("qq is not a locale Babel knows")
+    assert renderer.choose("t", "sms", "qq-ZZ") == "qq"  # still chosen: the business wrote it
