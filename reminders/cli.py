@@ -338,6 +338,16 @@ def list_(
     from . import models
 
     r = models.reminder
+    m = models.message
+    # The locale of the template variant of the reminder's latest message (null: the default
+    # template, or nothing sent yet).
+    locale = (
+        sa.select(m.c.locale)
+        .where(m.c.reminder_id == r.c.id)
+        .order_by(m.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     query = sa.select(
         r.c.id,
         r.c.rule,
@@ -349,6 +359,7 @@ def list_(
         r.c.channel,
         r.c.reason,
         r.c.sent_at,
+        locale.label("locale"),
     )
     if rule_name:
         query = query.where(r.c.rule == rule_name)
@@ -379,6 +390,7 @@ def list_(
                         "channel": row["channel"],
                         "reason": row["reason"],
                         "sent_at": clock.iso_utc(row["sent_at"]) if row["sent_at"] else None,
+                        "locale": row["locale"],
                     }
                 )
             return
@@ -514,13 +526,23 @@ def scheduler(app: App, once: bool) -> None:
     "--occurrence", metavar="KEY", help="the occurrence to show (default: the first rows)"
 )
 @click.option("--limit", type=int, default=3, show_default=True, help="rows to show")
+@click.option(
+    "--locale", metavar="LOCALE", help="render the variant for this locale (es, fr-CA) instead"
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a message")
 @pass_app
-def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_json: bool) -> None:
+def preview(
+    app: App,
+    rule_name: str,
+    occurrence: str | None,
+    limit: int,
+    locale: str | None,
+    as_json: bool,
+) -> None:
     """Render a rule's messages for real rows of the business DB; sends nothing."""
     from .preview import format_preview, preview_rule
 
-    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit)
+    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit, locale=locale)
     if as_json:
         for item in shown.items:
             _echo_json(item)

@@ -104,6 +104,8 @@ def template_context(
         },
         now=now,
         default_timezone=config.timezone,
+        default_locale=config.default_locale,
+        template_locale=None,
         **_links(config, str(customer.get("id")), channel, address, now),
     )
     return context
@@ -123,11 +125,13 @@ def label_of(
 
 @dataclass
 class Rendered:
-    """A rendered message before sending: the channel's ``Message`` and its SMS segments."""
+    """A rendered message before sending: the channel's ``Message``, its SMS segments and the
+    template variant's locale (None: the default template)."""
 
     message: Message
     segments: int | None
     warnings: list[str] = field(default_factory=list)
+    locale: str | None = None
 
 
 def render(
@@ -138,14 +142,21 @@ def render(
     context: Mapping[str, Any],
     channel: str,
     address: str,
+    locale: str | None = None,
 ) -> Rendered:
-    """Render the rule's template for ``channel``; raises ``TemplateError`` naming file and line."""
+    """Render the rule's template for ``channel`` in the variant the customer's locale chooses
+    (``locale`` stands in for the customer's, for previews); raises ``TemplateError`` naming file
+    and line."""
     rid = int(row.get("id") or 0)
     name = rule.template_name
+    customer = context.get("customer")
+    wanted = locale or (customer.get("locale") if isinstance(customer, Mapping) else None)
+    chosen = renderer.choose(name, channel, wanted, config.default_locale)
+    context = {**context, "template_locale": chosen}
     if channel == "sms":
-        body = renderer.render_sms(name, context)
+        body = renderer.render_sms(name, context, chosen)
         if not body:
-            raise TemplateError(f"{renderer.path(name, 'sms')}: the text is empty")
+            raise TemplateError(f"{renderer.path(name, 'sms', chosen)}: the text is empty")
         info = sms.segments(body)
         warnings = []
         if info.offending:
@@ -164,8 +175,8 @@ def render(
         if config.web.public_url:
             callback = config.web.public_url + "/webhooks/twilio/status"
         msg = Message(rid, rule.name, "sms", address, body, status_callback=callback)
-        return Rendered(msg, info.segments, warnings)
-    email = renderer.render_email(name, context)
+        return Rendered(msg, info.segments, warnings, chosen)
+    email = renderer.render_email(name, context, chosen)
     size = sum(len(part.encode("utf-8")) for part in (email.subject, email.text, email.html or ""))
     limit = config.channels.email.max_bytes if config.channels.email else None
     if limit and size > limit:
@@ -186,7 +197,7 @@ def render(
         html=email.html,
         unsubscribe_url=context.get("unsubscribe_url"),
     )
-    return Rendered(msg, None)
+    return Rendered(msg, None, locale=chosen)
 
 
 # The send-time re-check: a rule's ``check:`` query, asked again before each message. Not to be

@@ -54,7 +54,19 @@ def _zone(value: Any) -> Any:
     return value
 
 
+def _locale(value: Any) -> Any:
+    if isinstance(value, str):
+        from . import locales
+
+        tag = locales.normalize(value)
+        if tag is None:
+            raise ValueError(f'"{value}" is not a locale (examples: en, es, fr-CA, pt_BR)')
+        return tag
+    return value
+
+
 Window = Annotated[schedule.Window, BeforeValidator(_window)]
+LocaleTag = Annotated[str, BeforeValidator(_locale)]
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 ZoneName = Annotated[str, BeforeValidator(_zone)]
 
@@ -142,12 +154,59 @@ class ChannelsConfig(_Model):
     email: EmailConfig | None = None
 
 
+HelpText = Annotated[str, Field(max_length=320)]
+
+
+def _help_texts(value: Any) -> Any:
+    """One string means the default; a mapping's keys other than ``default`` are locales."""
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, dict):
+        out = {}
+        for key, text in value.items():
+            tag = key if key == "default" else _locale(str(key))
+            if tag in out:
+                raise ValueError(f"{key}: the same locale is listed twice")
+            out[tag] = text
+        return out
+    return value
+
+
+def _word_list(value: Any) -> Any:
+    from . import locales
+
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        words = []
+        for word in value:
+            text = str(word).strip()
+            if not re.match(r"^[^\W_]+$", text):
+                raise ValueError(f'"{word}" is not a one-word keyword')
+            words.append(locales.fold(text))
+        return words
+    return value
+
+
+Words = Annotated[list[str], BeforeValidator(_word_list)]
+
+
+class LanguageKeywords(_Model):
+    """A language's own words for the engine's keywords, besides the English ones carriers
+    require (STOP and synonyms, START/UNSTOP/YES, HELP/INFO), which always work."""
+
+    stop: Words = []
+    start: Words = []
+    help: Words = []
+
+
 class WebConfig(_Model):
     public_url: str | None = None
     # Shown on the customer's pages (unsubscribe, preferences).
     business_name: str | None = None
-    # The answer to HELP/INFO. Unset: an empty <Response/> (a Messaging Service answers itself).
-    help_text: str | None = Field(default=None, max_length=320)
+    # The answer to HELP/INFO: one text, or one a language ({default: ..., es: ...}).
+    # Unset: an empty <Response/> (a Messaging Service answers itself).
+    help_text: Annotated[dict[str, HelpText] | None, BeforeValidator(_help_texts)] = None
     # How long links in messages (unsubscribe, preferences) stay valid: unsubscribe requests
     # arrive late, and the law asks for at least 30 days.
     link_max_age: Duration = timedelta(days=90)
@@ -217,6 +276,9 @@ class Config(_Model):
     """The validated config. ``root`` is the folder relative paths are resolved against."""
 
     timezone: ZoneName = "UTC"
+    # The locale of customers whose row names none or one without a template variant: its
+    # variant is chosen before the default template (see reminders.locales).
+    default_locale: LocaleTag | None = None
     send_window: Window = schedule.parse_window("09:00-20:00")
     default_region: str = "US"
     source: SourceConfig
@@ -226,6 +288,8 @@ class Config(_Model):
     templates: Path = Path("templates")
     channels: ChannelsConfig = ChannelsConfig()
     web: WebConfig = WebConfig()
+    # Inbound SMS keywords per language ({es: {stop: [BAJA], start: [ALTA], help: [AYUDA]}}).
+    keywords: dict[LocaleTag, LanguageKeywords] = {}
     requeue_after: Duration = timedelta(minutes=5)
     batch_size: int = Field(default=100, ge=1, le=10_000)
     retries: RetryConfig = RetryConfig()
@@ -237,6 +301,27 @@ class Config(_Model):
     env_file: Path | None = None
     root: Path = Path(".")
     file: str = DEFAULT_CONFIG
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords(cls, value: dict[str, LanguageKeywords]) -> dict[str, LanguageKeywords]:
+        from .rules import HELP_WORDS, START_WORDS, STOP_WORDS
+
+        meaning = {
+            **dict.fromkeys(STOP_WORDS, "stop"),
+            **dict.fromkeys(START_WORDS, "start"),
+            **dict.fromkeys(HELP_WORDS, "help"),
+        }
+        for language, words in value.items():
+            for action in ("stop", "start", "help"):
+                for word in getattr(words, action):
+                    said = meaning.setdefault(word, action)
+                    if said != action:
+                        raise ValueError(
+                            f"{language}: {word} is a {action} word here but means {said} "
+                            "elsewhere (a keyword means one thing in every language)"
+                        )
+        return value
 
     @field_validator("default_region")
     @classmethod

@@ -482,6 +482,7 @@ class Delivery:
                         "provider_id": result,
                         "status": SENT,
                         "segments": item.rendered.segments,
+                        "locale": item.rendered.locale,
                         "created_at": now,
                         "updated_at": now,
                     }

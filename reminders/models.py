@@ -156,6 +156,8 @@ message = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # sent, delivered, undelivered, failed
     sa.Column("error_code", sa.String(32)),
     sa.Column("segments", sa.Integer),
+    # The template variant the customer's locale chose (es, fr-CA); NULL: the default template.
+    sa.Column("locale", sa.String(35)),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
     sa.Index(None, "provider_id"),

@@ -11,11 +11,12 @@ masked: the output is safe to paste into a ticket.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import clock, phone, sms, source
 from .compose import address_for, label_of, render, template_context
-from .errors import PermanentError, TemplateError
+from .errors import InputError, PermanentError, Problem, TemplateError
 from .planner import Planner, RowError, parse_due
 from .rules import Rule
 
@@ -37,14 +38,40 @@ class PreviewResult:
 
 
 def preview_rule(
-    app: App, rule_name: str, *, occurrence: str | None = None, limit: int = 3
+    app: App,
+    rule_name: str,
+    *,
+    occurrence: str | None = None,
+    limit: int = 3,
+    locale: str | None = None,
 ) -> PreviewResult:
-    """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence)."""
+    """Render ``rule_name``'s messages for the first ``limit`` rows (or one occurrence); with
+    ``locale``, in the variant that locale chooses, whatever the customers' own."""
     config = app.config
     rule: Rule = app.ruleset.rule(rule_name)
+    notes: list[str] = []
+    if locale is not None:
+        from . import locales
+
+        tag = locales.normalize(locale)
+        if tag is None:
+            raise InputError(Problem(f'--locale: "{locale}" is not a locale (examples: es, fr-CA)'))
+        renderer = app.renderer
+        missing = [c for c in rule.channels if renderer.choose(rule.template_name, c, tag) is None]
+        for channel in missing:
+            known = ", ".join(renderer.variants(rule.template_name, channel)) or "none"
+            default_file = _shown(config, renderer.path(rule.template_name, channel))
+            wanted = _shown(config, renderer.path(rule.template_name, channel, tag))
+            said = (
+                f"{default_file} has no variant for {tag} (its variants: {known}; write {wanted})"
+            )
+            if len(missing) == len(rule.channels):
+                raise TemplateError(said)
+            notes.append(f"{said}: the default template is shown")
+        locale = tag
     now = app.now()
     planner = Planner(rule, config, now)
-    result = PreviewResult(rule.name)
+    result = PreviewResult(rule.name, notes=notes)
     params = source.time_params(rule.query, now, config.tz())
     seen = 0
     shown = 0
@@ -64,7 +91,7 @@ def preview_rule(
             except RowError as exc:
                 result.notes.append(f"occurrence {key} would be skipped: {exc.reason}")
                 continue
-            _preview_row(app, rule, dict(row), key, customer_id, planned, now, result)
+            _preview_row(app, rule, dict(row), key, customer_id, planned, now, result, locale)
             shown += 1
             if shown >= limit:
                 return result
@@ -88,6 +115,7 @@ def _preview_row(
     planned: list[Any],
     now: Any,
     result: PreviewResult,
+    locale: str | None = None,
 ) -> None:
     config = app.config
     values[rule.due] = _typed_due(values, rule)
@@ -127,13 +155,14 @@ def _preview_row(
         item["to"] = phone.mask_address(channel, address)
         context = template_context(config, rule, row, values, now, channel, address)
         try:
-            rendered = render(app.renderer, config, rule, row, context, channel, address)
+            rendered = render(app.renderer, config, rule, row, context, channel, address, locale)
         except TemplateError as exc:
             item["error"] = "; ".join(str(p) for p in exc.problems)
             result.errors.append(f"{rule.name} {key} {channel}: {item['error']}")
             result.items.append(item)
             continue
         message = rendered.message
+        item["locale"] = rendered.locale
         if channel == "sms":
             info = sms.segments(message.body)
             item.update(
@@ -147,6 +176,14 @@ def _preview_row(
         if rendered.warnings:
             item["warnings"] = rendered.warnings
         result.items.append(item)
+
+
+def _shown(config: Any, path: Path) -> str:
+    """A template's path relative to the config's folder, as validate names it."""
+    try:
+        return str(path.resolve().relative_to(Path(config.root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _typed_due(values: dict[str, Any], rule: Rule) -> Any:
@@ -185,6 +222,8 @@ def format_preview(result: PreviewResult) -> str:
         )
         if item.get("offset"):
             head += f", offset {item['offset']} at {item['send_at']}"
+        if item.get("locale"):
+            head += f", in {item['locale']}"
         lines.append(head)
         if "label" in item:
             lines.append(f"label: {item['label']}")

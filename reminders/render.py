@@ -6,7 +6,10 @@ Files, in the templates folder:
 - ``<name>.email.j2``: defines the blocks ``subject``, ``text`` and optionally ``html``; only the
   ``html`` block is autoescaped, and text outside the blocks is not sent (``{% set %}`` there is
   seen by every block);
-- ``<name>.check.j2``: the message of a check, rendered with its match.
+- ``<name>.check.j2``: the message of a check, rendered with its match;
+- ``<name>.<locale>.sms.j2``, ``<name>.<locale>.email.j2``: a variant of the default in another
+  language (``refill-due.es.sms.j2``, ``refill-due.fr-CA.email.j2``), chosen per customer by
+  :mod:`reminders.locales` (exact locale, language, ``default_locale``'s, then the default).
 
 Every render has a budget (``Renderer`` arguments, defaults below): ``max_seconds`` of time,
 ``max_iterations`` loop steps in all, and ``max_output`` characters, both for what it writes and
@@ -25,6 +28,9 @@ reminder, passed through untouched):
 - ``customer``: a mapping (or object) whose ``locale`` (``fr_FR`` or ``fr-FR``) and ``timezone``
   (an IANA name) are used by the filters below when set and known;
 - ``default_locale``, ``default_timezone``: the fall-backs (config); then ``en_US`` and ``UTC``;
+- ``template_locale``: the variant being rendered (``es``), or None for the default template. A
+  variant in another language than the customer's locale (a ``de`` customer given the ``es``
+  variant of ``default_locale``) formats in the variant's locale, so a message keeps one language;
 - ``now``: an aware datetime (or ISO string), the engine's current time, for ``days_until``
   (``reminders.clock.now()`` when absent).
 
@@ -33,10 +39,16 @@ Filters: ``date(value, format="medium")``, ``datetime(value, format="medium")``,
 pattern such as ``"EEEE d MMMM"``) in the customer's locale and zone, a naive datetime being
 customer-local; ``money(amount, currency="USD")``; ``days_until(value)``, whole days from today
 in the customer's zone (negative when past). Values may be date/datetime objects or ISO strings.
+``number(value, format=None)``: a number with the locale's separators (``1234.5`` -> ``1,234.5``,
+``1.234,5`` in ``es``; ``format`` a Babel pattern such as ``"#,##0.00"``);
+``plural(n, one="# day", other="# days")``: the form CLDR's plural rules choose for ``n`` in the
+locale (categories ``zero``, ``one``, ``two``, ``few``, ``many``, ``other``; ``other`` is required
+and stands in for a category not given), ``#`` replaced by ``n|number``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import string
 import threading
@@ -54,7 +66,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel import Locale, UnknownLocaleError
 from babel.dates import format_date, format_datetime, format_time
-from babel.numbers import format_currency
+from babel.numbers import format_currency, format_decimal
 from jinja2 import (
     FileSystemLoader,
     StrictUndefined,
@@ -71,7 +83,7 @@ from jinja2.runtime import Context, Undefined
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import _PassArg
 
-from reminders import clock
+from reminders import clock, locales
 from reminders.errors import Problem, TemplateError
 from reminders.sms import describe_offending, segments
 
@@ -79,6 +91,10 @@ SUFFIXES = {"sms": ".sms.j2", "email": ".email.j2", "check": ".check.j2"}
 EMAIL_BLOCKS = ("subject", "text")
 # The HTML block is compiled from the same file a second time, under this name, with autoescape.
 _HTML = "#html"
+# A variant of a message template in another language: <name>.<locale>.<channel>.j2
+_VARIANT = re.compile(
+    r"^(?P<name>.+)\.(?P<locale>[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*)\.(?P<kind>sms|email)\.j2$"
+)
 
 
 @dataclass(frozen=True)
@@ -405,7 +421,13 @@ def _parse_zone(name: str) -> ZoneInfo | None:
 def _locale(ctx: Context) -> Locale:
     # A customer's unknown locale falls back rather than failing the message: it is their row's
     # data, not the business's template.
-    for candidate in (_customer_field(ctx, "locale"), ctx.get("default_locale")):
+    customer = _customer_field(ctx, "locale")
+    variant = ctx.get("template_locale")
+    if isinstance(variant, str) and variant:
+        tag = locales.normalize(customer)
+        if tag is None or locales.language(tag) != locales.language(variant):
+            customer = variant
+    for candidate in (customer, ctx.get("default_locale")):
         if isinstance(candidate, str) and candidate and (found := _parse_locale(candidate)):
             return found
     return _parse_locale("en_US") or Locale.parse("en_US")  # parsed once, not at every date
@@ -504,7 +526,50 @@ def days_until_filter(ctx: Context, value: Any) -> int:
     return (target - today).days
 
 
+def _decimal(value: Any, what: str) -> Decimal | int:
+    if isinstance(value, bool):
+        raise ValueError(f"the {what} filter needs a number, got {value!r}")
+    if isinstance(value, int | Decimal):
+        return value
+    try:
+        return Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"the {what} filter needs a number, got {value!r}") from None
+
+
+@pass_context
+def number_filter(ctx: Context, value: Any, format: str | None = None) -> str:
+    """A number in the customer's locale: ``{{ 1234.5|number }}`` -> ``1,234.5``."""
+    return format_decimal(_decimal(value, "number"), format=format, locale=_locale(ctx))
+
+
+PLURAL_CATEGORIES = ("zero", "one", "two", "few", "many", "other")
+
+
+@pass_context
+def plural_filter(ctx: Context, value: Any, **forms: str) -> str:
+    """The plural form of ``value`` in the customer's locale (CLDR rules, through Babel):
+    ``{{ days|plural(one="# día", other="# días") }}`` -> ``1 día``, ``3 días``."""
+    unknown = sorted(set(forms) - set(PLURAL_CATEGORIES))
+    if unknown:
+        raise ValueError(
+            f"the plural filter has no form {', '.join(unknown)} "
+            f"(CLDR's categories: {', '.join(PLURAL_CATEGORIES)})"
+        )
+    if "other" not in forms:
+        raise ValueError(
+            'the plural filter needs other= (e.g. plural(one="# day", other="# days"))'
+        )
+    number = _decimal(value, "plural")
+    locale = _locale(ctx)
+    category = locale.plural_form(number)
+    text = forms.get(category, forms["other"])
+    return str(text).replace("#", format_decimal(number, locale=locale))
+
+
 FILTERS = {
+    "number": number_filter,
+    "plural": plural_filter,
     "date": date_filter,
     "datetime": datetime_filter,
     "time": time_filter,
@@ -545,12 +610,50 @@ class Renderer:
         self.max_output = max_output
         self._folder = self.templates_dir.resolve()
         self._env = _environment(self._folder)
+        self._variants: dict[tuple[str, str], dict[str, str]] | None = None
+        # (template, kind, file, the file it repeats): two spellings of one locale
+        self._duplicates: list[tuple[str, str, str, str]] = []
 
     # -- paths and loading --
 
-    def path(self, name: str, kind: str) -> Path:
-        """Where the template of ``kind`` (sms, email, check) named ``name`` is expected."""
-        return self.templates_dir / f"{name}{SUFFIXES[kind]}"
+    def path(self, name: str, kind: str, locale: str | None = None) -> Path:
+        """Where the template of ``kind`` (sms, email, check) named ``name`` is expected; with
+        ``locale``, its variant in that language."""
+        return self.templates_dir / self._file(name, kind, locale)
+
+    def _file(self, name: str, kind: str, locale: str | None) -> str:
+        if locale is None:
+            return f"{name}{SUFFIXES[kind]}"
+        return self.variants(name, kind).get(locale) or f"{name}.{locale}{SUFFIXES[kind]}"
+
+    def variants(self, name: str, kind: str) -> dict[str, str]:
+        """The variants of template ``name`` for ``kind`` (sms, email): canonical locale tag ->
+        file name, from the folder as it was when first asked (like the compiled templates)."""
+        if self._variants is None:
+            found: dict[tuple[str, str], dict[str, str]] = {}
+            try:
+                files = sorted(os.listdir(self._folder))
+            except OSError:
+                files = []
+            for file in files:
+                match = _VARIANT.match(file)
+                tag = locales.normalize(match["locale"]) if match else None
+                if match is None or tag is None:
+                    continue
+                same = found.setdefault((match["name"], match["kind"]), {})
+                if tag in same:
+                    self._duplicates.append((match["name"], match["kind"], file, same[tag]))
+                else:
+                    same[tag] = file
+            self._variants = found
+        return self._variants.get((name, kind), {})
+
+    def choose(self, name: str, kind: str, customer: object, default: object = None) -> str | None:
+        """The variant of ``name`` for a customer's locale (exact, language, ``default``'s), or
+        None for the default template; never an error (see :mod:`reminders.locales`)."""
+        if kind not in ("sms", "email"):
+            return None
+        return locales.choose(self.variants(name, kind), customer, default)
 
     def _shown(self, filename: str | None) -> str | None:
         """A template's file as the business wrote the folder (relative stays relative)."""
@@ -608,9 +711,10 @@ class Renderer:
         template = self._load(file)
         return str(self._run(template, file, lambda: template.render(dict(context)))).strip()
 
-    def render_sms(self, name: str, context: Mapping[str, Any]) -> str:
-        """The SMS text of template ``name`` (``<name>.sms.j2``), stripped."""
-        return self._render_whole(f"{name}{SUFFIXES['sms']}", context)
+    def render_sms(self, name: str, context: Mapping[str, Any], locale: str | None = None) -> str:
+        """The SMS text of template ``name`` (``<name>.sms.j2``, or its ``locale`` variant),
+        stripped."""
+        return self._render_whole(self._file(name, "sms", locale), context)
 
     def render_check(self, name: str, context: Mapping[str, Any]) -> str:
         """The message of check ``name`` (``<name>.check.j2``), stripped."""
@@ -638,9 +742,12 @@ class Renderer:
         except Exception as exc:  # an undefined column, a filter's ValueError: name the rule
             raise TemplateError(Problem(f"{where}: {exc}", file, line)) from None
 
-    def render_email(self, name: str, context: Mapping[str, Any]) -> RenderedEmail:
-        """Subject (one line), text and HTML (``None`` without an ``html`` block) of an email."""
-        file = f"{name}{SUFFIXES['email']}"
+    def render_email(
+        self, name: str, context: Mapping[str, Any], locale: str | None = None
+    ) -> RenderedEmail:
+        """Subject (one line), text and HTML (``None`` without an ``html`` block) of an email
+        (``<name>.email.j2``, or its ``locale`` variant)."""
+        file = self._file(name, "email", locale)
         template = self._load(file)
         missing = [b for b in EMAIL_BLOCKS if b not in template.blocks]
         if missing:
@@ -667,10 +774,12 @@ class Renderer:
         )
 
     def problems(self, name: str, channels: list[str] | tuple[str, ...]) -> list[Problem]:
-        """What is wrong with template ``name`` for each of ``channels`` (sms, email, check).
+        """What is wrong with template ``name`` for each of ``channels`` (sms, email, check),
+        its variants in other languages included.
 
         Missing files, syntax errors (file and line), email templates without a subject or text
-        block; and, as warnings, literal SMS text that forces UCS-2.
+        block; and, as warnings, literal SMS text that forces UCS-2 (naming the characters), a
+        variant without a block its default has, a variant's locale that Babel does not know.
         """
         found: list[Problem] = []
         for channel in channels:
@@ -678,32 +787,73 @@ class Renderer:
                 allowed = ", ".join(SUFFIXES)
                 found.append(Problem(f"unknown template kind {channel!r} (allowed: {allowed})"))
                 continue
-            file = f"{name}{SUFFIXES[channel]}"
-            try:
-                template = self._load(file)
-                if channel == "email":
-                    missing = [b for b in EMAIL_BLOCKS if b not in template.blocks]
-                    if missing:
-                        found.append(self._missing_blocks(file, missing))
-                    if "html" in template.blocks:
-                        self._load(file + _HTML)
-            except TemplateError as exc:
-                found.extend(exc.problems)
+            default_blocks = self._file_problems(f"{name}{SUFFIXES[channel]}", channel, found)
+            if channel == "check":
                 continue
-            if channel == "sms":
-                found.extend(self._ucs2_warnings(file))
+            for tag, file in self.variants(name, channel).items():
+                shown = str(self.templates_dir / file)
+                if _parse_locale(tag) is None:
+                    found.append(
+                        Problem(
+                            f"{tag} is not a locale Babel knows: dates and numbers in this "
+                            "variant fall back to the customer's or the default locale",
+                            shown,
+                            warning=True,
+                        )
+                    )
+                blocks = self._file_problems(file, channel, found)
+                if default_blocks is None or blocks is None:
+                    continue
+                required = set(EMAIL_BLOCKS) if channel == "email" else set()
+                for block in sorted(set(default_blocks) - set(blocks) - required):
+                    found.append(
+                        Problem(
+                            f"the {tag} variant has no {{% block {block} %}}, which "
+                            f"{name}{SUFFIXES[channel]} has",
+                            shown,
+                            warning=True,
+                        )
+                    )
+        for template, kind, file, first in self._duplicates:
+            if template == name and kind in channels:
+                found.append(
+                    Problem(
+                        f"the same locale as {first}: one variant a locale "
+                        "(fr-CA, fr_CA and FR-ca are one locale)",
+                        str(self.templates_dir / file),
+                    )
+                )
         return found
 
-    def names(self, name: str, kind: str) -> list[tuple[str, str | None, int]]:
-        """The names template ``name`` of ``kind`` reads from its context: (name, file, line of
-        its first use), following the templates it includes, extends or imports by a constant
-        name. Jinja's own globals are left out; a missing or broken file is skipped (reported by
-        :meth:`problems`)."""
+    def _file_problems(self, file: str, channel: str, found: list[Problem]) -> list[str] | None:
+        """Add the problems of one template file to ``found``; its blocks, None if unreadable."""
+        try:
+            template = self._load(file)
+            if channel == "email":
+                missing = [b for b in EMAIL_BLOCKS if b not in template.blocks]
+                if missing:
+                    found.append(self._missing_blocks(file, missing))
+                if "html" in template.blocks:
+                    self._load(file + _HTML)
+        except TemplateError as exc:
+            found.extend(exc.problems)
+            return None
+        if channel == "sms":
+            found.extend(self._ucs2_warnings(file))
+        return list(template.blocks)
+
+    def names(
+        self, name: str, kind: str, locale: str | None = None
+    ) -> list[tuple[str, str | None, int]]:
+        """The names template ``name`` of ``kind`` (or its ``locale`` variant) reads from its
+        context: (name, file, line of its first use), following the templates it includes,
+        extends or imports by a constant name. Jinja's own globals are left out; a missing or
+        broken file is skipped (reported by :meth:`problems`)."""
         assert self._env.loader is not None
         found: dict[str, tuple[str | None, int]] = {}
         assigned: set[str] = set()  # set by an including template: an included one sees it
         seen: set[str] = set()
-        pending = [f"{name}{SUFFIXES[kind]}"]
+        pending = [self._file(name, kind, locale)]
         while pending:
             file = pending.pop(0)
             if file in seen:

@@ -2,8 +2,12 @@
 
 A one-word answer applies to the most recent message sent to that number. STOP and its synonyms
 stop every SMS to the number (all of the business's rules); START, YES, UNSTOP undo it; HELP and
-INFO answer the business's help text (``web.help_text``). Twilio answers STOP, START and HELP
-itself on a Messaging Service with default opt-out handling, so those get an empty answer (HELP
+INFO answer the business's help text (``web.help_text``). Each language may add its own words
+for these (``keywords: {es: {stop: [BAJA], start: [ALTA], help: [AYUDA]}}``); the English ones
+carriers require always work. HELP is answered in the language of the word sent (AYUDA: es),
+else in that of the last message sent to the number (its template variant's locale), else
+``default``. Keywords compare without case or accents (SÍ is SI). Twilio answers STOP, START and
+HELP itself on a Messaging Service with default opt-out handling, so those get an empty answer (HELP
 too, unless a help text is configured). A rule's keyword either cancels the occurrence's open
 reminders (``done``) or moves its next open one by a delay (``snooze``), and gets a short
 confirmation; any other text gets the list of keywords.
@@ -23,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import consent, store
+from . import consent, locales, store
 from .config import Config
 from .lifecycle import CANCELED, OPEN, PENDING, move
 from .models import inbound, message, reminder
@@ -47,13 +51,39 @@ class Answer:
 
 
 def keyword(body: str) -> str:
-    """The one word a customer sent, uppercased, without surrounding spaces and punctuation.
+    """The one word a customer sent, uppercased and without accents, without surrounding spaces
+    and punctuation (¡ and ¿ included).
 
     Several words come back whole (uppercased), so they match no keyword.
     """
     text = (body or "").strip()
-    text = re.sub(r"^[\s\"'“”‘’.!?,;:()\-]+|[\s\"'“”‘’.!?,;:()\-]+$", "", text)
-    return " ".join(text.split()).upper()
+    text = re.sub(r"^[\s\"'“”‘’.!?¡¿,;:()\-]+|[\s\"'“”‘’.!?¡¿,;:()\-]+$", "", text)
+    return locales.fold(" ".join(text.split()))
+
+
+def engine_keyword(word: str, config: Config) -> tuple[str | None, str | None]:
+    """(stop, start or help, the language whose word it is: None for English), or (None, None)."""
+    if word in STOP_WORDS:
+        return STOP, None
+    if word in START_WORDS:
+        return START, None
+    if word in HELP_WORDS:
+        return HELP, None
+    for language, words in config.keywords.items():
+        for action, listed in ((STOP, words.stop), (START, words.start), (HELP, words.help)):
+            if word in listed:
+                return action, language
+    return None, None
+
+
+def help_text(config: Config, locale: str | None) -> str | None:
+    """``web.help_text`` for ``locale`` (exact, language, ``default_locale``'s), else its
+    ``default``; None when none is configured."""
+    texts = config.web.help_text
+    if not texts:
+        return None
+    chosen = locales.choose([k for k in texts if k != "default"], locale, config.default_locale)
+    return texts[chosen] if chosen else texts.get("default")
 
 
 @dataclass(frozen=True)
@@ -62,18 +92,27 @@ class _Latest:
     rule: str
     occurrence: str
     customer_id: str
+    locale: str | None  # the template variant of that message
 
 
 def latest_to(conn: Connection, number: str) -> _Latest | None:
     """The reminder of the most recent SMS sent to ``number`` (E.164), or None."""
     row = conn.execute(
-        sa.select(reminder.c.id, reminder.c.rule, reminder.c.occurrence, reminder.c.customer_id)
+        sa.select(
+            reminder.c.id,
+            reminder.c.rule,
+            reminder.c.occurrence,
+            reminder.c.customer_id,
+            message.c.locale,
+        )
         .select_from(message.join(reminder, reminder.c.id == message.c.reminder_id))
         .where(message.c.channel == "sms", message.c.to_address == number)
         .order_by(message.c.created_at.desc(), message.c.id.desc())
         .limit(1)
     ).first()
-    return None if row is None else _Latest(row.id, row.rule, row.occurrence, row.customer_id)
+    if row is None:
+        return None
+    return _Latest(row.id, row.rule, row.occurrence, row.customer_id, row.locale)
 
 
 def handle(
@@ -90,12 +129,10 @@ def handle(
     latest = latest_to(conn, number)
     rule = ruleset.get(latest.rule) if latest else None
     reply = rule.replies.get(word) if rule is not None else None
-    if word in STOP_WORDS:
-        action = STOP
-    elif word in START_WORDS:
-        action = START
-    elif word in HELP_WORDS:
-        action = HELP
+    found, language = engine_keyword(word, config)
+    locale = language or (latest.locale if latest else None)
+    if found is not None:
+        action = found
     elif reply is not None:
         action = DONE if reply.action == "done" else SNOOZE
     else:
@@ -114,7 +151,9 @@ def handle(
         stored = conn.execute(
             sa.select(inbound.c.action).where(inbound.c.provider_id == message_sid)
         ).scalar_one()
-        return Answer(stored, _text(stored, config, rule, word), reminder_id, duplicate=True)
+        return Answer(
+            stored, _text(stored, config, rule, word, locale), reminder_id, duplicate=True
+        )
 
     customer_id = latest.customer_id if latest else None
     if action == STOP:
@@ -131,14 +170,16 @@ def handle(
             log.info("inbound %s from %s: nothing open to move", word, mask(number))
             return Answer(action, "There is no upcoming reminder to move.", reminder_id)
     log.info("inbound %s from %s", action, mask(number))
-    return Answer(action, _text(action, config, rule, word), reminder_id)
+    return Answer(action, _text(action, config, rule, word, locale), reminder_id)
 
 
-def _text(action: str, config: Config, rule: Rule | None, word: str) -> str | None:
+def _text(
+    action: str, config: Config, rule: Rule | None, word: str, locale: str | None
+) -> str | None:
     if action in (STOP, START):
         return None
     if action == HELP:
-        return config.web.help_text
+        return help_text(config, locale)
     if action == DONE:
         return "Thanks! You won't get more reminders about this."
     if action == SNOOZE and rule is not None:

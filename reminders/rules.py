@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import schedule
+from . import locales, schedule
 from .config import Config, Duration
 from .errors import Problem, RuleError
 from .source import parameters
@@ -295,8 +295,8 @@ class Rule(_Model):
     def _replies(cls, value: dict[str, Reply]) -> dict[str, Reply]:
         out = {}
         for word, reply in value.items():
-            key = str(word).strip().upper()
-            if not re.match(r"^[A-Z0-9]+$", key):
+            key = locales.fold(str(word).strip())
+            if not re.match(r"^[^\W_]+$", key):
                 raise ValueError(f'"{word}" is not a one-word keyword')
             if key in RESERVED_WORDS:
                 raise ValueError(

@@ -27,7 +27,16 @@ from .rules import CheckRule, Rule, key_columns
 # compose.template_context), and in a check template's besides its query's columns and params
 # (checks._message); Jinja's own globals (range, dict, namespace...) are added per environment.
 RULE_CONTEXT = frozenset(
-    {"customer", "reminder", "now", "default_timezone", "unsubscribe_url", "preferences_url"}
+    {
+        "customer",
+        "reminder",
+        "now",
+        "default_timezone",
+        "default_locale",
+        "template_locale",
+        "unsubscribe_url",
+        "preferences_url",
+    }
 )
 CHECK_CONTEXT = frozenset(
     {"params", "match", "check", "now", "customer", "default_timezone", "default_locale"}
@@ -54,10 +63,36 @@ def validate_all(app: App, *, business: bool = True) -> list[Problem]:
         return list(exc.problems)
     problems: list[Problem] = list(ruleset.warnings)
     problems.extend(template_problems(app, ruleset.rules, ruleset.checks))
+    problems.extend(keyword_problems(app.config, ruleset.rules))
     problems.extend(secret_problems(app.config))
     if business and not any(not p.warning for p in problems):
         problems.extend(query_problems(app, ruleset.rules, ruleset.checks))
     return problems
+
+
+def keyword_problems(config: Any, rules: Iterable[Rule]) -> list[Problem]:
+    """A rule's reply word that a language's keywords (config ``keywords``) already claim: the
+    engine's meaning would win, and the rule's never happen."""
+    claimed = {
+        word: (language, action)
+        for language, words in config.keywords.items()
+        for action in ("stop", "start", "help")
+        for word in getattr(words, action)
+    }
+    found = []
+    for rule in rules:
+        for word in rule.replies:
+            if word in claimed:
+                language, action = claimed[word]
+                found.append(
+                    Problem(
+                        f"rule {rule.name}: replies: {word} is the {language} {action} keyword "
+                        f"(config keywords.{language}.{action}); choose another word",
+                        rule.file,
+                        rule.line_of("replies"),
+                    )
+                )
+    return [_relative(p, config.root) for p in found]
 
 
 def secret_problems(config: Any) -> list[Problem]:
@@ -235,12 +270,19 @@ def _check_problems(
 
 
 def _template_name_problems(app: Any, rule: Rule, returned: set[str]) -> list[Problem]:
-    """Names the rule's templates use that neither its query nor the engine provides."""
+    """Names the rule's templates (each variant too) use that neither its query nor the engine
+    provides."""
     known = returned | RULE_CONTEXT
     found = []
     reported: set[tuple[str, str | None]] = set()
-    for channel in rule.channels:
-        for name, file, line in app.renderer.names(rule.template_name, channel):
+    renderer = app.renderer
+    kinds = [
+        (kind, locale)
+        for kind in rule.channels
+        for locale in [None, *renderer.variants(rule.template_name, kind)]
+    ]
+    for channel, locale in kinds:
+        for name, file, line in renderer.names(rule.template_name, channel, locale):
             if name in known or (name, file) in reported:
                 continue
             reported.add((name, file))

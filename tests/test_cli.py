@@ -29,13 +29,13 @@ def test_list_json_is_one_object_a_line_in_send_time_order(scanned: Project) -> 
     assert lines[:3] == [
         '{"id":1,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"-3d",'
         '"send_at":"2027-03-14T14:00:00Z","status":"pending","channel":null,"reason":null,'
-        '"sent_at":null}',
+        '"sent_at":null,"locale":null}',
         '{"id":2,"rule":"refill-due","occurrence":"1","customer_id":"1","offset":"0d",'
         '"send_at":"2027-03-17T14:00:00Z","status":"pending","channel":null,"reason":null,'
-        '"sent_at":null}',
+        '"sent_at":null,"locale":null}',
         '{"id":3,"rule":"refill-due","occurrence":"2","customer_id":"2","offset":"-3d",'
         '"send_at":"2027-03-17T15:00:00Z","status":"pending","channel":null,"reason":null,'
-        '"sent_at":null}',
+        '"sent_at":null,"locale":null}',
     ]
     rows = scanned.ok("list", "--json").json_lines()
     assert [(r["occurrence"], r["offset"]) for r in rows] == [

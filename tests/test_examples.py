@@ -204,18 +204,22 @@ def test_every_sms_of_the_demo_data_fits_one_gsm7_segment(
         CONFIG.format(redis="redis://127.0.0.1:6379/8", rules=RULES, templates=TEMPLATES)
     )
     app = App(config)
-    texts = 0
+    texts = spanish = 0
     for rule in app.ruleset.rules:
         result = preview_rule(app, rule.name, limit=10_000)
         assert result.errors == []
         for item in result.items:
+            greeting = "Hola" if item.get("locale") == "es" else "Hi"
             if item["channel"] == "sms" and "text" in item:
-                one_segment(item["text"])
-                assert item["text"].startswith(f"Hi {item['text'].split()[1]}")
+                one_segment(item["text"])  # Spanish too: the variants stay within GSM-7
+                assert item["text"].startswith(f"{greeting} {item['text'].split()[1]}")
                 texts += 1
+                spanish += item.get("locale") == "es"
             elif item["channel"] == "email" and "text" in item:
                 assert item["subject"] and item["html"] and "{{" not in item["text"]
+                assert item["text"].startswith(greeting)
     assert texts > 200
+    assert spanish > 10
 
 
 # --- renewals -------------------------------------------------------------------------------------
@@ -329,6 +333,27 @@ def test_refill_reminds_3_days_before_the_supply_runs_out(shop: Shop) -> None:
         f"example.com/rx/{rx} or call (212) 555-0100. Thank you! Harbor Pharmacy"
     )
     one_segment(text["body"])
+
+
+def test_a_spanish_speaking_patient_gets_the_spanish_variant(shop: Shop) -> None:
+    """Locale es_US: refill-due.es.sms.j2, dates in Spanish, within one GSM-7 part; the email
+    variant with CLDR plurals; the message records the variant."""
+    sofia = shop.customer("Sofía", locale="es_US")
+    rx = _prescription(shop, sofia, "2027-02-10", refills_left=1)
+    shop.scan("2027-03-01T12:00:00Z")
+    (text,) = shop.send(NOW)
+    assert text["body"] == (
+        "Hola Sofía, su Lisinopril 10 mg se acaba el 12 mar 2027. Pida su resurtido en "
+        f"example.com/rx/{rx} o llame al (212) 555-0100. ¡Gracias! Farmacia Harbor"
+    )
+    assert sms.segments(text["body"]).encoding == "UCS-2"  # the name's í, not the template
+    with shop.app().state.connect() as conn:
+        assert conn.execute(sa.select(models.message.c.locale)).scalars().all() == ["es"]
+    from reminders.preview import preview_rule
+
+    (_, email) = preview_rule(shop.app(), "refill-due").items
+    assert email["locale"] == "es" and email["subject"] == "Es hora de resurtir su Lisinopril 10 mg"
+    assert "Le queda 1 resurtido en esta receta." in email["text"]
 
 
 def test_no_refill_reminder_without_refills_left(shop: Shop) -> None:

@@ -135,7 +135,8 @@ def test_a_template_name_the_query_does_not_return_is_an_error_at_its_line(
     tail = (
         "(rules/refills.yaml:4) nor a name the engine provides (it returns: customer_id, "
         "drug_name, email, first_name, phone, runs_out_on, rx_id, timezone; the engine adds: "
-        "customer, default_timezone, now, preferences_url, reminder, unsubscribe_url)"
+        "customer, default_locale, default_timezone, now, preferences_url, reminder, "
+        "template_locale, unsubscribe_url)"
     )
     assert errors == [
         f"templates/refill-due.sms.j2:3: drug is not a column of rule refill-due's query {tail}",

@@ -42,6 +42,7 @@ CONFIG = """\
 # The demo's config, written by `reminders demo`. Edit rules/ and templates/ here and run the demo
 # again: it keeps your copies (`reminders demo --reset` brings back the shipped ones).
 timezone: America/New_York            # for customers whose row names no zone
+default_locale: en-US                 # for customers whose locale has no template variant
 send_window: "09:00-20:00"
 source:
   url: sqlite:///business.db          # Harbor Market's data, regenerated on every run
@@ -62,6 +63,9 @@ channels:
     provider: outbox
     path: outbox.jsonl
     from: "Harbor Market <care@example.com>"
+# Inbound SMS words per language, besides STOP, START and HELP (which always work).
+keywords:
+  es: {stop: [BAJA, ALTO], start: [ALTA], help: [AYUDA]}
 """
 REAL_PROVIDERS = """\
 To send for real, set the channels in {config} and the secrets in the environment:

@@ -1,6 +1,6 @@
 """consent history: every opt-out and every opt-in, with its source
 
-Revision ID: 0003_firsthour
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-06 14:40:00.000000
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 import reminders.models
 
-revision = "0003_firsthour"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
