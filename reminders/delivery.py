@@ -40,7 +40,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, fallback, phone, schedule
+from . import caps, clock, codec, consent, fallback, pause, phone, schedule
 from .channels.base import Channel
 from .compose import (
     CheckFailed,
@@ -450,6 +450,23 @@ class Delivery:
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
         with self.app.state.begin() as conn:
+            # A rule paused since dispatch: its reminders go back to pending, unsent (pause.py).
+            paused = pause.paused_rules(conn)
+            held_back = [rid for rid, item in by_id.items() if item.rule.name in paused]
+            if held_back:
+                counts.released += len(
+                    move(
+                        conn,
+                        held_back,
+                        source=QUEUED,
+                        target=PENDING,
+                        now=now,
+                        reason=pause.PAUSED_REASON,
+                        values={"job_id": None, "queued_at": None},
+                        where=[reminder.c.job_id == job_id],
+                    )
+                )
+                by_id = {rid: item for rid, item in by_id.items() if rid not in held_back}
             # Frequency caps are counted and claimed in one transaction (see caps.lock).
             batch = [(item.row, item.rule) for item in chunk]
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)

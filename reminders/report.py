@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import clock, consent, lifecycle, models, phone
+from .pause import paused_rules
 
 r = models.reminder
 o = models.optout
@@ -61,7 +62,11 @@ def status_report(app: Any) -> dict[str, Any]:
             .mappings()
             .all()
         )
-        extra = {**_consent(conn), "deferred": _deferred(conn)}
+        extra = {
+            **_consent(conn),
+            "deferred": _deferred(conn),
+            "paused_rules": sorted(paused_rules(conn)),
+        }
     return {
         "now": clock.iso_utc(now),
         "counts": counts,
@@ -202,6 +207,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"next due: {nd['send_at']} ({nd['rule']} #{nd['id']})" if nd else "next due: none"
     )
     lines.append(f"due now (pending, send time passed): {report['due_now']}")
+    if report["paused_rules"]:
+        lines.append(f"paused (nothing sent until resumed): {', '.join(report['paused_rules'])}")
     if report["stuck_sending"]:
         lines.append(
             "stuck in sending (a worker died mid-send; check the provider, then "
