@@ -275,7 +275,7 @@ def _skip_kind(column: str | None, reason: str) -> str:
             text = text.split(marker, 1)[1]
     if "'" in text or '"' in text:
         head, _, tail = text.partition(" is ")
-        text = f"is {tail}" if tail else head
+        text = tail or head
     return f"{column}: {text}" if column else text
 
 

@@ -13,7 +13,11 @@ from tests import services
 # The SMTP servers, TLS files and Twilio stub fixtures, and the delivery project's (``shop``, its
 # Redis database, SMTP server and Twilio stub), for every module (registered here, before any test
 # module imports them, so pytest rewrites their asserts).
-pytest_plugins = ["tests.channel_fixtures", "tests.delivery_fixtures"]
+pytest_plugins = [
+    "tests.channel_fixtures",
+    "tests.delivery_fixtures",
+    "tests.console_fixtures",
+]
 
 
 @pytest.fixture(autouse=True)
