@@ -255,7 +255,12 @@ class Delivery:
         ready: list[_Ready] = []
         # Each reminder's candidate channels with their addresses (or why there is none).
         plans: list[tuple[Mapping[str, Any], Rule, dict[str, Any], list[tuple[int, str, Any]]]] = []
+        with self.app.state.connect() as conn:
+            paused = pause.paused_rules(conn)
         for row in rows:
+            if row["rule"] in paused:  # back to pending, nothing decided (pause.py)
+                changes.append(_Change(row["id"], PENDING, pause.PAUSED_REASON, kind="released"))
+                continue
             rule = rules.get(row["rule"])
             if rule is None:
                 changes.append(
@@ -450,7 +455,7 @@ class Delivery:
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
         with self.app.state.begin() as conn:
-            # A rule paused since dispatch: its reminders go back to pending, unsent (pause.py).
+            # A rule paused since they were prepared: back to pending, unsent (pause.py).
             paused = pause.paused_rules(conn)
             held_back = [rid for rid, item in by_id.items() if item.rule.name in paused]
             if held_back:
