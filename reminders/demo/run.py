@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import secrets
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -100,6 +102,7 @@ class Report:
     sent: list[dict[str, Any]]  # the outbox's lines
     reminders: list[dict[str, Any]]  # every reminder: id, rule, occurrence, offset, status, ...
     checks: list[tuple[dict[str, Any], dict[str, Any]]]  # (request, answer)
+    console: dict[str, str] = field(default_factory=dict)  # user, password, secret
     seconds: float = 0.0
     statuses: Counter[str] = field(default_factory=Counter)
 
@@ -226,12 +229,39 @@ def run(
         request = {"customer_id": customer_id, "sku": sku}
         checks.append((request, run_check(app, "already-owned", request)))
     _stop_redis(app.config)
+    login = _console_login(app, folder, now)
 
-    report = Report(folder, now, generated, acts, scanned, sent, rows, checks)
+    report = Report(folder, now, generated, acts, scanned, sent, rows, checks, login)
     report.statuses = Counter(r["status"] for r in rows)
     report.seconds = time.monotonic() - started
     _print(report, echo)
     return report
+
+
+CONSOLE_LOGIN = "console-login.json"  # the demo's console user and secret, kept across runs
+
+
+def _console_login(app: App, folder: Path, now: datetime) -> dict[str, str]:
+    """A console user on the demo's state DB (an operator), with a password and a session
+    secret made on the first run and kept in the demo folder, so every run prints the same."""
+    from reminders import accounts
+
+    path = folder / CONSOLE_LOGIN
+    try:
+        login = json.loads(path.read_text())
+    except (OSError, ValueError):
+        login = {}
+    if not isinstance(login, dict) or not {"user", "password", "secret"} <= set(login):
+        login = {
+            "user": "demo",
+            "password": secrets.token_urlsafe(12),
+            "secret": secrets.token_urlsafe(32),
+        }
+        path.write_text(json.dumps(login) + "\n")
+        os.chmod(path, 0o600)
+    with app.state.begin() as conn:
+        accounts.add_user(conn, login["user"], "operator", login["password"], now=now)
+    return {k: str(login[k]) for k in ("user", "password", "secret")}
 
 
 def _stop_redis(config: Config) -> None:
@@ -372,3 +402,13 @@ def _print(report: Report, echo: Callable[[str], None]) -> None:
     echo(REAL_PROVIDERS.format(config=f"{shown}/config.yaml").rstrip())
     echo("")
     echo(f"Done in {report.seconds:.1f} s.")
+    login = report.console
+    if login:
+        echo("")
+        echo("CONSOLE: see all of this in a browser (the secret signs its session cookies)")
+        echo(f"  export REMINDERS_SECRET={login['secret']}")
+        echo(f"  reminders -c {shown}/config.yaml console")
+        echo(
+            f"  then open http://127.0.0.1:8001 and log in as {login['user']}, password "
+            f"{login['password']} (an operator; kept in {shown}/{CONSOLE_LOGIN})"
+        )
