@@ -136,6 +136,7 @@ def test_status_json(scanned: Project) -> None:
         "opt_outs": {},
         "suppressed": {"total": 0, "by_source": {}, "recent": []},
         "deferred": {"total": 0, "by_reason": {}, "next": None},
+        "paused_rules": [],
     }
 
 
