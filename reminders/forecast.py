@@ -52,6 +52,7 @@ def count(
     plans: list[tuple[int, datetime, str, list[tuple[str, Any]], dict[str, Any]]] = []
     customers: set[str] = set()
     addresses: set[tuple[str, str]] = set()
+    known: dict[tuple[str, Any], Any] = {}  # (channel, raw address) -> address or its error
     for send_at, index, values in items:
         if send_at >= bounds[-1]:
             continue
@@ -62,12 +63,16 @@ def count(
         cid = str(customer.get("id"))
         candidates: list[tuple[str, Any]] = []
         for name in rule.channels[index:]:
-            try:
-                address = address_for(config, name, customer)
+            raw = customer.get("phone" if name == "sms" else "email")
+            address = known.get((name, raw))
+            if address is None:
+                try:
+                    address = known[(name, raw)] = address_for(config, name, customer)
+                except PermanentError as exc:
+                    address = known[(name, raw)] = exc
+            if not isinstance(address, PermanentError):
                 addresses.add((name, address))
-                candidates.append((name, address))
-            except PermanentError as exc:
-                candidates.append((name, exc))
+            candidates.append((name, address))
         customers.add(cid)
         plans.append((day, max(send_at, now), cid, candidates, customer))
     view = consent.View.load(conn, customers, addresses)

@@ -442,14 +442,16 @@ def _offset_span(text: str) -> timedelta:
     return timedelta(seconds=off.amount * per[off.unit])
 
 
-def outcomes(conn: Connection, rule: str) -> dict[str, Any]:
-    """Per offset: of the occurrences reminded (a message sent), how many were done afterwards
-    (a later reminder canceled by the rule's check, a DONE reply, or the occurrence gone from
-    the query), how many of those before their due date, how many are still open (a reminder
-    pending or queued), expired (a later reminder expired), or show no sign either way."""
+def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict[str, Any]:
+    """Per offset, for the reminders sent in the last ``days`` days: of the occurrences
+    reminded, how many were done afterwards (a later reminder canceled by the rule's check, a
+    DONE reply, or the occurrence gone from the query), how many of those before their due
+    date, how many are still open (a reminder pending or queued), expired (a later reminder
+    expired), or show no sign either way."""
+    since = now - timedelta(days=days)
     sent = (
         sa.select(r.c.occurrence, r.c.offset, r.c.planned_at, r.c.sent_at)
-        .where(r.c.rule == rule, r.c.sent_at.is_not(None))
+        .where(r.c.rule == rule, r.c.sent_at >= since)
         .subquery()
     )
     done = (
@@ -457,6 +459,7 @@ def outcomes(conn: Connection, rule: str) -> dict[str, Any]:
         .where(
             r.c.rule == rule,
             r.c.status == CANCELED,
+            r.c.updated_at >= since,
             sa.or_(*(r.c.reason.like(x) for x in DONE_REASONS)),
         )
         .group_by(r.c.occurrence)
@@ -464,7 +467,12 @@ def outcomes(conn: Connection, rule: str) -> dict[str, Any]:
     )
     expired = (
         sa.select(r.c.occurrence, sa.func.min(r.c.updated_at).label("at"))
-        .where(r.c.rule == rule, r.c.status == CANCELED, r.c.reason.like(EXPIRED))
+        .where(
+            r.c.rule == rule,
+            r.c.status == CANCELED,
+            r.c.updated_at >= since,
+            r.c.reason.like(EXPIRED),
+        )
         .group_by(r.c.occurrence)
         .subquery()
     )
@@ -511,7 +519,11 @@ def outcomes(conn: Connection, rule: str) -> dict[str, Any]:
         else:
             o["no_sign"] += 1
     order = sorted(by, key=lambda text: _offset_span(text))
-    return {"rule": rule, "offsets": [{"offset": k, **by[k]} for k in order]}
+    return {
+        "rule": rule,
+        "since": clock.iso_utc(since),
+        "offsets": [{"offset": k, **by[k]} for k in order],
+    }
 
 
 def _maybe(value: Any) -> datetime | None:
@@ -630,6 +642,29 @@ def missed(
 
 
 # -- a rule's own forecast, from its pending reminders --------------------------------------------
+
+
+def pending_by_day(
+    conn: Connection, config: Config, rule: str, channels: Sequence[str], now: datetime, days: int
+) -> list[dict[str, Any]]:
+    """A rule's pending reminders by send day (today: overdue too) and the channel each is to
+    go by (its rule's channel at its channel index), counted in SQL: the rule page's forecast
+    at a glance (:mod:`reminders.forecast` adds what would hold them back)."""
+    first = today(config, now)
+    bounds = day_bounds(first, days, config.tz())
+    out: list[dict[str, Any]] = [
+        {"date": (first + timedelta(days=i)).isoformat(), **dict.fromkeys(channels, 0)}
+        for i in range(days)
+    ]
+    day = _bucket(r.c.send_at, bounds).label("day")
+    for i, index, n in conn.execute(
+        sa.select(day, r.c.channel_index, sa.func.count())
+        .where(r.c.rule == rule, r.c.status.in_([PENDING, QUEUED]), r.c.send_at < bounds[-1])
+        .group_by(day, r.c.channel_index)
+    ):
+        name = channels[min(int(index), len(channels) - 1)]
+        out[i][name] += n
+    return out
 
 
 def pending_items(

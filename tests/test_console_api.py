@@ -4,6 +4,7 @@ against the OpenAPI document the console serves."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from openapi_core.contrib.requests import RequestsOpenAPIRequest, RequestsOpenAP
 from openapi_spec_validator import validate
 
 from reminders.console.openapi import document
-from tests.console_fixtures import Console
+from tests.console_fixtures import NOW, Console
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,17 @@ def test_rules_with_counts_scans_forecast_and_outcomes(console: Console, spec: O
     outcomes = call(console, spec, "GET", "/api/v1/rules/refill-due/outcomes")
     assert outcomes == {
         "rule": "refill-due",
+        "since": "2026-12-10T15:00:00Z",
         "offsets": [
             {"offset": "-3d", "reminded": 1, "done": 1, "done_before_due": 1, "open": 0,
              "expired": 0, "no_sign": 0},
         ],
     }  # fmt: skip
+    recent = call(console, spec, "GET", "/api/v1/rules/refill-due/outcomes?days=1")
+    assert recent["offsets"] == outcomes["offsets"]  # sent 03-09 15:00: a day ago, included
+    console.set_now(NOW + timedelta(minutes=1))
+    assert call(console, spec, "GET", "/api/v1/rules/refill-due/outcomes?days=1")["offsets"] == []
+    console.set_now(NOW)
     renewal = call(console, spec, "GET", "/api/v1/rules/renewal/outcomes")
     assert renewal["offsets"] == [
         {"offset": "-7d", "reminded": 1, "done": 0, "done_before_due": 0, "open": 0,

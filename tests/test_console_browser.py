@@ -24,6 +24,7 @@ PAGES = {
     "overview": "/",
     "rules": "/rules",
     "rule": "/rules/refill-due",
+    "forecast": "/rules/refill-due/forecast",
     "search": "/reminders?customer_id=7",
     "reminder": "/reminders/1",
     "missed": "/missed?days=3",
@@ -122,8 +123,8 @@ def test_every_page_on_a_desktop_and_an_operators_day(browser: Any, site: Consol
     w.shot("desktop-rules")
     page.get_by_role("link", name="refill-due").click()
     expect(page.get_by_role("heading", level=1)).to_contain_text("refill-due")
-    forecast = page.get_by_role("region", name="Forecast, next 14 days")
-    expect(forecast.locator("svg")).to_have_count(1)
+    coming = page.get_by_role("region", name="Coming up, next 14 days")
+    expect(coming.locator("svg rect")).to_have_count(2)  # 03-10 by text, 03-11 by text
     outcomes = page.get_by_role("region", name="Outcomes")
     expect(outcomes.locator("tbody tr")).to_have_count(1)
     expect(outcomes.locator("tbody tr")).to_contain_text("-3d")
@@ -132,6 +133,14 @@ def test_every_page_on_a_desktop_and_an_operators_day(browser: Any, site: Consol
     preview = page.get_by_role("region", name="Preview on real rows")
     expect(preview.locator("article").first).to_contain_text("Hi Jane, your Lisinopril runs out")
     w.shot("desktop-rule")
+    coming.get_by_role("link", name="The forecast").click()
+    rows = page.locator("tbody tr")
+    expect(rows).to_have_count(14)
+    # 03-10: reminder 6, Ann's number opted out: by email; 03-11: reminder 7 by text.
+    expect(rows.nth(0)).to_have_text("2027-03-10 0 1 0 0 0 0 0".replace(" ", ""))
+    expect(rows.nth(1)).to_have_text("2027-03-11 1 0 0 0 0 0 0".replace(" ", ""))
+    w.shot("desktop-forecast")
+    page.go_back()
 
     # Pause with the keyboard: focus the button, press Enter.
     page.get_by_role("button", name="Pause refill-due").focus()

@@ -83,8 +83,10 @@ def get_forecast(name: str) -> Any:
 @blueprint.get("/rules/<name>/outcomes")
 def get_outcomes(name: str) -> Any:
     _rule(name)
-    with engine().state.connect() as conn:
-        return jsonify(stats.outcomes(conn, name))
+    app = engine()
+    days = _int("days", 90, 1, 3660)
+    with app.state.connect() as conn:
+        return jsonify(stats.outcomes(conn, name, app.now(), days))
 
 
 @blueprint.post("/rules/<name>/pause")

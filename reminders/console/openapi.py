@@ -145,7 +145,9 @@ SCHEMAS: dict[str, Any] = {
             "no_sign": INT,
         }
     ),
-    "Outcomes": _obj({"rule": TEXT, "offsets": {"type": "array", "items": _ref("Outcome")}}),
+    "Outcomes": _obj(
+        {"rule": TEXT, "since": INSTANT, "offsets": {"type": "array", "items": _ref("Outcome")}}
+    ),
     "Paused": _obj({"rule": TEXT, "paused": {"type": "boolean"}}),
     "Reminder": _obj(
         {
@@ -343,7 +345,14 @@ def document() -> dict[str, Any]:
             "/api/v1/rules/{name}/outcomes": _get(
                 "Per offset: of the occurrences reminded, how many were done afterwards",
                 "Outcomes",
-                [RULE],
+                [
+                    RULE,
+                    _q(
+                        "days",
+                        {"type": "integer", "minimum": 1, "maximum": 3660},
+                        "the reminders sent in the last N days (default 90)",
+                    ),
+                ],
                 True,
             ),
             "/api/v1/rules/{name}/pause": _post(

@@ -99,26 +99,46 @@ def rules() -> Any:
     return _page("rules.html", rules=found, configured=configured, statuses=lifecycle.STATUSES)
 
 
+def _configured(name: str) -> Any:
+    found = {r.name: r for r in engine().ruleset.rules}.get(name)
+    if found is None:
+        raise NotFound(f"There is no rule named {name}.")
+    return found
+
+
 @blueprint.get("/rules/<name>")
 def rule(name: str) -> Any:
     app = engine()
-    configured = {r.name: r for r in app.ruleset.rules}
-    if name not in configured:
-        raise NotFound(f"There is no rule named {name}.")
+    configured = _configured(name)
     days = 14
+    now = app.now()
     with app.state.connect() as conn:
         (summary,) = stats.rules(conn, [], rule=name)
         scans = stats.scans(conn, name)
-        outcomes = stats.outcomes(conn, name)
-    ahead = forecast.from_pending(app, name, days)
+        outcomes = stats.outcomes(conn, name, now)
+        ahead = stats.pending_by_day(conn, app.config, name, configured.channels, now, days)
     preview = _preview(app, name)
+    return _page(
+        "rule.html",
+        rule=configured,
+        summary=summary,
+        scans=scans,
+        outcomes=outcomes,
+        ahead=ahead,
+        f_labels=[d["date"] for d in ahead],
+        f_series=[(LABELS.get(c, c), [d[c] for d in ahead]) for c in configured.channels],
+        preview=preview,
+        statuses=lifecycle.STATUSES,
+    )
+
+
+@blueprint.get("/rules/<name>/forecast")
+def rule_forecast(name: str) -> Any:
+    configured = _configured(name)
+    ahead = forecast.from_pending(engine(), name, 14)
     f_days = ahead["days"]
-    f_series = [
-        (LABELS.get(c, c), [d[c] for d in f_days])
-        for c in configured[name].channels
-        if c in forecast.FIELDS
-    ]
-    f_held = [
+    series = [(LABELS.get(c, c), [d[c] for d in f_days]) for c in configured.channels]
+    held = [
         ("quiet hours", [d["quiet_hours"] for d in f_days]),
         ("caps", [d["caps"] for d in f_days]),
         ("opted out", [d["opted_out"] for d in f_days]),
@@ -126,17 +146,12 @@ def rule(name: str) -> Any:
         ("no address", [d["no_address"] for d in f_days]),
     ]
     return _page(
-        "rule.html",
-        rule=configured[name],
-        summary=summary,
-        scans=scans,
-        outcomes=outcomes,
+        "forecast.html",
+        rule=configured,
         forecast=ahead,
-        f_labels=[d["date"] for d in f_days],
-        f_series=f_series,
-        f_held=f_held,
-        preview=preview,
-        statuses=lifecycle.STATUSES,
+        labels=[d["date"] for d in f_days],
+        series=series,
+        held=held,
     )
 
 
