@@ -196,18 +196,10 @@ def list_(
     as_json: bool,
 ) -> None:
     """List reminders ordered by send time then id."""
+    from .stats import LIST_COLUMNS, reminder_fields
+
     r = models.reminder
-    query = sa.select(
-        r.c.id,
-        r.c.rule,
-        r.c.occurrence,
-        r.c.customer_id,
-        r.c.offset,
-        r.c.send_at,
-        r.c.status,
-        r.c.channel,
-        r.c.reason,
-    ).order_by(r.c.send_at, r.c.id)
+    query = sa.select(*LIST_COLUMNS).order_by(r.c.send_at, r.c.id)
     if rule_name:
         query = query.where(r.c.rule == rule_name)
     if status:
@@ -221,19 +213,7 @@ def list_(
         rows = conn.execute(query).mappings()
         if as_json:
             for row in rows:
-                _echo_json(
-                    {
-                        "id": row["id"],
-                        "rule": row["rule"],
-                        "occurrence": row["occurrence"],
-                        "customer_id": row["customer_id"],
-                        "offset": row["offset"],
-                        "send_at": clock.iso_utc(row["send_at"]),
-                        "status": row["status"],
-                        "channel": row["channel"],
-                        "reason": row["reason"],
-                    }
-                )
+                _echo_json(reminder_fields(row))
             return
         header = (
             f"{'id':>6}  {'send at (UTC)':20}  {'status':10}  {'rule':20}  {'offset':6}  "
