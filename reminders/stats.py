@@ -3,8 +3,8 @@ searches, a reminder's timeline, outcomes and what was missed. Queries only; no 
 
 Days are the config's zone's days: a day's ``sent``, ``delivered``, ``failed``, ``canceled`` and
 ``opted_out`` count what reached that state on that day (from the lifecycle's events, messages
-and opt-outs); ``upcoming`` counts pending reminders by send day. Each day's bounds are computed
-in Python (DST-aware) and bucketed in SQL with one ``CASE``, the same on SQLite and PostgreSQL.
+and opt-outs); ``upcoming`` counts pending reminders by send day. Rows are counted by day in SQL
+(see :class:`_Days`), never fetched one by one.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from sqlalchemy.engine import Connection
 
 from . import clock, codec, lifecycle, phone, report, schedule
 from .config import Config
+from .errors import PermanentError
 from .lifecycle import CANCELED, DELIVERED, FAILED, OPEN, PENDING, QUEUED, SENDING
-from .models import event, message, optout, reminder, scan_run, skipped_row
+from .models import event, inbound, message, optout, reminder, scan_run, skipped_row
 from .pause import paused_detail, paused_rules
 
 r = reminder
@@ -53,18 +54,44 @@ def day_bounds(first: date, count: int, tz: ZoneInfo) -> list[datetime]:
     ]
 
 
-def _bucket(column: Any, bounds: Sequence[datetime]) -> Any:
-    """A CASE giving the index of the day ``column`` falls in (rows outside are filtered)."""
-    return sa.case(*((column < b, i) for i, b in enumerate(bounds[1:])), else_=len(bounds) - 1)
+class _Days:
+    """Which local day a column's instant falls in, as a SQL expression and its decoding.
+
+    PostgreSQL converts to the zone itself (``timezone(zone, at)::date``, a cheap function a
+    row); SQLite has no zones, so each day's UTC bounds (DST-aware, from Python) are compared
+    in one ``CASE``. :meth:`index` turns a row's value into the day's index from ``first``:
+    anything before the first day counts in it (overdue is "today"), nothing is past the last
+    (the queries stop at its end).
+    """
+
+    def __init__(self, conn: Connection, config: Config, first: date, count: int) -> None:
+        self.first = first
+        self.count = count
+        self.zone = config.timezone
+        self.bounds = day_bounds(first, count, config.tz())
+        self.native = conn.dialect.name == "postgresql"
+
+    def of(self, column: Any) -> Any:
+        if self.native:
+            return sa.cast(sa.func.timezone(self.zone, column), sa.Date).label("day")
+        bounds = self.bounds
+        return sa.case(
+            *((column < b, i) for i, b in enumerate(bounds[1:])), else_=len(bounds) - 1
+        ).label("day")
+
+    def index(self, value: Any) -> int:
+        if self.native:
+            value = (value - self.first).days
+        return min(max(int(value), 0), self.count - 1)
 
 
 def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[dict[str, Any]]:
     """The last ``days`` days, oldest first, ending today: what was sent (by channel),
     delivered, failed, canceled and opted out on each."""
     first = today(config, now) - timedelta(days=days - 1)
-    bounds = day_bounds(first, days, config.tz())
-    lo, hi = bounds[0], bounds[-1]
-    out = [
+    bucket = _Days(conn, config, first, days)
+    lo, hi = bucket.bounds[0], bucket.bounds[-1]
+    out: list[dict[str, Any]] = [
         {
             "date": (first + timedelta(days=i)).isoformat(),
             "sent": {c: 0 for c in config.channel_names},
@@ -76,29 +103,29 @@ def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[di
         for i in range(days)
     ]
     m = message
-    day = _bucket(m.c.created_at, bounds).label("day")
+    day = bucket.of(m.c.created_at)
     for i, channel, n in conn.execute(
         sa.select(day, m.c.channel, sa.func.count())
         .where(m.c.created_at >= lo, m.c.created_at < hi)
         .group_by(day, m.c.channel)
     ):
-        sent = out[i]["sent"]
+        sent = out[bucket.index(i)]["sent"]
         sent[channel] = sent.get(channel, 0) + n
     e = event
-    day = _bucket(e.c.at, bounds).label("day")
+    day = bucket.of(e.c.at)
     for i, status, n in conn.execute(
         sa.select(day, e.c.to_status, sa.func.count())
         .where(e.c.to_status.in_([DELIVERED, FAILED, CANCELED]), e.c.at >= lo, e.c.at < hi)
         .group_by(day, e.c.to_status)
     ):
-        out[i][str(status)] += n
-    day = _bucket(optout.c.created_at, bounds).label("day")
+        out[bucket.index(i)][str(status)] += n
+    day = bucket.of(optout.c.created_at)
     for i, n in conn.execute(
         sa.select(day, sa.func.count())
         .where(optout.c.created_at >= lo, optout.c.created_at < hi)
         .group_by(day)
     ):
-        out[i]["opted_out"] += n
+        out[bucket.index(i)]["opted_out"] += n
     return out
 
 
@@ -108,21 +135,21 @@ def upcoming(
     """Pending reminders by send day from today on (``days`` days), in all and by rule. Today's
     count includes those already due and not yet sent."""
     first = today(config, now)
-    bounds = day_bounds(first, days, config.tz())
-    out = [
+    bucket = _Days(conn, config, first, days)
+    out: list[dict[str, Any]] = [
         {"date": (first + timedelta(days=i)).isoformat(), "pending": 0, "by_rule": {}}
         for i in range(days)
     ]
-    day = _bucket(r.c.send_at, bounds).label("day")
+    day = bucket.of(r.c.send_at)
     query = (
         sa.select(day, r.c.rule, sa.func.count())
-        .where(r.c.status == PENDING, r.c.send_at < bounds[-1])
+        .where(r.c.status == PENDING, r.c.send_at < bucket.bounds[-1])
         .group_by(day, r.c.rule)
     )
     if rule is not None:
         query = query.where(r.c.rule == rule)
     for i, name, n in conn.execute(query):
-        row = out[i]
+        row = out[bucket.index(i)]
         row["pending"] += n
         row["by_rule"][name] = row["by_rule"].get(name, 0) + n
     return out
@@ -321,7 +348,7 @@ def customers_by_address(
     if phone_number:
         try:
             addresses.append(("sms", phone.normalize(phone_number, config.default_region)))
-        except Exception:
+        except PermanentError:  # not a number the engine could have sent to: as typed
             addresses.append(("sms", phone_number.strip()))
     if email:
         addresses.append(("email", email.strip().lower()))
@@ -413,6 +440,25 @@ def reminder_detail(conn: Connection, rid: int) -> dict[str, Any] | None:
                 "from": None,
                 "reason": f"created by a scan for {clock.iso_utc(row['planned_at'])}",
             },
+        )
+    replies = conn.execute(
+        sa.select(inbound.c.created_at, inbound.c.body, inbound.c.action)
+        .where(inbound.c.reminder_id == rid)
+        .order_by(inbound.c.created_at, inbound.c.id)
+    ).all()
+    if replies:  # the customer's SMS answers, in time order among the status changes
+        out["events"] = sorted(
+            out["events"]
+            + [
+                {
+                    "at": clock.iso_utc(x.created_at),
+                    "status": "replied",
+                    "from": None,
+                    "reason": f"replied {x.body.strip()[:40]!r} ({x.action})",
+                }
+                for x in replies
+            ],
+            key=lambda e: (e["status"] != "created", e["at"]),
         )
     msgs = conn.execute(
         sa.select(message).where(message.c.reminder_id == rid).order_by(message.c.id)
@@ -651,19 +697,23 @@ def pending_by_day(
     go by (its rule's channel at its channel index), counted in SQL: the rule page's forecast
     at a glance (:mod:`reminders.forecast` adds what would hold them back)."""
     first = today(config, now)
-    bounds = day_bounds(first, days, config.tz())
+    bucket = _Days(conn, config, first, days)
     out: list[dict[str, Any]] = [
         {"date": (first + timedelta(days=i)).isoformat(), **dict.fromkeys(channels, 0)}
         for i in range(days)
     ]
-    day = _bucket(r.c.send_at, bounds).label("day")
+    day = bucket.of(r.c.send_at)
     for i, index, n in conn.execute(
         sa.select(day, r.c.channel_index, sa.func.count())
-        .where(r.c.rule == rule, r.c.status.in_([PENDING, QUEUED]), r.c.send_at < bounds[-1])
+        .where(
+            r.c.rule == rule,
+            r.c.status.in_([PENDING, QUEUED]),
+            r.c.send_at < bucket.bounds[-1],
+        )
         .group_by(day, r.c.channel_index)
     ):
         name = channels[min(int(index), len(channels) - 1)]
-        out[i][name] += n
+        out[bucket.index(i)][name] += n
     return out
 
 

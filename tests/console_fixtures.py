@@ -255,6 +255,12 @@ def populate(engine: sa.Engine) -> None:
             ],
         )
         conn.execute(
+            models.inbound.insert().values(
+                from_address="+14155552671", body="DONE", provider_id="SMin1", action="done",
+                reminder_id=1, created_at=at("03-09 20:00"),
+            )
+        )  # fmt: skip
+        conn.execute(
             models.optout.insert(),
             [
                 {

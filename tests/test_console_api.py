@@ -177,7 +177,9 @@ def test_a_reminders_timeline_and_messages(console: Console, spec: OpenAPI) -> N
         ("2027-03-09T14:59:30Z", "sending"),
         ("2027-03-09T15:00:00Z", "sent"),
         ("2027-03-09T15:01:00Z", "delivered"),
+        ("2027-03-09T20:00:00Z", "replied"),
     ]
+    assert got["events"][-1]["reason"] == "replied 'DONE' (done)"
     assert got["messages"] == [
         {"channel": "sms", "to": "+1******2671", "provider_id": "SM0001", "status": "delivered",
          "error_code": None, "at": "2027-03-09T15:00:00Z", "updated_at": "2027-03-09T15:01:00Z"},

@@ -155,7 +155,8 @@ def test_every_page_on_a_desktop_and_an_operators_day(browser: Any, site: Consol
     w.shot("desktop-search")
     page.get_by_role("link", name="1", exact=True).click()
     timeline = page.get_by_role("region", name="Timeline").locator("li")
-    expect(timeline).to_have_count(5)
+    expect(timeline).to_have_count(6)
+    expect(timeline.last).to_contain_text("replied 'DONE' (done)")
     expect(page.get_by_role("region", name="Messages")).to_contain_text("SM0001")
     expect(page.get_by_role("button", name="Retry")).to_have_count(0)  # delivered
     w.shot("desktop-reminder")
