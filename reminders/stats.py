@@ -528,52 +528,59 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         .group_by(r.c.occurrence)
         .subquery()
     )
-    rows = conn.execute(
+    joined = (
         sa.select(
             sent.c.offset,
             sent.c.planned_at,
-            sent.c.sent_at,
             done.c.at.label("done_at"),
-            expired.c.at.label("expired_at"),
-            still.c.occurrence.label("open"),
+            sa.case((done.c.at >= sent.c.sent_at, 1), else_=0).label("done"),
+            sa.case((still.c.occurrence.is_not(None), 1), else_=0).label("open"),
+            sa.case((expired.c.at.is_not(None), 1), else_=0).label("expired"),
         )
         .select_from(sent)
         .outerjoin(done, done.c.occurrence == sent.c.occurrence)
         .outerjoin(expired, expired.c.occurrence == sent.c.occurrence)
         .outerjoin(still, still.c.occurrence == sent.c.occurrence)
+        .subquery()
     )
+    j = joined.c
+    # Counted in SQL, each occurrence in the first of: done, open, expired, no sign.
+    not_done = j.done == 0
     by: dict[str, dict[str, int]] = {}
+    for row in conn.execute(
+        sa.select(
+            j.offset,
+            sa.func.count().label("reminded"),
+            sa.func.sum(j.done).label("done"),
+            sa.func.sum(sa.case((sa.and_(not_done, j.open == 1), 1), else_=0)).label("open"),
+            sa.func.sum(
+                sa.case((sa.and_(not_done, j.open == 0, j.expired == 1), 1), else_=0)
+            ).label("expired"),
+        ).group_by(j.offset)
+    ):
+        done_n, open_n, expired_n = int(row.done or 0), int(row.open or 0), int(row.expired or 0)
+        by[row.offset] = {
+            "reminded": int(row.reminded),
+            "done": done_n,
+            "done_before_due": 0,
+            "open": open_n,
+            "expired": expired_n,
+            "no_sign": int(row.reminded) - done_n - open_n - expired_n,
+        }
+    # Before the due date: the due time is the planned time less the offset (a few rows).
     spans: dict[str, timedelta] = {}
-    for row in rows:
-        o = by.setdefault(
-            row.offset,
-            {"reminded": 0, "done": 0, "done_before_due": 0, "open": 0, "expired": 0, "no_sign": 0},
-        )
-        o["reminded"] += 1
-        done_at = _maybe(row.done_at)
-        if done_at is not None and done_at >= _aware(row.sent_at):
-            o["done"] += 1
-            span = spans.get(row.offset)
-            if span is None:
-                span = spans[row.offset] = _offset_span(row.offset)
-            if done_at < _aware(row.planned_at) - span:
-                o["done_before_due"] += 1
-        elif row.open is not None:
-            o["open"] += 1
-        elif _maybe(row.expired_at) is not None:
-            o["expired"] += 1
-        else:
-            o["no_sign"] += 1
+    for row in conn.execute(sa.select(j.offset, j.planned_at, j.done_at).where(j.done == 1)):
+        span = spans.get(row.offset)
+        if span is None:
+            span = spans[row.offset] = _offset_span(row.offset)
+        if _aware(row.done_at) < _aware(row.planned_at) - span:
+            by[row.offset]["done_before_due"] += 1
     order = sorted(by, key=lambda text: _offset_span(text))
     return {
         "rule": rule,
         "since": clock.iso_utc(since),
         "offsets": [{"offset": k, **by[k]} for k in order],
     }
-
-
-def _maybe(value: Any) -> datetime | None:
-    return None if value is None else _aware(value)
 
 
 # -- missed ---------------------------------------------------------------------------------------
