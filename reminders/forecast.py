@@ -159,7 +159,7 @@ def from_pending(app: Any, rule_name: str, days: int) -> dict[str, Any]:
     now = app.now()
     first = stats.today(config, now)
     bounds = stats.day_bounds(first, days, config.tz())
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         items = list(
             stats.pending_items(conn, rule.name, bounds[0] - timedelta(days=3650), bounds[-1])
         )

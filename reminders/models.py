@@ -264,6 +264,7 @@ rule_state = sa.Table(
 sa.Index("ix_reminders_event_to_status_at", event.c.to_status, event.c.at)
 sa.Index("ix_reminders_message_created_at", message.c.created_at)
 sa.Index("ix_reminders_optout_created_at", optout.c.created_at)
+sa.Index("ix_reminders_reminder_rule_sent_at", reminder.c.rule, reminder.c.sent_at)
 sa.Index(
     "ix_reminders_reminder_rule_status_send_at",
     reminder.c.rule,

@@ -51,14 +51,14 @@ def openapi() -> Any:
 def get_stats() -> Any:
     app = engine()
     days = _int("days", 30, 1, stats.MAX_DAYS)
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         return jsonify(stats.overview(conn, app.config, app.now(), days))
 
 
 @blueprint.get("/rules")
 def get_rules() -> Any:
     app = engine()
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         found = stats.rules(conn, [r.name for r in app.ruleset.rules])
     return jsonify({"rules": found})
 
@@ -67,7 +67,7 @@ def get_rules() -> Any:
 def get_rule(name: str) -> Any:
     app = engine()
     _rule(name)
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         (found,) = stats.rules(conn, [], rule=name)
         found["scans"] = stats.scans(conn, name)
     return jsonify(found)
@@ -85,7 +85,7 @@ def get_outcomes(name: str) -> Any:
     _rule(name)
     app = engine()
     days = _int("days", 90, 1, 3660)
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         return jsonify(stats.outcomes(conn, name, app.now(), days))
 
 
@@ -105,7 +105,7 @@ def get_reminders() -> Any:
     status = request.args.get("status") or None
     if status is not None and status not in {s.value for s in lifecycle.STATUSES}:
         raise BadRequest(f"status must be one of {', '.join(lifecycle.STATUSES)}")
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         found = stats.search(
             conn,
             app.config,
@@ -121,7 +121,7 @@ def get_reminders() -> Any:
 
 @blueprint.get("/reminders/<int:rid>")
 def get_reminder(rid: int) -> Any:
-    with engine().state.connect() as conn:
+    with stats.reading(engine().state) as conn:
         found = stats.reminder_detail(conn, rid)
     if found is None:
         raise NotFound(f"no reminder #{rid}")
@@ -142,12 +142,12 @@ def cancel(rid: int) -> Any:
 def get_missed() -> Any:
     app = engine()
     days = _int("days", 7, 1, stats.MAX_DAYS)
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         return jsonify(stats.missed(conn, app.config, app.now(), days))
 
 
 @blueprint.get("/audit")
 def get_audit() -> Any:
     limit = _int("limit", 100, 1, 1000)
-    with engine().state.connect() as conn:
+    with stats.reading(engine().state) as conn:
         return jsonify({"events": audit.recent(conn, limit)})

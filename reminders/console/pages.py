@@ -62,7 +62,7 @@ def _page(template: str, **context: Any) -> str:
 @blueprint.get("/")
 def overview() -> Any:
     app = engine()
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         data = stats.overview(conn, app.config, app.now(), DAYS)
     days = data["days"]
     labels = [d["date"] for d in days]
@@ -93,7 +93,7 @@ def overview() -> Any:
 @blueprint.get("/rules")
 def rules() -> Any:
     app = engine()
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         found = stats.rules(conn, [r.name for r in app.ruleset.rules])
     configured = {r.name: r for r in app.ruleset.rules}
     return _page("rules.html", rules=found, configured=configured, statuses=lifecycle.STATUSES)
@@ -112,10 +112,12 @@ def rule(name: str) -> Any:
     configured = _configured(name)
     days = 14
     now = app.now()
-    with app.state.connect() as conn:
+    period = request.args.get("outcomes", 30, type=int)
+    period = min(max(period or 30, 1), 3660)
+    with stats.reading(app.state) as conn:
         (summary,) = stats.rules(conn, [], rule=name)
         scans = stats.scans(conn, name)
-        outcomes = stats.outcomes(conn, name, now)
+        outcomes = stats.outcomes(conn, name, now, period)
         ahead = stats.pending_by_day(conn, app.config, name, configured.channels, now, days)
     preview = _preview(app, name)
     return _page(
@@ -124,6 +126,7 @@ def rule(name: str) -> Any:
         summary=summary,
         scans=scans,
         outcomes=outcomes,
+        period=period,
         ahead=ahead,
         f_labels=[d["date"] for d in ahead],
         f_series=[(LABELS.get(c, c), [d[c] for d in ahead]) for c in configured.channels],
@@ -195,7 +198,7 @@ def search() -> Any:
     found: list[dict[str, Any]] = []
     if asked:
         status = args["status"] if args["status"] in set(lifecycle.STATUSES) else None
-        with app.state.connect() as conn:
+        with stats.reading(app.state) as conn:
             found = stats.search(
                 conn,
                 app.config,
@@ -218,7 +221,7 @@ def search() -> Any:
 
 @blueprint.get("/reminders/<int:rid>")
 def reminder(rid: int) -> Any:
-    with engine().state.connect() as conn:
+    with stats.reading(engine().state) as conn:
         found = stats.reminder_detail(conn, rid)
     if found is None:
         raise NotFound(f"There is no reminder #{rid}.")
@@ -266,7 +269,7 @@ def missed() -> Any:
     except ValueError:
         days = 7
     days = min(max(days, 1), stats.MAX_DAYS)
-    with app.state.connect() as conn:
+    with stats.reading(app.state) as conn:
         found = stats.missed(conn, app.config, app.now(), days)
     return _page("missed.html", m=found, days=days)
 
@@ -274,7 +277,7 @@ def missed() -> Any:
 @blueprint.get("/audit")
 def audit_log() -> Any:
     before = request.args.get("before", type=int)
-    with engine().state.connect() as conn:
+    with stats.reading(engine().state) as conn:
         events = audit.recent(conn, 100, before=before)
     return _page("audit.html", events=events)
 

@@ -76,9 +76,14 @@ def upgrade() -> None:
         "reminders_reminder",
         ["rule", "status", "send_at"],
     )
+    # A rule's outcomes read the reminders it sent in a period.
+    op.create_index(
+        op.f("ix_reminders_reminder_rule_sent_at"), "reminders_reminder", ["rule", "sent_at"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_reminders_reminder_rule_sent_at"), "reminders_reminder")
     op.drop_index(op.f("ix_reminders_reminder_rule_status_send_at"), "reminders_reminder")
     op.drop_index(op.f("ix_reminders_optout_created_at"), "reminders_optout")
     op.drop_index(op.f("ix_reminders_message_created_at"), "reminders_message")
