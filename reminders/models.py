@@ -262,7 +262,20 @@ rule_state = sa.Table(
 
 # Indexes the console's queries need (migration 0003_console).
 sa.Index("ix_reminders_event_to_status_at", event.c.to_status, event.c.at)
-sa.Index("ix_reminders_message_created_at", message.c.created_at)
+sa.Index("ix_reminders_message_created_at_channel", message.c.created_at, message.c.channel)
+sa.Index(
+    "ix_reminders_reminder_status_send_at_rule",
+    reminder.c.status,
+    reminder.c.send_at,
+    reminder.c.rule,
+)
+_DEFERRED = sa.text("status = 'pending' AND reason LIKE 'deferred:%'")
+sa.Index(
+    "ix_reminders_reminder_deferred",
+    reminder.c.send_at,
+    postgresql_where=_DEFERRED,
+    sqlite_where=_DEFERRED,
+)
 sa.Index("ix_reminders_optout_created_at", optout.c.created_at)
 sa.Index("ix_reminders_reminder_rule_sent_at", reminder.c.rule, reminder.c.sent_at)
 sa.Index(

@@ -189,7 +189,7 @@ def attention(conn: Connection, now: datetime) -> dict[str, Any]:
             r.c.status.in_(sorted(OPEN)), r.c.send_at <= now
         )
     ).one()
-    deferred = report._deferred(conn)
+    deferred = _deferred(conn)
     return {
         "failed": int(failed),
         "stuck": int(stuck),
@@ -201,6 +201,28 @@ def attention(conn: Connection, now: datetime) -> dict[str, Any]:
         "deferred_by_reason": deferred["by_reason"],
         "paused_rules": sorted(paused_rules(conn)),
     }
+
+
+def _deferred(conn: Connection) -> dict[str, Any]:
+    """Pending reminders quiet hours or caps pushed past their planned time, by reason (as
+    ``reminders status`` counts them), read through the partial index of deferred reminders."""
+    kind = sa.case(
+        *((r.c.reason.like(like), name) for name, like in report.DEFERRALS), else_=sa.null()
+    )
+    by_reason: dict[str, int] = {}
+    for name, n in conn.execute(
+        sa.select(kind.label("kind"), sa.func.count())
+        .where(
+            # Literals, so the planner sees the partial index's own condition.
+            r.c.status == sa.literal_column("'pending'"),
+            r.c.reason.like(sa.literal_column("'deferred:%'")),
+            r.c.send_at > r.c.planned_at,
+        )
+        .group_by(kind)
+    ):
+        if name is not None:
+            by_reason[name] = n
+    return {"total": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))}
 
 
 def _aware(value: Any) -> datetime:

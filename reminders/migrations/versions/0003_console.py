@@ -18,6 +18,7 @@ depends_on = None
 
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _AT = reminders.models.UtcDateTime(timezone=True)
+DEFERRED = "status = 'pending' AND reason LIKE 'deferred:%'"
 
 
 def upgrade() -> None:
@@ -69,12 +70,30 @@ def upgrade() -> None:
     # The console's day counts read events by status and time, messages and opt-outs by time;
     # a rule page reads a rule's reminders by status and send time.
     op.create_index(op.f("ix_reminders_event_to_status_at"), "reminders_event", ["to_status", "at"])
-    op.create_index(op.f("ix_reminders_message_created_at"), "reminders_message", ["created_at"])
+    op.create_index(
+        op.f("ix_reminders_message_created_at_channel"),
+        "reminders_message",
+        ["created_at", "channel"],
+    )
     op.create_index(op.f("ix_reminders_optout_created_at"), "reminders_optout", ["created_at"])
     op.create_index(
         op.f("ix_reminders_reminder_rule_status_send_at"),
         "reminders_reminder",
         ["rule", "status", "send_at"],
+    )
+    # Pending reminders by send day and rule (the overview's coming-due chart), from the index.
+    op.create_index(
+        op.f("ix_reminders_reminder_status_send_at_rule"),
+        "reminders_reminder",
+        ["status", "send_at", "rule"],
+    )
+    # The deferred ones (quiet hours, caps) among all those pending.
+    op.create_index(
+        op.f("ix_reminders_reminder_deferred"),
+        "reminders_reminder",
+        ["send_at"],
+        postgresql_where=sa.text(DEFERRED),
+        sqlite_where=sa.text(DEFERRED),
     )
     # A rule's outcomes read the reminders it sent in a period.
     op.create_index(
@@ -84,9 +103,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index(op.f("ix_reminders_reminder_rule_sent_at"), "reminders_reminder")
+    op.drop_index(op.f("ix_reminders_reminder_deferred"), "reminders_reminder")
+    op.drop_index(op.f("ix_reminders_reminder_status_send_at_rule"), "reminders_reminder")
     op.drop_index(op.f("ix_reminders_reminder_rule_status_send_at"), "reminders_reminder")
     op.drop_index(op.f("ix_reminders_optout_created_at"), "reminders_optout")
-    op.drop_index(op.f("ix_reminders_message_created_at"), "reminders_message")
+    op.drop_index(op.f("ix_reminders_message_created_at_channel"), "reminders_message")
     op.drop_index(op.f("ix_reminders_event_to_status_at"), "reminders_event")
     op.drop_table("reminders_rule_state")
     op.drop_index(op.f("ix_reminders_audit_action_actor_at"), "reminders_audit")
