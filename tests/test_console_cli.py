@@ -214,3 +214,37 @@ def wait_for(done: object, worker: subprocess.Popen[bytes], limit: float = 90) -
         assert worker.poll() is None, "the worker exited"
         assert time.monotonic() < end, "the worker did not send in time"
         time.sleep(0.2)
+
+
+def test_forecast_counts_caps_and_turned_off_preferences(shop: Path) -> None:
+    config = shop / "config.yaml"
+    config.write_text(config.read_text() + "caps: {per_day: 1}\n")
+    with sqlite3.connect(shop / "business.db") as db:  # a second prescription for Jane, same day
+        db.execute("INSERT INTO prescriptions VALUES (9, 7, 'Metoprolol', '2027-03-13')")
+    run(shop, "db", "upgrade")
+    app = App(config)
+    with app.state.begin() as conn:  # Ann turned this rule off on both channels
+        consent.set_preferences(conn, "11", {("refill-due", "*"): False}, T)
+    got = json.loads(run(shop, "forecast", "refill-due", "--days", "4", "--json"))
+    zero = {"sms": 0, "email": 0, "quiet_hours": 0, "caps": 0, "opted_out": 0, "off": 0,
+            "no_address": 0}  # fmt: skip
+    # Jane's two texts a day: one past her cap of 1; Ann's turned off; Bob's has no address.
+    assert got["days"][0] == {"date": "2027-03-10", **zero, "sms": 2, "caps": 1, "off": 1,
+                              "no_address": 1}  # fmt: skip
+    assert got["days"][3] == {"date": "2027-03-13", **zero, "sms": 2, "caps": 1, "off": 1,
+                              "no_address": 1}  # fmt: skip
+
+
+def test_forecast_counts_texts_that_quiet_hours_would_hold(shop: Path) -> None:
+    rules = shop / "rules" / "rules.yaml"
+    rules.write_text(rules.read_text().replace(
+        "    channels: [sms, email]\n", "    channels: [sms, email]\n"
+        "    quiet_hours: {sms: \"09:30-12:00\"}\n", 1))  # fmt: skip
+    run(shop, "db", "upgrade")
+    got = json.loads(run(shop, "forecast", "refill-due", "--days", "1", "--json"))
+    # Both texts are due, so they would go now: 11:30 for Jane in New York, 10:30 for Ann in
+    # Chicago, each in her own zone's quiet hours. Bob has no address.
+    assert got["days"] == [
+        {"date": "2027-03-10", "sms": 2, "email": 0, "quiet_hours": 2, "caps": 0,
+         "opted_out": 0, "off": 0, "no_address": 1},
+    ]  # fmt: skip
