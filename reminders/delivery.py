@@ -473,7 +473,7 @@ class Delivery:
                 )
                 by_id = {rid: item for rid, item in by_id.items() if rid not in held_back}
             # Frequency caps are counted and claimed in one transaction (see caps.lock).
-            batch = [(item.row, item.rule) for item in chunk]
+            batch = [(item.row, item.rule) for item in chunk if item.row["id"] in by_id]
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}
