@@ -248,21 +248,22 @@ def run(app: App, times: int) -> None:
     def customer(path: str, digits: int = 0) -> object:
         return lambda: f"{base}{path}{rng.randrange(CUSTOMERS):0{digits}d}"
 
+    # The three the target is for first, then the rest of the API (the slow ones fewer times).
     cases = [
-        ("overview page /", f"{base}/"),
-        ("GET /api/v1/stats?days=30", f"{base}/api/v1/stats?days=30"),
-        ("rule page /rules/refill-due", f"{base}/rules/refill-due"),
-        ("GET /api/v1/rules", f"{base}/api/v1/rules"),
-        ("GET /api/v1/rules/refill-due/forecast", f"{base}/api/v1/rules/refill-due/forecast"),
-        ("GET /api/v1/rules/refill-due/outcomes", f"{base}/api/v1/rules/refill-due/outcomes"),
-        ("search page /reminders?customer_id=", customer("/reminders?customer_id=")),
-        ("GET /api/v1/reminders?customer_id=", customer("/api/v1/reminders?customer_id=")),
-        ("GET /api/v1/reminders?phone=", customer("/api/v1/reminders?phone=%2B1415", 7)),
-        ("GET /api/v1/missed?days=7", f"{base}/api/v1/missed?days=7"),
+        ("overview page /", f"{base}/", times),
+        ("rule page /rules/refill-due", f"{base}/rules/refill-due", times),
+        ("search page /reminders?customer_id=", customer("/reminders?customer_id="), times),
+        ("GET /api/v1/stats?days=30", f"{base}/api/v1/stats?days=30", times),
+        ("GET /api/v1/reminders?customer_id=", customer("/api/v1/reminders?customer_id="), times),
+        ("GET /api/v1/reminders?phone=", customer("/api/v1/reminders?phone=%2B1415", 7), times),
+        ("GET /api/v1/missed?days=7", f"{base}/api/v1/missed?days=7", times),
+        ("GET /api/v1/rules (every rule's counts)", f"{base}/api/v1/rules", 5),
+        ("GET /api/v1/rules/refill-due/outcomes", f"{base}/api/v1/rules/refill-due/outcomes", 5),
+        ("forecast page (with holds, 14 days)", f"{base}/rules/refill-due/forecast", 3),
     ]
     print(f"{'what':42} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  p95 < {TARGET_MS:.0f} ms")
-    for what, url in cases:
-        ms = timed(client, url, times)  # type: ignore[arg-type]
+    for what, url, count in cases:
+        ms = timed(client, url, count)  # type: ignore[arg-type]
         p95 = statistics.quantiles(ms, n=20, method="inclusive")[-1]
         verdict = "yes" if p95 < TARGET_MS else "NO"
         print(f"{what:42} {statistics.median(ms):8.1f} {p95:8.1f} {max(ms):8.1f}  {verdict}")
