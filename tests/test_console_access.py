@@ -80,9 +80,7 @@ def test_a_session_change_needs_its_csrf_token_whatever_the_path(console: Consol
     assert page.headers["Location"] == "/rules/refill-due"
     assert "is resumed" in session.get(f"{console.base}/rules/refill-due").text
     # The log-in form itself needs the token too (no log-in CSRF).
-    fresh = requests.post(
-        f"{console.base}/login", data={"name": OPERATOR, "password": PASSWORD}
-    )
+    fresh = requests.post(f"{console.base}/login", data={"name": OPERATOR, "password": PASSWORD})
     assert fresh.status_code == 403
 
 
