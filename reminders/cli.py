@@ -336,31 +336,10 @@ def list_(
     import sqlalchemy as sa
 
     from . import models
+    from .stats import LIST_COLUMNS, reminder_fields
 
     r = models.reminder
-    m = models.message
-    # The locale of the template variant of the reminder's latest message (null: the default
-    # template, or nothing sent yet).
-    locale = (
-        sa.select(m.c.locale)
-        .where(m.c.reminder_id == r.c.id)
-        .order_by(m.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    query = sa.select(
-        r.c.id,
-        r.c.rule,
-        r.c.occurrence,
-        r.c.customer_id,
-        r.c.offset,
-        r.c.send_at,
-        r.c.status,
-        r.c.channel,
-        r.c.reason,
-        r.c.sent_at,
-        locale.label("locale"),
-    )
+    query = sa.select(*LIST_COLUMNS)
     if rule_name:
         query = query.where(r.c.rule == rule_name)
     if status:
@@ -378,21 +357,7 @@ def list_(
         rows = conn.execute(query.order_by(r.c.send_at, r.c.id)).mappings()
         if as_json:
             for row in rows:
-                _echo_json(
-                    {
-                        "id": row["id"],
-                        "rule": row["rule"],
-                        "occurrence": row["occurrence"],
-                        "customer_id": row["customer_id"],
-                        "offset": row["offset"],
-                        "send_at": clock.iso_utc(row["send_at"]),
-                        "status": row["status"],
-                        "channel": row["channel"],
-                        "reason": row["reason"],
-                        "sent_at": clock.iso_utc(row["sent_at"]) if row["sent_at"] else None,
-                        "locale": row["locale"],
-                    }
-                )
+                _echo_json(reminder_fields(row))
             return
         header = (
             f"{'id':>6}  {'send at (UTC)':20}  {'status':11}  {'sent at (UTC)':20}  {'rule':20}  "
@@ -659,3 +624,171 @@ def web(
         access_log=access_log,
         body_timeout=body_timeout,
     )
+
+
+# --- the console: console, users, keys, forecast -------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option(
+    "--port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="port to listen on",
+)
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="processes"
+)
+@click.option(
+    "--threads", default=4, show_default=True, type=click.IntRange(1, 256), help="per process"
+)
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="write a line a request (the proxy in front usually logs them)",
+)
+@pass_app
+def console(app: App, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
+    """Serve the console and its API (internal: keep it off the public network)."""
+    from .console.server import serve
+
+    serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)
+
+
+@cli.group()
+def users() -> None:
+    """The console's users (passwords stored as scrypt hashes)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "operator"]),
+    required=True,
+    help="viewer: looks; operator: also retries, cancels, pauses",
+)
+@click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+@pass_app
+def users_add(app: App, name: str, role: str, password_stdin: bool) -> None:
+    """Add a user (or set an existing user's role and password)."""
+    from . import accounts
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    _migrated(app)
+    with app.state.begin() as conn:
+        accounts.add_user(conn, name, role, password, now=app.now())
+    click.echo(f"user {name} ({role}) saved")
+
+
+@users.command("list")
+@pass_app
+def users_list(app: App) -> None:
+    """The users and their roles."""
+    from . import accounts
+
+    _migrated(app)
+    with app.state.connect() as conn:
+        found = accounts.list_users(conn)
+    for user in found:
+        click.echo(f"{user['name']:24} {user['role']:9} since {clock.iso_utc(user['created_at'])}")
+    if not found:
+        click.echo("no users (reminders users add NAME --role viewer|operator)")
+
+
+@users.command("remove")
+@click.argument("name")
+@pass_app
+def users_remove(app: App, name: str) -> None:
+    """Remove a user; their sessions end at once."""
+    from . import accounts
+
+    _migrated(app)
+    with app.state.begin() as conn:
+        if not accounts.remove_user(conn, name, now=app.now()):
+            raise click.UsageError(f"no user {name}")
+    click.echo(f"user {name} removed")
+
+
+@cli.group()
+def keys() -> None:
+    """API keys for scripts (Authorization: Bearer KEY); stored as scrypt hashes."""
+
+
+@keys.command("add")
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "operator"]),
+    required=True,
+    help="viewer: looks; operator: also retries, cancels, pauses",
+)
+@pass_app
+def keys_add(app: App, name: str, role: str) -> None:
+    """Make a key and print it once: it cannot be shown again."""
+    from . import accounts
+
+    _migrated(app)
+    with app.state.begin() as conn:
+        key = accounts.add_key(conn, name, role, now=app.now())
+    click.echo(key)
+    click.echo(f"key {name} ({role}): shown once, keep it somewhere safe", err=True)
+
+
+@keys.command("list")
+@pass_app
+def keys_list(app: App) -> None:
+    """The keys (never the keys themselves): name, role, id, made, revoked."""
+    from . import accounts
+
+    _migrated(app)
+    with app.state.connect() as conn:
+        found = accounts.list_keys(conn)
+    for key in found:
+        state = f"revoked {clock.iso_utc(key['revoked_at'])}" if key["revoked_at"] else "live"
+        click.echo(
+            f"{key['name']:24} {key['role']:9} rk_{key['id']}_…  "
+            f"made {clock.iso_utc(key['created_at'])}  {state}"
+        )
+    if not found:
+        click.echo("no keys (reminders keys add NAME --role viewer|operator)")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@pass_app
+def keys_revoke(app: App, name: str) -> None:
+    """Revoke a key: refused from its next request."""
+    from . import accounts
+
+    _migrated(app)
+    with app.state.begin() as conn:
+        if not accounts.revoke_key(conn, name, now=app.now()):
+            raise click.UsageError(f"no live key {name}")
+    click.echo(f"key {name} revoked")
+
+
+@cli.command("forecast")
+@click.argument("rule_name", metavar="RULE")
+@click.option(
+    "--days", default=30, show_default=True, type=click.IntRange(1, 366), help="days ahead"
+)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@pass_app
+def forecast_(app: App, rule_name: str, days: int, as_json: bool) -> None:
+    """Run a rule's query and plan it without writing anything: messages a day by channel, and
+    what quiet hours, caps, opt-outs, preferences or missing addresses would hold."""
+    from .forecast import format_forecast, from_query
+
+    _migrated(app)
+    result = from_query(app, rule_name, days)
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(format_forecast(result))

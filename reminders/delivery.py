@@ -41,7 +41,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, dberrors, fallback, phone, policies
+from . import caps, clock, codec, consent, dberrors, fallback, pause, phone, policies
 from .channels.base import Channel
 from .compose import (
     RecheckFailed,
@@ -280,7 +280,12 @@ class Delivery:
         changes: list[_Change] = []
         ready: list[_Ready] = []
         plans: list[_Plan] = []
+        with self.app.state.connect() as conn:
+            paused = pause.paused_rules(conn)
         for row in rows:
+            if row["rule"] in paused:  # back to pending, nothing decided (pause.py)
+                changes.append(_Change(row["id"], PENDING, pause.PAUSED_REASON, kind="released"))
+                continue
             rule = self.app.ruleset.get(row["rule"])
             if rule is None:
                 changes.append(
@@ -407,8 +412,25 @@ class Delivery:
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
         with self.app.state.begin() as conn:
+            # A rule paused since they were prepared: back to pending, unsent (pause.py).
+            paused = pause.paused_rules(conn)
+            held_back = [rid for rid, item in by_id.items() if item.rule.name in paused]
+            if held_back:
+                counts.released += len(
+                    move(
+                        conn,
+                        held_back,
+                        source=QUEUED,
+                        target=PENDING,
+                        now=now,
+                        reason=pause.PAUSED_REASON,
+                        values={"job_id": None, "queued_at": None},
+                        where=[reminder.c.job_id == job_id],
+                    )
+                )
+                by_id = {rid: item for rid, item in by_id.items() if rid not in held_back}
             # Frequency caps are counted and claimed in one transaction (see caps.lock).
-            batch = [(item.row, item.rule) for item in chunk]
+            batch = [(item.row, item.rule) for item in chunk if item.row["id"] in by_id]
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}

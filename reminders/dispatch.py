@@ -33,6 +33,7 @@ from .config import Config
 from .errors import ServiceUnavailable
 from .lifecycle import FAILED, PENDING, QUEUED, SENDING, move
 from .models import reminder
+from .pause import paused_rules
 from .rules import RuleSet
 
 if TYPE_CHECKING:
@@ -140,6 +141,8 @@ class Dispatcher:
         chunk yields nothing to take.
         """
         r = reminder
+        with self.state.connect() as conn:
+            paused = sorted(paused_rules(conn))  # a paused rule's reminders wait (pause.py)
         while True:
             query = (
                 sa.select(r.c.id, r.c.rule, r.c.channel_index)
@@ -147,6 +150,8 @@ class Dispatcher:
                 .order_by(r.c.send_at, r.c.id)
                 .limit(SELECT_CHUNK)
             )
+            if paused:
+                query = query.where(r.c.rule.not_in(paused))
             if ids:
                 query = query.where(r.c.id.in_(list(ids)))
             with self.state.connect() as conn:

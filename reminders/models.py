@@ -223,3 +223,82 @@ inbound = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.UniqueConstraint("provider_id"),
 )
+
+# -- the console (reminders console): who may look and act, what they did, paused rules ----------
+
+# A person who logs in to the console; the password is stored as a scrypt hash (accounts.py).
+user = sa.Table(
+    f"{PREFIX}user",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),  # viewer, operator
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("name"),
+)
+
+# A script's key for the console's API: shown once; its public id finds the row, the secret part
+# is stored as a scrypt hash.
+api_key = sa.Table(
+    f"{PREFIX}api_key",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("key_hash", sa.String(255), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("revoked_at", UtcDateTime()),
+    sa.UniqueConstraint("name"),
+    sa.UniqueConstraint("key_id"),
+)
+
+# Who did what, when: log-ins (and failed ones), retries, cancels, pauses, keys and users.
+audit = sa.Table(
+    f"{PREFIX}audit",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("actor", sa.String(120), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(255)),
+    sa.Column("detail", sa.Text),
+    sa.Index(None, "at"),
+    sa.Index(None, "action", "actor", "at"),
+)
+
+# A rule paused from the console: its reminders are neither dispatched nor sent (pause.py).
+rule_state = sa.Table(
+    f"{PREFIX}rule_state",
+    metadata,
+    sa.Column("rule", sa.String(100), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("paused_at", UtcDateTime()),
+    sa.Column("paused_by", sa.String(120)),
+)
+
+# Indexes the console's queries need (migration 0005).
+sa.Index("ix_reminders_event_to_status_at", event.c.to_status, event.c.at)
+sa.Index("ix_reminders_message_created_at_channel", message.c.created_at, message.c.channel)
+sa.Index(
+    "ix_reminders_reminder_status_send_at_rule",
+    reminder.c.status,
+    reminder.c.send_at,
+    reminder.c.rule,
+)
+_DEFERRED = sa.text("status = 'pending' AND reason LIKE 'deferred:%'")
+sa.Index(
+    "ix_reminders_reminder_deferred",
+    reminder.c.send_at,
+    postgresql_where=_DEFERRED,
+    sqlite_where=_DEFERRED,
+)
+sa.Index("ix_reminders_optout_created_at", optout.c.created_at)
+sa.Index("ix_reminders_reminder_rule_sent_at", reminder.c.rule, reminder.c.sent_at)
+sa.Index(
+    "ix_reminders_reminder_rule_status_send_at",
+    reminder.c.rule,
+    reminder.c.status,
+    reminder.c.send_at,
+)

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from . import clock, consent, lifecycle, models, phone, redis_conn, store
 from .errors import ServiceUnavailable
+from .pause import paused_rules
 
 if TYPE_CHECKING:
     from .app import App
@@ -69,7 +70,11 @@ def status_report(app: App) -> dict[str, Any]:
                 sa.select(s).join(latest, s.c.id == latest.c.id).order_by(s.c.rule)
             ).mappings()
         ]
-        extra = {**_consent(conn), "deferred": _deferred(conn)}
+        extra = {
+            **_consent(conn),
+            "deferred": _deferred(conn),
+            "paused_rules": sorted(paused_rules(conn)),
+        }
     extra["failed_jobs"] = failed_jobs(app.config)
     return {
         "now": clock.iso_utc(now),
@@ -278,6 +283,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"next due: {nd['send_at']} ({nd['rule']} #{nd['id']})" if nd else "next due: none"
     )
     lines.append(f"due now (pending, send time passed): {report['due_now']}")
+    if report["paused_rules"]:
+        lines.append(f"paused (nothing sent until resumed): {', '.join(report['paused_rules'])}")
     if report["stuck_sending"]:
         lines.append(
             "stuck in sending (a worker died mid-send; check the provider, then "

@@ -11,9 +11,15 @@ from reminders import store
 from tests import services
 
 # The SMTP servers, TLS files and Twilio stub fixtures, and the delivery project's (``shop``, its
-# Redis database, SMTP server and Twilio stub), and Twilio's segment calculator, for every module
-# (registered here, before any test module imports them, so pytest rewrites their asserts).
-pytest_plugins = ["tests.channel_fixtures", "tests.delivery_fixtures", "tests.sms_oracle"]
+# Redis database, SMTP server and Twilio stub), Twilio's segment calculator and the console's, for
+# every module (registered here, before any test module imports them, so pytest rewrites their
+# asserts).
+pytest_plugins = [
+    "tests.channel_fixtures",
+    "tests.delivery_fixtures",
+    "tests.sms_oracle",
+    "tests.console_fixtures",
+]
 
 
 @pytest.fixture(autouse=True)

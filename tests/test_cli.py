@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reminders import clock, lifecycle, models
+from reminders import clock, lifecycle, models, store
 from tests.rules_fixtures import CONFIG, NOW, REFILLS, Project, lite, project, project_at
 
 __all__ = ["lite", "project"]
@@ -207,6 +207,7 @@ def test_status_json(scanned: Project) -> None:
         "suppressed": {"total": 0, "by_source": {}, "recent": []},
         "deferred": {"total": 0, "by_reason": {}, "next": None},
         "failed_jobs": {"total": 0, "by_queue": {}, "recent": []},
+        "paused_rules": [],
     }
 
 
@@ -431,7 +432,6 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 
 def test_db_upgrade_and_current(project: Project) -> None:
-    from reminders import store
 
     head = store.head_revision()  # the newest migration's (re-chained when branches merge)
     assert head is not None
@@ -449,7 +449,6 @@ def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: s
         lite.ok("db", "upgrade")
         assert "6 created" in lite.ok("scan").out
         assert len(lite.ok("list", "--json").json_lines()) == 6
-    from reminders import store
 
     store.dispose_engines(pg_url.rsplit("/", 1)[-1])  # the state DB's engine, by its name
 

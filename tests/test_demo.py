@@ -140,8 +140,9 @@ def test_the_demo_ends_with_the_way_to_a_customers_pages(report: run.Report) -> 
         "SEE IT AS A CUSTOMER: the links in the emails open pages served by the web endpoint."
     )
     door = printed[start:]
-    assert door[1].startswith("  Start it in another terminal")
-    assert door.pop(2) == f"    reminders -c {report.folder}/config.yaml web"
+    assert door[1].startswith("  Start each in a terminal")
+    assert door.pop(2) == f"    web endpoint  reminders -c {report.folder}/config.yaml web"
+    assert door.pop(2) == f"    console       reminders -c {report.folder}/config.yaml console"
     email = next(line for line in report.sent if line["channel"] == "email")
     customer = next(r for r in report.reminders if r["id"] == email["reminder_id"])
     assert door[2] == (
@@ -270,3 +271,65 @@ def test_the_generator_dates_everything_relative_to_now(tmp_path: Path) -> None:
         phone.normalize(data.INVALID_PHONE)
     zones = {z for (z,) in a.execute("SELECT DISTINCT timezone FROM customers")}
     assert len(zones - {None}) == len(data.ZONES) and None in zones
+
+
+def test_the_demo_ends_with_how_to_open_its_console_and_its_user_logs_in(
+    report: run.Report, tmp_path: Path
+) -> None:
+    """``reminders console`` (granian, 2 workers) on the demo's data, as the printout says."""
+    import re as re_
+    import signal
+    import time
+
+    import requests
+
+    from tests import services
+
+    printed = report.printed  # type: ignore[attr-defined]
+    text = "\n".join(printed)
+    login = report.console
+    assert f"    console       reminders -c {report.folder}/config.yaml console" in printed
+    assert (
+        f"  and the console, for staff: http://127.0.0.1:8001, log in as demo, password "
+        f"{login['password']} (an operator; kept in " in text
+    )
+    port = services.free_port()
+    # Nothing to export: the console reads the demo's secret from its env_file, as `web` does.
+    env = {k: v for k, v in os.environ.items() if k != "REMINDERS_SECRET"}
+    env["REMINDERS_NOW"] = NOW
+    env.pop("REMINDERS_CONFIG", None)
+    command = [sys.executable, "-c", "from reminders.cli import main; main()"]
+    log = tmp_path / "console.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [*command, "-c", str(report.config_path), "console", "--port", str(port),
+             "--workers", "2"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        client = requests.Session()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                form = client.get(f"{base}/login", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        token = re_.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert token is not None
+        done = client.post(
+            f"{base}/login",
+            data={"name": "demo", "password": login["password"], "csrf_token": token.group(1)},
+            allow_redirects=False,
+        )
+        assert done.status_code == 302, done.text
+        overview = client.get(f"{base}/")
+        assert "Needs attention" in overview.text
+        stats = client.get(f"{base}/api/v1/stats?days=1").json()
+        assert sum(stats["days"][0]["sent"].values()) == len(report.sent)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -111,6 +112,7 @@ class Report:
     sent: list[dict[str, Any]]  # the outbox's lines
     reminders: list[dict[str, Any]]  # every reminder: id, rule, occurrence, offset, status, ...
     checks: list[tuple[dict[str, Any], dict[str, Any]]]  # (request, answer)
+    console: dict[str, str] = field(default_factory=dict)  # user, password
     seconds: float = 0.0
     statuses: Counter[str] = field(default_factory=Counter)
     # Where to go next, printed last: (what, URL) of one customer's pages, and (what, command)
@@ -244,8 +246,9 @@ def run(
         request = {"customer_id": customer_id, "sku": sku}
         checks.append((request, run_check(app, "already-owned", request)))
     _stop_redis(app.config)
+    login = _console_login(app, folder, now)
 
-    report = Report(folder, now, generated, acts, scanned, sent, rows, checks)
+    report = Report(folder, now, generated, acts, scanned, sent, rows, checks, login)
     report.statuses = Counter(r["status"] for r in rows)
     _open_doors(report, app.config)
     report.seconds = time.monotonic() - started
@@ -275,6 +278,8 @@ def _open_doors(report: Report, config: Config) -> None:
     if not base:
         return
     report.processes.append(("web endpoint", f"{prog} -c {shown}/config.yaml web"))
+    if report.console:
+        report.processes.append(("console", f"{prog} -c {shown}/config.yaml console"))
     email = next((line for line in report.sent if line["channel"] == "email"), None)
     if email is not None:
         found = next(r for r in report.reminders if r["id"] == email["reminder_id"])
@@ -306,6 +311,30 @@ def _secret_file(path: Path) -> None:
             "# Written by `reminders demo`: the key that signs the links in the demo's messages.\n"
             f"{SECRET_ENV}={secrets.token_urlsafe(32)}\n"
         )
+
+
+CONSOLE_URL = "http://127.0.0.1:8001"  # `reminders console`'s default address
+CONSOLE_LOGIN = "console-login.json"  # the demo's console user, kept across runs
+
+
+def _console_login(app: App, folder: Path, now: datetime) -> dict[str, str]:
+    """A console user on the demo's state DB (an operator), with a password made on the first
+    run and kept in the demo folder, so every run prints the same. The console signs its
+    sessions with the demo's ``REMINDERS_SECRET``, which it reads from the demo's env_file."""
+    from reminders import accounts
+
+    path = folder / CONSOLE_LOGIN
+    try:
+        login = json.loads(path.read_text())
+    except (OSError, ValueError):
+        login = {}
+    if not isinstance(login, dict) or not {"user", "password"} <= set(login):
+        login = {"user": "demo", "password": secrets.token_urlsafe(12)}
+        path.write_text(json.dumps(login) + "\n")
+        os.chmod(path, 0o600)
+    with app.state.begin() as conn:
+        accounts.add_user(conn, login["user"], "operator", login["password"], now=now)
+    return {k: str(login[k]) for k in ("user", "password")}
 
 
 def _stop_redis(config: Config) -> None:
@@ -470,3 +499,9 @@ def _print_doors(report: Report, echo: Callable[[str], None]) -> None:
     width = max(len(what) for what, _how in report.doors)
     for what, how in report.doors:
         echo(f"    {what:{width}}  {how}")
+    if report.console:
+        login = report.console
+        echo(
+            f"  and the console, for staff: {CONSOLE_URL}, log in as {login['user']}, password "
+            f"{login['password']} (an operator; kept in {_relative(report.folder)}/{CONSOLE_LOGIN})"
+        )

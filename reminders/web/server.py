@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -99,11 +100,17 @@ def target(config_file: str, threads: int, body_timeout: float) -> str:
 def load_app(target: str) -> WSGIFront:
     """The app of a worker: the master's when forked, else built from the config file; behind
     the front that receives each request whole on ``threads`` threads."""
+    return front(target, _built, create_app)
+
+
+def front(target: str, built: dict[str, Flask], create: Callable[[App], Flask]) -> WSGIFront:
+    """The Flask app ``create`` makes for the config of ``target`` (the one in ``built`` when
+    the master made it before forking), behind the front, on the target's threads."""
     threads, body_timeout, config_file = target.split(" ", 2)
-    built = _built.get(config_file)
-    if built is None:
-        built = _built[config_file] = create_app(App(config_file))
-    return WSGIFront(built, int(threads), body_timeout=float(body_timeout))
+    made = built.get(config_file)
+    if made is None:
+        made = built[config_file] = create(App(config_file))
+    return WSGIFront(made, int(threads), body_timeout=float(body_timeout))
 
 
 def _request_like(name: str) -> bool:
