@@ -289,6 +289,19 @@ def status(app: App, as_json: bool) -> None:
         click.echo(format_status(report))
 
 
+# --- metrics --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_app
+def metrics(app: App) -> None:
+    """Print the Prometheus metrics GET /metrics answers, read now from the state DB and Redis."""
+    from .metrics import collect
+
+    store.ensure_current(app.config.state_url)
+    click.echo(collect(app).decode(), nl=False)
+
+
 # --- check ----------------------------------------------------------------------------------------
 
 
