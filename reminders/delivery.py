@@ -473,6 +473,7 @@ class Delivery:
                     {
                         "reminder_id": row["id"],
                         "channel": item.channel,
+                        "rule": row["rule"],
                         "to_address": item.address,
                         "provider_id": result,
                         "status": SENT,

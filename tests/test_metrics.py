@@ -233,3 +233,33 @@ def test_the_blueprint_asks_for_the_bearer_key_when_one_is_set(shop: Shop) -> No
     assert answer.content_type.startswith("text/plain; version=0.0.4")
     samples = parse(answer.get_data(as_text=True))
     assert by(samples, "reminders_reminders", "status")["pending"] == 1.0
+
+
+def test_messages_sent_before_0003_get_their_reminders_rule(state_url: str) -> None:
+    from reminders import store
+
+    store.upgrade(state_url, "0002")
+    engine = store.engine_for(state_url)
+    at = datetime(2027, 3, 10, 15, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                'INSERT INTO reminders_reminder (id, rule, occurrence, "offset", customer_id, '
+                "planned_at, send_at, status, channel_index, attempts, data, row_hash, "
+                "created_at, updated_at) VALUES (1, 'refill-due', '1', '0d', '7', :at, :at, "
+                "'sent', 0, 1, '{}', 'x', :at, :at)"
+            ),
+            {"at": at},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO reminders_message (reminder_id, channel, to_address, status, "
+                "created_at, updated_at) VALUES (1, 'sms', '+12125550001', 'sent', :at, :at)"
+            ),
+            {"at": at},
+        )
+    store.upgrade(state_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT rule FROM reminders_message")).scalar_one() == (
+            "refill-due"
+        )
