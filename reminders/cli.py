@@ -33,6 +33,18 @@ def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return value
 
 
+def _set_log_format(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    from . import logs
+
+    if value:
+        os.environ[logs.ENV] = value  # the processes a command starts log the same way
+    try:
+        logs.chosen()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-c",
@@ -48,6 +60,14 @@ def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     is_eager=True,
     metavar="ISO",
     help="the current time, ISO 8601 (no zone = UTC); default: $REMINDERS_NOW or the real time",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    callback=_set_log_format,
+    expose_value=False,
+    is_eager=True,
+    help="log lines as text (default) or one JSON object a line; default: $REMINDERS_LOG_FORMAT",
 )
 @click.version_option(package_name="reminders")
 @click.pass_context

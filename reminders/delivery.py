@@ -263,7 +263,13 @@ class Delivery:
 
             dispatcher = Dispatcher(self.config, self.app.ruleset, state, self.connection)
             dispatcher.enqueue_due(self.app.now(), DispatchCounts(), ids=sorted(moved))
-        log.info("job %s: %s: %s", job_id, channel, _summary(counts))
+        log.info(
+            "job %s: %s: %s",
+            job_id,
+            channel,
+            _summary(counts),
+            extra={"job_id": job_id, "channel": channel},
+        )
         return counts
 
     # -- before sending ---------------------------------------------------------------------
@@ -313,7 +319,11 @@ class Delivery:
                 except InputError:
                     raise  # a configuration mistake fails the job, visibly; nothing is lost
                 except Exception as exc:  # one reminder's surprise must not sink the batch
-                    log.exception("reminder %s: unexpected error before sending", row["id"])
+                    log.exception(
+                        "reminder %s: unexpected error before sending",
+                        row["id"],
+                        extra={"reminder_id": row["id"], "rule": row["rule"]},
+                    )
                     decided = _Change(
                         row["id"], FAILED, f"internal error: {type(exc).__name__}: {exc}"
                     )
@@ -397,7 +407,12 @@ class Delivery:
                 if change.enqueue:
                     moved.add(change.rid)
                 if change.status == FAILED:
-                    log.warning("reminder %s failed: %s", change.rid, change.reason)
+                    log.warning(
+                        "reminder %s failed: %s",
+                        change.rid,
+                        change.reason,
+                        extra={"reminder_id": change.rid, "job_id": job_id},
+                    )
         return moved
 
     # -- claim, send, record ------------------------------------------------------------------
@@ -484,7 +499,20 @@ class Delivery:
                 )
                 continue
             where = f"{item.channel} to {phone.mask_address(item.channel, item.address)}"
-            log.warning("reminder %s: %s failed: %s", row["id"], where, result.message)
+            log.warning(
+                "reminder %s: %s failed: %s",
+                row["id"],
+                where,
+                result.message,
+                extra={
+                    "reminder_id": row["id"],
+                    "rule": row["rule"],
+                    "channel": item.channel,
+                    "customer_id": str(row["customer_id"]),
+                    "attempt": int(row["attempts"]) + 1,
+                    "error_code": result.code,
+                },
+            )
             base = {"channel": item.channel, "channel_index": item.index}
             if not result.permanent:
                 change = self._retry_change(row, item.rule, f"{item.channel}: {result}", now)
