@@ -363,6 +363,17 @@ def dispatch(app: App, as_json: bool) -> None:
         )
 
 
+def _serve_metrics(port: int | None, host: str) -> None:
+    if port is None:
+        return
+    from .process_metrics import serve
+
+    try:
+        serve(port, host)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot listen on {host}:{port}: {exc}") from None
+
+
 @cli.command()
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option(
@@ -370,28 +381,60 @@ def dispatch(app: App, as_json: bool) -> None:
 )
 @click.option("--name", metavar="NAME", help="the worker's name in RQ (default: a random id)")
 @click.option("--max-jobs", type=int, metavar="N", help="stop after N jobs")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="P",
+    help="serve this process's own metrics (send, render and scan times) on GET :P/metrics",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address --metrics-port listens on",
+)
 @pass_app
 def worker(
-    app: App, burst: bool, queues: tuple[str, ...], name: str | None, max_jobs: int | None
+    app: App,
+    burst: bool,
+    queues: tuple[str, ...],
+    name: str | None,
+    max_jobs: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """An RQ worker; with no --queue it serves every channel's queue."""
     from .jobs import resolve_queues, run_worker, setup_logging
 
     store.ensure_current(app.config.state_url)
     setup_logging()
+    _serve_metrics(metrics_port, metrics_host)
     run_worker(app, resolve_queues(app.config, queues), burst=burst, name=name, max_jobs=max_jobs)
 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="one scan and one dispatch, then exit (for cron)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="P",
+    help="serve this process's own metrics (send, render and scan times) on GET :P/metrics",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address --metrics-port listens on",
+)
 @pass_app
-def scheduler(app: App, once: bool) -> None:
+def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Scan and dispatch on intervals; one active at a time (a Redis lock elects it)."""
     from .jobs import setup_logging
     from .scheduler import Scheduler
 
     store.ensure_current(app.config.state_url)
     setup_logging()
+    _serve_metrics(metrics_port, metrics_host)
     cycles = Scheduler(app).run(once=once)
     if once and not cycles:
         click.echo("another scheduler is active: nothing done")

@@ -67,6 +67,7 @@ from .lifecycle import (
     param,
 )
 from .models import message, reminder
+from .process_metrics import RENDER_SECONDS, timed
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
 
@@ -367,7 +368,8 @@ class Delivery:
         assert isinstance(address, str)
         row, rule, values = context.row, context.rule, context.values
         variables = template_context(self.config, rule, row, values, context.now, name, address)
-        rendered = render(self.app.renderer, self.config, rule, row, variables, name, address)
+        with timed(RENDER_SECONDS, name):
+            rendered = render(self.app.renderer, self.config, rule, row, variables, name, address)
         return _Ready(row, rule, index, name, address, rendered)
 
     def _retry_change(self, row: Mapping[str, Any], rule: Rule, why: str, now: datetime) -> _Change:
