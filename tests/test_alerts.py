@@ -45,3 +45,46 @@ def test_the_alert_rules_fire_on_their_series(promtool: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
+
+
+def test_the_dashboards_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    dashboard = json.loads(
+        (FOLDER.parent / "grafana" / "reminders.json").read_text(encoding="utf-8")
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) == 16
+    # Each query as a recording rule: promtool parses every one.
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard.yml"
+    path.write_text(yaml.safe_dump(rules), encoding="utf-8")
+    done = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Every family GET /metrics serves is on the dashboard.
+    for family in (
+        "reminders_reminders",
+        "reminders_messages_total",
+        "reminders_provider_errors_total",
+        "reminders_due_unsent",
+        "reminders_oldest_due_unsent_seconds",
+        "reminders_queue_jobs",
+        "reminders_workers",
+        "reminders_scan_last_success_timestamp_seconds",
+        "reminders_scan_duration_seconds",
+        "reminders_scan_rows",
+        "reminders_rule_paused",
+        "reminders_opt_outs_total",
+    ):
+        assert any(family in e for e in exprs), family
