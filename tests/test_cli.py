@@ -118,6 +118,7 @@ def test_status_json(scanned: Project) -> None:
         "totals": {"pending": 4, "canceled": 2},
         "next_due": {"id": 1, "rule": "refill-due", "send_at": "2027-03-14T14:00:00Z"},
         "due_now": 1,
+        "oldest_due_unsent_seconds": 22 * 3600.0,  # reminder 1, due 22 hours ago
         "stuck_sending": [],
         "recent_failures": [],
         "last_scans": [
@@ -358,8 +359,11 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 
 def test_db_upgrade_and_current(project: Project) -> None:
-    assert project.ok("db", "upgrade").out == "state DB at revision 0002\n"
-    assert project.ok("db", "current").out.splitlines() == ["state DB: 0002", "code:     0002"]
+    assert project.ok("db", "upgrade").out == "state DB at revision 0003_metrics\n"
+    assert project.ok("db", "current").out.splitlines() == [
+        "state DB: 0003_metrics",
+        "code:     0003_metrics",
+    ]
 
 
 def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: str) -> None:
