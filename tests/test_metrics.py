@@ -217,6 +217,21 @@ def test_status_json_and_healthz_report_the_oldest_due_unsent_age(
     assert answer.get_json()["oldest_due_unsent_seconds"] == 600.0
 
 
+def test_healthz_without_the_tables_is_up_without_the_age(shop: Shop) -> None:
+    from flask import Flask
+
+    from reminders.web import health
+    from reminders.web.context import KEY
+
+    shop.configure(rules=SMS_ONLY)  # the state DB reachable, not migrated
+    flask = Flask(__name__)
+    flask.extensions[KEY] = App(shop.root / "config.yaml")
+    flask.register_blueprint(health.blueprint)
+    answer = flask.test_client().get("/healthz")
+    assert answer.status_code == 200
+    assert answer.get_json() == {"status": "ok", "state_db": "ok", "redis": "ok"}
+
+
 def test_the_blueprint_asks_for_the_bearer_key_when_one_is_set(shop: Shop) -> None:
     key = "k" * 24
     shop.configure(rules=SMS_ONLY, extra=f"console:\n  metrics_key: {key}\n")
