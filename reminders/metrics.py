@@ -18,7 +18,6 @@ Mount it with :func:`metrics_app` (a Flask blueprint, ``GET /metrics``) or print
 from __future__ import annotations
 
 import hmac
-import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from .app import App
-
-log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Not sent yet although their send time has passed: waiting for a dispatch, in a queue, or with a
@@ -66,7 +63,8 @@ def _code(value: str | None) -> str:
 def oldest_due_unsent(conn: Connection, now: datetime) -> tuple[dict[str, int], float]:
     """Reminders due and not sent, by rule, and the age in seconds of the oldest (0 when none).
 
-    One query on the ``(status, send_at)`` index.
+    One query, on the partial index of the unsent reminders by send time: it reads the due ones
+    only, however many are scheduled for later.
     """
     by_rule: dict[str, int] = {}
     oldest: datetime | None = None
