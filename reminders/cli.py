@@ -93,6 +93,18 @@ def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return value
 
 
+def _set_log_format(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    from . import logs
+
+    if value:
+        os.environ[logs.ENV] = value  # the processes a command starts log the same way
+    try:
+        logs.chosen()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-c",
@@ -108,6 +120,14 @@ def _set_now(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     is_eager=True,
     metavar="ISO",
     help="the current time, ISO 8601 (no zone = UTC); default: $REMINDERS_NOW or the real time",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    callback=_set_log_format,
+    expose_value=False,
+    is_eager=True,
+    help="log lines as text (default) or one JSON object a line; default: $REMINDERS_LOG_FORMAT",
 )
 @click.version_option(__version__, prog_name="reminders")
 @click.pass_context
@@ -401,6 +421,19 @@ def status(app: App, as_json: bool) -> None:
         click.echo(format_status(report))
 
 
+# --- metrics --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_app
+def metrics(app: App) -> None:
+    """Print the Prometheus metrics GET /metrics answers, read now from the state DB and Redis."""
+    from .metrics import collect
+
+    _migrated(app)
+    click.echo(collect(app).decode(), nl=False)
+
+
 # --- check ----------------------------------------------------------------------------------------
 
 
@@ -442,6 +475,17 @@ def dispatch(app: App, as_json: bool) -> None:
         )
 
 
+def _serve_metrics(port: int | None, host: str) -> None:
+    if port is None:
+        return
+    from .process_metrics import serve
+
+    try:
+        serve(port, host)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot listen on {host}:{port}: {exc}") from None
+
+
 @cli.command()
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option(
@@ -449,28 +493,60 @@ def dispatch(app: App, as_json: bool) -> None:
 )
 @click.option("--name", metavar="NAME", help="the worker's name in RQ (default: a random id)")
 @click.option("--max-jobs", type=int, metavar="N", help="stop after N jobs")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="P",
+    help="serve this process's own metrics (send, render and scan times) on GET :P/metrics",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address --metrics-port listens on",
+)
 @pass_app
 def worker(
-    app: App, burst: bool, queues: tuple[str, ...], name: str | None, max_jobs: int | None
+    app: App,
+    burst: bool,
+    queues: tuple[str, ...],
+    name: str | None,
+    max_jobs: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """An RQ worker; with no --queue it serves every channel's queue."""
     from .jobs import resolve_queues, run_worker, setup_logging
 
     _migrated(app)
     setup_logging()
+    _serve_metrics(metrics_port, metrics_host)
     run_worker(app, resolve_queues(app.config, queues), burst=burst, name=name, max_jobs=max_jobs)
 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="one scan and one dispatch, then exit (for cron)")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="P",
+    help="serve this process's own metrics (send, render and scan times) on GET :P/metrics",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address --metrics-port listens on",
+)
 @pass_app
-def scheduler(app: App, once: bool) -> None:
+def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str) -> None:
     """Scan and dispatch on intervals; one active at a time (a Redis lock elects it)."""
     from .jobs import setup_logging
     from .scheduler import Scheduler
 
     _migrated(app)
     setup_logging()
+    _serve_metrics(metrics_port, metrics_host)
     cycles = Scheduler(app).run(once=once)
     if once and not cycles:
         click.echo("another scheduler is active: nothing done")

@@ -226,6 +226,12 @@ class WebConfig(_Model):
         return value
 
 
+class ConsoleConfig(_Model):
+    # A bearer key GET /metrics asks for (e.g. metrics_key: ${REMINDERS_METRICS_KEY}); unset,
+    # /metrics answers anyone who reaches the console's internal port.
+    metrics_key: str | None = Field(default=None, min_length=16)
+
+
 class RetryConfig(_Model):
     max_attempts: int = Field(default=5, ge=1, le=100)
     backoff: Duration = timedelta(seconds=30)
@@ -290,6 +296,7 @@ class Config(_Model):
     web: WebConfig = WebConfig()
     # Inbound SMS keywords per language ({es: {stop: [BAJA], start: [ALTA], help: [AYUDA]}}).
     keywords: dict[LocaleTag, LanguageKeywords] = {}
+    console: ConsoleConfig = ConsoleConfig()
     requeue_after: Duration = timedelta(minutes=5)
     batch_size: int = Field(default=100, ge=1, le=10_000)
     retries: RetryConfig = RetryConfig()

@@ -67,6 +67,7 @@ from .lifecycle import (
     param,
 )
 from .models import message, reminder
+from .process_metrics import RENDER_SECONDS, timed
 from .ratelimit import RateLimiter, paced
 from .rules import Rule
 
@@ -263,7 +264,13 @@ class Delivery:
 
             dispatcher = Dispatcher(self.config, self.app.ruleset, state, self.connection)
             dispatcher.enqueue_due(self.app.now(), DispatchCounts(), ids=sorted(moved))
-        log.info("job %s: %s: %s", job_id, channel, _summary(counts))
+        log.info(
+            "job %s: %s: %s",
+            job_id,
+            channel,
+            _summary(counts),
+            extra={"job_id": job_id, "channel": channel},
+        )
         return counts
 
     # -- before sending ---------------------------------------------------------------------
@@ -318,7 +325,11 @@ class Delivery:
                 except InputError:
                     raise  # a configuration mistake fails the job, visibly; nothing is lost
                 except Exception as exc:  # one reminder's surprise must not sink the batch
-                    log.exception("reminder %s: unexpected error before sending", row["id"])
+                    log.exception(
+                        "reminder %s: unexpected error before sending",
+                        row["id"],
+                        extra={"reminder_id": row["id"], "rule": row["rule"]},
+                    )
                     decided = _Change(
                         row["id"], FAILED, f"internal error: {type(exc).__name__}: {exc}"
                     )
@@ -362,7 +373,8 @@ class Delivery:
         assert isinstance(address, str)
         row, rule, values = context.row, context.rule, context.values
         variables = template_context(self.config, rule, row, values, context.now, name, address)
-        rendered = render(self.app.renderer, self.config, rule, row, variables, name, address)
+        with timed(RENDER_SECONDS, name):
+            rendered = render(self.app.renderer, self.config, rule, row, variables, name, address)
         return _Ready(row, rule, index, name, address, rendered)
 
     def _retry_change(self, row: Mapping[str, Any], rule: Rule, why: str, now: datetime) -> _Change:
@@ -402,7 +414,12 @@ class Delivery:
                 if change.enqueue:
                     moved.add(change.rid)
                 if change.status == FAILED:
-                    log.warning("reminder %s failed: %s", change.rid, change.reason)
+                    log.warning(
+                        "reminder %s failed: %s",
+                        change.rid,
+                        change.reason,
+                        extra={"reminder_id": change.rid, "job_id": job_id},
+                    )
         return moved
 
     # -- claim, send, record ------------------------------------------------------------------
@@ -500,6 +517,7 @@ class Delivery:
                     {
                         "reminder_id": row["id"],
                         "channel": item.channel,
+                        "rule": row["rule"],
                         "to_address": item.address,
                         "provider_id": result,
                         "status": SENT,
@@ -511,7 +529,20 @@ class Delivery:
                 )
                 continue
             where = f"{item.channel} to {phone.mask_address(item.channel, item.address)}"
-            log.warning("reminder %s: %s failed: %s", row["id"], where, result.message)
+            log.warning(
+                "reminder %s: %s failed: %s",
+                row["id"],
+                where,
+                result.message,
+                extra={
+                    "reminder_id": row["id"],
+                    "rule": row["rule"],
+                    "channel": item.channel,
+                    "customer_id": str(row["customer_id"]),
+                    "attempt": int(row["attempts"]) + 1,
+                    "error_code": result.code,
+                },
+            )
             base = {"channel": item.channel, "channel_index": item.index}
             if not result.permanent:
                 change = self._retry_change(row, item.rule, f"{item.channel}: {result}", now)

@@ -117,13 +117,11 @@ def resolve_queues(config: Config, names: Sequence[str]) -> list[str]:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log the engine's own lines (batch summaries, failures with masked addresses) to stderr."""
-    logger = logging.getLogger("reminders")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
+    """Log the engine's own lines (batch summaries, failures with masked addresses) to stderr, as
+    text or JSON (:mod:`reminders.logs`)."""
+    from . import logs
+
+    logs.setup(level)
 
 
 # How long the worker's pub/sub thread (RQ's command channel: stop, kill) blocks in one read. RQ

@@ -70,7 +70,19 @@ def apply_report(
     if code in DEAD_NUMBER:
         why = f"Twilio {code}: {DEAD_NUMBER[code]}"
         consent.opt_out(conn, "sms", found.to_address, code, why, now, rem.customer_id)
-        log.info("suppressed %s for sms: %s", mask(found.to_address), why)
+        log.info(
+            "suppressed %s for sms: %s",
+            mask(found.to_address),
+            why,
+            extra={
+                "reminder_id": rem.id,
+                "rule": rem.rule,
+                "channel": "sms",
+                "customer_id": rem.customer_id,
+                "provider_id": sid,
+                "error_code": code,
+            },
+        )
     if rem.status != SENT or rem.channel != "sms":
         return f"message {state}; reminder {rem.status}, left alone"
     if state == DELIVERED:

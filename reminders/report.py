@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from . import clock, consent, lifecycle, models, phone, redis_conn, store
 from .errors import ServiceUnavailable
+from .metrics import oldest_due_unsent
 from .pause import paused_rules
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def status_report(app: App) -> dict[str, Any]:
             "deferred": _deferred(conn),
             "paused_rules": sorted(paused_rules(conn)),
         }
+        _by_rule, oldest = oldest_due_unsent(conn, now)
     extra["failed_jobs"] = failed_jobs(app.config)
     return {
         "now": clock.iso_utc(now),
@@ -84,6 +86,8 @@ def status_report(app: App) -> dict[str, Any]:
         if next_due is None
         else {"id": next_due.id, "rule": next_due.rule, "send_at": clock.iso_utc(next_due.send_at)},
         "due_now": overdue,
+        # What reminders_oldest_due_unsent_seconds says: the alert that matters.
+        "oldest_due_unsent_seconds": oldest,
         "stuck_sending": [
             {"id": x.id, "rule": x.rule, "channel": x.channel, "since": clock.iso_utc(x.updated_at)}
             for x in stuck

@@ -24,22 +24,25 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import compress, repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import consent, dberrors, source, store
+from . import clock, consent, dberrors, source, store
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
 from .models import reminder, scan_run, skipped_row
 from .planner import Planner, RowError
+from .process_metrics import SCAN_PHASE_SECONDS, timed
 from .rules import QUERY_PARAMETERS, Rule
 
 if TYPE_CHECKING:
@@ -200,7 +203,7 @@ def scan_rule(
                 if alone:
                     _end_stale_runs(conn, rule.name)
                 run_id = _start_run(conn, rule.name, now)
-            with conn.begin():
+            with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "load"):
                 known = _Known.load(conn, rule, planner.earliest)
                 # A rule with no reminders at all (its first scan) needs no lookups per batch.
                 fresh = not known and (
@@ -215,16 +218,20 @@ def scan_rule(
             params = _query_params(rule.query, now, config)
             number = 0
             batches = source.stream_rows(business, rule.query, params, what=f"rule {rule.name}")
-            for keys, rows in batches:
+            # Reading the business DB and applying its rows alternate batch by batch: each
+            # phase's time is the sum of its turns.
+            phases = _PhaseClock()
+            for keys, rows in phases.each("query", batches):
                 if number == 0:
                     _check_columns(rule, keys)
                     planner.bind(keys)
-                with conn.begin():
+                with conn.begin(), phases.spent("apply"):
                     number = _apply_batch(
                         conn, planner, rows, number, counts, known, fresh, now, off
                     )
                 if progress:
                     progress(len(rows))
+            phases.observe(rule.name)
             vanished = known.vanished()
             limit = config.scan.max_cancel
             if not allow_mass_cancel and is_mass_cancel(len(vanished), len(known), limit):
@@ -237,7 +244,7 @@ def scan_rule(
                     f"broken WHERE), run `reminders scan --rule {rule.name} --allow-mass-cancel`"
                 )
             else:
-                with conn.begin():
+                with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "cancel"):
                     counts.canceled += _cancel_vanished(conn, vanished, planner.earliest, now)
     except RemindersError as exc:
         counts.error = str(exc)
@@ -305,7 +312,8 @@ def _finish_run(state: Engine, run_id: int, counts: ScanCounts, now: datetime, s
             scan_run.update()
             .where(scan_run.c.id == run_id)
             .values(
-                finished_at=now,
+                # The clock read again: finished_at - started_at is how long the scan took.
+                finished_at=max(now, clock.now()),
                 status=status,
                 rows=counts.rows,
                 created=counts.created,
@@ -317,6 +325,39 @@ def _finish_run(state: Engine, run_id: int, counts: ScanCounts, now: datetime, s
                 error=counts.error,
             )
         )
+
+
+T = TypeVar("T")
+
+
+class _PhaseClock:
+    """Seconds spent in each phase of a scan whose phases take turns."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def spent(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def each(self, phase: str, items: Iterable[T]) -> Iterator[T]:
+        """``items``, the time spent producing each counted in ``phase``."""
+        found = iter(items)
+        while True:
+            with self.spent(phase):
+                try:
+                    item = next(found)
+                except StopIteration:
+                    return
+            yield item
+
+    def observe(self, rule: str) -> None:
+        for phase, seconds in self.seconds.items():
+            SCAN_PHASE_SECONDS.labels(rule, phase).observe(seconds)
 
 
 def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:

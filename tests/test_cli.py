@@ -188,6 +188,7 @@ def test_status_json(scanned: Project) -> None:
         "totals": {"pending": 4, "canceled": 2},
         "next_due": {"id": 1, "rule": "refill-due", "send_at": "2027-03-14T14:00:00Z"},
         "due_now": 1,
+        "oldest_due_unsent_seconds": 22 * 3600.0,  # reminder 1, due 22 hours ago
         "stuck_sending": [],
         "recent_failures": [],
         "last_scans": [

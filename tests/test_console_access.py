@@ -172,3 +172,16 @@ def test_passwords_and_keys_are_stored_as_scrypt_hashes(console: Console) -> Non
     assert console.operator_key.split("_")[2] not in "".join(keys)
     assert accounts.verify_secret(PASSWORD, users[0])
     assert not accounts.verify_secret(PASSWORD + "!", users[0])
+
+
+def test_prometheus_scrapes_metrics_from_the_console_without_a_session(console: Console) -> None:
+    """GET /metrics is served by the console process for Prometheus: no user session or API key
+    (``console.metrics_key``, when set, guards it instead: see tests/test_metrics.py)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(f"{console.base}/metrics", allow_redirects=False)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    names = {family.name for family in text_string_to_metric_families(answer.text)}
+    assert {"reminders_reminders", "reminders_oldest_due_unsent_seconds"} <= names
+    assert requests.post(f"{console.base}/metrics").status_code in (401, 403, 405)

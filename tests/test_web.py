@@ -993,13 +993,23 @@ def test_health_reports_what_failed(
     for web in _started(tmp_path, f"sqlite:///{tmp_path / 's.db'}", monkeypatch, redis_url=dead):
         reply = web.get("/healthz")
         assert reply.status_code == 503
-        assert reply.json() == {"status": "unhealthy", "state_db": "ok", "redis": "unreachable"}
+        assert reply.json() == {
+            "status": "unhealthy",
+            "state_db": "ok",
+            "redis": "unreachable",
+            "oldest_due_unsent_seconds": 0.0,
+        }
     alive = tmp_path / "alive"
     alive.mkdir()
     for web in _started(alive, f"sqlite:///{alive / 's.db'}", monkeypatch, redis_url=redis_url):
         reply = web.get("/healthz")
         assert reply.status_code == 200
-        assert reply.json() == {"status": "ok", "state_db": "ok", "redis": "ok"}
+        assert reply.json() == {
+            "status": "ok",
+            "state_db": "ok",
+            "redis": "ok",
+            "oldest_due_unsent_seconds": 0.0,
+        }
         # the state DB going away (a PostgreSQL that does not answer) is a 503 too
         dead_db = f"postgresql+psycopg://postgres@127.0.0.1:{services.free_port()}/x"
         monkeypatch.setitem(web.app.__dict__, "state", store.create_engine(dead_db))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from reminders import clock
 from reminders.channels.base import Channel, Message
 from reminders.errors import TransientError
+from reminders.process_metrics import SEND_SECONDS, timed
 
 if TYPE_CHECKING:
     from reminders.config import Config, EmailConfig, SmsConfig
@@ -62,7 +63,7 @@ class OutboxChannel(Channel):
     def send(self, message: Message) -> str:
         data = self.line(message)
         try:
-            with self._lock:
+            with timed(SEND_SECONDS, message.channel), self._lock:
                 fd = self._open()
                 written = os.write(fd, data)
                 while written < len(data):  # a short write: only on a full disk or a signal

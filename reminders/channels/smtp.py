@@ -31,6 +31,7 @@ from reminders.channels.base import Channel, Message
 from reminders.config import EmailConfig
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask_email
+from reminders.process_metrics import SEND_SECONDS, timed
 
 if TYPE_CHECKING:
     from reminders.config import Config, SmsConfig
@@ -348,7 +349,8 @@ class SmtpChannel(Channel):
                     try:
                         if conn is None:
                             conn = self._connect()
-                        self._transmit(conn, mail, str(mail["To"]))
+                        with timed(SEND_SECONDS, message.channel):
+                            self._transmit(conn, mail, str(mail["To"]))
                         results.append(str(mail["Message-ID"]))
                         break
                     except _Dropped as exc:

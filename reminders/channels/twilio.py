@@ -45,6 +45,7 @@ from reminders.channels.twilio_http import Urllib3HttpClient
 from reminders.config import SmsConfig
 from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
 from reminders.phone import mask, mask_numbers_in
+from reminders.process_metrics import SEND_SECONDS, timed
 
 if TYPE_CHECKING:
     from reminders.config import Config, EmailConfig
@@ -176,7 +177,8 @@ class TwilioChannel(Channel):
 
     def _send_one(self, message: Message) -> str | ChannelError:
         try:
-            return self.send(message)
+            with timed(SEND_SECONDS, message.channel):
+                return self.send(message)
         except ChannelError as exc:
             return exc
 

@@ -64,12 +64,14 @@ def create_console(app: App) -> Flask:
     flask.json.sort_keys = False  # type: ignore[attr-defined]
     flask.extensions[KEY] = app
 
+    from ..metrics import metrics_app
     from . import api, auth, charts, pages
 
     flask.session_interface = auth.SessionInterface()
     flask.register_blueprint(auth.blueprint)
     flask.register_blueprint(api.blueprint)
     flask.register_blueprint(pages.blueprint)
+    flask.register_blueprint(metrics_app(app))  # GET /metrics, for Prometheus
     flask.before_request(_refuse_oversized)
     flask.before_request(auth.guard)
     flask.after_request(_headers)

@@ -39,7 +39,9 @@ FAILURE_WINDOW = timedelta(minutes=15)
 MAX_WAIT = timedelta(minutes=15)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Paths anyone may read: the log-in form, the stylesheet, the API's description.
-OPEN_PATHS = ("/login", "/static/", "/api/v1/openapi.json")
+# /metrics is Prometheus's: guarded by its own optional bearer key (console.metrics_key), not by
+# a user's session or an API key.
+OPEN_PATHS = ("/login", "/static/", "/api/v1/openapi.json", "/metrics")
 
 
 class SessionInterface(SecureCookieSessionInterface):

@@ -57,16 +57,24 @@ class MaskTokens(logging.Filter):
 
 
 def log_config() -> dict[str, Any]:
-    """granian's logging: errors to stdout with a timestamp; access lines masked."""
+    """granian's logging: errors to stdout with a timestamp; access lines masked; one JSON object
+    a line with ``--log-format json`` (``REMINDERS_LOG_FORMAT``)."""
+    from reminders import logs
+
     stamp = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+    if logs.chosen() == "json":
+        as_json = {"()": logs.JsonFormatter}
+        formatters: dict[str, Any] = {"generic": as_json, "access": as_json}
+    else:
+        formatters = {
+            "generic": {"format": stamp},
+            "access": {"format": "%(asctime)s [%(process)d] %(message)s"},
+        }
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"mask": {"()": MaskTokens}},
-        "formatters": {
-            "generic": {"format": stamp},
-            "access": {"format": "%(asctime)s [%(process)d] %(message)s"},
-        },
+        "formatters": formatters,
         "handlers": {
             "console": {
                 "class": "logging.StreamHandler",
