@@ -1,8 +1,8 @@
 """``POST /v1/checks/<name>`` through real HTTP requests to the running web app.
 
 The app is the production one (``reminders.web.create_app``), served on a free loopback port in a
-thread, and once by the production server (``reminders web``); the shop (SQLite and PostgreSQL) is
-the one of ``test_checks.py``.
+thread, and once by the production server (``reminders web``); the shop (SQLite, PostgreSQL and
+MariaDB) is the one of ``test_checks.py``.
 """
 
 from __future__ import annotations
@@ -98,13 +98,13 @@ def web_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REMINDERS_API_KEYS", f" {KEY} , {OTHER_KEY},")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def server(request: pytest.FixtureRequest, tmp_path: Path, web_env: None) -> Iterator[Server]:
-    """The shop's web app, on SQLite and on PostgreSQL."""
+    """The shop's web app, on SQLite, PostgreSQL and MariaDB."""
     if request.param == "sqlite":
         yield from serve(build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}"))
         return
-    with services.postgres_database() as url:
+    with services.business_database(request.param) as url:
         yield from serve(build_shop(tmp_path, url))
 
 
@@ -333,7 +333,7 @@ def test_fifty_timeouts_in_a_row_leave_the_pool_usable(server: Server) -> None:
         # at most one connection left open by each engine: one per timeout among the checks
         engines = len({check.timeout for check in server.app.ruleset.checks})
         assert 0 < _open_files(Path(database)) <= engines
-    else:
+    elif engine.dialect.name == "postgresql":
         url = server.app.config.source_url
         admin = sa.create_engine(url)
         try:
@@ -350,6 +350,30 @@ def test_fifty_timeouts_in_a_row_leave_the_pool_usable(server: Server) -> None:
         by_state = dict(states)
         assert set(by_state) <= {"idle"}, by_state  # nothing running, nothing left in a transaction
         assert sum(by_state.values()) <= pool.size() + pool._max_overflow
+    else:
+        admin = sa.create_engine(server.app.config.source_url)
+        try:
+            with admin.connect() as conn:
+                others = "db = database() AND id <> connection_id()"
+                commands = conn.execute(
+                    sa.text(
+                        f"SELECT command, count(*) FROM information_schema.processlist WHERE "
+                        f"{others} GROUP BY command"
+                    )
+                ).all()
+                open_transactions = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM information_schema.innodb_trx WHERE "
+                        f"trx_mysql_thread_id IN (SELECT id FROM information_schema.processlist "
+                        f"WHERE {others})"
+                    )
+                ).scalar_one()
+        finally:
+            admin.dispose()
+        by_command = dict(commands)
+        assert set(by_command) <= {"Sleep"}, by_command  # nothing running
+        assert open_transactions == 0  # nothing left in a transaction
+        assert sum(by_command.values()) <= pool.size() + pool._max_overflow
 
 
 def test_a_table_locked_by_a_writer_answers_unknown_then_recovers(

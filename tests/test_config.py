@@ -185,6 +185,15 @@ def test_the_process_environment_is_read_by_default(
             'config.yaml:2: source.url: "not a url" is not a database URL (e.g. sqlite:///x.db)',
         ),
         (
+            BASE + "state:\n  url: mysql://reminders@db/reminders\n",
+            "config.yaml:4: state.url: MySQL and MariaDB can hold the business DB (source.url) "
+            "but not the engine's own tables: use SQLite or PostgreSQL for state.url",
+        ),
+        (
+            BASE + "state:\n  url: mariadb+pymysql://reminders@db/reminders\n",
+            "config.yaml:4: state.url: MySQL and MariaDB can hold the business DB",
+        ),
+        (
             BASE + "channels:\n  sms:\n    provider: nexmo\n",
             "config.yaml:5: channels.sms.provider: Input should be 'twilio' or 'outbox' "
             "(got 'nexmo')",
@@ -194,7 +203,7 @@ def test_the_process_environment_is_read_by_default(
             "config.yaml:5: channels.sms: provider twilio needs account_sid and auth_token",
         ),
         (
-            BASE + 'channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n',
+            BASE + "channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n",
             "config.yaml:5: channels.email: provider smtp has a username but no password "
             "(e.g. password: ${SMTP_PASSWORD})",
         ),
@@ -226,6 +235,8 @@ def test_the_process_environment_is_read_by_default(
         "no-source",
         "no-source-url",
         "bad-url",
+        "mysql-state",
+        "mariadb-state",
         "bad-provider",
         "twilio-without-credentials",
         "smtp-username-without-password",
