@@ -24,6 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from .errors import ServiceUnavailable
+
 BACKENDS = ("mysql", "mariadb")
 # mysqlclient: C, the faster of the two (see the module's docstring).
 DRIVER = "mysqldb"
@@ -61,9 +63,22 @@ def create_engine(url: str | URL, statement_timeout: timedelta | None, pre_ping:
     code is in :data:`TIMEOUT_CODES`.
     """
     parsed = engine_url(url)
+    try:
+        conv = _conversions(parsed)
+    except ImportError as exc:
+        install = "'reminders[mysql]' (mysqlclient" if parsed.get_driver_name() == DRIVER else ""
+        raise ServiceUnavailable(
+            f"source.url: {parsed.drivername}: its driver is not installed ({exc}): "
+            + (
+                f"pip install {install}; on Debian apt-get install libmariadb-dev pkg-config "
+                "first)"
+                if install
+                else f"install the package of {parsed.get_driver_name()}"
+            )
+        ) from None
     engine = sa.create_engine(
         parsed,
-        connect_args={"conv": _conversions(parsed)},
+        connect_args={"conv": conv},
         pool_pre_ping=pre_ping,
         pool_size=10,
     )

@@ -119,6 +119,10 @@ def mariadb_database() -> Iterator[str]:
     from reminders import mysql
 
     server = sa.engine.make_url(MARIADB_URL)
+    try:
+        mysql.engine_url(server).get_dialect().import_dbapi()
+    except ImportError:
+        unavailable("mysqlclient is not installed: pip install -e '.[mysql]' (make install-test)")
     if not port_open(server.host or "127.0.0.1", server.port or 3306):
         unavailable(f"MariaDB is not running on {server.host}:{server.port or 3306}")
     name = f"reminders_test_{uuid.uuid4().hex[:10]}"

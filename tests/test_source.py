@@ -418,3 +418,9 @@ def test_mysql_and_mariadb_urls_use_mysqlclient_unless_they_name_a_driver() -> N
     assert str(mysql.engine_url("mysql://u@h/db")) == "mysql+mysqldb://u@h/db"
     assert str(mysql.engine_url("mariadb://u@h/db")) == "mariadb+mysqldb://u@h/db"
     assert str(mysql.engine_url("mysql+pymysql://u@h/db")) == "mysql+pymysql://u@h/db"
+
+
+def test_a_mysql_driver_not_installed_is_named() -> None:
+    driver = r"^source.url: mysql\+mariadbconnector: its driver is not installed"
+    with pytest.raises(ServiceUnavailable, match=driver):
+        source.create_engine("mysql+mariadbconnector://root@127.0.0.1/x")
