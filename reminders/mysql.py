@@ -66,15 +66,15 @@ def create_engine(url: str | URL, statement_timeout: timedelta | None, pre_ping:
     try:
         conv = _conversions(parsed)
     except ImportError as exc:
-        install = "'reminders[mysql]' (mysqlclient" if parsed.get_driver_name() == DRIVER else ""
-        raise ServiceUnavailable(
-            f"source.url: {parsed.drivername}: its driver is not installed ({exc}): "
-            + (
-                f"pip install {install}; on Debian apt-get install libmariadb-dev pkg-config "
-                "first)"
-                if install
-                else f"install the package of {parsed.get_driver_name()}"
+        if parsed.get_driver_name() == DRIVER:
+            how = (
+                "pip install 'reminders[mysql]' (mysqlclient; on Debian "
+                "apt-get install libmariadb-dev pkg-config first)"
             )
+        else:
+            how = f"install the package of {parsed.get_driver_name()}"
+        raise ServiceUnavailable(
+            f"source.url: {parsed.drivername}: its driver is not installed ({exc}): {how}"
         ) from None
     engine = sa.create_engine(
         parsed,
