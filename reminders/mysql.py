@@ -76,9 +76,14 @@ def create_engine(url: str | URL, statement_timeout: timedelta | None, pre_ping:
         raise ServiceUnavailable(
             f"source.url: {parsed.drivername}: its driver is not installed ({exc}): {how}"
         ) from None
+    connect_args: dict[str, Any] = {"conv": conv}
+    if parsed.get_driver_name() == "mysqldb":
+        # One statement per query, as on the other databases: mysqlclient would otherwise run
+        # "SELECT ...; DELETE ..." whole (PyMySQL does not ask the server for several).
+        connect_args["multi_statements"] = False
     engine = sa.create_engine(
         parsed,
-        connect_args={"conv": conv},
+        connect_args=connect_args,
         pool_pre_ping=pre_ping,
         pool_size=10,
     )

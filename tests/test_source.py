@@ -424,3 +424,15 @@ def test_a_mysql_driver_not_installed_is_named() -> None:
     driver = r"^source.url: mysql\+mariadbconnector: its driver is not installed"
     with pytest.raises(ServiceUnavailable, match=driver):
         source.create_engine("mysql+mariadbconnector://root@127.0.0.1/x")
+
+
+def test_mysql_runs_one_statement_a_query(maria: tuple[str, sa.Engine]) -> None:
+    """Rule loading refuses ``;``-chained statements; the connection refuses them too."""
+    url, writable = maria
+    engine = source.create_engine(url)
+    try:
+        with pytest.raises(SourceError, match="error in your SQL syntax"):
+            _run(engine, "SELECT id FROM items; DROP TABLE items")
+    finally:
+        engine.dispose()
+    assert _count(writable) == 1
