@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -141,10 +142,10 @@ def build_mysql(url: str, count: int) -> float:
             "placed_at TIMESTAMP NOT NULL)"
         )
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        rows = [(*row[:5], row[5].replace(tzinfo=None)) for row in orders(count)]
+        rows = ((*row[:5], row[5].replace(tzinfo=None)) for row in orders(count))
         insert = f"INSERT INTO {PG_TABLE} VALUES (%s, %s, %s, %s, %s, %s)"
-        for start in range(0, len(rows), 10_000):  # the driver makes one multi-row INSERT
-            cursor.executemany(insert, rows[start : start + 10_000])
+        while batch := list(itertools.islice(rows, 10_000)):  # one multi-row INSERT a batch
+            cursor.executemany(insert, batch)
         conn.exec_driver_sql(INDEX.format(table=PG_TABLE))
         conn.exec_driver_sql(f"ANALYZE TABLE {PG_TABLE}")
     engine.dispose()
