@@ -372,17 +372,25 @@ def test_fifty_timeouts_in_a_row_leave_the_pool_usable(server: Server) -> None:
         assert len(connections) <= pool.size() + pool._max_overflow
 
 
+LOCKS = {
+    "postgresql": (("BEGIN", "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"), "ROLLBACK"),
+    "mariadb": (("LOCK TABLES orders WRITE",), "UNLOCK TABLES"),
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
 def test_a_table_locked_by_a_writer_answers_unknown_then_recovers(
-    tmp_path: Path, web_env: None
+    tmp_path: Path, web_env: None, backend: str
 ) -> None:
-    with services.postgres_database() as url:
+    lock, unlock = LOCKS[backend]
+    with services.business_database(backend) as url:
         shop = build_shop(tmp_path, url)
         for server in serve(shop):
             writer = sa.create_engine(url)
             try:
                 with writer.connect() as conn:
-                    conn.exec_driver_sql("BEGIN")
-                    conn.exec_driver_sql("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+                    for statement in lock:
+                        conn.exec_driver_sql(statement)
                     reply = server.check("already-owned", OWNED)
                     assert reply.status == 200
                     assert reply.body == {
@@ -390,7 +398,7 @@ def test_a_table_locked_by_a_writer_answers_unknown_then_recovers(
                         "status": "unknown",
                         "reason": "the query took longer than 200 ms",
                     }
-                    conn.exec_driver_sql("ROLLBACK")
+                    conn.exec_driver_sql(unlock)
                 assert server.check("already-owned", OWNED).body["duplicate"] is True
             finally:
                 writer.dispose()
