@@ -16,8 +16,13 @@ install: $(BIN)/python
 # (tests/test_worker_stop.py runs a worker with each on PYTHONPATH).
 REDIS_PY := 5.3.1 6.4.0 7.4.1
 
+# The MySQL driver (mysqlclient) builds against the MariaDB/MySQL client library: without its
+# headers the driver is left out and the MariaDB tests skip (CI installs them: .ci/run).
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if pkg-config --exists libmariadb 2>/dev/null || pkg-config --exists mysqlclient 2>/dev/null; then \
+		$(BIN)/python -m pip install --quiet -e '.[test,mysql]'; \
+	else echo "no MySQL client headers (Debian: apt-get install libmariadb-dev pkg-config):" \
+		"the MariaDB tests will be skipped"; $(BIN)/python -m pip install --quiet -e '.[test]'; fi
 	@for v in $(REDIS_PY); do [ -d $(VENV)/redis-py/$$v/redis ] || \
 		$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/redis-py/$$v "redis==$$v"; done
 

@@ -1,9 +1,11 @@
 """Benchmark: the checkout's duplicate-purchase check, over HTTP and as a bare query.
 
     .venv/bin/python benchmarks/check.py [--orders 1000000] [--pg postgresql://...]
+        [--mysql mysql://...]
 
 Builds a business DB of ``--orders`` orders (SQLite in a temporary folder; with ``--pg URL`` also
-the table ``reminders_bench_orders`` in that PostgreSQL database, dropped afterwards) with the
+the table ``reminders_bench_orders`` in that PostgreSQL database, with ``--mysql URL`` in that
+MySQL or MariaDB database, each dropped afterwards) with the
 index the README tells businesses to create, then, in the same run and with the same requests:
 
 - the bare query with SQLAlchemy (an engine of its own, no timeout, no engine code): one client,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -120,6 +123,44 @@ def build_pg(url: str, count: int) -> float:
         with contextlib.suppress(psycopg.Error):
             conn.execute("CHECKPOINT")
     return time.perf_counter() - started
+
+
+def build_mysql(url: str, count: int) -> float:
+    import sqlalchemy as sa
+
+    from reminders import mysql
+
+    started = time.perf_counter()
+    engine = sa.create_engine(mysql.engine_url(url))
+    with engine.begin() as conn:
+        if sa.inspect(conn).has_table(PG_TABLE):
+            raise SystemExit(f"{PG_TABLE} already exists in {url}: drop it first")
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {PG_TABLE} (id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL, "
+            "sku VARCHAR(16) NOT NULL, title TEXT NOT NULL, status VARCHAR(16) NOT NULL, "
+            "placed_at TIMESTAMP NOT NULL)"
+        )
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        rows = ((*row[:5], row[5].replace(tzinfo=None)) for row in orders(count))
+        insert = f"INSERT INTO {PG_TABLE} VALUES (%s, %s, %s, %s, %s, %s)"
+        while batch := list(itertools.islice(rows, 10_000)):  # one multi-row INSERT a batch
+            cursor.executemany(insert, batch)
+        conn.exec_driver_sql(INDEX.format(table=PG_TABLE))
+        conn.exec_driver_sql(f"ANALYZE TABLE {PG_TABLE}")
+    engine.dispose()
+    return time.perf_counter() - started
+
+
+def drop_mysql(url: str) -> None:
+    import sqlalchemy as sa
+
+    from reminders import mysql
+
+    engine = sa.create_engine(mysql.engine_url(url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {PG_TABLE}")
+    engine.dispose()
 
 
 def drop_pg(url: str) -> None:
@@ -225,7 +266,9 @@ def bare_client(url: str, sql: str, params: list[dict[str, Any]], barrier: Any, 
     """One process: the bare query with SQLAlchemy, one call a parameter set."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(url)
+    from reminders import mysql
+
+    engine = sa.create_engine(mysql.engine_url(url) if mysql.is_mysql(url) else url)
     query = sa.text(sql)
     if barrier is not None:
         barrier.wait()
@@ -548,6 +591,8 @@ def main() -> None:
         "--access-log", action=argparse.BooleanOptionalAction, default=False, help="log requests"
     )
     parser.add_argument("--pg", metavar="URL", help="also benchmark PostgreSQL at URL")
+    parser.add_argument("--mysql", metavar="URL", help="also benchmark MySQL or MariaDB at URL")
+    parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--keep", metavar="DIR", help="keep the SQLite business folder here")
     args = parser.parse_args()
 
@@ -564,14 +609,15 @@ def main() -> None:
         sqlite_dir = folder / "sqlite"
         sqlite_dir.mkdir(exist_ok=True)
         db_path = sqlite_dir / "shop.db"
-        if not db_path.exists():
+        if not args.skip_sqlite and not db_path.exists():
             print(f"building SQLite: {build_sqlite(db_path, args.orders):.1f} s")
 
         def sqlite_db(sql: str) -> list[tuple[Any, ...]]:
             with sqlite3.connect(db_path) as conn:
                 return conn.execute(sql.format(table="orders")).fetchall()
 
-        bench("SQLite", sqlite_dir, f"sqlite:///{db_path}", "orders", sqlite_db, args)
+        if not args.skip_sqlite:
+            bench("SQLite", sqlite_dir, f"sqlite:///{db_path}", "orders", sqlite_db, args)
         if args.pg:
             url = _sa_url(args.pg)
             print(f"building PostgreSQL: {build_pg(url, args.orders):.1f} s")
@@ -591,6 +637,28 @@ def main() -> None:
                 engine.dispose()
             finally:
                 drop_pg(url)
+        if args.mysql:
+            print(f"building MySQL: {build_mysql(args.mysql, args.orders):.1f} s")
+            try:
+                import sqlalchemy as sa
+
+                from reminders import mysql
+
+                engine = sa.create_engine(mysql.engine_url(args.mysql))
+                with engine.connect():  # the dialect learns the server's kind
+                    label = "MariaDB" if getattr(engine.dialect, "is_mariadb", False) else "MySQL"
+
+                def mysql_db(sql: str) -> list[tuple[Any, ...]]:
+                    with engine.connect() as conn:
+                        rows = conn.execute(sa.text(sql.format(table=PG_TABLE)))
+                        return [tuple(r) for r in rows]
+
+                mysql_dir = folder / "mysql"
+                mysql_dir.mkdir(exist_ok=True)
+                bench(label, mysql_dir, args.mysql, PG_TABLE, mysql_db, args)
+                engine.dispose()
+            finally:
+                drop_mysql(args.mysql)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)

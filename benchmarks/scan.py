@@ -1,6 +1,6 @@
 """Scan benchmark: how fast a first scan and an unchanged rescan are, against a plain insert.
 
-    .venv/bin/python benchmarks/scan.py [--rows N] [--pg URL] [--offsets -3d,0d]
+    .venv/bin/python benchmarks/scan.py [--rows N] [--pg URL] [--mysql URL] [--offsets -3d,0d]
 
 Builds a business DB of N prescriptions (default 1,000,000) joined to their patients, runs
 ``reminders scan`` on it twice (the second time nothing changed), each in a child process so its
@@ -8,7 +8,12 @@ peak RSS is the scan's own, and as the baseline inserts as many reminder rows (t
 same shape of values) into a fresh state DB with plain SQLAlchemy ``insert()`` executemany, in
 batches of the scan's size, each batch its own transaction. SQLite always; PostgreSQL too when
 ``--pg`` names a server (a URL whose user may create databases: throw-away databases are made
-there and dropped afterwards).
+there and dropped afterwards); MySQL or MariaDB too when ``--mysql`` names one
+(``mysql://root@127.0.0.1/test``), once with each driver of ``--mysql-drivers`` (mysqlclient and
+PyMySQL by default; PyMySQL is no dependency of the package: ``pip install pymysql`` first), the
+state DB on SQLite (the engine's tables are not kept in MySQL). For each driver it also times
+reading the rule's rows alone (``source.stream_rows``, no state DB), where the driver's own cost
+shows.
 
 Targets on a 2-core machine: the first scan at least half the baseline's speed, the unchanged
 rescan at least 3 times faster than the first scan, peak RSS under 300 MB at 1M rows.
@@ -17,6 +22,7 @@ rescan at least 3 times faster than the first scan, peak RSS under 300 MB at 1M 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -141,6 +147,34 @@ def build_postgresql(url: str, rows: int) -> None:
     engine.dispose()
 
 
+def build_mysql(url: str, rows: int) -> None:
+    from reminders import mysql
+
+    engine = sa.create_engine(mysql.engine_url(url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE patients (id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, "
+            "email TEXT, timezone TEXT)"
+        )
+        conn.exec_driver_sql(
+            "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, "
+            "drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL)"
+        )
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        patients = max(1, rows // 2)
+        for table, made in (
+            ("patients", _patients(patients)),
+            ("prescriptions", _prescriptions(rows, patients)),
+        ):
+            insert = f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s)"
+            # The driver makes one multi-row INSERT a batch. Never the whole table in memory: a
+            # measured child's peak RSS starts from this process's (Linux keeps it across exec).
+            while batch := list(itertools.islice(made, 10_000)):
+                cursor.executemany(insert, batch)
+        conn.exec_driver_sql("ANALYZE TABLE patients, prescriptions")
+    engine.dispose()
+
+
 # --- measured children ----------------------------------------------------------------------------
 
 _CHILD = textwrap.dedent(
@@ -204,6 +238,31 @@ _BASELINE = textwrap.dedent(
 )
 
 
+_READ = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from reminders import source
+
+    url, sql = sys.argv[1], sys.argv[2]
+    engine = source.create_engine(url)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    rows = sum(len(batch) for _, batch in source.stream_rows(engine, sql, {}, what="rule t"))
+    seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = time.process_time() - cpu_started
+    result = {"code": 0, "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "cpu": cpu,
+              "rows": rows}
+    print(json.dumps(result), file=sys.stderr)
+    """
+)
+
+
+def read_rows(folder: Path, url: str) -> dict[str, float]:
+    """Reading the rule's rows alone, in a child process."""
+    sql = RULE.split("query: |\n", 1)[1].split("    occurrence:", 1)[0]
+    return _measure([sys.executable, "-c", _READ, url, textwrap.dedent(sql)], folder)
+
+
 def _measure(argv: list[str], cwd: Path) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("REMINDERS_NOW", "REMINDERS_CONFIG")}
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
@@ -227,7 +286,15 @@ def baseline(folder: Path, url: str, rows: int) -> dict[str, float]:
 # --- one run --------------------------------------------------------------------------------------
 
 
-def run(label: str, folder: Path, source: str, state: str, base: str, reminders: int) -> None:
+def run(
+    label: str,
+    folder: Path,
+    source: str,
+    state: str,
+    base: str,
+    reminders: int,
+    read_alone: bool = False,
+) -> None:
     from reminders import store
 
     rules = folder / "rules"
@@ -272,6 +339,12 @@ def run(label: str, folder: Path, source: str, state: str, base: str, reminders:
         f"by CPU time {first['cpu'] / again['cpu']:.1f}x)"
     )
     print(f"  peak RSS of the first scan: {first['rss_mb']:.0f} MB (target < 300 MB at 1M rows)")
+    if read_alone:
+        read = read_rows(folder, source)
+        print(
+            f"  reading the rows alone: {read['seconds']:.2f} s, {read['cpu']:.2f} CPU s, "
+            f"{rows / read['seconds']:,.0f} rows/s, peak RSS {read['rss_mb']:.0f} MB"
+        )
 
 
 @contextmanager
@@ -292,10 +365,34 @@ def pg_databases(server: str, names: list[str]) -> Iterator[list[str]]:
         admin.dispose()
 
 
+@contextmanager
+def mysql_database(server: str) -> Iterator[str]:
+    from reminders import mysql
+
+    admin = sa.create_engine(mysql.engine_url(server))
+    name = f"reminders_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    try:
+        yield sa.engine.make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--pg", metavar="URL", help="a PostgreSQL server to run on as well")
+    parser.add_argument(
+        "--mysql", metavar="URL", help="a MySQL or MariaDB server to run on as well"
+    )
+    parser.add_argument(
+        "--mysql-drivers",
+        default="mysqldb,pymysql",
+        help="the drivers to run --mysql with (mysqldb is mysqlclient), comma-separated",
+    )
     parser.add_argument("--offsets", default="-3d", help="the rule's offsets, comma-separated")
     parser.add_argument("--skip-sqlite", action="store_true")
     args = parser.parse_args()
@@ -336,6 +433,34 @@ def main() -> None:
             (folder / "rules" / "refills.yaml").write_text(RULE.format(offsets=", ".join(offsets)))
             (folder / "config.yaml").write_text(CONFIG.format(source=business, state=state))
             run("PostgreSQL", folder, business, state, base, reminders)
+
+    if args.mysql:
+        with (
+            tempfile.TemporaryDirectory(prefix="reminders-bench-") as tmp,
+            mysql_database(args.mysql) as business,
+        ):
+            folder = Path(tmp)
+            started = time.perf_counter()
+            build_mysql(business, args.rows)
+            print(f"built the MySQL business DB in {time.perf_counter() - started:.1f} s")
+            (folder / "rules").mkdir()
+            (folder / "rules" / "refills.yaml").write_text(RULE.format(offsets=", ".join(offsets)))
+            plain = sa.engine.make_url(business)
+            for driver in [d.strip() for d in args.mysql_drivers.split(",") if d.strip()]:
+                source = plain.set(drivername=f"{plain.get_backend_name()}+{driver}")
+                try:
+                    source.get_dialect().import_dbapi()
+                except ImportError as exc:
+                    print(f"\n{driver}: not installed ({exc}); pip install it to measure it")
+                    continue
+                shown = source.render_as_string(hide_password=False)
+                state = folder / f"state-{driver}.db"
+                (folder / "config.yaml").write_text(
+                    CONFIG.format(source=shown, state=f"sqlite:///{state}")
+                )
+                label = f"{plain.get_backend_name()}+{driver} (state DB: SQLite)"
+                base = f"sqlite:///{folder / f'baseline-{driver}.db'}"
+                run(label, folder, shown, f"sqlite:///{state}", base, reminders, read_alone=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ The same logic answers three ways: ``POST /v1/checks/<name>`` (:mod:`reminders.w
 :func:`run_check` for businesses that embed the engine, and ``reminders check NAME key=value``.
 
 The query runs with the check's ``timeout``: PostgreSQL cancels it (``statement_timeout``, set
-per session on the checks' own connections), SQLite aborts it from a progress handler (and waits no
-longer than the timeout for a lock). Past the timeout the answer is ``unknown``, never an error
+per session on the checks' own connections), so do MariaDB (``max_statement_time``) and MySQL
+(``MAX_EXECUTION_TIME``), SQLite aborts it from a progress handler (and waits no longer than the
+timeout for a lock). Past the timeout the answer is ``unknown``, never an error
 page, and the connection goes back to the pool healthy.
 """
 
@@ -33,7 +34,7 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import clock, dberrors, source
+from . import clock, dberrors, mysql, source
 from .engines import EngineCache
 from .errors import (
     InputError,
@@ -364,7 +365,8 @@ def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str,
 def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception:
     """What a failed check query means: a timeout, an unreachable DB, or a broken query."""
     state = getattr(exc.orig, "sqlstate", None)
-    if fired or state in _PG_TIMEOUT_STATES:
+    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None  # MySQL's int
+    if fired or state in _PG_TIMEOUT_STATES or code in mysql.TIMEOUT_CODES:
         return _Timeout(f"the query took longer than {_millis(check.timeout)} ms")
     if isinstance(exc.orig, sqlite3.Error) and "database is locked" in dberrors.message(exc):
         return _Timeout(f"the business DB stayed locked for {_millis(check.timeout)} ms")

@@ -27,7 +27,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import schedule
+from . import mysql, schedule
 from .errors import ConfigError, Problem
 from .yamlfile import Document, YamlError, load, unknown_key
 
@@ -525,4 +525,6 @@ def load_config(
                     (key, "url"), f'{key}.url: "{url}" is not a database URL (e.g. sqlite:///x.db)'
                 )
             ) from None
+    if mysql.is_mysql(config.state.url):
+        raise ConfigError(doc.problem(("state", "url"), f"state.url: {mysql.STATE_UNSUPPORTED}"))
     return config

@@ -30,7 +30,10 @@ def message(exc: BaseException) -> str:
     ``DBAPIError`` (or other ``StatementError``), else the exception's text ("" when none).
     SQLite's bare refusal by the business DB's authorizer is explained."""
     cause = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig is not None else exc
-    lines = str(cause).strip().splitlines()
+    args = cause.args
+    # MySQL's drivers raise (error code, message): the message is what the database said.
+    said = args[1] if len(args) == 2 and isinstance(args[0], int) else cause
+    lines = str(said).strip().splitlines()
     first = lines[0] if lines else ""
     if first in _REFUSED:
         return f"not authorized: {NOT_AUTHORIZED}"

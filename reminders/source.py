@@ -1,7 +1,8 @@
 """The business's database, opened read-only.
 
 SQLite through a ``mode=ro`` URI; PostgreSQL with ``default_transaction_read_only=on`` set at
-connect. Rows are streamed (a server-side cursor on PostgreSQL), never loaded whole. The engine runs
+connect; MySQL and MariaDB in read-only sessions and transactions (:mod:`reminders.mysql`). Rows
+are streamed (a server-side cursor on PostgreSQL and MySQL), never loaded whole. The engine runs
 one statement per query; rule loading already refuses ``;``-chained statements.
 """
 
@@ -19,7 +20,7 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import dberrors
+from . import dberrors, mysql
 from .engines import EngineCache
 from .errors import ServiceUnavailable, SourceError
 
@@ -72,18 +73,10 @@ def create_engine(
         return sa.create_engine(
             url, connect_args={"options": options}, pool_pre_ping=pre_ping, pool_size=10
         )
-    if backend in ("mysql", "mariadb"):
-        engine = sa.create_engine(url, pool_pre_ping=pre_ping)
-
-        @sa.event.listens_for(engine, "connect")
-        def _read_only(dbapi: Any, _record: Any) -> None:
-            cursor = dbapi.cursor()
-            cursor.execute("SET SESSION TRANSACTION READ ONLY")
-            cursor.close()
-
-        return engine
+    if backend in mysql.BACKENDS:
+        return mysql.create_engine(parsed, statement_timeout, pre_ping)
     raise ServiceUnavailable(
-        f"source.url: {backend} is not supported (use sqlite, postgresql or mysql)"
+        f"source.url: {backend} is not supported (use sqlite, postgresql, mysql or mariadb)"
     )
 
 
@@ -228,7 +221,8 @@ def columns(
     The query runs as ``SELECT * FROM (<query>) AS q WHERE 1=0`` (every dialect here plans a
     constant false filter without reading its input), so a misspelt table or column, a syntax
     error or a parameter of the wrong type fails here as it would in a scan. On PostgreSQL it runs
-    in the engine's read-only transaction with a ``statement_timeout`` of ``timeout``. Raises
+    in the engine's read-only transaction with a ``statement_timeout`` of ``timeout``; on MySQL
+    and MariaDB with their own statement time limit. Raises
     :class:`SourceError` (or :class:`ServiceUnavailable`) naming ``what``.
     """
     wrapped = f"SELECT * FROM ({sql}\n) AS q WHERE 1=0"  # the newline ends a trailing -- comment
@@ -237,6 +231,9 @@ def columns(
             if engine.dialect.name == "postgresql":
                 millis = max(1, int(timeout.total_seconds() * 1000))
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {millis}")
+            elif engine.dialect.name in mysql.BACKENDS:
+                mariadb = bool(getattr(engine.dialect, "is_mariadb", False))
+                wrapped = mysql.limited(wrapped, mariadb, timeout)
             result = conn.execute(query(wrapped), dict(params))
             names = list(result.keys())
             result.close()

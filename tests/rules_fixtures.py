@@ -1,6 +1,7 @@
 """A business project in a temporary folder, for the rules engine's tests.
 
-``Project`` builds what a business has: its own database (SQLite or PostgreSQL) with patients and
+``Project`` builds what a business has: its own database (SQLite, PostgreSQL or MariaDB) with
+patients and
 prescriptions, ``config.yaml``, ``rules/*.yaml`` and ``templates/``; it runs the real command line
 in-process (``reminders.cli.main``) or as a child process, and reads the state DB back.
 
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from reminders import clock, models, source, store
+from reminders import clock, models, mysql, source, store
 from tests import services
 
 NOW = "2027-03-10T12:00:00Z"
@@ -175,14 +176,19 @@ class Project:
     """A business's project folder: its DB, config, rules and templates; runs the CLI on it."""
 
     def __init__(self, root: Path, backend: str = "sqlite", pg_url: str | None = None) -> None:
+        """``pg_url``: the server database of a "postgresql" or "mariadb" backend."""
         self.root = root
         self.backend = backend
-        if backend == "sqlite":
+        if backend in ("sqlite", "mariadb"):
             self.source_config_url = "sqlite:///business.db"
             self.state_config_url = "sqlite:///reminders.db"
             self.business_url = f"sqlite:///{root / 'business.db'}"
             self.state_url = f"sqlite:///{(root / 'reminders.db').resolve()}"
-        else:
+        if backend == "mariadb":
+            # The engine's own tables cannot live in MySQL or MariaDB: the state DB stays SQLite.
+            assert pg_url is not None
+            self.source_config_url = self.business_url = pg_url
+        elif backend == "postgresql":
             assert pg_url is not None
             # The engine's tables live in the business's own database, under their prefix.
             self.source_config_url = self.state_config_url = pg_url
@@ -224,7 +230,10 @@ class Project:
     def business(self) -> sa.Engine:
         """A writable engine on the business DB, for the test's own changes."""
         if self._business is None:
-            self._business = sa.create_engine(self.business_url)
+            url = self.business_url
+            self._business = sa.create_engine(
+                mysql.engine_url(url) if self.backend == "mariadb" else url
+            )
         return self._business
 
     def create_business(self) -> None:
@@ -367,7 +376,7 @@ class Project:
         # The engine keeps one engine per URL for the process; a finished test's are let go.
         database = "/" + self.business_url.rsplit("/", 1)[-1]
         mine = str(self.root) if self.backend == "sqlite" else database
-        store.dispose_engines(mine)
+        store.dispose_engines(str(self.root) if self.backend == "mariadb" else mine)
         source.dispose_engines(mine)
 
 
@@ -383,7 +392,7 @@ P = TypeVar("P", bound=Project)
 @contextlib.contextmanager
 def made_at(root: Path, backend: str, make: Callable[..., P]) -> Iterator[P]:
     """A project made by ``make`` on ``backend``, closed afterwards: ``make(root)`` on SQLite,
-    ``make(root, "postgresql", url)`` on a throw-away PostgreSQL database."""
+    ``make(root, backend, url)`` on a throw-away PostgreSQL or MariaDB database."""
     if backend == "sqlite":
         project = make(root)
         try:
@@ -391,8 +400,8 @@ def made_at(root: Path, backend: str, make: Callable[..., P]) -> Iterator[P]:
         finally:
             project.close()
         return
-    with services.postgres_database() as url:
-        project = make(root, "postgresql", url)
+    with services.business_database(backend) as url:
+        project = make(root, backend, url)
         try:
             yield project
         finally:
@@ -401,17 +410,21 @@ def made_at(root: Path, backend: str, make: Callable[..., P]) -> Iterator[P]:
 
 @contextlib.contextmanager
 def project_at(root: Path, backend: str) -> Iterator[Project]:
-    """A project on ``backend`` ("sqlite" or "postgresql", a throw-away database)."""
+    """A project on ``backend`` ("sqlite", or "postgresql" or "mariadb": a throw-away database)."""
     with made_at(root, backend, Project) as project:
         yield project
 
 
-BACKENDS = pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+# The business DBs the engine reads. On MariaDB the state DB is SQLite (its tables need SQLite or
+# PostgreSQL); on the others it is the same kind of database as the business's.
+BUSINESS_BACKENDS = ["sqlite", "postgresql", "mariadb"]
+BACKENDS = pytest.mark.parametrize("backend", BUSINESS_BACKENDS)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BUSINESS_BACKENDS)
 def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
-    """The default project, on SQLite and on PostgreSQL (business DB and state DB alike)."""
+    """The default project on SQLite, PostgreSQL (business DB and state DB alike) and MariaDB
+    (the state DB on SQLite)."""
     with project_at(tmp_path, request.param) as made:
         yield made.setup()
 

@@ -1,4 +1,4 @@
-"""Real services for the tests: Redis, PostgreSQL, an SMTP server, Prism.
+"""Real services for the tests: Redis, PostgreSQL, MariaDB, an SMTP server, Prism.
 
 A test that needs a service skips with the reason when the service is absent, and fails when
 ``CI=true`` (CI must run everything).
@@ -105,3 +105,48 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+MARIADB_URL = os.environ.get("REMINDERS_TEST_MARIADB", "mysql://root@127.0.0.1:3306/test")
+
+
+@contextmanager
+def mariadb_database() -> Iterator[str]:
+    """Create a throw-away MariaDB (or MySQL) database and yield its URL (``mysql://``, the
+    engine's own driver); dropped afterwards."""
+    import sqlalchemy as sa
+
+    from reminders import mysql
+
+    server = sa.engine.make_url(MARIADB_URL)
+    try:
+        mysql.engine_url(server).get_dialect().import_dbapi()
+    except ImportError:
+        unavailable("mysqlclient is not installed: pip install -e '.[mysql]' (make install-test)")
+    if not port_open(server.host or "127.0.0.1", server.port or 3306):
+        unavailable(f"MariaDB is not running on {server.host}:{server.port or 3306}")
+    name = f"reminders_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(mysql.engine_url(server))
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    except sa.exc.OperationalError as exc:  # pragma: no cover - depends on the machine
+        admin.dispose()
+        unavailable(f"MariaDB refused a test database: {exc}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
+
+
+@contextmanager
+def business_database(backend: str) -> Iterator[str]:
+    """A throw-away server database on ``backend`` ("postgresql" or "mariadb")."""
+    if backend == "mariadb":
+        with mariadb_database() as url:
+            yield url
+    else:
+        with postgres_database() as url:
+            yield url

@@ -1,8 +1,8 @@
 """``POST /v1/checks/<name>`` through real HTTP requests to the running web app.
 
 The app is the production one (``reminders.web.create_app``), served on a free loopback port in a
-thread, and once by the production server (``reminders web``); the shop (SQLite and PostgreSQL) is
-the one of ``test_checks.py``.
+thread, and once by the production server (``reminders web``); the shop (SQLite, PostgreSQL and
+MariaDB) is the one of ``test_checks.py``.
 """
 
 from __future__ import annotations
@@ -99,13 +99,13 @@ def web_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REMINDERS_API_KEYS", f" {KEY} , {OTHER_KEY},")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def server(request: pytest.FixtureRequest, tmp_path: Path, web_env: None) -> Iterator[Server]:
-    """The shop's web app, on SQLite and on PostgreSQL."""
+    """The shop's web app, on SQLite, PostgreSQL and MariaDB."""
     if request.param == "sqlite":
         yield from serve(build_shop(tmp_path, f"sqlite:///{tmp_path / 'shop.db'}"))
         return
-    with services.postgres_database() as url:
+    with services.business_database(request.param) as url:
         yield from serve(build_shop(tmp_path, url))
 
 
@@ -346,7 +346,7 @@ def test_fifty_timeouts_in_a_row_leave_the_pool_usable(server: Server) -> None:
         # at most one connection left open by each engine: one per timeout among the checks
         engines = len({check.timeout for check in server.app.ruleset.checks})
         assert 0 < _open_files(Path(database)) <= engines
-    else:
+    elif engine.dialect.name == "postgresql":
         url = server.app.config.source_url
         admin = sa.create_engine(url)
         try:
@@ -363,19 +363,47 @@ def test_fifty_timeouts_in_a_row_leave_the_pool_usable(server: Server) -> None:
         by_state = dict(states)
         assert set(by_state) <= {"idle"}, by_state  # nothing running, nothing left in a transaction
         assert sum(by_state.values()) <= pool.size() + pool._max_overflow
+    else:
+        admin = sa.create_engine(server.app.config.source_url)
+        try:
+            with admin.connect() as conn:
+                connections = conn.execute(
+                    sa.text(
+                        "SELECT p.id, p.command, p.info, t.trx_id IS NOT NULL AS in_transaction "
+                        "FROM information_schema.processlist p LEFT JOIN "
+                        "information_schema.innodb_trx t ON t.trx_mysql_thread_id = p.id "
+                        "WHERE p.db = database() AND p.id <> connection_id()"
+                    )
+                ).all()
+        finally:
+            admin.dispose()
+        # No check's query still running (they all read the view owned; the server may still be
+        # tidying up after the pool's last ROLLBACK, which it has already answered), and no idle
+        # connection left in a transaction.
+        assert [c for c in connections if "owned" in (c.info or "")] == []
+        assert [c for c in connections if c.command == "Sleep" and c.in_transaction] == []
+        assert len(connections) <= pool.size() + pool._max_overflow
 
 
+LOCKS = {
+    "postgresql": (("BEGIN", "LOCK TABLE orders IN ACCESS EXCLUSIVE MODE"), "ROLLBACK"),
+    "mariadb": (("LOCK TABLES orders WRITE",), "UNLOCK TABLES"),
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
 def test_a_table_locked_by_a_writer_answers_unknown_then_recovers(
-    tmp_path: Path, web_env: None
+    tmp_path: Path, web_env: None, backend: str
 ) -> None:
-    with services.postgres_database() as url:
+    lock, unlock = LOCKS[backend]
+    with services.business_database(backend) as url:
         shop = build_shop(tmp_path, url)
         for server in serve(shop):
             writer = sa.create_engine(url)
             try:
                 with writer.connect() as conn:
-                    conn.exec_driver_sql("BEGIN")
-                    conn.exec_driver_sql("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+                    for statement in lock:
+                        conn.exec_driver_sql(statement)
                     reply = server.check("already-owned", OWNED)
                     assert reply.status == 200
                     assert reply.body == {
@@ -383,7 +411,7 @@ def test_a_table_locked_by_a_writer_answers_unknown_then_recovers(
                         "status": "unknown",
                         "reason": "the query took longer than 200 ms",
                     }
-                    conn.exec_driver_sql("ROLLBACK")
+                    conn.exec_driver_sql(unlock)
                 assert server.check("already-owned", OWNED).body["duplicate"] is True
             finally:
                 writer.dispose()

@@ -141,9 +141,9 @@ def test_the_process_environment_is_read_by_default(
         ),
         (
             BASE + "colour: blue\n",
-            "config.yaml:3: colour: unknown key (allowed: timezone, send_window, default_region, "
-            "source, state, redis, rules, templates, channels, web, requeue_after, batch_size, "
-            "retries, scheduler, scan, caps, env_file)",
+            "config.yaml:3: colour: unknown key (allowed: timezone, default_locale, send_window, "
+            "default_region, source, state, redis, rules, templates, channels, web, keywords, "
+            "console, requeue_after, batch_size, retries, scheduler, scan, caps, env_file)",
         ),
         (
             BASE + "channels:\n  email:\n    provider: outbox\n    pth: x.jsonl\n",
@@ -187,6 +187,15 @@ def test_the_process_environment_is_read_by_default(
             'config.yaml:2: source.url: "not a url" is not a database URL (e.g. sqlite:///x.db)',
         ),
         (
+            BASE + "state:\n  url: mysql://reminders@db/reminders\n",
+            "config.yaml:4: state.url: MySQL and MariaDB can hold the business DB (source.url) "
+            "but not the engine's own tables: use SQLite or PostgreSQL for state.url",
+        ),
+        (
+            BASE + "state:\n  url: mariadb+pymysql://reminders@db/reminders\n",
+            "config.yaml:4: state.url: MySQL and MariaDB can hold the business DB",
+        ),
+        (
             BASE + "channels:\n  sms:\n    provider: nexmo\n",
             "config.yaml:5: channels.sms.provider: Input should be 'twilio' or 'outbox' "
             "(got 'nexmo')",
@@ -196,7 +205,7 @@ def test_the_process_environment_is_read_by_default(
             "config.yaml:5: channels.sms: provider twilio needs account_sid and auth_token",
         ),
         (
-            BASE + 'channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n',
+            BASE + "channels:\n  email:\n    provider: smtp\n    from: a@b.c\n    username: ann\n",
             "config.yaml:5: channels.email: provider smtp has a username but no password "
             "(e.g. password: ${SMTP_PASSWORD})",
         ),
@@ -228,6 +237,8 @@ def test_the_process_environment_is_read_by_default(
         "no-source",
         "no-source-url",
         "bad-url",
+        "mysql-state",
+        "mariadb-state",
         "bad-provider",
         "twilio-without-credentials",
         "smtp-username-without-password",
@@ -299,7 +310,7 @@ def test_an_env_file_joins_the_environment_which_wins(tmp_path: Path) -> None:
         "help_text: '${TOKEN} ${FROM}'}\n",
         env={"TOKEN": "from-environment"},
     )
-    assert config.web.help_text == "from-environment +15005550006"
+    assert config.web.help_text == {"default": "from-environment +15005550006"}
     assert config.web.public_url == "https://x.example/quoted value"
 
 
@@ -342,8 +353,9 @@ def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -
     )
     assert message.splitlines() == [
         "config.yaml:3: timezon: unknown key; did you mean timezone? (allowed: timezone, "
-        "send_window, default_region, source, state, redis, rules, templates, channels, web, "
-        "requeue_after, batch_size, retries, scheduler, scan, caps, env_file)",
+        "default_locale, send_window, default_region, source, state, redis, rules, templates, "
+        "channels, web, keywords, console, requeue_after, batch_size, retries, scheduler, scan, "
+        "caps, env_file)",
         "config.yaml:5: web.business: unknown key; did you mean business_name? (allowed: "
         "public_url, business_name, help_text, link_max_age)",
         "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "

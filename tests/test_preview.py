@@ -1,8 +1,34 @@
-"""``reminders preview``: real rows rendered as a worker would, nothing sent or stored."""
+"""``reminders preview``: real rows rendered as a worker would, nothing sent or stored; on each
+business DB the engine reads (SQLite, PostgreSQL, MariaDB)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import RULES, SEND_AT, Shop, rules_with_check
+from tests.rules_fixtures import BUSINESS_BACKENDS, made_at
+from tests.twilio_stub import TwilioStub
+
+
+@pytest.fixture(params=BUSINESS_BACKENDS)
+def shop(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    delivery_redis: str,
+    stub: TwilioStub,
+    mailbox_server: SmtpServer,
+) -> Iterator[Shop]:
+    """The delivery tests' shop, its business DB on each backend."""
+
+    def make(root: Path, *database: str) -> Shop:
+        return Shop(root, delivery_redis, stub, mailbox_server, *database)
+
+    with made_at(tmp_path, request.param, make) as project:
+        yield project.configure()
 
 
 def test_preview_renders_each_channel_for_the_first_rows_and_sends_nothing(shop: Shop) -> None:

@@ -1,8 +1,9 @@
-"""Scanning, end to end through the command line, on SQLite and PostgreSQL.
+"""Scanning, end to end through the command line, on SQLite, PostgreSQL and MariaDB.
 
 Every test here runs the real ``reminders`` command on a real business DB and a real state DB (both
 SQLite, or both PostgreSQL: the engine's tables then live in the business's database under their
-prefix), at a fixed ``--now``. See ``tests/rules_fixtures.py`` for the data.
+prefix; or MariaDB and a SQLite state DB), at a fixed ``--now``. See ``tests/rules_fixtures.py``
+for the data.
 """
 
 from __future__ import annotations
@@ -472,9 +473,11 @@ def test_a_failing_query_fails_its_rule_only_and_exits_1(project: Project) -> No
     project.ok("db", "upgrade")
     result = project.run("scan")
     assert result.code == 1, result
+    database = project.business_url.rsplit("/", 1)[-1]
     message = {
         "sqlite": "no such table: no_such_table",
         "postgresql": 'relation "no_such_table" does not exist',
+        "mariadb": f"Table '{database}.no_such_table' doesn't exist",
     }[project.backend]
     assert result.err == f"error: rule broken: the query failed: {message}\n"
     assert "refill-due: 3 rows, 6 created" in result.out
@@ -490,6 +493,7 @@ def test_a_rule_query_cannot_write_to_the_business_db(project: Project) -> None:
         "sqlite": "UPDATE prescriptions SET refills_left = 0 RETURNING id AS rx_id, runs_out_on",
         "postgresql": "WITH w AS (UPDATE prescriptions SET refills_left = 0 RETURNING *) "
         "SELECT id AS rx_id, runs_out_on FROM w",
+        "mariadb": "DELETE FROM prescriptions RETURNING id AS rx_id, runs_out_on",
     }[project.backend]
     project.write(
         "rules/broken.yaml",

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 
-from reminders import source
+from reminders import mysql, source
 from reminders.errors import ServiceUnavailable, SourceError
 from tests import services
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def business(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
     """A business DB with a table of 5 rows: (its URL, a writable engine for the test)."""
 
@@ -33,8 +36,8 @@ def business(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
         url, writable = fill(f"sqlite:///{tmp_path / 'business.db'}")
         yield url, writable
     else:
-        with services.postgres_database() as pg:
-            url, writable = fill(pg)
+        with services.business_database(request.param) as server:
+            url, writable = fill(server)
             yield url, writable
             writable.dispose()
             return
@@ -273,3 +276,163 @@ def test_a_statement_that_returns_no_rows_is_the_business_queries_fault(tmp_path
             _run(engine, "PRAGMA no_such_pragma")  # allowed (it sets nothing), and returns nothing
     finally:
         engine.dispose()
+
+
+# --- MySQL and MariaDB ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def maria(tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
+    """A MariaDB business DB with the items table of ``business``: (its URL, a writable engine)."""
+    with services.mariadb_database() as url:
+        writable = sa.create_engine(url)
+        with writable.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+            conn.exec_driver_sql("INSERT INTO items VALUES (1, 'item 1')")
+        yield url, writable
+        writable.dispose()
+
+
+def test_mysql_values_arrive_as_the_types_postgresql_gives(
+    maria: tuple[str, sa.Engine], pg_url: str
+) -> None:
+    """DATE, DATETIME (naive: customer-local), TIMESTAMP (an instant: aware UTC, as timestamptz)
+    and DECIMAL, written in another session zone than the engine's."""
+    url, _ = maria
+    kinds = {
+        "mariadb": "d DATE, local_at DATETIME, at TIMESTAMP NULL, amount DECIMAL(10, 2)",
+        "postgresql": "d DATE, local_at TIMESTAMP, at TIMESTAMPTZ, amount NUMERIC(10, 2)",
+    }
+    found = {}
+    for backend, server in (("mariadb", url), ("postgresql", pg_url)):
+        engine = sa.create_engine(server)
+        with engine.begin() as conn:
+            zone = "time_zone = '-05:00'" if backend == "mariadb" else "timezone = 'Etc/GMT+5'"
+            conn.exec_driver_sql(f"SET {zone}")  # the writer's own zone: UTC-5
+            conn.exec_driver_sql(f"CREATE TABLE typed (id INTEGER PRIMARY KEY, {kinds[backend]})")
+            conn.exec_driver_sql(
+                "INSERT INTO typed VALUES "
+                "(1, '2027-03-17', '2027-03-17 10:30:00', '2027-03-17 05:30:00', 12.50)"
+            )
+        engine.dispose()
+        reader = source.create_engine(server)
+        try:
+            (rows,) = _run(reader, "SELECT d, local_at, at, amount FROM typed")
+        finally:
+            reader.dispose()
+        found[backend] = rows[0]
+    assert (
+        found["mariadb"]
+        == found["postgresql"]
+        == {
+            "d": date(2027, 3, 17),
+            "local_at": datetime(2027, 3, 17, 10, 30),
+            "at": datetime(2027, 3, 17, 10, 30, tzinfo=UTC),
+            "amount": Decimal("12.50"),
+        }
+    )
+    assert found["mariadb"]["at"].tzinfo is UTC
+
+
+def test_mysql_binds_now_as_its_utc_time_and_today_as_a_date(maria: tuple[str, sa.Engine]) -> None:
+    url, writable = maria
+    with writable.begin() as conn:
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
+        conn.exec_driver_sql("CREATE TABLE visits (id INTEGER PRIMARY KEY, at TIMESTAMP, d DATE)")
+        conn.exec_driver_sql(
+            "INSERT INTO visits VALUES (1, '2026-03-08 03:00:00', '2026-03-07'), "
+            "(2, '2026-03-08 04:00:00', '2026-03-08')"
+        )
+    now = datetime(2026, 3, 8, 3, 30, tzinfo=UTC)  # 21:30 on the 7th in Chicago
+    chicago = ZoneInfo("America/Chicago")
+    sql = "SELECT id, CAST(:now AS DATETIME) AS bound FROM visits WHERE at <= :now AND d = :today"
+    params = source.time_params(sql, now.astimezone(chicago), chicago)  # :now in any zone
+    engine = source.create_engine(url)
+    try:
+        rows = [r for b in source.stream(engine, sql, params, what="rule t") for r in b]
+    finally:
+        engine.dispose()
+    assert rows == [{"id": 1, "bound": datetime(2026, 3, 8, 3, 30)}]
+
+
+def test_a_mysql_query_cannot_turn_read_only_off_for_later_queries(
+    maria: tuple[str, sa.Engine],
+) -> None:
+    """The session's default is read-only and each transaction starts READ ONLY: a query that
+    sets the session back to read-write does not let the next one, on the same connection,
+    write."""
+    url, writable = maria
+    engine = source.create_engine(url)
+    try:
+        with pytest.raises(SourceError, match="returns no rows"):
+            _run(engine, "SET SESSION TRANSACTION READ WRITE")
+        with pytest.raises(SourceError, match="READ ONLY transaction"):
+            _run(engine, "INSERT INTO items (id, name) VALUES (9, 'x') RETURNING id")
+        assert engine.pool.checkedin() == 1  # one connection served both queries
+    finally:
+        engine.dispose()
+    assert _count(writable) == 1
+
+
+def test_a_mysql_connection_lost_mid_query_is_an_error_naming_the_rule(
+    maria: tuple[str, sa.Engine],
+) -> None:
+    url, writable = maria
+    engine = source.create_engine(url)
+    rows = source.stream(engine, "SELECT id, SLEEP(1) AS s FROM items", {}, what="rule t")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(list, rows)
+            with writable.connect() as conn:
+                for _ in range(100):  # until the query runs (its SLEEP is its first second)
+                    running = conn.execute(
+                        sa.text(
+                            "SELECT id FROM information_schema.processlist WHERE info LIKE "
+                            ":query AND id <> connection_id()"
+                        ),
+                        {"query": "%SLEEP(1) AS s%"},
+                    ).scalar()
+                    if running is not None:
+                        break
+                    time.sleep(0.01)
+                assert running is not None
+                conn.exec_driver_sql(f"KILL CONNECTION {int(running)}")
+            with pytest.raises(ServiceUnavailable) as raised:
+                reading.result()
+    finally:
+        engine.dispose()
+    assert str(raised.value).startswith("rule t: business DB unreachable: Lost connection")
+
+
+def test_an_unreachable_mysql_is_a_service_failure() -> None:
+    port = services.free_port()
+    engine = source.create_engine(f"mysql://root@127.0.0.1:{port}/x")
+    try:
+        with pytest.raises(ServiceUnavailable, match="rule t: business DB unreachable: Can't"):
+            _run(engine, "SELECT 1")
+    finally:
+        engine.dispose()
+
+
+def test_mysql_and_mariadb_urls_use_mysqlclient_unless_they_name_a_driver() -> None:
+    assert str(mysql.engine_url("mysql://u@h/db")) == "mysql+mysqldb://u@h/db"
+    assert str(mysql.engine_url("mariadb://u@h/db")) == "mariadb+mysqldb://u@h/db"
+    assert str(mysql.engine_url("mysql+pymysql://u@h/db")) == "mysql+pymysql://u@h/db"
+
+
+def test_a_mysql_driver_not_installed_is_named() -> None:
+    driver = r"^source.url: mysql\+mariadbconnector: its driver is not installed"
+    with pytest.raises(ServiceUnavailable, match=driver):
+        source.create_engine("mysql+mariadbconnector://root@127.0.0.1/x")
+
+
+def test_mysql_runs_one_statement_a_query(maria: tuple[str, sa.Engine]) -> None:
+    """Rule loading refuses ``;``-chained statements; the connection refuses them too."""
+    url, writable = maria
+    engine = source.create_engine(url)
+    try:
+        with pytest.raises(SourceError, match="error in your SQL syntax"):
+            _run(engine, "SELECT id FROM items; DROP TABLE items")
+    finally:
+        engine.dispose()
+    assert _count(writable) == 1
