@@ -12,6 +12,7 @@ provider's errors in one place, and register the class in ``reminders.channels.P
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
@@ -35,6 +36,12 @@ class Message:
     unsubscribe_mailto: str | None = None
     # SMS: Twilio's StatusCallback URL for delivery reports
     status_callback: str | None = None
+
+
+def body_digest(body: str) -> str:
+    """The SHA-256 of a message's text, hex: what reconciliation matches a provider's record on
+    (the text itself is not kept)."""
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 class Channel(ABC):
