@@ -357,8 +357,11 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 
 def test_db_upgrade_and_current(project: Project) -> None:
-    assert project.ok("db", "upgrade").out == "state DB at revision 0002\n"
-    assert project.ok("db", "current").out.splitlines() == ["state DB: 0002", "code:     0002"]
+    assert project.ok("db", "upgrade").out == "state DB at revision 0003_exactly\n"
+    assert project.ok("db", "current").out.splitlines() == [
+        "state DB: 0003_exactly",
+        "code:     0003_exactly",
+    ]
 
 
 def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: str) -> None:
