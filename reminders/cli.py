@@ -389,7 +389,7 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
 @click.option(
     "--status",
     "from_status",
-    type=click.Choice([lifecycle.FAILED.value, lifecycle.SENDING.value]),
+    type=click.Choice([lifecycle.FAILED.value, lifecycle.SENDING.value, lifecycle.UNKNOWN.value]),
     default=lifecycle.FAILED.value,
     show_default=True,
     help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",

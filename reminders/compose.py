@@ -40,6 +40,7 @@ def open_channel(config: Config, name: str) -> Channel:
             messaging_service_sid=cfg.messaging_service_sid,
             api_url=cfg.api_url,
             concurrency=cfg.concurrency,
+            timeout=cfg.timeout.total_seconds(),
         )
     assert isinstance(cfg, EmailConfig) and cfg.from_
     return SmtpChannel(

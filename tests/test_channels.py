@@ -24,6 +24,8 @@ from reminders.channels import (
     SmtpChannel,
     TwilioChannel,
 )
+from reminders.channels.base import body_digest
+from reminders.channels.twilio import CLOCK_SKEW, Found, LookupFailed
 from reminders.errors import (
     AmbiguousError,
     ChannelError,
@@ -131,6 +133,67 @@ def test_twilio_spec_validation_error_is_permanent(prism_url: str) -> None:
     with pytest.raises(PermanentError) as caught:
         channel.send(sms())
     assert caught.value.code == "422" and "HTTP 422" in caught.value.message
+
+
+# The list answer Twilio's spec gives as its example: two messages of 24 May 2019 17:44:46 UTC
+# to +18182008801 through the messaging service MGaaaa..., "testing" the first (SMded05...).
+SPEC_TO = "+18182008801"
+SPEC_SERVICE = "MG" + "a" * 32
+SPEC_CREATED = datetime(2019, 5, 24, 17, 44, 46, tzinfo=UTC)
+
+
+def test_twilio_messages_list_against_twilio_spec(prism_url: str) -> None:
+    """Reconciliation's request is one Twilio's spec accepts, and its answer is read right."""
+    channel = TwilioChannel(
+        ACCOUNT_SID, AUTH_TOKEN, messaging_service_sid=SPEC_SERVICE, api_url=prism_url
+    )
+    with channel:
+        found = channel.lookup(SPEC_TO, body_digest("testing"), SPEC_CREATED)
+        assert found == Found("SMded05904ccb347238880ca9264e8fe1c", "sent")
+        # an attempt begun after the messages (beyond the clock skew): none of them is its own
+        later = SPEC_CREATED + CLOCK_SKEW + timedelta(seconds=1)
+        assert channel.lookup(SPEC_TO, body_digest("testing"), later) is None
+        # a recorded SID or another text is not a match
+        skip = frozenset({"SMded05904ccb347238880ca9264e8fe1c"})
+        with pytest.raises(LookupFailed, match="more than 1000 messages"):
+            # the mock answers the same page for every page: never older, never a match
+            channel.lookup(SPEC_TO, body_digest("testing"), SPEC_CREATED, skip)
+
+
+def test_twilio_messages_list_from_a_number_against_twilio_spec(prism_url: str) -> None:
+    with TwilioChannel(ACCOUNT_SID, AUTH_TOKEN, from_=FROM, api_url=prism_url) as channel:
+        # the example's messages are from another sender: not this channel's
+        later = SPEC_CREATED + CLOCK_SKEW + timedelta(seconds=1)
+        assert channel.lookup(SPEC_TO, body_digest("testing"), later) is None
+
+
+def test_twilio_lookup_pages_newest_first_until_older_than_the_attempt(
+    twilio_stub: TwilioStub,
+) -> None:
+    channel = stub_channel(twilio_stub)
+    began = datetime.now(UTC)
+    sids = [channel.send(sms()) for _ in range(3)]
+    for i in range(120):  # more than two pages of other texts to the same number since
+        channel.send(Message(i, "refill-due", "sms", OK_NUMBER, f"other {i}"))
+    digest = body_digest(sms().body)
+    found = channel.lookup(OK_NUMBER, digest, began)
+    assert found is not None and found.sid == sids[-1] and found.status == "queued"
+    assert twilio_stub.list_requests == 3  # PageSize 50, newest first: page 3 holds the match
+    # SIDs already recorded for other reminders are passed over
+    assert channel.lookup(OK_NUMBER, digest, began, frozenset(sids[1:])).sid == sids[0]  # type: ignore[union-attr]
+    assert channel.lookup(OK_NUMBER, digest, began, frozenset(sids)) is None
+    # another number, or a text that differs, is not a match
+    assert channel.lookup("+14155550199", digest, began) is None
+    assert channel.lookup(OK_NUMBER, body_digest("Your Lisinopril"), began) is None
+    # every message is older than an attempt that began later (beyond the clock skew)
+    assert channel.lookup(OK_NUMBER, digest, began + timedelta(minutes=5)) is None
+    channel.close()
+
+
+def test_twilio_lookup_failure_is_reported(twilio_stub: TwilioStub) -> None:
+    channel = TwilioChannel(ACCOUNT_SID, "wrong", from_=FROM, api_url=twilio_stub.url)
+    with pytest.raises(LookupFailed, match=r"Unable to fetch page.*HTTP 401.*20003"):
+        channel.lookup(OK_NUMBER, "0" * 64, datetime.now(UTC))
 
 
 # -- Twilio errors (the project's stub) ------------------------------------------------------------

@@ -240,7 +240,9 @@ class SmtpChannel(Channel):
         try:
             code, reply = conn.data(data)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            what = "timed out" if isinstance(exc, TimeoutError) else "was lost"
+            # smtplib reports a read timeout as "Connection unexpectedly closed: timed out".
+            timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc)
+            what = "timed out" if timed_out else "was lost"
             raise AmbiguousError(
                 f"SMTP connection {what} while sending the message to {mask_email(to)} "
                 f"(it may have been delivered; Message-ID {mail['Message-ID']}): "

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.rest import Client
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -203,36 +203,36 @@ class TwilioChannel(Channel):
     def lookup(
         self, to: str, digest: str, since: datetime, skip: frozenset[str] = frozenset()
     ) -> Found | None:
-        """The oldest message to ``to`` from this sender whose text has the SHA-256 ``digest``,
-        created at or after ``since`` (less ``CLOCK_SKEW``), and not one of ``skip`` (SIDs
-        already recorded for other reminders); None when Twilio has none.
+        """A message to ``to`` from this sender whose text has the SHA-256 ``digest``, created at
+        or after ``since`` (less ``CLOCK_SKEW``), and not one of ``skip`` (SIDs already recorded
+        for other reminders); None when Twilio has none.
 
         Reads ``GET /2010-04-01/Accounts/{sid}/Messages.json?To=..&From=..`` newest first, page
-        after page, until a message is older than ``since`` (at most ``LIST_MAX_PAGES`` pages:
-        past them ``LookupFailed``, as for any failure to read the list).
+        after page, until a match or a message older than ``since`` (at most ``LIST_MAX_PAGES``
+        pages: past them ``LookupFailed``, as for any failure to read the list).
         """
         oldest = since - CLOCK_SKEW
         filters: dict[str, Any] = {"to": to, "page_size": LIST_PAGE_SIZE}
         if self.from_ and not self.messaging_service_sid:
             filters["from_"] = self.from_
-        found: Found | None = None
         try:
             page = self._messages.page(**filters)
             for _ in range(LIST_MAX_PAGES):
                 for record in page:
                     created = record.date_created
                     if created is not None and created < oldest:
-                        return found
-                    if not self._ours(record):
+                        return None
+                    if not self._ours(record) or record.sid in skip:
                         continue
-                    if record.sid in skip or body_digest(record.body or "") != digest:
-                        continue
-                    found = Found(str(record.sid), str(record.status or ""))
+                    if body_digest(record.body or "") == digest:
+                        return Found(str(record.sid), str(record.status or ""))
                 page = page.next_page()
                 if page is None:
-                    return found
+                    return None
         except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
             raise LookupFailed(str(twilio_error(exc, to))) from exc
+        except TwilioException as exc:  # "Unable to fetch page", with the HTTP answer
+            raise LookupFailed(f"Twilio's Messages list: {mask_numbers_in(str(exc))}") from exc
         raise LookupFailed(
             f"more than {LIST_PAGE_SIZE * LIST_MAX_PAGES} messages to {mask(to)} since the attempt"
         )
