@@ -633,11 +633,13 @@ class Delivery:
         moved: set[int] = set()
         with self.app.state.begin() as conn:
             if sent:
-                # Claimed by this worker (sending): one executemany for the whole batch.
+                # Claimed by this worker (sending): one executemany for the whole batch. Or, if
+                # its heartbeat was late and reconciliation took it for dead, unknown: what the
+                # provider answered still decides it.
                 move_each(
                     conn,
                     sent,
-                    source=SENDING,
+                    source=(SENDING, UNKNOWN),
                     target=SENT,
                     now=now,
                     values={

@@ -251,7 +251,9 @@ class Reconciler:
                 p
                 for (p,) in conn.execute(
                     sa.select(message.c.provider_id).where(
-                        message.c.to_address == to, message.c.channel == "sms"
+                        message.c.to_address == to,
+                        message.c.channel == "sms",
+                        message.c.reminder_id != row["id"],
                     )
                 )
                 if p
@@ -331,7 +333,12 @@ class Reconciler:
             reason=why,
             values={"sent_at": now, "provider_id": sid},
         )
-        if done and to is not None:
+        recorded = conn.execute(
+            sa.select(message.c.id).where(
+                message.c.reminder_id == values["id"], message.c.provider_id == sid
+            )
+        ).first()
+        if done and to is not None and recorded is None:
             conn.execute(
                 message.insert(),
                 {
@@ -375,14 +382,19 @@ def _workers(connection: redis.Redis, rows: Sequence[Any]) -> dict[int, str | No
 
 
 def _alive(connection: redis.Redis, names: set[str]) -> dict[str, bool]:
-    """Whether each worker's RQ key still exists (it expires ``LIVENESS_TTL`` after death)."""
+    """Whether each worker's RQ key still exists (it expires ``LIVENESS_TTL`` after a death)
+    without the ``death`` RQ writes on it when the worker stops on its own."""
     ordered = sorted(names)
     if not ordered:
         return {}
     with connection.pipeline(transaction=False) as pipe:
         for name in ordered:
-            pipe.exists(Worker.redis_worker_namespace_prefix + name)
-        return dict(zip(ordered, map(bool, pipe.execute()), strict=True))
+            pipe.hmget(Worker.redis_worker_namespace_prefix + name, "last_heartbeat", "death")
+        found = pipe.execute()
+    return {
+        name: beat is not None and death is None
+        for name, (beat, death) in zip(ordered, found, strict=True)
+    }
 
 
 def unrecorded_ids(connection: redis.Redis) -> set[int]:

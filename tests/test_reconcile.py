@@ -17,6 +17,7 @@ serves the Messages list), real worker and scheduler processes where a process d
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -192,12 +193,14 @@ def test_a_worker_killed_after_twilio_accepted_recovers_by_itself(shop: Shop) ->
         assert shop.statuses() == {"sending": 3}
     finally:
         doomed.kill()  # Twilio has the messages; the worker never records them
+    died = time.monotonic()
     # The ordinary processes: a serving worker and the scheduler, nobody running `retry`.
     worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
     try:
         wait_until(lambda: shop.statuses() == {"sent": 3}, timeout=120, interval=0.5)
     finally:
         logs = worker.stop() + scheduler.stop()
+    print(f"recovered {time.monotonic() - died:.0f} s after the worker's death")  # not asserted
     for person in people:
         found = by_phone(shop)[person["phone"]]
         assert found["provider_id"] == created_for(shop.stub, person["phone"])[0]["sid"], logs
@@ -220,6 +223,7 @@ def test_a_worker_killed_before_twilio_received_it_sends_it_once(shop: Shop) -> 
         wait_until(lambda: shop.stub.received[phone] == 1)
     finally:
         doomed.kill()
+    died = time.monotonic()
     assert by_phone(shop)[phone]["status"] == "sending"
     shop.stub.latency_ms = 0
     worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
@@ -228,6 +232,7 @@ def test_a_worker_killed_before_twilio_received_it_sends_it_once(shop: Shop) -> 
     finally:
         worker.stop()
         scheduler.stop()
+    print(f"sent again {time.monotonic() - died:.0f} s after the worker's death")  # not asserted
     assert shop.stub.accepted[phone] == 1 and len(created_for(shop.stub, phone)) == 1
     assert sum(shop.stub.accepted.values()) == 3
 
@@ -291,32 +296,41 @@ def test_an_smtp_timeout_after_data_is_resent_once_with_resend_unknown(shop: Sho
 # -- a storm ------------------------------------------------------------------------------------
 
 STORM = 2000  # reminders
-STORM_SECONDS = 15.0  # how long a worker is killed every half second
+STORM_SECONDS = 60.0  # at most this long a worker is killed every half second
 
 
 def test_a_storm_of_killed_workers_and_timeouts_sends_each_reminder_at_most_once(
     shop: Shop,
 ) -> None:
-    """2,000 reminders, 3 workers, one SIGKILLed every half second (and started again) for 15 s,
+    """2,000 reminders, 3 workers, one SIGKILLed every half second (and started again) until all
+    were claimed once (60 s at most),
     Twilio recording 5% of the messages without answering within the client's timeout: every
     reminder ends sent exactly once, or visibly failed/unknown with a reason, counted here."""
     shop.configure(batch_size=50, sms_extra=FAST, extra=SCHEDULER)
     people = shop.prepare(STORM)
     shop.stub.hang_ratio = 0.05
     shop.stub.hang_seconds = 2
+    shop.stub.latency_ms = 100  # a batch is in flight a while: kills land mid-send too
     shop.stub._random.seed(12)
     scheduler = Process(shop, "scheduler")
     workers = [Process(shop, "worker") for _ in range(3)]
     kills = 0
+    pick = random.Random(5)
     try:
+        # A worker chosen at random is killed every half second (and another started), so some
+        # live long enough to claim batches and die in the middle of them; until every reminder
+        # has been claimed at least once (or STORM_SECONDS).
         ends = time.monotonic() + STORM_SECONDS
         while time.monotonic() < ends:
             time.sleep(0.5)
-            victim = kills % len(workers)
+            victim = pick.randrange(len(workers))
             workers[victim].kill()
             workers[victim].stop()
             workers[victim] = Process(shop, "worker")
             kills += 1
+            left = shop.statuses()
+            if not left.get("pending") and not left.get("queued"):
+                break
 
         def settled() -> bool:
             left = shop.statuses()
@@ -345,4 +359,10 @@ def test_a_storm_of_killed_workers_and_timeouts_sends_each_reminder_at_most_once
             assert row["status"] in ("failed", "unknown") and row["reason"], row
     assert len(sent) + statuses.get("failed", 0) + statuses.get("unknown", 0) == STORM
     ambiguous = [e for e in shop.events() if e["to_status"] == "unknown"]
-    assert ambiguous, "the storm made no send ambiguous"
+    died = [e for e in ambiguous if "is gone (no heartbeat)" in e["reason"]]
+    again = [e for e in shop.events() if (e["reason"] or "").startswith("not sent: no such")]
+    print(
+        f"storm: {len(ambiguous) - len(died)} sends unanswered, {len(died)} left by a killed "
+        f"worker, {len(again)} decided not sent and sent again"
+    )
+    assert len(ambiguous) > len(died) > 0, "the storm made no send ambiguous"
