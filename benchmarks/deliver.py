@@ -48,7 +48,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reminders import models  # noqa: E402
+from reminders import lifecycle, models  # noqa: E402
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN  # noqa: E402
 
 CONFIG = """\
@@ -372,7 +372,7 @@ def deliveries(latency_ms: float, args: argparse.Namespace, log: Path, with_base
             while True:
                 with engine.connect() as conn:
                     sent = conn.execute(
-                        sa.select(sa.func.count()).where(r.c.status == models.SENT)
+                        sa.select(sa.func.count()).where(r.c.status == lifecycle.SENT)
                     ).scalar_one()
                 if sent >= counts.enqueued:
                     break
