@@ -392,7 +392,8 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
     type=click.Choice([lifecycle.FAILED.value, lifecycle.SENDING.value, lifecycle.UNKNOWN.value]),
     default=lifecycle.FAILED.value,
     show_default=True,
-    help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",
+    help="failed reminders, or ones in sending or unknown that reconciliation could not decide "
+    "(they may have been sent: check the provider's log first)",
 )
 @click.option("--rule", "rule_name", metavar="R", help="one rule's only")
 @click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="these reminders only")
@@ -401,7 +402,7 @@ def preview(app: App, rule_name: str, occurrence: str | None, limit: int, as_jso
 def retry(
     app: App, from_status: str, rule_name: str | None, ids: tuple[int, ...], dry_run: bool
 ) -> None:
-    """Ops: put failed or stuck reminders back to pending, deliberately (recorded)."""
+    """Ops: put failed, stuck or unknown reminders back to pending, deliberately (recorded)."""
     from .dispatch import retry as run_retry
 
     store.ensure_current(app.config.state_url)

@@ -430,8 +430,10 @@ class Delivery:
         if digests:
             ids = reminder.c.id
             attempt["body_digest"] = sa.case(digests, value=ids)
-            attempt["channel"] = sa.case({r: i.channel for r, i in by_id.items()}, value=ids)
-            attempt["channel_index"] = sa.case({r: i.index for r, i in by_id.items()}, value=ids)
+            for column, field_ in (("channel", "channel"), ("channel_index", "index")):
+                each = {rid: getattr(item, field_) for rid, item in by_id.items()}
+                distinct = set(each.values())  # usually one: a plain value, no CASE
+                attempt[column] = distinct.pop() if len(distinct) == 1 else sa.case(each, value=ids)
         with self.app.state.begin() as conn:
             # Frequency caps are counted and claimed in one transaction (see caps.lock).
             batch = [(item.row, item.rule) for item in chunk]
