@@ -184,7 +184,8 @@ def test_a_job_abandoned_by_a_dead_worker_is_enqueued_again(shop: Shop) -> None:
     # As RQ leaves it when its worker is SIGKILLed after dequeueing, before the job claimed:
     # started, by a worker whose registration has expired.
     job_id = _dequeued_as_started(conn, "dead-worker")
-    later = "2027-03-10T15:06:00Z"
+    # At once: its worker's key is gone, no need to wait requeue_after.
+    later = SEND_AT
     again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
     assert again["requeued"] == 4
     reasons = {e["reason"] for e in shop.events() if e["from_status"] == e["to_status"]}
