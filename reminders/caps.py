@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 from . import clock, codec, schedule
 from .compose import customer_of, customer_zone
 from .config import CapsConfig, Config
-from .lifecycle import DELIVERED, PENDING, QUEUED, SENDING, SENT, move
+from .lifecycle import DELIVERED, PENDING, QUEUED, SENDING, SENT, UNKNOWN, move
 from .models import message, reminder
 from .rules import Rule, RuleSet
 
@@ -228,7 +228,8 @@ def usage(
     """What counts against these customers' caps since ``since``, and their capped due reminders.
 
     One statement per few hundred customers: the messages sent (``sent``/``delivered``), the
-    reminders being sent now (``sending``, at their claim), and the open reminders already due
+    reminders being sent now or whose send had no answer (``sending``, ``unknown``: at their last
+    change), and the open reminders already due
     (``pending``/``queued``). Reminders of an exempt rule count for nothing; a due one of a rule
     that is gone or past its grace competes for nothing (it will not be sent).
     """
@@ -254,7 +255,11 @@ def usage(
         )
         sending = sa.select(
             sa.literal_column("'sending'"), r.c.customer_id, r.c.id, r.c.rule, r.c.updated_at
-        ).where(r.c.customer_id.in_(chunk), r.c.status == SENDING, r.c.updated_at >= since)
+        ).where(
+            r.c.customer_id.in_(chunk),
+            r.c.status.in_((SENDING, UNKNOWN)),  # may have reached the customer
+            r.c.updated_at >= since,
+        )
         waiting = sa.select(
             sa.literal_column("'due'"), r.c.customer_id, r.c.id, r.c.rule, r.c.send_at
         ).where(r.c.customer_id.in_(chunk), r.c.status.in_((PENDING, QUEUED)), r.c.send_at <= now)

@@ -601,10 +601,11 @@ def preview(
 @click.option(
     "--status",
     "from_status",
-    type=StatusType(("failed", "sending")),
+    type=StatusType(("failed", "sending", "unknown")),
     default="failed",
     show_default=True,
-    help="failed reminders, or ones stuck in sending (a worker died: they may have been sent)",
+    help="failed reminders, or ones in sending or unknown that reconciliation could not decide "
+    "(they may have been sent: check the provider's log first)",
 )
 @click.option("--rule", "rule_name", metavar="R", help="one rule's only")
 @click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="these reminders only")
@@ -613,7 +614,7 @@ def preview(
 def retry(
     app: App, from_status: str, rule_name: str | None, ids: tuple[int, ...], dry_run: bool
 ) -> None:
-    """Ops: put failed or stuck reminders back to pending, deliberately (recorded)."""
+    """Ops: put failed, stuck or unknown reminders back to pending, deliberately (recorded)."""
     from .dispatch import retry as run_retry
 
     _migrated(app)

@@ -82,6 +82,9 @@ class SourceConfig(_Model):
 
 class StateConfig(_Model):
     url: str = "sqlite:///reminders.db"
+    # How long a worker that sent messages keeps trying to record them while the state DB does
+    # not answer; past it, it leaves them in Redis for the next dispatch to record.
+    record_patience: Duration = timedelta(seconds=60)
 
 
 class RedisConfig(_Model):
@@ -99,7 +102,19 @@ class SmsConfig(_Model):
     rate_limit: float | None = Field(default=None, gt=0)
     max_segments: int = Field(default=3, ge=1)
     concurrency: int = Field(default=64, ge=1, le=512)
+    # One request's connect and read timeout; past it the outcome is unknown (reconciled).
+    timeout: Duration = timedelta(seconds=10)
+    # How long after an unanswered send to wait before deciding from Twilio's records that it
+    # was not sent (Twilio's own processing window), and sending it again.
+    reconcile_after: Duration = timedelta(minutes=1)
     path: Path | None = None
+
+    @field_validator("timeout", "reconcile_after")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0 (e.g. 10s, 1m)")
+        return value
 
     @model_validator(mode="after")
     def _provider_needs(self) -> SmsConfig:
@@ -129,6 +144,11 @@ class EmailConfig(_Model):
     quiet_hours: Window | None = None
     # Subject, text and HTML together, UTF-8; a larger message fails instead of being sent.
     max_bytes: int = Field(default=1_000_000, ge=1_000)
+    # A message whose data went out without the server's answer may have been delivered; SMTP
+    # has no way to ask. false: it is not resent (at most once; ops see it with its Message-ID);
+    # true: it is resent once, reconcile_after later (at least once).
+    resend_unknown: bool = False
+    reconcile_after: Duration = timedelta(minutes=1)
     path: Path | None = None
 
     @model_validator(mode="after")

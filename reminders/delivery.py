@@ -16,10 +16,19 @@ For every reminder of the batch that still carries the job's id:
    resend only on purpose (``reminders retry``); the frequency caps are counted in the claim's
    transaction, and what they do not allow is deferred instead (:mod:`reminders.caps`);
 4. **send** (``Channel.send_many``: requests in flight together; paced by the sender's rate limit);
-5. **record**: ``sent`` with a ``message`` row; a transient error goes back to ``pending`` with
+5. **record**: ``sent`` with a ``message`` row; an ambiguous outcome (no answer: the provider may
+   have it) goes to ``unknown``, which :mod:`reminders.reconcile` decides from the provider's own
+   records, never by sending blind; a transient error goes back to ``pending`` with
    exponential backoff and jitter until ``retries.max_attempts``, then ``failed``; a permanent one
    falls back to the rule's next channel while within grace (back to ``pending``, reason kept),
    else ``failed`` (:mod:`reminders.fallback`); Twilio 21610 also records the opt-out.
+
+The claim writes the attempt on the reminder in the same UPDATE (when it began on the real clock,
+the worker, the channel, the SHA-256 of the text), so reconciliation can match the provider's
+records without an extra write on a send that answered. The record step outlives the state DB
+going away: it retries its transaction (``state.record_patience``, default 60 s, each attempt
+logged), and past that leaves what it knows in Redis for reconciliation
+(``reminders.reconcile.UNRECORDED``).
 
 Every status change is conditional on the state the worker saw, and is recorded with its reason.
 A reminder moved to another channel (a skipped channel, a fallback) is enqueued on that channel's
@@ -28,13 +37,14 @@ queue at once, so a worker serving every queue sends it in the same burst.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -42,7 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import caps, clock, codec, consent, dberrors, fallback, pause, phone, policies
-from .channels.base import Channel
+from .channels.base import Channel, body_digest
 from .compose import (
     RecheckFailed,
     Rendered,
@@ -53,7 +63,7 @@ from .compose import (
 )
 from .config import Config
 from .dispatch import release
-from .errors import ChannelError, InputError, RuntimeFailure, TemplateError
+from .errors import AmbiguousError, ChannelError, InputError, RuntimeFailure, TemplateError
 from .lifecycle import (
     CANCELED,
     FAILED,
@@ -61,6 +71,7 @@ from .lifecycle import (
     QUEUED,
     SENDING,
     SENT,
+    UNKNOWN,
     Status,
     move,
     move_each,
@@ -78,6 +89,12 @@ log = logging.getLogger(__name__)
 
 ROUND_SECONDS = 2.0  # a rate-limited batch is claimed and sent about this many seconds at a time
 TIME_BUDGET = 0.5  # share of the job timeout after which a job stops claiming and lets go
+# The record step retries its transaction while the state DB does not answer (for
+# ``state.record_patience``, waits doubling from RECORD_FIRST_WAIT up to RECORD_MAX_WAIT); past
+# it, see _unrecorded.
+RECORD_FIRST_WAIT = 0.25
+RECORD_MAX_WAIT = 5.0
+UNRECORDED_TTL = 7 * 86400  # seconds Redis keeps what a worker could not record
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Counts:
     """What one batch did, reminder by reminder."""
 
     sent: int = 0
+    unknown: int = 0  # no answer from the provider: reconciled before any resend
     retried: int = 0
     failed: int = 0
     canceled: int = 0
@@ -218,12 +236,15 @@ class Delivery:
         *,
         deadline: float | None = None,
         heartbeat: Callable[[], None] | None = None,
+        worker: str | None = None,
     ) -> Counts:
         """Deliver the reminders ``ids`` queued under ``job_id`` on ``channel``.
 
         ``deadline`` (a ``time.monotonic()`` value) is when to stop claiming: reminders not yet
         claimed by then go back to pending for the next dispatch. ``heartbeat`` is called between
-        rounds (a long rate-limited batch tells RQ its worker is alive).
+        rounds (a long rate-limited batch tells RQ its worker is alive). ``worker`` is the RQ
+        worker's name, written on each claimed reminder: reconciliation leaves a ``sending``
+        reminder alone while that worker is alive.
         """
         counts = Counts()
         state = self.app.state
@@ -255,10 +276,10 @@ class Delivery:
                 break
             if heartbeat is not None:
                 heartbeat()
-            claimed = self._claim(chunk, job_id, counts)
+            claimed = self._claim(chunk, job_id, counts, worker)
             if claimed:
                 results = self._send(channel, claimed, limiter)
-                moved |= self._record(claimed, results, counts)
+                moved |= self._record(claimed, results, counts, heartbeat)
         if moved:
             from .dispatch import DispatchCounts, Dispatcher
 
@@ -424,10 +445,25 @@ class Delivery:
 
     # -- claim, send, record ------------------------------------------------------------------
 
-    def _claim(self, chunk: list[_Ready], job_id: str, counts: Counts) -> list[_Ready]:
-        """``queued -> sending`` for this job's reminders; returns those this call won."""
+    def _claim(
+        self, chunk: list[_Ready], job_id: str, counts: Counts, worker: str | None = None
+    ) -> list[_Ready]:
+        """``queued -> sending`` for this job's reminders; returns those this call won.
+
+        The same UPDATE writes the attempt: when it began (the real clock: the provider's records
+        are on it), the worker, the channel, and the SHA-256 of each message's text.
+        """
         now = self.app.now()
         by_id = {item.row["id"]: item for item in chunk}
+        digests = {rid: body_digest(item.rendered.message.body) for rid, item in by_id.items()}
+        attempt: dict[str, Any] = {"attempt_at": datetime.now(UTC), "claimed_by": worker}
+        if digests:
+            ids = reminder.c.id
+            attempt["body_digest"] = sa.case(digests, value=ids)
+            for column, field_ in (("channel", "channel"), ("channel_index", "index")):
+                each = {rid: getattr(item, field_) for rid, item in by_id.items()}
+                distinct = set(each.values())  # usually one: a plain value, no CASE
+                attempt[column] = distinct.pop() if len(distinct) == 1 else sa.case(each, value=ids)
         with self.app.state.begin() as conn:
             # A rule paused since they were prepared: back to pending, unsent (pause.py).
             paused = pause.paused_rules(conn)
@@ -451,10 +487,6 @@ class Delivery:
             held = caps.enforce(conn, self.config, self.app.ruleset, batch, job_id, now)
             counts.deferred += len(held)
             by_id = {rid: item for rid, item in by_id.items() if rid not in held}
-            # The channel is recorded with the claim: a reminder stuck in sending shows where
-            # it was going. (With none left to claim, CASE would have no WHEN: keep the column.)
-            picked = {rid: item.channel for rid, item in by_id.items()}
-            channel = sa.case(picked, value=reminder.c.id) if picked else reminder.c.channel
             won = set(
                 move(
                     conn,
@@ -462,7 +494,7 @@ class Delivery:
                     source=QUEUED,
                     target=SENDING,
                     now=now,
-                    values={"channel": channel},
+                    values=attempt,
                     where=[reminder.c.job_id == job_id],
                 )
             )
@@ -489,15 +521,111 @@ class Delivery:
         return paced(provider.send_many, messages, limiter, concurrency)
 
     def _record(
+        self,
+        items: list[_Ready],
+        results: list[str | ChannelError],
+        counts: Counts,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> set[int]:
+        """Record each claimed reminder's outcome; returns those moved to their next channel.
+
+        The state DB not answering (a restart, a failover) does not lose what was sent: the
+        transaction is tried again, with waits doubling up to ``RECORD_MAX_WAIT``, for
+        ``state.record_patience``, each attempt logged; a retry records only the reminders
+        still in ``sending`` (a commit whose answer was lost is not recorded twice). Past the
+        patience, what was sent is left in Redis (:meth:`_unrecorded`) and the error raised.
+        """
+        waited = 0.0
+        wait = RECORD_FIRST_WAIT
+        pending = items
+        pending_results = results
+        while True:
+            try:
+                done = Counts()
+                moved = self._write(pending, pending_results, done)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                if waited >= self.config.state.record_patience.total_seconds():
+                    log.error(
+                        "could not record %d sent reminder(s) for %.0f s (%s): left in Redis "
+                        "for reconciliation",
+                        len(pending),
+                        waited,
+                        detail,
+                    )
+                    self._unrecorded(pending, pending_results)
+                    raise
+                log.warning(
+                    "state DB did not answer while recording %d reminder(s) (%s); again in %.2f s",
+                    len(pending),
+                    detail,
+                    wait,
+                )
+                time.sleep(wait)
+                waited += wait
+                wait = min(wait * 2, RECORD_MAX_WAIT)
+                if heartbeat is not None:
+                    heartbeat()
+                try:
+                    still = self._still_sending([item.row["id"] for item in pending])
+                except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                    continue  # still down: try the whole write again after the next wait
+                kept = [
+                    (i, r)
+                    for i, r in zip(pending, pending_results, strict=True)
+                    if i.row["id"] in still
+                ]
+                pending = [i for i, _ in kept]
+                pending_results = [r for _, r in kept]
+                continue
+            for key, value in done.as_dict().items():
+                setattr(counts, key, getattr(counts, key) + value)
+            return moved
+
+    def _still_sending(self, ids: list[int]) -> set[int]:
+        r = reminder
+        with self.app.state.connect() as conn:
+            return {
+                row.id
+                for row in conn.execute(
+                    sa.select(r.c.id).where(r.c.id.in_(ids), r.c.status == SENDING)
+                )
+            }
+
+    def _unrecorded(self, items: list[_Ready], results: list[str | ChannelError]) -> None:
+        """Leave each outcome the state DB would not take in Redis for reconciliation: the
+        provider's id of a sent message, or null (not sent, or unknown: reconciliation asks the
+        provider). A reminder listed there is reconciled though its worker is alive."""
+        from .reconcile import UNRECORDED
+
+        mapping: dict[Any, Any] = {
+            str(item.row["id"]): json.dumps(
+                {
+                    "provider_id": result if isinstance(result, str) else None,
+                    "channel": item.channel,
+                }
+            )
+            for item, result in zip(items, results, strict=True)
+        }
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.hset(UNRECORDED, mapping=mapping)
+                pipe.expire(UNRECORDED, UNRECORDED_TTL)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.error("Redis did not take the unrecorded outcomes either: %s", exc)
+
+    def _write(
         self, items: list[_Ready], results: list[str | ChannelError], counts: Counts
     ) -> set[int]:
-        """Record each claimed reminder's outcome; returns those moved to their next channel."""
+        """One transaction recording the outcomes (see :meth:`_record`)."""
         now = self.app.now()
         sent: list[dict[str, Any]] = []
         messages: list[dict[str, Any]] = []
         other: list[tuple[_Ready, _Change]] = []
         dead: list[tuple[_Ready, str, dict[str, Any]]] = []  # permanent errors: fall back
         optouts: list[dict[str, Any]] = []
+        unknown: list[tuple[_Ready, AmbiguousError]] = []
         for item, result in zip(items, results, strict=True):
             row = item.row
             if isinstance(result, str):
@@ -544,6 +672,9 @@ class Delivery:
                 },
             )
             base = {"channel": item.channel, "channel_index": item.index}
+            if isinstance(result, AmbiguousError):
+                unknown.append((item, result))
+                continue
             if not result.permanent:
                 change = self._retry_change(row, item.rule, f"{item.channel}: {result}", now)
                 change.values.update(base)
@@ -566,11 +697,13 @@ class Delivery:
         moved: set[int] = set()
         with self.app.state.begin() as conn:
             if sent:
-                # Claimed by this worker (sending): one executemany for the whole batch.
+                # Claimed by this worker (sending): one executemany for the whole batch. Or, if
+                # its heartbeat was late and reconciliation took it for dead, unknown: what the
+                # provider answered still decides it.
                 move_each(
                     conn,
                     sent,
-                    source=SENDING,
+                    source=(SENDING, UNKNOWN),
                     target=SENT,
                     now=now,
                     values={
@@ -584,6 +717,22 @@ class Delivery:
                 )
                 conn.execute(message.insert(), messages)
                 counts.sent += len(sent)
+            for item, error in unknown:
+                move(
+                    conn,
+                    [item.row["id"]],
+                    source=SENDING,
+                    target=UNKNOWN,
+                    now=now,
+                    reason=f"unknown: {item.channel}: {error}",
+                    values={
+                        "provider_id": error.provider_id,
+                        "channel": item.channel,
+                        "channel_index": item.index,
+                        "attempts": reminder.c.attempts + 1,
+                    },
+                )
+                counts.unknown += 1
             for stop in optouts:
                 consent.opt_out(conn, now=now, **stop)
             for _item, change in other:

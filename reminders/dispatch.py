@@ -3,8 +3,11 @@
 The state DB comes first. A batch is marked ``queued`` with its job id (and ``queued_at``) and
 committed before the job is pushed to Redis, so a worker never meets a job whose reminders are
 not yet queued, and Redis never holds the only copy of anything: a queued reminder whose job is
-gone (Redis restarted empty, a flushed database) or was abandoned (its worker died) is enqueued
-again once ``requeue_after`` has passed on the engine clock. Enqueueing twice is harmless: a job
+gone (Redis restarted empty, a flushed database) is enqueued again once ``requeue_after`` has
+passed on the engine clock; one whose job was abandoned (started by a worker that is gone: its RQ
+key expires ``jobs.LIVENESS_TTL`` seconds after its death) is enqueued again at once. Each pass
+first reconciles the sends whose outcome is unknown (:mod:`reminders.reconcile`), so a reminder
+decided "not sent" is enqueued in the same pass. Enqueueing twice is harmless: a job
 claims only the reminders that carry its own job id, so a stale or duplicated job gets nothing.
 
 One RQ job carries up to ``batch_size`` reminders: RQ costs some 30 Redis round trips a job,
@@ -31,7 +34,7 @@ from sqlalchemy.engine import Connection
 from . import redis_conn
 from .config import Config
 from .errors import ServiceUnavailable
-from .lifecycle import FAILED, PENDING, QUEUED, SENDING, move
+from .lifecycle import FAILED, PENDING, QUEUED, SENDING, UNKNOWN, move
 from .models import reminder
 from .pause import paused_rules
 from .rules import RuleSet
@@ -48,6 +51,8 @@ RESULT_TTL = 600  # seconds a finished job's counts stay readable in Redis
 FAILURE_TTL = 7 * 86400
 SELECT_CHUNK = 5000  # reminders read per query
 RATE_LIMITED_BATCH_SECONDS = 30  # a rate-limited batch holds about this many seconds of sending
+
+ABANDONED = "was abandoned (its worker is gone)"
 
 # RQ job statuses under which the job will still run, or is running.
 _ALIVE = {JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value}
@@ -85,9 +90,15 @@ class DispatchCounts:
     enqueued: int = 0
     requeued: int = 0
     jobs: int = 0
+    reconciled: int = 0  # unknown or stuck sends decided (see reminders.reconcile)
 
     def as_dict(self) -> dict[str, int]:
-        return {"enqueued": self.enqueued, "requeued": self.requeued, "jobs": self.jobs}
+        return {
+            "enqueued": self.enqueued,
+            "requeued": self.requeued,
+            "jobs": self.jobs,
+            "reconciled": self.reconciled,
+        }
 
 
 def _channel_of(ruleset: RuleSet, config: Config, rule: str, index: int) -> str:
@@ -127,11 +138,24 @@ class Dispatcher:
     # -- the whole pass ---------------------------------------------------------------------
 
     def run(self, now: datetime) -> DispatchCounts:
-        """Re-enqueue lost jobs' reminders, then enqueue every pending reminder that is due."""
+        """Reconcile unknown sends, re-enqueue lost jobs' reminders, then enqueue every pending
+        reminder that is due."""
         counts = DispatchCounts()
+        self.reconcile(now, counts)
         self.requeue_lost(now, counts)
         self.enqueue_due(now, counts)
         return counts
+
+    def reconcile(self, now: datetime, counts: DispatchCounts) -> None:
+        """Decide the sends whose outcome is unknown (see :mod:`reminders.reconcile`)."""
+        from .reconcile import Reconciler
+
+        reconciler = Reconciler(self.config, self.ruleset, self.state, self.connection)
+        try:
+            done = reconciler.run(now)
+        finally:
+            reconciler.close()
+        counts.reconciled += sum(done.as_dict().values())
 
     def enqueue_due(self, now: datetime, counts: DispatchCounts, ids: Sequence[int] = ()) -> None:
         """Enqueue pending reminders whose send time has come (only ``ids`` when given).
@@ -171,28 +195,34 @@ class Dispatcher:
     def requeue_lost(self, now: datetime, counts: DispatchCounts) -> None:
         """Enqueue again the queued reminders whose job is gone or abandoned.
 
-        Only reminders queued at least ``requeue_after`` ago (engine clock) are looked at. Their
-        job is lost when Redis no longer has it, when it ended (failed, stopped, canceled, or
-        finished without claiming them), or when it was started by a worker that no longer
-        exists. A job still waiting in its queue is left alone: it will run. The jobs are looked
-        up once each (a backlog of queued reminders is a few jobs per thousand).
+        A job is abandoned when it was started by a worker that no longer exists: its reminders
+        are enqueued again at once. A job is gone when Redis no longer has it, or ended (failed,
+        stopped, canceled, or finished without claiming them): its reminders are enqueued again
+        once queued at least ``requeue_after`` ago (engine clock; a job just committed may not
+        be in Redis yet). A job still waiting in its queue is left alone: it will run. The jobs
+        are looked up once each (a backlog of queued reminders is a few jobs per thousand).
         """
         r = reminder
         cutoff = now - self.config.requeue_after
         with self.state.connect() as conn:
-            jobs = [
-                row.job_id
+            queued = {
+                row.job_id: row.since
                 for row in conn.execute(
-                    sa.select(r.c.job_id)
-                    .where(r.c.status == QUEUED, r.c.queued_at <= cutoff)
+                    sa.select(r.c.job_id, sa.func.min(r.c.queued_at).label("since"))
+                    .where(r.c.status == QUEUED)
                     .group_by(r.c.job_id)
                 )
-            ]
-        if not jobs:
+            }
+        if not queued:
             return
-        lost = self._lost_jobs([j for j in jobs if j])
-        if None in jobs:
-            lost[None] = "is unknown"
+        found = self._lost_jobs([j for j in queued if j])
+        if None in queued:
+            found[None] = "is unknown"
+        lost = {
+            job_id: why
+            for job_id, why in found.items()
+            if why == ABANDONED or (queued[job_id] is not None and queued[job_id] <= cutoff)
+        }
         for job_id, why in lost.items():
             job_filter = r.c.job_id.is_(None) if job_id is None else r.c.job_id == job_id
             with self.state.connect() as conn:
@@ -243,7 +273,7 @@ class Dispatcher:
             elif state == JobStatus.STARTED.value:
                 worker = started.get(job_id)
                 if worker is None or not alive.get(worker, False):
-                    lost[job_id] = "was abandoned (its worker is gone)"
+                    lost[job_id] = ABANDONED
             else:
                 lost[job_id] = f"ended ({state}) without sending them"
         return lost
@@ -374,14 +404,16 @@ def retry(
     ids: Sequence[int] = (),
     dry_run: bool = False,
 ) -> list[int]:
-    """Ops: put ``failed`` or stuck ``sending`` reminders back to pending, due now; returns ids.
+    """Ops: put ``failed``, stuck ``sending`` or ``unknown`` reminders back to pending, due now;
+    returns ids.
 
     Deliberate and recorded: the attempt count and channel start over, and the reason names
-    what the reminder was. A ``sending`` reminder may already have reached the customer (its
-    worker died after handing it to the provider): check the provider's log before retrying it.
+    what the reminder was. A ``sending`` or ``unknown`` reminder may already have reached the
+    customer (no answer came back from the provider): check the provider's log (an email's
+    Message-ID is shown by ``status``) before retrying it.
     """
-    if from_status not in (FAILED, SENDING):
-        raise ValueError(f"retry takes failed or sending reminders, not {from_status}")
+    if from_status not in (FAILED, SENDING, UNKNOWN):
+        raise ValueError(f"retry takes failed, sending or unknown reminders, not {from_status}")
     r = reminder
     now = app.now()
     query = sa.select(r.c.id, r.c.reason).where(r.c.status == from_status).order_by(r.c.id)

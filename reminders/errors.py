@@ -129,3 +129,20 @@ class PermanentError(ChannelError):
 
     def __init__(self, message: str, *, code: str | None = None, opt_out: bool = False) -> None:
         super().__init__(message, permanent=True, code=code, opt_out=opt_out)
+
+
+class AmbiguousError(ChannelError):
+    """The provider may have the message: the outcome of the send is unknown.
+
+    The request went out and no answer came back (a read timeout, the connection reset or closed
+    before an answer, HTTP 5xx or Twilio 20500; SMTP: the connection lost or timed out after the
+    message's data). Retrying blind could send it twice: the reminder is recorded ``unknown`` and
+    reconciled with the provider's own records (:mod:`reminders.reconcile`). ``provider_id`` is
+    the id the message would have there when the sender chose it (an email's Message-ID).
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, provider_id: str | None = None
+    ) -> None:
+        super().__init__(message, permanent=False, code=code)
+        self.provider_id = provider_id

@@ -11,6 +11,14 @@ default fork-per-job ``Worker``, because:
   update, so a worker that crashes mid-job leaves only ``sending`` rows for ops (and queued ones
   that dispatch enqueues again), whichever process it was.
 
+A worker's liveness is RQ's own worker key (``rq:worker:<name>``), kept short: a
+``DeliveryWorker`` renews it from a thread every ``LIVENESS_EVERY`` seconds with a TTL of
+``LIVENESS_TTL`` (RQ's default is ``worker_ttl`` 420 s + 60), so a worker killed with SIGKILL is
+gone from Redis within ``LIVENESS_TTL`` seconds, however long the batch it was sending; one that
+is alive, however slow, never looks dead. Dispatch then enqueues its job's queued reminders again
+and reconciles its ``sending`` ones (:mod:`reminders.reconcile`). A plain RQ ``Worker`` keeps
+RQ's own heartbeats: its death is seen only after ~8 minutes.
+
 Scale out by running more worker processes (``reminders worker`` on any number of machines).
 Plain ``rq worker -c reminders.rq_settings -w reminders.jobs.DeliveryWorker`` runs the same jobs
 (see ``workers/``); the job finds its config through ``REMINDERS_CONFIG``.
@@ -21,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -79,8 +88,9 @@ def deliver(channel: str, ids: Sequence[int]) -> dict[str, int]:
         from .delivery import TIME_BUDGET
 
         deadline = time.monotonic() + job.timeout * TIME_BUDGET
+    worker = job.worker_name or (_worker.name if _worker is not None else None)
     counts = get_delivery(job.connection).deliver(
-        channel, list(ids), job.id, deadline=deadline, heartbeat=_heartbeat
+        channel, list(ids), job.id, deadline=deadline, heartbeat=_heartbeat, worker=worker
     )
     return counts.as_dict()
 
@@ -128,6 +138,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 # asks 60 s; this bounds how long stopping the thread can ever take (see ``unsubscribe``).
 PUBSUB_POLL = 1.0
 PUBSUB_JOIN = 5.0  # seconds to wait for the pub/sub thread at teardown before going on without it
+LIVENESS_TTL = 20  # seconds a worker's key outlives its last heartbeat
+LIVENESS_EVERY = 5.0  # seconds between heartbeats of the liveness thread
 
 
 class DeliveryWorker(SimpleWorker):
@@ -137,6 +149,34 @@ class DeliveryWorker(SimpleWorker):
     # RQ retries a dequeue that finds Redis gone, doubling its wait up to this (RQ: 60 s): a
     # worker notices a Redis that came back within this many seconds.
     max_connection_wait_time = 10.0
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, its TTL capped at ``LIVENESS_TTL`` (see the module's note)."""
+        super().heartbeat(min(timeout or LIVENESS_TTL, LIVENESS_TTL), pipeline=pipeline)
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self.heartbeat()
+        self._liveness_stop = threading.Event()
+        self._liveness = threading.Thread(
+            target=self._keep_alive, name="worker-liveness", daemon=True
+        )
+        self._liveness.start()
+
+    def register_death(self) -> None:
+        stop = getattr(self, "_liveness_stop", None)
+        if stop is not None:
+            stop.set()
+            self._liveness.join(timeout=PUBSUB_JOIN)
+        super().register_death()
+
+    def _keep_alive(self) -> None:
+        """Renew the worker's key every ``LIVENESS_EVERY`` seconds while the process lives."""
+        while not self._liveness_stop.wait(LIVENESS_EVERY):
+            try:
+                self.heartbeat()
+            except redis.RedisError as exc:
+                self.log.warning("Worker %s: heartbeat failed: %s", self.name, exc)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True

@@ -9,6 +9,9 @@ make a change.
     any open status -> canceled (condition gone, superseded, opted out, expired)
     canceled -> pending (its occurrence vanished from the query, then came back)
     queued | sending -> failed (permanent error, retries used up); failed -> pending (ops retry)
+    sending -> unknown (the provider may have it: no answer, or the worker died mid-send);
+    unknown -> sent (found in the provider's records) | pending (not there: sent once more)
+            | failed | canceled (decided by ops); see reminders.reconcile
 
 Every change goes through :func:`move` (one conditional UPDATE for many reminders) or
 :func:`move_each` (one executemany when each reminder gets its own values). Both check the change
@@ -42,6 +45,7 @@ class Status(StrEnum):
     QUEUED = "queued"  # in an RQ job (its id in ``job_id``)
     SENDING = "sending"  # claimed by a worker, handed to the provider
     SENT = "sent"  # the provider accepted it
+    UNKNOWN = "unknown"  # the provider may have it (no answer): reconciled before any resend
     DELIVERED = "delivered"  # the provider reported it delivered
     UNDELIVERED = "undelivered"  # the provider reported it could not be delivered
     CANCELED = "canceled"  # no longer wanted (see the reason)
@@ -51,6 +55,7 @@ class Status(StrEnum):
 PENDING, QUEUED, SENDING, SENT = Status.PENDING, Status.QUEUED, Status.SENDING, Status.SENT
 DELIVERED, UNDELIVERED = Status.DELIVERED, Status.UNDELIVERED
 CANCELED, FAILED = Status.CANCELED, Status.FAILED
+UNKNOWN = Status.UNKNOWN
 
 STATUSES: tuple[Status, ...] = tuple(Status)
 OPEN = frozenset({PENDING, QUEUED})  # not yet with a worker: what a scan may still move or cancel
@@ -64,8 +69,12 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     # released unsent, retried, moved to another channel, moved or snoozed); canceled; failed
     # before sending (no channel left, a template error)
     QUEUED: frozenset({SENDING, QUEUED, PENDING, CANCELED, FAILED}),
-    # accepted by the provider; retried or moved to the next channel; failed for good; ops' retry
-    SENDING: frozenset({SENT, PENDING, FAILED}),
+    # accepted by the provider; retried or moved to the next channel; failed for good; ops' retry;
+    # the outcome unknown (no answer from the provider, or its worker died mid-send)
+    SENDING: frozenset({SENT, PENDING, FAILED, UNKNOWN}),
+    # reconciled: found in the provider's records; not there, so sent once more; ops' retry
+    # (pending) or their decision (failed, canceled)
+    UNKNOWN: frozenset({SENT, PENDING, FAILED, CANCELED}),
     # the provider's delivery report; a dead number falls back to the next channel
     SENT: frozenset({DELIVERED, UNDELIVERED, PENDING}),
     DELIVERED: frozenset(),

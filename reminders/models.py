@@ -81,6 +81,12 @@ reminder = sa.Table(
     sa.Column("provider_id", sa.String(128)),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
+    # The current send attempt, written by the claim (queued -> sending) for reconciliation:
+    # when it began on the real clock (the provider's records are on it), the worker that made
+    # it, and the SHA-256 of the text sent (see reminders.reconcile).
+    sa.Column("attempt_at", UtcDateTime()),
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("body_digest", sa.String(64)),
     sa.UniqueConstraint("rule", "occurrence", "offset"),
     sa.Index(None, "status", "send_at"),
     sa.Index(None, "customer_id"),

@@ -52,9 +52,15 @@ def status_report(app: App) -> dict[str, Any]:
             sa.select(sa.func.count()).where(r.c.status == lifecycle.PENDING, r.c.send_at <= now)
         ).scalar_one()
         stuck = conn.execute(
-            sa.select(r.c.id, r.c.rule, r.c.channel, r.c.updated_at)
+            sa.select(r.c.id, r.c.rule, r.c.channel, r.c.updated_at, r.c.claimed_by, r.c.job_id)
             .where(r.c.status == lifecycle.SENDING)
             .order_by(r.c.updated_at)
+            .limit(20)
+        ).all()
+        unknown = conn.execute(
+            sa.select(r.c.id, r.c.rule, r.c.channel, r.c.provider_id, r.c.reason, r.c.updated_at)
+            .where(r.c.status == lifecycle.UNKNOWN)
+            .order_by(r.c.updated_at, r.c.id)
             .limit(20)
         ).all()
         failures = conn.execute(
@@ -89,8 +95,25 @@ def status_report(app: App) -> dict[str, Any]:
         # What reminders_oldest_due_unsent_seconds says: the alert that matters.
         "oldest_due_unsent_seconds": oldest,
         "stuck_sending": [
-            {"id": x.id, "rule": x.rule, "channel": x.channel, "since": clock.iso_utc(x.updated_at)}
-            for x in stuck
+            {
+                "id": x.id,
+                "rule": x.rule,
+                "channel": x.channel,
+                "since": clock.iso_utc(x.updated_at),
+                "cause": cause,
+            }
+            for x, cause in zip(stuck, _causes(app, stuck), strict=True)
+        ],
+        "unknown": [
+            {
+                "id": x.id,
+                "rule": x.rule,
+                "channel": x.channel,
+                "provider_id": x.provider_id,
+                "reason": x.reason,
+                "since": clock.iso_utc(x.updated_at),
+            }
+            for x in unknown
         ],
         "recent_failures": [
             {
@@ -126,6 +149,47 @@ def _alive_or_stale(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
     if run["status"] == "running" and not store.scan_alive(conn, run["rule"]):
         run.update(status="interrupted", error=store.STALE_RUN)
     return run
+
+
+# Why a reminder is in sending (the ``cause`` of ``stuck_sending``).
+SENDING_NOW = "sending (its worker is alive)"
+WORKER_GONE = "its worker died mid-send: the next dispatch reconciles it with the provider"
+NOT_RECORDED = (
+    "recording failed (the state DB did not answer; its worker left the outcome in Redis): "
+    "the next dispatch records it"
+)
+NO_WORKER = "its worker is not known: check the provider's log, then `reminders retry`"
+
+
+def _causes(app: Any, stuck: Any) -> list[str]:
+    """For each ``sending`` reminder: is its worker sending, dead, or did recording fail?"""
+    if not stuck:
+        return []
+    if not app.config.redis.url:  # the embedded Redis is not started just to look
+        return [NO_WORKER for _ in stuck]
+    from . import redis_conn
+    from .errors import ServiceUnavailable
+    from .reconcile import _alive, _workers, unrecorded_ids
+
+    try:
+        connection = redis_conn.connect(app.config)
+        left = unrecorded_ids(connection)
+        names = _workers(connection, stuck)
+        alive = _alive(connection, {n for n in names.values() if n})
+    except (ServiceUnavailable, redis.RedisError) as exc:
+        return [f"unknown: Redis did not answer ({exc})" for _ in stuck]
+    causes = []
+    for row in stuck:
+        name = names.get(row.id)
+        if row.id in left:
+            causes.append(NOT_RECORDED)
+        elif not name:
+            causes.append(NO_WORKER)
+        elif alive.get(name, False):
+            causes.append(SENDING_NOW)
+        else:
+            causes.append(WORKER_GONE)
+    return causes
 
 
 def _consent(conn: Any) -> dict[str, Any]:
@@ -290,12 +354,22 @@ def format_status(report: dict[str, Any]) -> str:
     if report["paused_rules"]:
         lines.append(f"paused (nothing sent until resumed): {', '.join(report['paused_rules'])}")
     if report["stuck_sending"]:
-        lines.append(
-            "stuck in sending (a worker died mid-send; check the provider, then "
-            "`reminders retry --status sending`):"
-        )
+        lines.append("stuck in sending:")
         for x in report["stuck_sending"]:
-            lines.append(f"  #{x['id']} {x['rule']} {x['channel'] or '-'} since {x['since']}")
+            lines.append(
+                f"  #{x['id']} {x['rule']} {x['channel'] or '-'} since {x['since']}: {x['cause']}"
+            )
+    if report["unknown"]:
+        lines.append(
+            "unknown (the provider may have it; SMS is reconciled with Twilio's records, an "
+            "email waits for ops: find its Message-ID in the mail server's log, then "
+            "`reminders retry --status unknown` only if it was not sent):"
+        )
+        for x in report["unknown"]:
+            mid = f" {x['provider_id']}" if x["provider_id"] else ""
+            lines.append(
+                f"  #{x['id']} {x['rule']} {x['channel']}{mid} since {x['since']}: {x['reason']}"
+            )
     if report["recent_failures"]:
         lines.append("recent failures:")
         for x in report["recent_failures"]:

@@ -13,6 +13,7 @@ Import the fixtures into a test module (``from tests.channel_fixtures import smt
 
 from __future__ import annotations
 
+import asyncio
 import email
 import shutil
 import ssl
@@ -113,6 +114,9 @@ class Mailbox:
     drop_every: int = 0
     drop_silently: bool = False
     connections: int = 0
+    # Seconds to hold the answer to DATA after the message was recorded (a client's read times
+    # out: the outcome is unknown to it).
+    data_delay: float = 0.0
 
     def defer(self, address: str, *replies: str) -> None:
         self.rcpt_replies.setdefault(address, deque()).extend(replies)
@@ -167,6 +171,8 @@ class Mailbox:
         assert envelope.mail_from is not None
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), message, raw))
         session.delivered = getattr(session, "delivered", 0) + 1  # type: ignore[attr-defined]
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         return "250 2.0.0 Message accepted for delivery"
 
 

@@ -227,6 +227,22 @@ def test_an_exempt_rule_is_neither_deferred_nor_counted(lite_notices: Notices) -
     assert all(not (r or "").startswith("deferred") for n in "123" for r in p.reasons(n))
 
 
+def test_a_send_with_no_answer_counts_against_the_cap(lite_notices: Notices) -> None:
+    p = lite_notices.configure(caps="caps: {per_day: 1}\n")
+    p.notice(1, 7, "payment", "2027-03-13 10:00")
+    p.notice(2, 7, "payment", "2027-03-13 10:05")
+    p.scan("2027-03-13T12:00:00Z")
+    with p.state.begin() as conn:  # as a send that got no answer leaves it: it may have arrived
+        conn.execute(
+            reminder.update()
+            .where(reminder.c.occurrence == "1")
+            .values(status="unknown", updated_at=utc("2027-03-13T15:00:00Z"))
+        )
+    p.send("2027-03-13T15:05:00Z")
+    assert p.sent_notices() == []
+    assert p.by_occurrence()["2"]["reason"].startswith("deferred: frequency cap (1 a day)")
+
+
 @pytest.mark.parametrize(
     ("week_starts", "opening"),
     [("monday", "2027-03-15T13:00:00Z"), ("sunday", "2027-03-14T13:00:00Z")],

@@ -30,10 +30,18 @@ from reminders.channels import (
     SmtpChannel,
     TwilioChannel,
 )
+from reminders.channels.base import body_digest
 from reminders.channels.smtp import wire_bytes
+from reminders.channels.twilio import CLOCK_SKEW, Found, LookupFailed
 from reminders.compose import open_channel
 from reminders.config import load_config
-from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
+from reminders.errors import (
+    AmbiguousError,
+    ChannelError,
+    ConfigError,
+    PermanentError,
+    TransientError,
+)
 from tests import services
 from tests.twilio_stub import (
     ACCOUNT_SID,
@@ -178,6 +186,67 @@ def test_twilio_spec_validation_error_is_permanent(prism_url: str) -> None:
     assert caught.value.code == "422" and "HTTP 422" in caught.value.message
 
 
+# The list answer Twilio's spec gives as its example: two messages of 24 May 2019 17:44:46 UTC
+# to +18182008801 through the messaging service MGaaaa..., "testing" the first (SMded05...).
+SPEC_TO = "+18182008801"
+SPEC_SERVICE = "MG" + "a" * 32
+SPEC_CREATED = datetime(2019, 5, 24, 17, 44, 46, tzinfo=UTC)
+
+
+def test_twilio_messages_list_against_twilio_spec(prism_url: str) -> None:
+    """Reconciliation's request is one Twilio's spec accepts, and its answer is read right."""
+    channel = TwilioChannel(
+        ACCOUNT_SID, AUTH_TOKEN, messaging_service_sid=SPEC_SERVICE, api_url=prism_url
+    )
+    with channel:
+        found = channel.lookup(SPEC_TO, body_digest("testing"), SPEC_CREATED)
+        assert found == Found("SMded05904ccb347238880ca9264e8fe1c", "sent")
+        # an attempt begun after the messages (beyond the clock skew): none of them is its own
+        later = SPEC_CREATED + CLOCK_SKEW + timedelta(seconds=1)
+        assert channel.lookup(SPEC_TO, body_digest("testing"), later) is None
+        # a recorded SID or another text is not a match
+        skip = frozenset({"SMded05904ccb347238880ca9264e8fe1c"})
+        with pytest.raises(LookupFailed, match="more than 1000 messages"):
+            # the mock answers the same page for every page: never older, never a match
+            channel.lookup(SPEC_TO, body_digest("testing"), SPEC_CREATED, skip)
+
+
+def test_twilio_messages_list_from_a_number_against_twilio_spec(prism_url: str) -> None:
+    with TwilioChannel(ACCOUNT_SID, AUTH_TOKEN, from_=FROM, api_url=prism_url) as channel:
+        # the example's messages are from another sender: not this channel's
+        later = SPEC_CREATED + CLOCK_SKEW + timedelta(seconds=1)
+        assert channel.lookup(SPEC_TO, body_digest("testing"), later) is None
+
+
+def test_twilio_lookup_pages_newest_first_until_older_than_the_attempt(
+    twilio_stub: TwilioStub,
+) -> None:
+    channel = stub_channel(twilio_stub)
+    began = datetime.now(UTC)
+    sids = [channel.send(sms()) for _ in range(3)]
+    for i in range(120):  # more than two pages of other texts to the same number since
+        channel.send(Message(i, "refill-due", "sms", OK_NUMBER, f"other {i}"))
+    digest = body_digest(sms().body)
+    found = channel.lookup(OK_NUMBER, digest, began)
+    assert found is not None and found.sid == sids[-1] and found.status == "queued"
+    assert twilio_stub.list_requests == 3  # PageSize 50, newest first: page 3 holds the match
+    # SIDs already recorded for other reminders are passed over
+    assert channel.lookup(OK_NUMBER, digest, began, frozenset(sids[1:])).sid == sids[0]  # type: ignore[union-attr]
+    assert channel.lookup(OK_NUMBER, digest, began, frozenset(sids)) is None
+    # another number, or a text that differs, is not a match
+    assert channel.lookup("+14155550199", digest, began) is None
+    assert channel.lookup(OK_NUMBER, body_digest("Your Lisinopril"), began) is None
+    # every message is older than an attempt that began later (beyond the clock skew)
+    assert channel.lookup(OK_NUMBER, digest, began + timedelta(minutes=5)) is None
+    channel.close()
+
+
+def test_twilio_lookup_failure_is_reported(twilio_stub: TwilioStub) -> None:
+    channel = TwilioChannel(ACCOUNT_SID, "wrong", from_=FROM, api_url=twilio_stub.url)
+    with pytest.raises(LookupFailed, match=r"Unable to fetch page.*HTTP 401.*20003"):
+        channel.lookup(OK_NUMBER, "0" * 64, datetime.now(UTC))
+
+
 # -- Twilio errors (the project's stub) ------------------------------------------------------------
 
 
@@ -207,20 +276,21 @@ def test_twilio_permanent_errors(
 
 
 @pytest.mark.parametrize(
-    ("answer", "code", "words"),
+    ("answer", "kind", "code", "words"),
     [
-        (TOO_MANY_REQUESTS, "20429", "Too Many Requests"),
-        (SERVER_ERROR, "20500", "internal server error"),
-        (BAD_GATEWAY_HTML, "502", "HTTP 502"),
-        (UNAUTHORIZED, "20003", "check the account SID"),
+        (TOO_MANY_REQUESTS, TransientError, "20429", "Too Many Requests"),
+        (UNAUTHORIZED, TransientError, "20003", "check the account SID"),
+        # Twilio may have created the message: not retried blind (reconciled instead)
+        (SERVER_ERROR, AmbiguousError, "20500", "may have been sent"),
+        (BAD_GATEWAY_HTML, AmbiguousError, "502", "HTTP 502"),
     ],
 )
-def test_twilio_transient_errors_then_success(
-    twilio_stub: TwilioStub, answer: object, code: str, words: str
+def test_twilio_transient_and_ambiguous_errors_then_success(
+    twilio_stub: TwilioStub, answer: object, kind: type[ChannelError], code: str, words: str
 ) -> None:
     twilio_stub.respond(OK_NUMBER, answer)  # type: ignore[arg-type]
     channel = stub_channel(twilio_stub)
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(kind) as caught:
         channel.send(sms())
     assert caught.value.code == code and not caught.value.permanent
     assert words in caught.value.message
@@ -241,11 +311,11 @@ def test_twilio_wrong_token_is_transient(twilio_stub: TwilioStub) -> None:
         channel.send(sms())
 
 
-def test_twilio_timeout_is_transient() -> None:
+def test_twilio_timeout_is_ambiguous() -> None:
     with TwilioStub(latency_ms=2000) as stub:
         channel = stub_channel(stub, timeout=0.3)
         started = time.monotonic()
-        with pytest.raises(TransientError, match=r"did not answer in time .*may have been sent"):
+        with pytest.raises(AmbiguousError, match=r"did not answer in time .*may have been sent"):
             channel.send(sms())
         assert time.monotonic() - started < 1.5
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from reminders import clock, lifecycle, models, store
+from reminders import report as report_
 from tests.rules_fixtures import CONFIG, NOW, REFILLS, Project, lite, project, project_at
 
 __all__ = ["lite", "project"]
@@ -190,6 +191,7 @@ def test_status_json(scanned: Project) -> None:
         "due_now": 1,
         "oldest_due_unsent_seconds": 22 * 3600.0,  # reminder 1, due 22 hours ago
         "stuck_sending": [],
+        "unknown": [],
         "recent_failures": [],
         "last_scans": [
             {
@@ -223,16 +225,14 @@ def test_status_shows_failures_and_stuck_sends(scanned: Project) -> None:
         )
     (report,) = scanned.ok("status", "--json").json_lines()
     assert report["stuck_sending"] == [
-        {"id": 2, "rule": "refill-due", "channel": "sms", "since": NOW}
+        {"id": 2, "rule": "refill-due", "channel": "sms", "since": NOW, "cause": report_.NO_WORKER}
     ]
     assert report["recent_failures"] == [
         {"id": 3, "rule": "refill-due", "channel": "email", "reason": "no email address", "at": NOW}
     ]
     text = scanned.ok("status").out
     assert "stuck in sending" in text and "#2 refill-due sms since" in text
-    with scanned.state.begin() as conn:  # as rows claimed before claims recorded the channel
-        conn.execute(r.update().where(r.c.id == 2).values(channel=None))
-    assert "#2 refill-due - since" in scanned.ok("status").out
+    assert "its worker is not known" in text
     assert "#3 refill-due email 2027-03-10T12:00:00Z: no email address" in text
 
 

@@ -1,8 +1,9 @@
 """The delivery guarantees, with separate worker processes: exactly once, nothing lost.
 
 - two workers, every job enqueued twice and a stale copy of a batch: each customer gets one text;
-- a worker SIGKILLed in the middle of a batch, then restarted: every reminder ends sent or stuck
-  in ``sending`` for ops to see, none is sent twice, none vanishes;
+- a worker SIGKILLed in the middle of a batch, then restarted: its batch stays in ``sending``
+  (``status`` says its worker died) until its worker's key expires, then dispatch reconciles it
+  with Twilio's records: every reminder ends sent, none twice, none vanishes;
 - Redis emptied after dispatch: the next dispatch after ``requeue_after`` enqueues again;
 - a job abandoned by a dead worker is enqueued again; a job still waiting is not.
 """
@@ -21,6 +22,7 @@ from rq import Queue
 from rq.job import Job
 
 from reminders import lifecycle
+from reminders import report as report_
 from tests import services
 from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
@@ -81,6 +83,7 @@ def test_two_workers_and_duplicated_jobs_send_each_reminder_exactly_once(any_sho
     stale = Job.fetch("stale-copy", connection=conn)
     assert stale.return_value() == {
         "sent": 0,
+        "unknown": 0,
         "retried": 0,
         "failed": 0,
         "canceled": 0,
@@ -92,8 +95,8 @@ def test_two_workers_and_duplicated_jobs_send_each_reminder_exactly_once(any_sho
     conn.close()
 
 
-def test_a_worker_killed_mid_batch_leaves_only_visible_stuck_reminders(shop: Shop) -> None:
-    shop.configure(batch_size=10)
+def test_a_worker_killed_mid_batch_is_reconciled_without_sending_twice(shop: Shop) -> None:
+    shop.configure(batch_size=10, sms_extra="    reconcile_after: 1s\n")
     people = shop.prepare(40)
     # The second batch stays in flight long enough to be killed in it, even on a busy machine.
     shop.stub.latency_ms = 1500
@@ -105,35 +108,38 @@ def test_a_worker_killed_mid_batch_leaves_only_visible_stuck_reminders(shop: Sho
     first.communicate()
     killed = shop.statuses()
     assert killed.get("sending") == 10, killed
+    stuck = sorted(rid for rid, row in shop.status_of().items() if row["status"] == "sending")
+    # The killed batch's requests had reached the stub: it records them after its latency.
+    wait_until(lambda: shop.stub.in_flight == 0)
     shop.stub.latency_ms = 0
     code, _out, err = finish(shop.spawn_worker())
     assert code == 0, err
-    rows = shop.status_of()
-    statuses = shop.statuses()
-    assert statuses == {"sent": 30, "sending": 10}  # none lost: sent, or stuck for ops
-    assert max(shop.stub.received.values()) == 1  # none sent twice
-    stuck = sorted(rid for rid, row in rows.items() if row["status"] == "sending")
+    assert shop.statuses() == {"sent": 30, "sending": 10}  # none lost, none sent twice yet
     report = json.loads(shop.ok("status", "--json", now=SEND_AT).out)
-    assert sorted(x["id"] for x in report["stuck_sending"]) == stuck
     assert {x["channel"] for x in report["stuck_sending"]} == {"sms"}  # claimed on that channel
-    # Nothing automatic resends them, however long it waits ...
-    reached = sum(shop.stub.received.values())  # the killed batch's requests may not all have
-    later = "2027-03-10T16:00:00Z"
-    assert shop.ok("dispatch", "--json", now=later).json_lines()[0]["requeued"] == 0
-    shop.worker(now=later)
-    assert sum(shop.stub.received.values()) == reached
-    # ... until ops decide to (the provider's log says whether they went out).
-    result = shop.ok("retry", "--status", "sending", now=later)
-    assert "put back 10 sending reminder(s)" in result.out
-    assert {rows_["status"] for rid, rows_ in shop.status_of().items() if rid in stuck} == {
-        "pending"
-    }
-    reasons = [e["reason"] for e in shop.events() if e["reminder_id"] == stuck[0]]
-    assert reasons[-1].startswith("retry requested by ops (was sending")
-    shop.ok("dispatch", now=later)
-    shop.worker(now=later)
-    assert shop.statuses() == {"sent": 40}
-    assert len(people) == 40
+
+    # Until the dead worker's key expires (jobs.LIVENESS_TTL), status says what happened ...
+    def causes() -> set[str]:
+        report = json.loads(shop.ok("status", "--json", now=SEND_AT).out)
+        assert sorted(x["id"] for x in report["stuck_sending"]) == stuck
+        return {x["cause"] for x in report["stuck_sending"]}
+
+    wait_until(lambda: causes() == {report_.WORKER_GONE}, timeout=90, interval=0.5)
+
+    # ... and dispatch decides them from Twilio's records: those it has are sent with its SIDs;
+    # those it never got whole (the kill cut the request short) are sent once more.
+    def settled() -> bool:
+        shop.ok("dispatch", now=SEND_AT)
+        shop.worker()
+        return shop.statuses() == {"sent": 40}
+
+    wait_until(settled, timeout=90, interval=0.5)
+    assert sorted(shop.stub.accepted) == sorted(p["phone"] for p in people)
+    assert set(shop.stub.accepted.values()) == {1}  # none sent twice
+    sids = {m["sid"] for m in shop.stub.created}
+    assert {r["provider_id"] for r in shop.reminders()} == sids
+    reasons = {e["reason"] for e in shop.events() if e["reminder_id"] in stuck}
+    assert any("is gone (no heartbeat)" in (why or "") for why in reasons)
 
 
 def test_redis_emptied_after_dispatch_is_enqueued_again_after_requeue_after(shop: Shop) -> None:
@@ -142,7 +148,7 @@ def test_redis_emptied_after_dispatch_is_enqueued_again_after_requeue_after(shop
     conn = redis.Redis.from_url(shop.redis_url)
     conn.flushdb()  # Redis restarted empty: every job is gone
     soon = shop.ok("dispatch", "--json", now="2027-03-10T15:04:59Z").json_lines()[0]
-    assert soon == {"enqueued": 0, "requeued": 0, "jobs": 0}
+    assert soon == {"enqueued": 0, "requeued": 0, "jobs": 0, "reconciled": 0}
     later = "2027-03-10T15:05:00Z"  # requeue_after (5m) on the engine clock
     again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
     assert again["requeued"] == 30
@@ -180,7 +186,8 @@ def test_a_job_abandoned_by_a_dead_worker_is_enqueued_again(shop: Shop) -> None:
     # As RQ leaves it when its worker is SIGKILLed after dequeueing, before the job claimed:
     # started, by a worker whose registration has expired.
     job_id = _dequeued_as_started(conn, "dead-worker")
-    later = "2027-03-10T15:06:00Z"
+    # At once: its worker's key is gone, no need to wait requeue_after.
+    later = SEND_AT
     again = shop.ok("dispatch", "--json", now=later).json_lines()[0]
     assert again["requeued"] == 4
     reasons = {e["reason"] for e in shop.events() if e["from_status"] == e["to_status"]}

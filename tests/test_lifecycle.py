@@ -23,6 +23,7 @@ from reminders.lifecycle import (
     SENDING,
     SENT,
     UNDELIVERED,
+    UNKNOWN,
     Status,
     TransitionNotAllowed,
     move,
@@ -38,7 +39,8 @@ T1 = T0 + timedelta(minutes=5)
 ALLOWED = {
     (PENDING, QUEUED), (PENDING, PENDING), (PENDING, CANCELED),
     (QUEUED, SENDING), (QUEUED, QUEUED), (QUEUED, PENDING), (QUEUED, CANCELED), (QUEUED, FAILED),
-    (SENDING, SENT), (SENDING, PENDING), (SENDING, FAILED),
+    (SENDING, SENT), (SENDING, PENDING), (SENDING, FAILED), (SENDING, UNKNOWN),
+    (UNKNOWN, SENT), (UNKNOWN, PENDING), (UNKNOWN, FAILED), (UNKNOWN, CANCELED),
     (SENT, DELIVERED), (SENT, UNDELIVERED), (SENT, PENDING),
     (FAILED, PENDING), (CANCELED, PENDING),
 }  # fmt: skip
@@ -52,10 +54,11 @@ def test_the_table_allows_exactly_the_engines_changes(source: Status, target: St
 
 def test_statuses_are_stored_as_their_plain_names() -> None:
     assert [s.value for s in Status] == [
-        "pending", "queued", "sending", "sent", "delivered", "undelivered", "canceled", "failed"
+        "pending", "queued", "sending", "sent", "unknown", "delivered", "undelivered", "canceled",
+        "failed",
     ]  # fmt: skip
     assert Status("sent") is SENT and SENT == "sent"
-    assert OPEN | lifecycle.FINAL | {SENDING} == set(Status)
+    assert OPEN | lifecycle.FINAL | {SENDING, UNKNOWN} == set(Status)
 
 
 def _add(state: sa.Engine, *statuses: str) -> list[int]:

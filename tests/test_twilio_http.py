@@ -42,7 +42,7 @@ from urllib3.exceptions import (
 from reminders.channels import Message, TwilioChannel
 from reminders.channels.twilio import twilio_error
 from reminders.channels.twilio_http import Urllib3HttpClient, basic_auth
-from reminders.errors import ConfigError, TransientError
+from reminders.errors import AmbiguousError, ConfigError, TransientError
 from tests import services
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
 
@@ -311,7 +311,7 @@ def test_answers_are_decoded_as_utf8_with_replacement() -> None:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         answer = transport(url).request("POST", url + "/x", data={"a": "b"})
         assert (answer.status_code, answer.text) == (502, "<h1>Passerelle d\ufffdfaillante</h1>")
-        with pytest.raises(TransientError, match=r"HTTP 502"):
+        with pytest.raises(AmbiguousError, match=r"HTTP 502"):
             channel_for(url).send(sms())
     finally:
         server.shutdown()
@@ -449,7 +449,7 @@ def raised(url: str, timeout: float = 0.3, **kwargs: Any) -> Exception:
 def test_read_timeout(silent_server: str) -> None:
     assert isinstance(raised(silent_server), ReadTimeoutError)
     started = time.monotonic()
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(AmbiguousError) as caught:
         channel_for(silent_server, timeout=0.3).send(sms())
     assert time.monotonic() - started < 1.5
     text = caught.value.message
@@ -494,7 +494,10 @@ def test_connection_closed_without_an_answer() -> None:
         thread.start()
         exc = raised(url)
         assert isinstance(exc, ProtocolError)
-        with pytest.raises(TransientError, match=r"could not be reached sending to \+1\*+0100"):
+        # The request went out: Twilio may have created the message before the line dropped.
+        with pytest.raises(
+            AmbiguousError, match=r"closed the connection before answering sending to \+1\*+0100"
+        ):
             channel_for(url).send(sms())
         thread.join(timeout=5)
 

@@ -15,6 +15,15 @@ Numbers: Twilio's magic test numbers answer as Twilio's test credentials do (``+
 invalid, ``+15005550003`` region not enabled, ``+15005550004`` unsubscribed, ``+15005550009`` not
 a mobile number); ``respond(to, *errors)`` queues answers for one number, consumed in order;
 ``failure_ratio`` answers that share of all other requests with ``failure`` at random.
+
+Ambiguous outcomes: ``respond(to, ACCEPT_THEN_HANG)`` records the message and then sends no answer
+for ``hang_seconds`` before closing the connection (the client's read times out);
+``respond(to, DROP_BEFORE_ACCEPT)`` closes the connection without recording anything;
+``hang_ratio`` makes that share of all other requests ``ACCEPT_THEN_HANG``.
+
+The Messages list (``GET .../Messages.json``, filters ``To`` and ``From``, ``PageSize``, ``Page``)
+answers from the messages recorded, newest first, in Twilio's page shape with ``next_page_uri``:
+what reconciliation reads (``created`` holds them, oldest first).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 ACCOUNT_SID = "AC" + "a" * 32
 AUTH_TOKEN = "stub-auth-token"
@@ -60,6 +69,16 @@ class StubError:
         }
         return json.dumps(payload).encode(), "application/json"
 
+
+@dataclass(frozen=True)
+class StubAction:
+    """An answer that is no answer: ``hang`` (record, then say nothing) or ``drop`` (close)."""
+
+    kind: str
+
+
+ACCEPT_THEN_HANG = StubAction("hang")
+DROP_BEFORE_ACCEPT = StubAction("drop")
 
 TOO_MANY_REQUESTS = StubError(429, 20429, "Too Many Requests")
 SERVER_ERROR = StubError(500, 20500, "An internal server error has occurred")
@@ -113,7 +132,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(error.status, body, content_type)
 
     def do_GET(self) -> None:
-        self._error(StubError(404, 20404, "The requested resource was not found"))
+        stub = self.server.stub
+        parts = urlsplit(self.path)
+        match = _MESSAGES.match(parts.path)
+        if not match:
+            self._error(StubError(404, 20404, "The requested resource was not found"))
+            return
+        if self.headers.get("Authorization") != stub._expected_auth:
+            self._error(UNAUTHORIZED)
+            return
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        stub._listed()
+        self._answer(200, json.dumps(stub._page(match["account"], parts.path, query)).encode())
 
     def do_POST(self) -> None:
         stub = self.server.stub
@@ -138,11 +168,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(StubError(400, 21603, "A 'From' phone number is required."))
                 return
             error = stub._error_for(to)
-            if error is not None:
+            if error == DROP_BEFORE_ACCEPT:
+                self.close_connection = True
+                return
+            if isinstance(error, StubError):
                 self._error(error, to)
                 return
-            stub._accepted(to)
-            self._answer(201, json.dumps(_message(match["account"], form)).encode())
+            created = _message(match["account"], form)
+            stub._accepted(to, created)
+            if error == ACCEPT_THEN_HANG:
+                time.sleep(stub.hang_seconds)
+                self.close_connection = True
+                return
+            self._answer(201, json.dumps(created).encode())
         finally:
             stub._left()
 
@@ -192,8 +230,14 @@ class TwilioStub:
         account_sid: str = ACCOUNT_SID,
         auth_token: str = AUTH_TOKEN,
         numbers: dict[str, StubError] | None = None,
+        hang_ratio: float = 0.0,
+        hang_seconds: float = 3.0,
     ) -> None:
         self.latency_ms = latency_ms
+        self.hang_ratio = hang_ratio
+        self.hang_seconds = hang_seconds
+        self.created: list[dict[str, Any]] = []
+        self.list_requests = 0
         self.failure_ratio = failure_ratio
         self.failure = failure
         self.numbers = dict(MAGIC_NUMBERS if numbers is None else numbers)
@@ -201,7 +245,7 @@ class TwilioStub:
         self._expected_auth = f"Basic {credentials}"
         self._random = random.Random(seed)
         self._lock = threading.Lock()
-        self._scripted: dict[str, deque[StubError]] = {}
+        self._scripted: dict[str, deque[StubError | StubAction]] = {}
         self.received: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.forms: list[dict[str, str]] = []
@@ -248,7 +292,7 @@ class TwilioStub:
         assert self._server is not None, "start() the stub first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def respond(self, to: str, *errors: StubError) -> None:
+    def respond(self, to: str, *errors: StubError | StubAction) -> None:
         """Answer the next requests to ``to`` with ``errors``, one each, then accept again."""
         with self._lock:
             self._scripted.setdefault(to, deque()).extend(errors)
@@ -260,6 +304,7 @@ class TwilioStub:
             self.received.clear()
             self.accepted.clear()
             self.forms.clear()
+            self.created.clear()
             self.max_in_flight = 0
 
     # -- called by the handler threads --
@@ -275,11 +320,16 @@ class TwilioStub:
         with self._lock:
             self.in_flight -= 1
 
-    def _accepted(self, to: str) -> None:
+    def _accepted(self, to: str, created: dict[str, Any]) -> None:
         with self._lock:
             self.accepted[to] += 1
+            self.created.append(created)
 
-    def _error_for(self, to: str) -> StubError | None:
+    def _listed(self) -> None:
+        with self._lock:
+            self.list_requests += 1
+
+    def _error_for(self, to: str) -> StubError | StubAction | None:
         with self._lock:
             queued = self._scripted.get(to)
             if queued:
@@ -288,4 +338,37 @@ class TwilioStub:
                 return self.numbers[to]
             if self.failure_ratio and self._random.random() < self.failure_ratio:
                 return self.failure
+            if self.hang_ratio and self._random.random() < self.hang_ratio:
+                return ACCEPT_THEN_HANG
         return None
+
+    def _page(self, account: str, path: str, query: dict[str, str]) -> dict[str, Any]:
+        """One page of the Messages list, newest first, as Twilio answers it."""
+        with self._lock:
+            found = [
+                m
+                for m in reversed(self.created)
+                if m["account_sid"] == account
+                and ("To" not in query or m["to"] == query["To"])
+                and ("From" not in query or m["from"] == query["From"])
+            ]
+        size = int(query.get("PageSize", 50))
+        page = int(query.get("Page", 0))
+        chunk = found[page * size : (page + 1) * size]
+        filters = {k: v for k, v in query.items() if k in ("To", "From")}
+
+        def uri(number: int) -> str:
+            return f"{path}?{urlencode({**filters, 'PageSize': size, 'Page': number})}"
+
+        more = (page + 1) * size < len(found)
+        return {
+            "end": page * size + max(len(chunk) - 1, 0),
+            "first_page_uri": uri(0),
+            "next_page_uri": uri(page + 1) + f"&PageToken=PA{page + 1}" if more else None,
+            "page": page,
+            "page_size": size,
+            "previous_page_uri": uri(page - 1) if page else None,
+            "start": page * size,
+            "uri": uri(page),
+            "messages": chunk,
+        }

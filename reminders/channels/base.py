@@ -13,6 +13,7 @@ Adding a provider: subclass :class:`Channel`, implement :meth:`Channel.send` (an
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
@@ -40,6 +41,12 @@ class Message:
     unsubscribe_mailto: str | None = None
     # SMS: Twilio's StatusCallback URL for delivery reports
     status_callback: str | None = None
+
+
+def body_digest(body: str) -> str:
+    """The SHA-256 of a message's text, hex: what reconciliation matches a provider's record on
+    (the text itself is not kept)."""
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 class Channel(ABC):

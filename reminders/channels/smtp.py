@@ -9,7 +9,10 @@ about the recipient, and they pass once the server is back or ops fix its settin
 ``send_many`` sends a batch over one connection. When the server dropped it (an idle timeout, a
 per-connection limit, a 421 answer) before a message's data went out, the channel reconnects once
 and sends that message again; a message whose data was already sent is never sent twice by this
-code (the server may have accepted it).
+code (the server may have accepted it): the connection lost or timed out once the DATA command
+began is an ``AmbiguousError`` carrying the message's Message-ID (SMTP has no way to ask the
+server afterwards; ops find it in the server's log). The connection is then closed, so a late
+answer is never read as the next message's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from reminders import email_address
 from reminders.channels.base import Channel, Message
 from reminders.config import EmailConfig
-from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
+from reminders.errors import (
+    AmbiguousError,
+    ChannelError,
+    ConfigError,
+    PermanentError,
+    TransientError,
+)
 from reminders.phone import mask_email
 from reminders.process_metrics import SEND_SECONDS, timed
 
@@ -312,10 +321,15 @@ class SmtpChannel(Channel):
             raise _Dropped(str(exc)) from exc
         try:
             code, reply = conn.data(data)
-        except smtplib.SMTPServerDisconnected as exc:
-            raise TransientError(
-                f"SMTP connection lost while sending the message to {mask_email(to)} "
-                f"(it may have been delivered): {exc}"
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            # smtplib reports a read timeout as "Connection unexpectedly closed: timed out".
+            timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc)
+            what = "timed out" if timed_out else "was lost"
+            raise AmbiguousError(
+                f"SMTP connection {what} while sending the message to {mask_email(to)} "
+                f"(it may have been delivered; Message-ID {mail['Message-ID']}): "
+                f"{exc or 'timed out'}",
+                provider_id=str(mail["Message-ID"]),
             ) from exc
         if code != 250:
             _reset(conn)
@@ -365,6 +379,9 @@ class SmtpChannel(Channel):
                         reconnected = True
                     except ChannelError as exc:
                         results.append(exc)
+                        if isinstance(exc, AmbiguousError) and conn is not None:
+                            conn.close()  # its late answer must not be read as the next one's
+                            conn = None
                         break
                     except (smtplib.SMTPException, OSError) as exc:
                         error = smtp_error(exc, message.to)

@@ -1,7 +1,10 @@
 """SMS through Twilio, with the real ``twilio`` library (9.x).
 
-Errors are mapped in one place, :func:`twilio_error`. Transient (retry with backoff): HTTP 429 and
-Twilio 20429 ("always safe to retry"), 5xx, timeouts and connection errors, and the account-level
+Errors are mapped in one place, :func:`twilio_error`. Ambiguous (Twilio may have the message:
+recorded ``unknown`` and reconciled with Twilio's Messages list, never retried blind): a read
+timeout after the request was written, the connection reset or closed before an answer, HTTP 5xx
+(Twilio 20500). Transient (nothing was sent: retry with backoff): HTTP 429 and Twilio 20429
+("always safe to retry"), a connection that could not be made, and the account-level
 answers 401/403/404 (wrong credentials, a suspended account, a wrong account SID or ``api_url``):
 those fail every message alike, so they wait for ops rather than push every customer onto the next
 channel. Permanent: 21211 invalid number, 21614 not a mobile number, 21408 region not enabled,
@@ -26,24 +29,33 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.rest import Client
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
     MaxRetryError,
     NewConnectionError,
+    ProtocolError,
     ProxyError,
 )
 from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 
-from reminders.channels.base import Channel, Message
+from reminders.channels.base import Channel, Message, body_digest
 from reminders.channels.twilio_http import Urllib3HttpClient
 from reminders.config import SmsConfig
-from reminders.errors import ChannelError, ConfigError, PermanentError, TransientError
+from reminders.errors import (
+    AmbiguousError,
+    ChannelError,
+    ConfigError,
+    PermanentError,
+    TransientError,
+)
 from reminders.phone import mask, mask_numbers_in
 from reminders.process_metrics import SEND_SECONDS, timed
 
@@ -57,7 +69,8 @@ TRANSIENT_STATUSES = frozenset({401, 403, 404, 408, 429})
 
 
 def twilio_error(exc: Exception, to: str = "") -> ChannelError:
-    """Map a failure of ``messages.create`` to a transient or permanent ``ChannelError``.
+    """Map a failure of ``messages.create`` to an ambiguous, transient or permanent
+    ``ChannelError``.
 
     The error text keeps Twilio's code and message, with phone numbers masked.
     """
@@ -69,7 +82,10 @@ def twilio_error(exc: Exception, to: str = "") -> ChannelError:
         text = f"Twilio {code} (HTTP {status}): {mask_numbers_in(str(detail))}"
         if code in PERMANENT_CODES:
             return PermanentError(text, code=str(code), opt_out=code in OPT_OUT_CODES)
-        if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES or status >= 500:
+        if status >= 500 or code == 20500:
+            # Twilio's advice: a POST is not idempotent; it may have been created.
+            return AmbiguousError(f"{text} (the message may have been sent)", code=str(code))
+        if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES:
             if status in (401, 403, 404) or code == 20003:
                 text += " (check the account SID, auth token and api_url)"
             return TransientError(text, code=str(code))
@@ -82,15 +98,42 @@ def twilio_error(exc: Exception, to: str = "") -> ChannelError:
         return TransientError(f"Twilio did not accept a connection in time{recipient}: {exc}")
     if isinstance(exc, HTTPTimeoutError) and not isinstance(exc, NewConnectionError):
         # ReadTimeoutError: the request went out, Twilio may have accepted it without answering.
-        return TransientError(
+        return AmbiguousError(
             f"Twilio did not answer in time{recipient} (the message may have been sent): {exc}"
+        )
+    if isinstance(exc, ProtocolError):
+        # The connection was reset or closed once the request was (being) written.
+        return AmbiguousError(
+            f"Twilio closed the connection before answering{recipient} "
+            f"(the message may have been sent): {exc}"
         )
     if isinstance(exc, ProxyError):
         return TransientError(f"Twilio could not be reached through the proxy{recipient}: {exc}")
     if isinstance(exc, HTTPError | OSError):
-        # NewConnectionError, ProtocolError (a connection reset or closed), SSLError, ...
+        # NewConnectionError, SSLError (the handshake: nothing was sent), ...
         return TransientError(f"Twilio could not be reached{recipient}: {exc}")
     raise TypeError(f"not a Twilio or HTTP failure: {exc!r}") from exc
+
+
+# Reconciliation reads Twilio's Messages list this many at a time, newest first, and at most this
+# many pages (a number that received more since the attempt is not decided automatically).
+LIST_PAGE_SIZE = 50
+LIST_MAX_PAGES = 20
+# Twilio's clock and ours may differ: a message created this long before the attempt began still
+# counts as the attempt's.
+CLOCK_SKEW = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A message in Twilio's records: its SID and its status there (queued, sent, delivered...)."""
+
+    sid: str
+    status: str
+
+
+class LookupFailed(Exception):
+    """Twilio's Messages list could not be read (the decision waits for the next pass)."""
 
 
 class TwilioChannel(Channel):
@@ -159,6 +202,7 @@ class TwilioChannel(Channel):
             messaging_service_sid=cfg.messaging_service_sid,
             api_url=cfg.api_url,
             concurrency=cfg.concurrency,
+            timeout=cfg.timeout.total_seconds(),
         )
 
     def send(self, message: Message) -> str:
@@ -174,6 +218,49 @@ class TwilioChannel(Channel):
         except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
             raise twilio_error(exc, message.to) from exc
         return str(created.sid)
+
+    def lookup(
+        self, to: str, digest: str, since: datetime, skip: frozenset[str] = frozenset()
+    ) -> Found | None:
+        """A message to ``to`` from this sender whose text has the SHA-256 ``digest``, created at
+        or after ``since`` (less ``CLOCK_SKEW``), and not one of ``skip`` (SIDs already recorded
+        for other reminders); None when Twilio has none.
+
+        Reads ``GET /2010-04-01/Accounts/{sid}/Messages.json?To=..&From=..`` newest first, page
+        after page, until a match or a message older than ``since`` (at most ``LIST_MAX_PAGES``
+        pages: past them ``LookupFailed``, as for any failure to read the list).
+        """
+        oldest = since - CLOCK_SKEW
+        filters: dict[str, Any] = {"to": to, "page_size": LIST_PAGE_SIZE}
+        if self.from_ and not self.messaging_service_sid:
+            filters["from_"] = self.from_
+        try:
+            page = self._messages.page(**filters)
+            for _ in range(LIST_MAX_PAGES):
+                for record in page:
+                    created = record.date_created
+                    if created is not None and created < oldest:
+                        return None
+                    if not self._ours(record) or record.sid in skip:
+                        continue
+                    if body_digest(record.body or "") == digest:
+                        return Found(str(record.sid), str(record.status or ""))
+                page = page.next_page()
+                if page is None:
+                    return None
+        except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
+            raise LookupFailed(str(twilio_error(exc, to))) from exc
+        except TwilioException as exc:  # "Unable to fetch page", with the HTTP answer
+            raise LookupFailed(f"Twilio's Messages list: {mask_numbers_in(str(exc))}") from exc
+        raise LookupFailed(
+            f"more than {LIST_PAGE_SIZE * LIST_MAX_PAGES} messages to {mask(to)} since the attempt"
+        )
+
+    def _ours(self, record: Any) -> bool:
+        """Whether a listed message came from this channel's sender."""
+        if self.messaging_service_sid:
+            return bool(record.messaging_service_sid == self.messaging_service_sid)
+        return bool(record.from_ == self.from_)
 
     def _send_one(self, message: Message) -> str | ChannelError:
         try:
