@@ -20,9 +20,9 @@ faster than the first scan; ``benchmarks/scan.py`` measures both):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import sqlite3
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +40,8 @@ from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .models import CANCELED, OPEN, PENDING, reminder, scan_run, skipped_row
 from .rules import Rule, compile_key, key_columns
+
+log = logging.getLogger(__name__)
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -386,8 +388,13 @@ def scan_rule(
     business: Engine,
     now: datetime,
     progress: Progress | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> ScanCounts:
-    """Scan one rule. A failing query fails this rule only: the error is kept in the counts."""
+    """Scan one rule. A failing query fails this rule only: the error is kept in the counts.
+
+    ``should_stop`` is asked after each batch: a reason (a signal's name) stops the scan there,
+    between transactions, by raising ``KeyboardInterrupt``; the run is recorded as interrupted.
+    """
     counts = ScanCounts(rule.name)
     run_id: int | None = None
     planner = Planner(rule, config, now)
@@ -424,6 +431,8 @@ def scan_rule(
                     )
                 if progress:
                     progress(len(rows))
+                if should_stop is not None and (why := should_stop()):
+                    raise KeyboardInterrupt(why)
             with conn.begin():
                 counts.canceled += _cancel_vanished(conn, known.vanished(), planner.earliest, now)
     except RemindersError as exc:
@@ -443,8 +452,16 @@ def scan_rule(
             else:
                 counts.error = f"rule {rule.name}: {type(exc).__name__}: {exc}"
                 status = "failed"
-            with contextlib.suppress(sa.exc.SQLAlchemyError):  # the cause matters more
+            try:
                 _finish_run(state, run_id, counts, now, status)
+            except sa.exc.SQLAlchemyError as failed:  # the cause, raised below, matters more
+                log.error(
+                    "scan run %s of rule %s not recorded as %s: %s",
+                    run_id,
+                    rule.name,
+                    status,
+                    failed,
+                )
         raise
     if run_id is None:  # the state DB failed before the run could be recorded
         with state.begin() as conn:
@@ -862,8 +879,17 @@ def _cancel_vanished(conn: Connection, ids: list[int], earliest: datetime, now: 
     return len(cancels)
 
 
-def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) -> list[ScanCounts]:
-    """Scan every rule (or one), each on its own: a failing rule does not stop the others."""
+def scan_all(
+    app: Any,
+    *,
+    rule_name: str | None = None,
+    progress: bool = False,
+    should_stop: Callable[[], str | None] | None = None,
+) -> list[ScanCounts]:
+    """Scan every rule (or one), each on its own: a failing rule does not stop the others.
+
+    ``should_stop``: see :func:`scan_rule`; also asked before each rule.
+    """
     from tqdm import tqdm
 
     rules = [app.ruleset.rule(rule_name)] if rule_name else list(app.ruleset.rules)
@@ -872,10 +898,20 @@ def scan_all(app: Any, *, rule_name: str | None = None, progress: bool = False) 
     now = app.now()
     results = []
     for rule in rules:
+        if should_stop is not None and (why := should_stop()):
+            raise KeyboardInterrupt(why)
         bar = tqdm(desc=f"scan {rule.name}", unit=" rows", disable=not progress, leave=False)
         try:
             results.append(
-                scan_rule(app.config, rule, app.state, app.business, now, progress=bar.update)  # type: ignore[arg-type]
+                scan_rule(
+                    app.config,
+                    rule,
+                    app.state,
+                    app.business,
+                    now,
+                    progress=bar.update,  # type: ignore[arg-type]
+                    should_stop=should_stop,
+                )
             )
         finally:
             bar.close()
