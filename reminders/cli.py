@@ -182,10 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _migrated(app: App) -> None:
     """Refuse (exit 1, saying what to run) a state DB not at the code's revision."""
     from . import store
@@ -279,15 +275,25 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
     """Read the business DB; create, move and cancel reminders; print counts."""
     from .scan import scan_all
 
-    # SIGTERM (systemd, a deploy) stops a scan the way Ctrl-C does: its run is recorded as
-    # interrupted, by which signal, instead of being left "running" by a process that vanished.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM (systemd, a deploy) or Ctrl-C stops a scan after its current batch, between
+    # transactions, and its run is recorded as interrupted by that signal instead of being left
+    # "running" by a process that vanished. A second signal stops it at once.
+    asked: list[str] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if asked:
+            raise KeyboardInterrupt(name)
+        asked.append(name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         results = scan_all(
             app,
             rule_name=rule_name,
             progress=sys.stderr.isatty(),
             allow_mass_cancel=allow_mass_cancel,
+            should_stop=lambda: asked[0] if asked else None,
         )
     finally:
         for sig, handler in previous.items():

@@ -21,8 +21,8 @@ faster than the first scan; ``benchmarks/scan.py`` measures both):
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import sqlite3
 import time
 from array import array
@@ -47,6 +47,8 @@ from .rules import QUERY_PARAMETERS, Rule
 
 if TYPE_CHECKING:
     from .app import App
+
+log = logging.getLogger(__name__)
 
 MAX_RECORDED_SKIPS = 1000
 
@@ -185,12 +187,16 @@ def scan_rule(
     progress: Progress | None = None,
     *,
     allow_mass_cancel: bool = False,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> ScanCounts:
     """Scan one rule. A failing query fails this rule only: the error is kept in the counts.
 
     A scan that would cancel more than ``scan.max_cancel`` of the rule's open reminders because
     their rows vanished (a query suddenly returning nothing) cancels none of them and fails,
     unless ``allow_mass_cancel``; what it creates and moves stands.
+
+    ``should_stop`` is asked after each batch: a reason (a signal's name) stops the scan there,
+    between transactions, by raising ``KeyboardInterrupt``; the run is recorded as interrupted.
     """
     counts = ScanCounts(rule.name)
     run_id: int | None = None
@@ -231,6 +237,8 @@ def scan_rule(
                     )
                 if progress:
                     progress(len(rows))
+                if should_stop is not None and (why := should_stop()):
+                    raise KeyboardInterrupt(why)
             phases.observe(rule.name)
             vanished = known.vanished()
             limit = config.scan.max_cancel
@@ -262,8 +270,16 @@ def scan_rule(
             else:
                 counts.error = f"rule {rule.name}: {type(exc).__name__}: {exc}"
                 status = "failed"
-            with contextlib.suppress(sa.exc.SQLAlchemyError):  # the cause matters more
+            try:
                 _finish_run(state, run_id, counts, now, status)
+            except sa.exc.SQLAlchemyError as failed:  # the cause, raised below, matters more
+                log.error(
+                    "scan run %s of rule %s not recorded as %s: %s",
+                    run_id,
+                    rule.name,
+                    status,
+                    failed,
+                )
         raise
     if run_id is None:  # the state DB failed before the run could be recorded
         with state.begin() as conn:
@@ -734,8 +750,12 @@ def scan_all(
     rule_name: str | None = None,
     progress: bool = False,
     allow_mass_cancel: bool = False,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> list[ScanCounts]:
-    """Scan every rule (or one), each on its own: a failing rule does not stop the others."""
+    """Scan every rule (or one), each on its own: a failing rule does not stop the others.
+
+    ``should_stop``: see :func:`scan_rule`; also asked before each rule.
+    """
     from tqdm import tqdm
 
     rules = [app.ruleset.rule(rule_name)] if rule_name else list(app.ruleset.rules)
@@ -744,6 +764,8 @@ def scan_all(
     now = app.now()
     results = []
     for rule in rules:
+        if should_stop is not None and (why := should_stop()):
+            raise KeyboardInterrupt(why)
         bar = tqdm(desc=f"scan {rule.name}", unit=" rows", disable=not progress, leave=False)
         try:
             results.append(
@@ -755,6 +777,7 @@ def scan_all(
                     now,
                     progress=bar.update,  # type: ignore[arg-type]
                     allow_mass_cancel=allow_mass_cancel,
+                    should_stop=should_stop,
                 )
             )
         finally:

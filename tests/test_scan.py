@@ -910,7 +910,7 @@ def test_a_scan_stopped_by_a_signal_ends_its_run_interrupted(project: Project, s
     assert child.returncode == 128 + sig, err
     assert f"interrupted by {signal.Signals(sig).name}" in err
     (run,) = project.scan_runs()
-    assert run["status"] == "interrupted"
+    assert run["status"] == "interrupted", err
     assert run["finished_at"] is not None
     assert run["error"] == (
         f"interrupted by {signal.Signals(sig).name} before the scan finished; "
