@@ -232,17 +232,21 @@ class StateCollector(Collector):
         from . import redis_conn
         from .dispatch import queue_names
 
-        connection = redis_conn.connect(self.app.config)
+        config = self.app.config
+        # A scrape never starts the embedded Redis: when it is not running, nothing is queued
+        # and no worker is live.
+        running = bool(config.redis.url) or redis_conn.embedded(config).running()
+        connection = redis_conn.connect(config) if running else None
         queues = GaugeMetricFamily(
             "reminders_queue_jobs", "Jobs waiting in an RQ queue", labels=["queue"]
         )
-        for name in queue_names(self.app.config):
-            queues.add_metric([name], Queue(name, connection=connection).count)
+        for name in queue_names(config):
+            waiting = Queue(name, connection=connection).count if connection is not None else 0
+            queues.add_metric([name], waiting)
         yield queues
+        live = len(Worker.all(connection=connection)) if connection is not None else 0
         yield GaugeMetricFamily(
-            "reminders_workers",
-            "Live RQ workers (registered and not expired)",
-            value=len(Worker.all(connection=connection)),
+            "reminders_workers", "Live RQ workers (registered and not expired)", value=live
         )
 
 

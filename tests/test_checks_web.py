@@ -493,6 +493,10 @@ def reminders_web(shop: Shop, log: Path, **env: str) -> Iterator[tuple[Server, s
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+        # `web` starts the embedded Redis (its own, daemonized, outliving it): stop it too.
+        from reminders import redis_conn
+
+        redis_conn.embedded(shop.app().config).stop(save=False)
     output = log.read_text()
     assert "SIGSEGV" not in output
     assert "Traceback" not in output
