@@ -450,13 +450,13 @@ def free_port() -> int:
 
 SERVE = """\
 import json, sys
-from reminders import store
+from reminders import state_db
 from reminders.app import App
 from reminders.web import server
 
 config, port, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 app = App(config)
-store.upgrade(app.config.state_url)
+state_db.upgrade(app.config.state_url)
 server.serve(app, "127.0.0.1", port, **options)
 """
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import requests
 import sqlalchemy as sa
 
-from reminders import accounts, store
+from reminders import accounts, state_db
 from reminders.app import App
 from reminders.console import create_console
 
@@ -120,7 +120,7 @@ FROM generate_series(1, 20000) AS i ON CONFLICT DO NOTHING
 
 
 def fill(url: str, n: int, events: int) -> None:
-    engine = store.engine_for(url)
+    engine = state_db.engine_for(url)
     start = NOW.replace(year=2026, month=5, day=14)  # 300 days before NOW
     rules = ", ".join(f"'{r}'" for r in RULES)
     started = time.monotonic()
@@ -208,15 +208,15 @@ def main() -> None:
                 "  sms: {provider: outbox, path: outbox.jsonl}\n"
                 "  email: {provider: outbox, path: outbox.jsonl}\n"
             )
-            store.upgrade(url)
+            state_db.upgrade(url)
             if not args.db:
                 print(f"filling {name}:")
                 fill(url, args.reminders, args.events)
-                with store.engine_for(url).begin() as conn:
+                with state_db.engine_for(url).begin() as conn:
                     accounts.add_user(conn, "bench", "viewer", "bench-password-0", now=NOW)
             run(App(root / "config.yaml"), args.requests)
     finally:
-        store.engine_for(url).dispose()
+        state_db.engine_for(url).dispose()
         if args.keep or args.db:
             print(f"kept the database {name} (drop it when done)")
         else:

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reminders import store  # noqa: E402
+from reminders import state_db  # noqa: E402
 from reminders.app import App  # noqa: E402
 from reminders.metrics import collect  # noqa: E402
 
@@ -136,7 +136,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run(Path(tmp), url, args)
     finally:
-        store.dispose_engines(url)
+        state_db.dispose_engines(url)
         if args.keep:
             print(f"kept: {url}")
         else:
@@ -146,8 +146,8 @@ def main() -> None:
 
 
 def run(folder: Path, url: str, args: argparse.Namespace) -> None:
-    store.upgrade(url)
-    engine = store.engine_for(url)
+    state_db.upgrade(url)
+    engine = state_db.engine_for(url)
     rules = "[" + ", ".join(f"'{r}'" for r in RULES) + "]"
     start = time.perf_counter()
     with engine.begin() as conn:
@@ -164,10 +164,10 @@ def run(folder: Path, url: str, args: argparse.Namespace) -> None:
 
 
 def scrape_and_report(folder: Path, url: str, args: argparse.Namespace) -> None:
-    engine = store.engine_for(url)
+    engine = state_db.engine_for(url)
     with engine.connect() as conn:
         reminders = conn.exec_driver_sql("SELECT count(*) FROM reminders_reminder").scalar_one()
-    store.upgrade(url)
+    state_db.upgrade(url)
     app = App(project(folder, url, args.redis))
 
     def baseline() -> None:

@@ -12,8 +12,8 @@ there and dropped afterwards); MySQL or MariaDB too when ``--mysql`` names one
 (``mysql://root@127.0.0.1/test``), once with each driver of ``--mysql-drivers`` (mysqlclient and
 PyMySQL by default; PyMySQL is no dependency of the package: ``pip install pymysql`` first), the
 state DB on SQLite (the engine's tables are not kept in MySQL). For each driver it also times
-reading the rule's rows alone (``source.stream_rows``, no state DB), where the driver's own cost
-shows.
+reading the rule's rows alone (``business_db.stream_rows``, no state DB), where the driver's
+own cost shows.
 
 Targets on a 2-core machine: the first scan at least half the baseline's speed, the unchanged
 rescan at least 3 times faster than the first scan, peak RSS under 300 MB at 1M rows.
@@ -41,7 +41,7 @@ import sqlalchemy as sa
 NOW = "2027-03-10T12:00:00Z"
 ZONES = (None, "America/Chicago", "Europe/Berlin", "America/Los_Angeles", None)
 DRUGS = ("Lisinopril", "Metformin", "Atorvastatin", "Amlodipine", "Omeprazole")
-BATCH = 2000  # the scan's own batch (source.stream)
+BATCH = 2000  # the scan's own batch (business_db.stream)
 
 RULE = """\
 rules:
@@ -200,11 +200,11 @@ _BASELINE = textwrap.dedent(
     import json, resource, sys, time
     from datetime import UTC, datetime, timedelta
     import sqlalchemy as sa
-    from reminders import codec, models, store
+    from reminders import codec, models, state_db
 
     url, rows, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    store.upgrade(url)
-    engine = store.engine_for(url)
+    state_db.upgrade(url)
+    engine = state_db.engine_for(url)
     now = datetime(2027, 3, 10, 12, tzinfo=UTC)
     first = datetime(2027, 3, 11, 14, tzinfo=UTC)
     drugs = ("Lisinopril", "Metformin", "Atorvastatin", "Amlodipine", "Omeprazole")
@@ -241,12 +241,12 @@ _BASELINE = textwrap.dedent(
 _READ = textwrap.dedent(
     """
     import json, resource, sys, time
-    from reminders import source
+    from reminders import business_db
 
     url, sql = sys.argv[1], sys.argv[2]
-    engine = source.create_engine(url)
+    engine = business_db.create_engine(url)
     started, cpu_started = time.perf_counter(), time.process_time()
-    rows = sum(len(batch) for _, batch in source.stream_rows(engine, sql, {}, what="rule t"))
+    rows = sum(len(batch) for _, batch in business_db.stream_rows(engine, sql, {}, what="rule t"))
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = time.process_time() - cpu_started
@@ -295,7 +295,7 @@ def run(
     reminders: int,
     read_alone: bool = False,
 ) -> None:
-    from reminders import store
+    from reminders import state_db
 
     rules = folder / "rules"
     templates = folder / "templates"
@@ -305,7 +305,7 @@ def run(
     (templates / "refill-due.email.j2").write_text(
         "{% block subject %}x{% endblock %}{% block text %}y{% endblock %}\n"
     )
-    store.upgrade(state)
+    state_db.upgrade(state)
 
     first = scan(folder)
     counts = json.loads(first["stdout"].splitlines()[0])

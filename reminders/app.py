@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import clock, source, store
+from . import business_db, clock, state_db
 from .config import Config, load_config
 from .rules import RuleSet, load_rules
 
@@ -35,11 +35,11 @@ class App:
 
     @cached_property
     def state(self) -> Engine:
-        return store.engine_for(self.config.state_url)
+        return state_db.engine_for(self.config.state_url)
 
     @cached_property
     def business(self) -> Engine:
-        return source.engine_for(self.config.source_url)
+        return business_db.engine_for(self.config.source_url)
 
     @cached_property
     def renderer(self) -> Renderer:

@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import clock, codec, schedule
+from . import clock, codec, sendtime
 from .compose import customer_of, customer_zone
 from .config import CapsConfig, Config
 from .lifecycle import DELIVERED, PENDING, QUEUED, SENDING, SENT, UNKNOWN, move
@@ -66,12 +66,12 @@ def next_period(moment: datetime, tz: ZoneInfo, unit: str, week_starts: str = "m
 
 def start_of(day: date, tz: ZoneInfo) -> datetime:
     """The instant (UTC) a local date begins: its midnight, or when a DST gap at midnight ends."""
-    return schedule.localize(datetime.combine(day, _MIDNIGHT), tz).astimezone(UTC)
+    return sendtime.localize(datetime.combine(day, _MIDNIGHT), tz).astimezone(UTC)
 
 
-def opening(day: date, tz: ZoneInfo, window: schedule.Window) -> datetime:
+def opening(day: date, tz: ZoneInfo, window: sendtime.Window) -> datetime:
     """The send window's opening on a local date, as UTC (a time in a DST gap moves forward)."""
-    return schedule.localize(datetime.combine(day, window.start), tz).astimezone(UTC)
+    return sendtime.localize(datetime.combine(day, window.start), tz).astimezone(UTC)
 
 
 # -- who goes first (pure) -------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class Due:
     priority: int
     send_at: datetime
     zone: ZoneInfo | None = None
-    window: schedule.Window | None = None
+    window: sendtime.Window | None = None
 
     @property
     def rank(self) -> tuple[int, datetime, int]:
@@ -194,7 +194,7 @@ def lock(conn: Connection, customers: Iterable[str]) -> None:
       do not wait for each other, and each count runs after the lock, in a fresh snapshot (READ
       COMMITTED), so it sees the claim the previous holder committed.
     - SQLite: nothing more to take. Every state DB transaction begins with ``BEGIN IMMEDIATE``
-      (see :mod:`reminders.store`), which holds the database's one write lock from the start:
+      (see :mod:`reminders.state_db`), which holds the database's one write lock from the start:
       claims are already one at a time, and each counts after the previous one committed.
 
     A claimed reminder (``sending``) counts at once, so the lock need not last while the message
@@ -270,7 +270,7 @@ def usage(
             if kind != "due":
                 if rule is None or rule.caps:
                     used[customer].append(at)
-            elif rule is not None and rule.caps and schedule.within_grace(at, now, rule.grace):
+            elif rule is not None and rule.caps and sendtime.within_grace(at, now, rule.grace):
                 due.append(Due(rid, customer, rule.priority, at))
     return used, due
 

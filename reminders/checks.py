@@ -34,7 +34,7 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import clock, dberrors, mysql, source
+from . import business_db, clock, dberrors, mysql
 from .engines import EngineCache
 from .errors import (
     InputError,
@@ -264,10 +264,10 @@ def check_engine(url: str, timeout: timedelta) -> Engine:
 
 
 def _create_engine(url: str, timeout: timedelta) -> Engine:
-    # Built on source.create_engine, so a check is read-only exactly as a rule's query is. No
+    # Built on business_db.create_engine, so a check is read-only exactly as a rule's query is. No
     # ping before each query (a round trip, a quarter of a check's CPU): _first_row retries once
     # on a connection the server dropped, and SQLAlchemy then renews every older pooled one.
-    engine = source.create_engine(url, timeout, pre_ping=False)
+    engine = business_db.create_engine(url, timeout, pre_ping=False)
     if engine.dialect.name == "sqlite":
         millis = _millis(timeout)
 
@@ -349,7 +349,7 @@ def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str,
             if raw is not None:
                 raw.set_progress_handler(past_deadline, _PROGRESS_EVERY)
             try:
-                row = conn.execute(source.query(check.query), bound).mappings().first()
+                row = conn.execute(business_db.query(check.query), bound).mappings().first()
             finally:
                 if raw is not None:
                     raw.set_progress_handler(None, 0)
@@ -403,7 +403,7 @@ def ask(app: App, name: str, given: Mapping[str, Any], *, text: bool = False) ->
     check = app.ruleset.check(name)
     params = coerce_params(check, given, text=text)
     now = clock.now()
-    bound = {**source.time_params(check.query, now, app.config.tz()), **params}
+    bound = {**business_db.time_params(check.query, now, app.config.tz()), **params}
     if check.window is not None:
         bound["since"] = now - check.window
     try:

@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _migrated(app: App) -> None:
     """Refuse (exit 1, saying what to run) a state DB not at the code's revision."""
-    from . import store
+    from . import state_db
 
-    store.ensure_current(app.config.state_url)
+    state_db.ensure_current(app.config.state_url)
 
 
 def _echo_json(obj: Any) -> None:
@@ -243,20 +243,20 @@ def db() -> None:
 @pass_app
 def db_upgrade(app: App, revision: str) -> None:
     """Create or migrate the state DB (alembic)."""
-    from . import store
+    from . import state_db
 
-    store.upgrade(app.config.state_url, revision)
-    click.echo(f"state DB at revision {store.current_revision(app.config.state_url)}")
+    state_db.upgrade(app.config.state_url, revision)
+    click.echo(f"state DB at revision {state_db.current_revision(app.config.state_url)}")
 
 
 @db.command("current")
 @pass_app
 def db_current(app: App) -> None:
     """Print the state DB's revision and the code's."""
-    from . import store
+    from . import state_db
 
-    click.echo(f"state DB: {store.current_revision(app.config.state_url) or 'none'}")
-    click.echo(f"code:     {store.head_revision()}")
+    click.echo(f"state DB: {state_db.current_revision(app.config.state_url) or 'none'}")
+    click.echo(f"code:     {state_db.head_revision()}")
 
 
 # --- scan -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import dberrors, email_address, phone, schedule, sms, source
+from . import business_db, dberrors, email_address, phone, sendtime, sms
 from .channels.base import Channel, Message
 from .config import Config
 from .errors import Problem, RuleError, RuntimeFailure, TemplateError
@@ -43,7 +43,7 @@ def customer_zone(config: Config, customer: Mapping[str, Any]) -> Any:
     name = customer.get("timezone")
     if name:
         try:
-            return schedule.zone(str(name))
+            return sendtime.zone(str(name))
         except ValueError:
             pass  # the scan skips rows with unknown zones; an edited row falls back
     return config.tz()
@@ -217,8 +217,8 @@ def recheck(
 ) -> bool:
     """Ask the rule's ``check`` query again at send time; True when it returns a row."""
     assert rule.check is not None
-    available = {**source.time_params(rule.check, now, config.tz()), **values}
-    wanted = source.parameters(rule.check)
+    available = {**business_db.time_params(rule.check, now, config.tz()), **values}
+    wanted = business_db.parameters(rule.check)
     missing = wanted - set(available)
     if missing:
         raise RecheckInvalid(
@@ -226,7 +226,7 @@ def recheck(
             f":{', :'.join(sorted(missing))}, which the rule's query does not return"
         )
     try:
-        result = conn.execute(source.query(rule.check), {k: available[k] for k in wanted})
+        result = conn.execute(business_db.query(rule.check), {k: available[k] for k in wanted})
         found = result.first() is not None
         result.close()
         return found

@@ -27,7 +27,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from . import mysql, schedule
+from . import mysql, sendtime
 from .errors import ConfigError, Problem
 from .yamlfile import Document, YamlError, load, unknown_key
 
@@ -41,16 +41,16 @@ def _text(value: Any) -> Any:
 
 
 def _window(value: Any) -> Any:
-    return schedule.parse_window(value) if isinstance(value, str) else value
+    return sendtime.parse_window(value) if isinstance(value, str) else value
 
 
 def _duration(value: Any) -> Any:
-    return schedule.parse_duration(_text(value)) if isinstance(value, str | int) else value
+    return sendtime.parse_duration(_text(value)) if isinstance(value, str | int) else value
 
 
 def _zone(value: Any) -> Any:
     if isinstance(value, str):
-        schedule.zone(value)  # raises ValueError with the name
+        sendtime.zone(value)  # raises ValueError with the name
     return value
 
 
@@ -65,7 +65,7 @@ def _locale(value: Any) -> Any:
     return value
 
 
-Window = Annotated[schedule.Window, BeforeValidator(_window)]
+Window = Annotated[sendtime.Window, BeforeValidator(_window)]
 LocaleTag = Annotated[str, BeforeValidator(_locale)]
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 ZoneName = Annotated[str, BeforeValidator(_zone)]
@@ -98,7 +98,7 @@ class SmsConfig(_Model):
     from_: str | None = Field(default=None, alias="from")
     messaging_service_sid: str | None = None
     api_url: str | None = None
-    quiet_hours: Window | None = schedule.parse_window("21:00-08:00")
+    quiet_hours: Window | None = sendtime.parse_window("21:00-08:00")
     rate_limit: float | None = Field(default=None, gt=0)
     max_segments: int = Field(default=3, ge=1)
     concurrency: int = Field(default=64, ge=1, le=512)
@@ -305,7 +305,7 @@ class Config(_Model):
     # The locale of customers whose row names none or one without a template variant: its
     # variant is chosen before the default template (see reminders.locales).
     default_locale: LocaleTag | None = None
-    send_window: Window = schedule.parse_window("09:00-20:00")
+    send_window: Window = sendtime.parse_window("09:00-20:00")
     default_region: str = "US"
     source: SourceConfig
     state: StateConfig = StateConfig()
@@ -402,12 +402,12 @@ class Config(_Model):
         """The engine's own folder beside the config (embedded Redis data, locks)."""
         return self.root / ".reminders"
 
-    def quiet_hours(self, channel: str) -> schedule.Window | None:
+    def quiet_hours(self, channel: str) -> sendtime.Window | None:
         cfg = getattr(self.channels, channel, None)
         return cfg.quiet_hours if cfg is not None else None
 
     def tz(self) -> Any:
-        return schedule.zone(self.timezone)
+        return sendtime.zone(self.timezone)
 
 
 def resolve_url(url: str, root: Path) -> str:

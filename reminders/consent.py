@@ -26,7 +26,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import store
+from . import state_db
 from .links import normalize_address
 from .models import consent_event, optout, preference
 
@@ -77,7 +77,7 @@ def opt_out(
         "reason": reason,
         "created_at": now,
     }
-    if store.insert_ignoring_conflicts(conn, optout, [row]) == 0:
+    if state_db.insert_ignoring_conflicts(conn, optout, [row]) == 0:
         return False
     _record(conn, OPT_OUT, row)
     return True
@@ -240,7 +240,7 @@ def set_preferences(
                 "enabled": on,
                 "updated_at": now,
             }
-            if store.insert_ignoring_conflicts(conn, preference, [row]) == 0:
+            if state_db.insert_ignoring_conflicts(conn, preference, [row]) == 0:
                 # Two saves of one page at once: the other inserted first; this one wins.
                 conn.execute(
                     preference.update()

@@ -16,8 +16,8 @@ BUSINESS_DB = "business DB"
 STATE_DB = "state DB"
 
 
-# What the SQLite authorizer on business connections (reminders.source) makes SQLite say when it
-# refuses a statement; VACUUM says the second.
+# What the SQLite authorizer on business connections (reminders.business_db) makes SQLite say
+# when it refuses a statement; VACUUM says the second.
 _REFUSED = ("not authorized", "authorization denied")
 NOT_AUTHORIZED = (
     "not allowed on the business DB, which is read-only: a query may only read "

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from . import schedule
+from . import sendtime
 from .lifecycle import PENDING, move
 from .rules import Rule
 
@@ -29,7 +29,7 @@ def next_channel(
     following = index + 1
     if rule is None or following >= len(rule.channels):
         return None
-    if not schedule.within_grace(send_at, now, rule.grace):
+    if not sendtime.within_grace(send_at, now, rule.grace):
         return None
     return following, rule.channels[following]
 

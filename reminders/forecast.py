@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from . import consent, schedule, source, stats
+from . import business_db, consent, sendtime, stats
 from .compose import address_for, customer_of, customer_zone
 from .config import Config
 from .errors import PermanentError
@@ -101,7 +101,7 @@ def count(
         row[chosen] = row.get(chosen, 0) + 1
         zone = customer_zone(config, customer)
         quiet = rule.quiet_window(config, chosen)
-        if quiet is not None and schedule.quiet_until(send_at, zone, quiet) is not None:
+        if quiet is not None and sendtime.quiet_until(send_at, zone, quiet) is not None:
             row["quiet_hours"] += 1
         elif per_day is not None:
             key = (cid, send_at.astimezone(zone).date())
@@ -123,7 +123,7 @@ def from_query(app: Any, rule_name: str, days: int) -> dict[str, Any]:
     skipped: dict[str, int] = defaultdict(int)
     rows = 0
     items: list[tuple[datetime, int, dict[str, Any]]] = []
-    for keys, batch in source.stream_rows(
+    for keys, batch in business_db.stream_rows(
         app.business, rule.query, params, what=f"rule {rule.name}"
     ):
         if rows == 0:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dateutil.rrule import rrulestr
 
-from . import codec, schedule
+from . import codec, sendtime
 from .config import Config
 from .errors import InputError
 from .rules import Rule, compile_key, key_columns
@@ -171,7 +171,7 @@ class Planner:
         return occurrence, str(customer), hasher.digest()
 
     @staticmethod
-    def _span(offset: schedule.Offset) -> timedelta:
+    def _span(offset: sendtime.Offset) -> timedelta:
         per = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 31 * 86400, "y": 366 * 86400}
         return timedelta(seconds=abs(offset.amount) * per[offset.unit])
 
@@ -204,7 +204,7 @@ class Planner:
         tz_name = row.get(tz_column)
         if tz_name:
             try:
-                tz = schedule.zone(str(tz_name))
+                tz = sendtime.zone(str(tz_name))
             except ValueError:
                 raise RowError(
                     tz_column, f'{tz_column} = "{tz_name}" is not an IANA time zone'
@@ -221,7 +221,7 @@ class Planner:
         late = 0
         for key, when in dues:
             for offset in rule.offsets:
-                at = schedule.send_time(when, offset, tz, at=rule.at, window=self.window)
+                at = sendtime.send_time(when, offset, tz, at=rule.at, window=self.window)
                 if at < self.earliest:
                     late += 1
                     continue
@@ -244,7 +244,7 @@ class Planner:
         )
         if first.tzinfo is not None:
             first = first.astimezone(tz).replace(tzinfo=None)
-        rrule = rrulestr(schedule.recurrence_in(self.rule.recurrence, tz), dtstart=first)
+        rrule = rrulestr(sendtime.recurrence_in(self.rule.recurrence, tz), dtstart=first)
         local_now = self.now.astimezone(tz).replace(tzinfo=None)
         lo = local_now - self.rule.grace - self._max_offset
         hi = local_now + self.rule.horizon - self._first

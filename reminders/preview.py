@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import clock, phone, sms, source
+from . import business_db, clock, phone, sms
 from .compose import address_for, label_of, render, template_context
 from .errors import InputError, PermanentError, Problem, TemplateError
 from .planner import Planner, RowError, parse_due
@@ -72,10 +72,10 @@ def preview_rule(
     now = app.now()
     planner = Planner(rule, config, now)
     result = PreviewResult(rule.name, notes=notes)
-    params = source.time_params(rule.query, now, config.tz())
+    params = business_db.time_params(rule.query, now, config.tz())
     seen = 0
     shown = 0
-    for batch in source.stream(app.business, rule.query, params, what=f"rule {rule.name}"):
+    for batch in business_db.stream(app.business, rule.query, params, what=f"rule {rule.name}"):
         for row in batch:
             seen += 1
             try:

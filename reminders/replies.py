@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import consent, locales, store
+from . import consent, locales, state_db
 from .config import Config
 from .lifecycle import CANCELED, OPEN, PENDING, move
 from .models import inbound, message, reminder
@@ -146,7 +146,7 @@ def handle(
         "reminder_id": reminder_id,
         "created_at": now,
     }
-    if store.insert_ignoring_conflicts(conn, inbound, [row]) == 0:
+    if state_db.insert_ignoring_conflicts(conn, inbound, [row]) == 0:
         # A retried webhook: answer as before, change nothing.
         stored = conn.execute(
             sa.select(inbound.c.action).where(inbound.c.provider_id == message_sid)

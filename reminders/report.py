@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 import sqlalchemy as sa
 
-from . import clock, consent, lifecycle, models, phone, redis_conn, store
+from . import clock, consent, lifecycle, models, phone, redis_conn, state_db
 from .errors import ServiceUnavailable
 from .metrics import oldest_due_unsent
 from .pause import paused_rules
@@ -146,8 +146,8 @@ def status_report(app: App) -> dict[str, Any]:
 def _alive_or_stale(conn: Any, run: dict[str, Any]) -> dict[str, Any]:
     """A scan run, shown ``interrupted`` when it says ``running`` but no scan of its rule is
     (its process was killed before it could say so; the next scan records it)."""
-    if run["status"] == "running" and not store.scan_alive(conn, run["rule"]):
-        run.update(status="interrupted", error=store.STALE_RUN)
+    if run["status"] == "running" and not state_db.scan_alive(conn, run["rule"]):
+        run.update(status="interrupted", error=state_db.STALE_RUN)
     return run
 
 

@@ -30,10 +30,10 @@ from pydantic import (
     model_validator,
 )
 
-from . import locales, schedule
+from . import locales, sendtime
+from .business_db import parameters
 from .config import Config, Duration
 from .errors import Problem, RuleError
-from .source import parameters
 from .yamlfile import Document, YamlError, load, unknown_key
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -58,30 +58,30 @@ def _offset(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str):
-        return schedule.parse_offset(value)
+        return sendtime.parse_offset(value)
     raise ValueError(f"{value!r} is not an offset (examples: -3d, 2w, -1mo, 0d)")
 
 
 def _clock(value: Any) -> Any:
     if isinstance(value, str):
-        return schedule.parse_clock(value)
+        return sendtime.parse_clock(value)
     raise ValueError(f'{value!r} is not a time of day (write it quoted, e.g. at: "10:00")')
 
 
 def _window(value: Any) -> Any:
-    return schedule.parse_window(value) if isinstance(value, str) else value
+    return sendtime.parse_window(value) if isinstance(value, str) else value
 
 
 _QUIET_HELP = 'a local range ("21:00-08:00"), or false for none'
 
 
-def _quiet_one(value: Any) -> schedule.Window | Literal[False]:
+def _quiet_one(value: Any) -> sendtime.Window | Literal[False]:
     if value is False:
         return False
-    if isinstance(value, schedule.Window):
+    if isinstance(value, sendtime.Window):
         return value
     if isinstance(value, str):
-        return schedule.parse_window(value)
+        return sendtime.parse_window(value)
     raise ValueError(f"{value!r} is not quiet hours ({_QUIET_HELP})")
 
 
@@ -90,7 +90,7 @@ def _quiet_hours(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, dict):
-        out: dict[str, schedule.Window | Literal[False]] = {}
+        out: dict[str, sendtime.Window | Literal[False]] = {}
         for channel, setting in value.items():
             if channel not in ("sms", "email"):
                 raise ValueError(f'"{channel}" is not a channel (allowed: sms, email)')
@@ -117,11 +117,11 @@ def _capped(value: Any) -> Any:
     )
 
 
-QuietSetting = schedule.Window | Literal[False]
+QuietSetting = sendtime.Window | Literal[False]
 QuietHours = Annotated[QuietSetting | dict[str, QuietSetting] | None, PlainValidator(_quiet_hours)]
-Offset = Annotated[schedule.Offset, BeforeValidator(_offset)]
+Offset = Annotated[sendtime.Offset, BeforeValidator(_offset)]
 Clock = Annotated[time, BeforeValidator(_clock)]
-Window = Annotated[schedule.Window, BeforeValidator(_window)]
+Window = Annotated[sendtime.Window, BeforeValidator(_window)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _reply(value: Any) -> Any:
     parts = text.split()
     if len(parts) == 2 and parts[0] == "snooze":
         try:
-            return Reply("snooze", schedule.parse_duration(parts[1]))
+            return Reply("snooze", sendtime.parse_duration(parts[1]))
         except ValueError as exc:
             raise ValueError(f"snooze needs a delay: {exc}") from None
     raise ValueError(f'"{text}" is not a reply action (allowed: done, snooze 1d)')
@@ -211,7 +211,7 @@ class Rule(_Model):
     def _name(cls, value: str) -> str:
         return _checked_name(value, "rule")
 
-    def quiet_window(self, config: Config, channel: str) -> schedule.Window | None:
+    def quiet_window(self, config: Config, channel: str) -> sendtime.Window | None:
         """The quiet hours of this rule's messages on ``channel``: the rule's own (one for all
         its channels, or per channel; false is none), else the channel's (SMS 21:00-08:00)."""
         setting = self.quiet_hours
@@ -248,7 +248,7 @@ class Rule(_Model):
 
     @field_validator("offsets")
     @classmethod
-    def _unique_offsets(cls, value: list[schedule.Offset]) -> list[schedule.Offset]:
+    def _unique_offsets(cls, value: list[sendtime.Offset]) -> list[sendtime.Offset]:
         texts = [o.text for o in value]
         for text in texts:
             if texts.count(text) > 1:
@@ -281,8 +281,8 @@ class Rule(_Model):
         if value is None:
             return None
         try:
-            schedule.check_recurrence(value)
-        except schedule.RecurrenceSyntaxError as exc:
+            sendtime.check_recurrence(value)
+        except sendtime.RecurrenceSyntaxError as exc:
             raise ValueError(
                 f'"{value}" is not an RFC 5545 RRULE (e.g. FREQ=MONTHLY;BYMONTHDAY=1): {exc}'
             ) from None

@@ -16,7 +16,7 @@ faster than the first scan; ``benchmarks/scan.py`` measures both):
   costs no query and no schedule math; a rescan of unchanged rows reads, hashes, compares, and
   writes nothing. The reminders no row named are the vanished ones, found without a second pass.
 - Rows are read in batches as plain tuples; a dict is made only for a row to plan.
-- Inserts go in one statement per batch (see :func:`store.insert_ignoring_conflicts`).
+- Inserts go in one statement per batch (see :func:`state_db.insert_ignoring_conflicts`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import clock, consent, dberrors, source, store
+from . import business_db, clock, consent, dberrors, state_db
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
@@ -139,7 +139,7 @@ class _Known:
         if conn.dialect.name != "sqlite":  # a server-side cursor; SQLite's reads as it goes
             query = query.execution_options(yield_per=20_000)
         recurring = rule.recurrence is not None
-        for part in source.batches(conn.execute(query), 20_000):
+        for part in business_db.batches(conn.execute(query), 20_000):
             ids, occurrences, prefixes = zip(*part, strict=True)
             if recurring:
                 occurrences = tuple(o.rsplit("@", 1)[0] for o in occurrences)
@@ -203,8 +203,8 @@ def scan_rule(
     planner = Planner(rule, config, now)
     try:
         # The run is recorded under the rule's lock, so a run left ``running`` while nothing
-        # holds the lock is known to be stale (its process died; see store.scan_alive).
-        with state.connect() as conn, store.rule_lock(conn, rule.name) as alone:
+        # holds the lock is known to be stale (its process died; see state_db.scan_alive).
+        with state.connect() as conn, state_db.rule_lock(conn, rule.name) as alone:
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)
@@ -223,7 +223,8 @@ def scan_rule(
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
             params = _query_params(rule.query, now, config)
             number = 0
-            batches = source.stream_rows(business, rule.query, params, what=f"rule {rule.name}")
+            what = f"rule {rule.name}"
+            batches = business_db.stream_rows(business, rule.query, params, what=what)
             # Reading the business DB and applying its rows alternate batch by batch: each
             # phase's time is the sum of its turns.
             phases = _PhaseClock()
@@ -301,7 +302,7 @@ def _end_stale_runs(conn: Connection, rule: str) -> None:
     conn.execute(
         scan_run.update()
         .where(scan_run.c.rule == rule, scan_run.c.status == "running")
-        .values(status="interrupted", error=store.STALE_RUN)
+        .values(status="interrupted", error=state_db.STALE_RUN)
     )
 
 
@@ -378,12 +379,12 @@ class _PhaseClock:
 
 def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
     """The engine's own parameters a rule query may use: ``:now`` (UTC) and ``:today``."""
-    unknown = source.parameters(sql) - set(QUERY_PARAMETERS)
+    unknown = business_db.parameters(sql) - set(QUERY_PARAMETERS)
     if unknown:
         raise SourceError(
             f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, :today"
         )
-    return source.time_params(sql, now, config.tz())
+    return business_db.time_params(sql, now, config.tz())
 
 
 def _check_columns(rule: Rule, keys: Sequence[str]) -> None:
@@ -590,7 +591,7 @@ def _apply_batch(
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    counts.created += store.insert_ignoring_conflicts(conn, reminder, inserts)
+    counts.created += state_db.insert_ignoring_conflicts(conn, reminder, inserts)
     replan = {
         "planned_at": param("planned"),
         "send_at": param("planned"),
@@ -642,7 +643,7 @@ _EXISTING_COLUMNS = (
     reminder.c.reason,
 )
 
-# Keys a query looks up at once: a scan batch (source.stream's 2000) in one statement.
+# Keys a query looks up at once: a scan batch (business_db.stream's 2000) in one statement.
 _LOOKUP = 5000
 # SQLite has JSON built in from 3.38 (and Python's builds had the JSON1 extension long before).
 _SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
@@ -760,7 +761,7 @@ def scan_all(
 
     rules = [app.ruleset.rule(rule_name)] if rule_name else list(app.ruleset.rules)
     _check_templates(app, rules)
-    store.ensure_current(app.config.state_url)
+    state_db.ensure_current(app.config.state_url)
     now = app.now()
     results = []
     for rule in rules:

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import clock, codec, lifecycle, phone, report, schedule
+from . import clock, codec, lifecycle, phone, report, sendtime
 from .config import Config
 from .errors import PermanentError
 from .lifecycle import CANCELED, DELIVERED, FAILED, OPEN, PENDING, QUEUED, SENDING
@@ -68,7 +68,7 @@ def day_bounds(first: date, count: int, tz: ZoneInfo) -> list[datetime]:
     """The UTC instants at which ``count`` local days from ``first`` begin, and the end of the
     last (``count + 1`` instants)."""
     return [
-        schedule.localize(datetime.combine(first + timedelta(days=i), datetime.min.time()), tz)
+        sendtime.localize(datetime.combine(first + timedelta(days=i), datetime.min.time()), tz)
         for i in range(count + 1)
     ]
 
@@ -539,7 +539,7 @@ def reminder_detail(conn: Connection, rid: int) -> dict[str, Any] | None:
 
 def _offset_span(text: str) -> timedelta:
     """An offset as a duration (calendar units at their usual length: for "before due")."""
-    off = schedule.parse_offset(text)
+    off = sendtime.parse_offset(text)
     per = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400, "y": 365 * 86400}
     return timedelta(seconds=off.amount * per[off.unit])
 

@@ -19,7 +19,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import source
+from . import business_db
 from .errors import InputError, Problem, SourceError
 from .rules import CheckRule, Rule, key_columns
 
@@ -151,9 +151,9 @@ def _prepare(
     engine: Any, sql: str, values: Mapping[str, Any], what: str, problem: Problem
 ) -> tuple[list[str] | None, list[Problem]]:
     """(the columns of ``sql``, []) or (None, [its failure as ``problem``'s message's tail])."""
-    wanted = source.parameters(sql)
+    wanted = business_db.parameters(sql)
     try:
-        names = source.columns(
+        names = business_db.columns(
             engine,
             sql,
             {k: v for k, v in values.items() if k in wanted},
@@ -209,7 +209,7 @@ def _rule_check_problems(
     assert rule.check is not None
     what = f"rule {rule.name}"
     line = rule.line_of("check")
-    unknown = sorted(source.parameters(rule.check) - set(names) - set(engine_params))
+    unknown = sorted(business_db.parameters(rule.check) - set(names) - set(engine_params))
     if unknown:
         return [
             Problem(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reminders import store
+from reminders import state_db
 from tests import services
 
 # The SMTP servers, TLS files and Twilio stub fixtures, and the delivery project's (``shop``, its
@@ -52,11 +52,11 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         with services.postgres_database() as url:
             yield url
-    store.dispose_engines(url)
+    state_db.dispose_engines(url)
 
 
 @pytest.fixture
 def state(state_url: str) -> sa.Engine:
     """A migrated state DB's engine."""
-    store.upgrade(state_url)
-    return store.engine_for(state_url)
+    state_db.upgrade(state_url)
+    return state_db.engine_for(state_url)

@@ -19,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from reminders import accounts, codec, links, models, store
+from reminders import accounts, codec, links, models, state_db
 from reminders.app import App
 from reminders.console import create_console
 from tests import services
@@ -373,8 +373,8 @@ def serve_console(
     monkeypatch.setenv(links.SECRET_ENV, SECRET)
     monkeypatch.setenv("REMINDERS_NOW", NOW.isoformat())
     config = write_project(root, state_url)
-    store.upgrade(state_url)
-    engine = store.engine_for(state_url)
+    state_db.upgrade(state_url)
+    engine = state_db.engine_for(state_url)
     if data:
         populate(engine)
     operator, viewer = make_users(engine)

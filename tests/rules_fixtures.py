@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import pytest
 import sqlalchemy as sa
 
-from reminders import clock, models, mysql, source, store
+from reminders import business_db, clock, models, mysql, state_db
 from tests import services
 
 NOW = "2027-03-10T12:00:00Z"
@@ -376,8 +376,8 @@ class Project:
         # The engine keeps one engine per URL for the process; a finished test's are let go.
         database = "/" + self.business_url.rsplit("/", 1)[-1]
         mine = str(self.root) if self.backend == "sqlite" else database
-        store.dispose_engines(str(self.root) if self.backend == "mariadb" else mine)
-        source.dispose_engines(mine)
+        state_db.dispose_engines(str(self.root) if self.backend == "mariadb" else mine)
+        business_db.dispose_engines(mine)
 
 
 def _insert_sql(table: str, example: Mapping[str, Any]) -> str:

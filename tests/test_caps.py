@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from reminders import caps, clock, schedule
+from reminders import caps, clock, sendtime
 from reminders.config import CapsConfig
 from reminders.models import reminder
 from tests.caps_fixtures import Notices, caps_redis, lite_notices, notices, rules_yaml
@@ -25,8 +25,8 @@ from tests.delivery_fixtures import finish
 
 __all__ = ["caps_redis", "lite_notices", "notices"]
 
-NY = schedule.zone("America/New_York")
-WINDOW = schedule.parse_window("09:00-20:00")
+NY = sendtime.zone("America/New_York")
+WINDOW = sendtime.parse_window("09:00-20:00")
 
 
 def utc(text: str) -> datetime:
@@ -50,7 +50,7 @@ def utc(text: str) -> datetime:
     ],
 )
 def test_a_local_day_begins_at_its_midnight_in_utc(day: date, zone: str, expected: str) -> None:
-    assert clock.iso_utc(caps.start_of(day, schedule.zone(zone))) == expected
+    assert clock.iso_utc(caps.start_of(day, sendtime.zone(zone))) == expected
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_a_local_day_begins_at_its_midnight_in_utc(day: date, zone: str, expecte
 def test_the_next_opening_is_the_window_start_that_local_day(
     day: date, window: str, expected: str
 ) -> None:
-    assert clock.iso_utc(caps.opening(day, NY, schedule.parse_window(window))) == expected
+    assert clock.iso_utc(caps.opening(day, NY, sendtime.parse_window(window))) == expected
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reminders import clock, lifecycle, models, store
+from reminders import clock, lifecycle, models, state_db
 from reminders import report as report_
 from tests.rules_fixtures import CONFIG, NOW, REFILLS, Project, lite, project, project_at
 
@@ -434,7 +434,7 @@ def test_validate_checks_the_message_templates_of_checks(lite: Project) -> None:
 
 def test_db_upgrade_and_current(project: Project) -> None:
 
-    head = store.head_revision()  # the newest migration's (re-chained when branches merge)
+    head = state_db.head_revision()  # the newest migration's (re-chained when branches merge)
     assert head is not None
     assert project.ok("db", "upgrade").out == f"state DB at revision {head}\n"
     assert project.ok("db", "current").out.splitlines() == [
@@ -451,7 +451,7 @@ def test_sqlite_business_db_with_a_postgresql_state_db(tmp_path: Path, pg_url: s
         assert "6 created" in lite.ok("scan").out
         assert len(lite.ok("list", "--json").json_lines()) == 6
 
-    store.dispose_engines(pg_url.rsplit("/", 1)[-1])  # the state DB's engine, by its name
+    state_db.dispose_engines(pg_url.rsplit("/", 1)[-1])  # the state DB's engine, by its name
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["scan", "--help"]])

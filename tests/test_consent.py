@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reminders import consent, models, store
+from reminders import consent, models, state_db
 from tests import services
 
 NOW = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
@@ -19,12 +19,12 @@ NOW = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'state.db'}"
-        store.upgrade(url)
-        yield store.engine_for(url)
+        state_db.upgrade(url)
+        yield state_db.engine_for(url)
         return
     with services.postgres_database() as url:
-        store.upgrade(url)
-        engine = store.engine_for(url)
+        state_db.upgrade(url)
+        engine = state_db.engine_for(url)
         yield engine
         engine.dispose()
 
@@ -75,15 +75,15 @@ def test_the_migration_starts_the_history_with_the_opt_outs_already_recorded(
     tmp_path: Path,
 ) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    store.upgrade(url, "0002")
-    engine = store.engine_for(url)
+    state_db.upgrade(url, "0002")
+    engine = state_db.engine_for(url)
     with engine.begin() as conn:
         conn.execute(
             models.optout.insert().values(
                 channel="sms", address="+15005550006", source="stop", created_at=NOW
             )
         )
-    store.upgrade(url)
+    state_db.upgrade(url)
     with engine.connect() as conn:
         found = consent.history(conn, "sms", "+15005550006")
     assert [(e["action"], e["source"], e["at"]) for e in found] == [("opt_out", "stop", NOW)]

@@ -20,7 +20,7 @@ import redis
 import requests
 import sqlalchemy as sa
 
-from reminders import consent, models, store
+from reminders import consent, models, state_db
 from reminders.app import App
 from reminders.console import create_console
 from tests import services
@@ -48,7 +48,7 @@ def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield tmp_path
     client.flushdb()
     client.close()
-    store.dispose_engines(state_url)
+    state_db.dispose_engines(state_url)
 
 
 def run(root: Path, *args: str, stdin: str | None = None, code: int = 0) -> str:

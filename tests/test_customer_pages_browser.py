@@ -22,7 +22,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from reminders import models, redis_conn, store
+from reminders import models, redis_conn, state_db
 from tests import services
 from tests.test_demo import NOW
 from tests.test_preferences_browser import REMINDERS, chromium  # noqa: F401 - a fixture
@@ -120,7 +120,7 @@ def _shoot(page: Any, name: str) -> None:
 
 
 def _history(folder: Path) -> list[tuple[str, str, str]]:
-    engine = store.engine_for(f"sqlite:///{folder / 'reminders.db'}")
+    engine = state_db.engine_for(f"sqlite:///{folder / 'reminders.db'}")
     try:
         with engine.connect() as conn:
             rows = conn.execute(

@@ -21,7 +21,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from reminders import clock, codec, models, sms, store
+from reminders import clock, codec, models, sms, state_db
 from reminders.app import App
 from reminders.demo import RULES, TEMPLATES, data
 from tests import services
@@ -53,7 +53,7 @@ class Shop:
         self.outbox = folder / "outbox.jsonl"
         self._read = 0
         self.at(NOW)
-        store.upgrade(self.app().config.state_url)
+        state_db.upgrade(self.app().config.state_url)
 
     # -- the business's side --
 

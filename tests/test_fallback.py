@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from reminders import fallback, store
+from reminders import fallback, state_db
 from reminders.lifecycle import FAILED, PENDING, SENDING, SENT, UNDELIVERED
 from reminders.models import event, reminder
 from reminders.rules import Rule
@@ -35,10 +35,10 @@ RULE = Rule.model_validate(
 @pytest.fixture
 def state(tmp_path: Path) -> Iterator[sa.Engine]:
     url = f"sqlite:///{tmp_path / 'state.db'}"
-    store.upgrade(url)
-    engine = store.engine_for(url)
+    state_db.upgrade(url)
+    engine = state_db.engine_for(url)
     yield engine
-    store.dispose_engines(url)
+    state_db.dispose_engines(url)
 
 
 def add(state: sa.Engine, status: str, index: int = 0, send_at: datetime = NOW) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from reminders import lifecycle, models, store
+from reminders import lifecycle, models, state_db
 from reminders.lifecycle import (
     CANCELED,
     DELIVERED,
@@ -30,7 +30,7 @@ from reminders.lifecycle import (
     move_each,
     param,
 )
-from tests.test_store import _reminder
+from tests.test_state_db import _reminder
 
 T0 = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
@@ -64,7 +64,7 @@ def test_statuses_are_stored_as_their_plain_names() -> None:
 def _add(state: sa.Engine, *statuses: str) -> list[int]:
     rows = [_reminder(str(i), status=s) for i, s in enumerate(statuses)]
     with state.begin() as conn:
-        store.insert_ignoring_conflicts(conn, models.reminder, rows)
+        state_db.insert_ignoring_conflicts(conn, models.reminder, rows)
         return list(conn.execute(sa.select(models.reminder.c.id).order_by("id")).scalars())
 
 

@@ -248,10 +248,10 @@ def test_the_blueprint_asks_for_the_bearer_key_when_one_is_set(shop: Shop) -> No
 
 
 def test_messages_sent_before_0003_get_their_reminders_rule(state_url: str) -> None:
-    from reminders import store
+    from reminders import state_db
 
-    store.upgrade(state_url, "0002")
-    engine = store.engine_for(state_url)
+    state_db.upgrade(state_url, "0002")
+    engine = state_db.engine_for(state_url)
     at = datetime(2027, 3, 10, 15, tzinfo=UTC)
     with engine.begin() as conn:
         conn.execute(
@@ -270,7 +270,7 @@ def test_messages_sent_before_0003_get_their_reminders_rule(state_url: str) -> N
             ),
             {"at": at},
         )
-    store.upgrade(state_url)
+    state_db.upgrade(state_url)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT rule FROM reminders_message")).scalar_one() == (
             "refill-due"

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from reminders import source
+from reminders import business_db
 from reminders.compose import RecheckFailed
 from reminders.policies import Cancel, Decision, Fail, Retry, recheck
 from tests.rule_objects import context, load_rule, refills_with
@@ -31,7 +31,7 @@ def business(tmp_path: Path) -> Iterator[Connection]:
         conn.execute(sa.text("CREATE TABLE prescriptions (id INTEGER, refills_left INTEGER)"))
         conn.execute(sa.text("INSERT INTO prescriptions VALUES (1, 2), (2, 0)"))
     writer.dispose()
-    engine = source.create_engine(f"sqlite:///{path}")
+    engine = business_db.create_engine(f"sqlite:///{path}")
     with engine.connect() as conn:
         yield conn
     engine.dispose()

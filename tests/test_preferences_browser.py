@@ -20,7 +20,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from reminders import lifecycle, links, models, store
+from reminders import lifecycle, links, models, state_db
 from reminders.app import App
 from tests import services
 from tests.test_web import SECRET, Web, serve
@@ -193,7 +193,7 @@ def test_turning_texts_off_on_the_page_is_respected_by_the_next_scan_and_send(
         ("jane@example.com", "email"),  # rx 1
         ("jane@example.com", "email"),  # rx 3, created by the scan after she chose
     ]
-    with store.engine_for(web.app.config.state_url).connect() as conn:
+    with state_db.engine_for(web.app.config.state_url).connect() as conn:
         rows = conn.execute(
             sa.select(models.reminder.c.customer_id, models.reminder.c.channel).where(
                 models.reminder.c.status == lifecycle.SENT

@@ -7,13 +7,13 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from reminders import lifecycle, models, store
+from reminders import lifecycle, models, state_db
 
 
 def test_bulk_insert_and_core_insert_store_the_same_text(tmp_path):
     url = f"sqlite:///{tmp_path / 'state.db'}"
-    store.upgrade(url)
-    engine = store.engine_for(url)
+    state_db.upgrade(url)
+    engine = state_db.engine_for(url)
     at = datetime(2027, 3, 14, 14, 0, tzinfo=UTC)
     row = {
         "rule": "r",
@@ -28,7 +28,7 @@ def test_bulk_insert_and_core_insert_store_the_same_text(tmp_path):
         "updated_at": at,
     }
     with engine.begin() as conn:
-        store.insert_ignoring_conflicts(conn, models.reminder, [dict(row, occurrence="bulk")])
+        state_db.insert_ignoring_conflicts(conn, models.reminder, [dict(row, occurrence="bulk")])
         conn.execute(models.reminder.insert().values(**dict(row, occurrence="core")))
     with engine.connect() as conn:
         raw = dict(

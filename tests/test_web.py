@@ -21,7 +21,7 @@ import requests
 import sqlalchemy as sa
 from twilio.request_validator import RequestValidator
 
-from reminders import codec, lifecycle, links, models, store
+from reminders import codec, lifecycle, links, models, state_db
 from reminders.app import App
 from tests import services
 
@@ -315,7 +315,7 @@ def web_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _started(
     root: Path, state_url: str, monkeypatch: pytest.MonkeyPatch, **options: Any
 ) -> Iterator[Web]:
-    store.upgrade(state_url)
+    state_db.upgrade(state_url)
     yield from serve(App(write_config(root, state_url, **options)), monkeypatch)
 
 
@@ -1012,7 +1012,7 @@ def test_health_reports_what_failed(
         }
         # the state DB going away (a PostgreSQL that does not answer) is a 503 too
         dead_db = f"postgresql+psycopg://postgres@127.0.0.1:{services.free_port()}/x"
-        monkeypatch.setitem(web.app.__dict__, "state", store.create_engine(dead_db))
+        monkeypatch.setitem(web.app.__dict__, "state", state_db.create_engine(dead_db))
         reply = web.get("/healthz")
         assert reply.status_code == 503
         assert reply.json() == {"status": "unhealthy", "state_db": "unreachable", "redis": "ok"}

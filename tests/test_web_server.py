@@ -18,7 +18,7 @@ import requests
 import sqlalchemy as sa
 from twilio.request_validator import RequestValidator
 
-from reminders import links, models, store
+from reminders import links, models, state_db
 from tests import services
 from tests.test_web import (
     AUTH_TOKEN,
@@ -58,7 +58,7 @@ def serving(tmp_path: Path, *options: str) -> Iterator[Running]:
     redis_url = services.redis_url(REDIS_DB)  # only pinged by /healthz
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = write_config(tmp_path, state_url, redis_url=redis_url)
-    store.upgrade(state_url)
+    state_db.upgrade(state_url)
     port = services.free_port()
     log = tmp_path / "web.log"
     with open(log, "w") as sink:
@@ -90,7 +90,7 @@ def serving(tmp_path: Path, *options: str) -> Iterator[Running]:
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        store.engine_for(state_url).dispose()
+        state_db.engine_for(state_url).dispose()
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_the_server_serves_signed_webhooks_and_pages(running: Running) -> None:
     )
     assert reply.status_code == 200
     assert "<Response" in reply.text
-    with store.engine_for(running.state_url).connect() as conn:
+    with state_db.engine_for(running.state_url).connect() as conn:
         stopped = conn.execute(sa.select(models.optout)).one()
     assert (stopped.channel, stopped.address, stopped.source) == ("sms", PHONE, "stop")
 
@@ -192,7 +192,7 @@ def test_no_access_log_by_default(running: Running) -> None:
 def test_a_missing_secret_or_public_url_stops_the_command(tmp_path: Path) -> None:
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = write_config(tmp_path, state_url)
-    store.upgrade(state_url)
+    state_db.upgrade(state_url)
     env = _env()
     env.pop(links.SECRET_ENV)
     args = [REMINDERS, "-c", str(config), "web", "--port", str(services.free_port())]

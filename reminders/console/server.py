@@ -8,7 +8,7 @@ import os
 
 from flask import Flask
 
-from reminders import store
+from reminders import state_db
 from reminders.app import App
 from reminders.web.front import WSGIFront
 from reminders.web.server import _drop_request_like_variables, _release, front, server
@@ -37,6 +37,6 @@ def serve(
     _drop_request_like_variables()
     config_file = os.fspath(app.config.file)
     _built[config_file] = create_console(app)
-    store.ensure_current(app.config.state_url)
+    state_db.ensure_current(app.config.state_url)
     _release(app)
     server(config_file, host, port, workers, threads, access_log).serve(target_loader=load_console)

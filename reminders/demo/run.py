@@ -29,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from reminders import clock, codec, phone, store
+from reminders import clock, codec, phone, state_db
 from reminders.app import App
 from reminders.config import Config
 from reminders.errors import InputError, Problem
@@ -208,7 +208,7 @@ def run(
 
     app = App(config_file)
     app.ruleset  # noqa: B018 - a broken edited rule stops the demo here, with file and line
-    store.upgrade(app.config.state_url)
+    state_db.upgrade(app.config.state_url)
     echo(f"2. Created the state DB ({shown}/reminders.db) and scanned the rules:")
     scanned = []
     for result in scan_all(app):

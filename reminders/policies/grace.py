@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from .. import clock, schedule
+from .. import clock, sendtime
 from .base import Cancel, Context
 
 
@@ -13,7 +13,7 @@ def policy(context: Context) -> Cancel | None:
     """Cancel the reminder when ``now`` is more than the rule's grace past its send time."""
     send_at = context.row["send_at"]
     grace = context.rule.grace
-    if schedule.within_grace(send_at, context.now, grace):
+    if sendtime.within_grace(send_at, context.now, grace):
         return None
     at = clock.iso_utc(send_at)
     return Cancel(f"expired: send time {at} is more than {_duration(grace)} ago")

@@ -7,7 +7,7 @@ their end, a new send time; the send window, a scheduling preference, is not app
 
 from __future__ import annotations
 
-from .. import clock, schedule
+from .. import clock, sendtime
 from ..compose import customer_zone
 from .base import Context, Defer
 
@@ -22,7 +22,7 @@ def policy(context: Context) -> Defer | None:
     if quiet is None:
         return None
     zone = customer_zone(context.config, context.customer)
-    until = schedule.quiet_until(context.now, zone, quiet)
+    until = sendtime.quiet_until(context.now, zone, quiet)
     if until is None:
         return None
     return Defer(

@@ -21,7 +21,7 @@ from flask import Blueprint, Response, abort, redirect, render_template, request
 from sqlalchemy.engine import Connection
 from werkzeug.wrappers import Response as BaseResponse
 
-from reminders import codec, consent, links, phone, schedule
+from reminders import codec, consent, links, phone, sendtime
 from reminders.app import App
 from reminders.compose import label_of
 from reminders.errors import PermanentError, TemplateError
@@ -244,7 +244,7 @@ def _locale(value: Any) -> Locale:
 
 def _zone(value: Any, default: ZoneInfo) -> ZoneInfo:
     try:
-        return schedule.zone(str(value)) if value else default
+        return sendtime.zone(str(value)) if value else default
     except ValueError:
         return default
 

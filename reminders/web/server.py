@@ -28,7 +28,7 @@ from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server import MPServer
 
-from reminders import store
+from reminders import state_db
 from reminders.app import App
 from reminders.errors import InputError, RuntimeFailure, ServiceUnavailable
 
@@ -150,7 +150,7 @@ def _reload(config_file: str) -> None:
     try:
         app = App(config_file)
         fresh = create_app(app)
-        store.ensure_current(app.config.state_url)
+        state_db.ensure_current(app.config.state_url)
     except (InputError, RuntimeFailure) as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
         return
@@ -237,7 +237,7 @@ def serve(
     _drop_request_like_variables()
     config_file = os.fspath(app.config.file)
     _built[config_file] = create_app(app)
-    store.ensure_current(app.config.state_url)
+    state_db.ensure_current(app.config.state_url)
     _start_embedded_redis(app)
     _release(app)
     granian = server(config_file, host, port, workers, threads, access_log, body_timeout)

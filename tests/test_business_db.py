@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from reminders import mysql, source
+from reminders import business_db, mysql
 from reminders.errors import ServiceUnavailable, SourceError
 from tests import services
 
@@ -50,12 +50,12 @@ def _count(writable: sa.Engine) -> int:
 
 
 def _run(engine: sa.Engine, sql: str, batch: int = 2000) -> list[list[dict[str, object]]]:
-    batches = source.stream(engine, sql, {}, what="rule t", batch=batch)
+    batches = business_db.stream(engine, sql, {}, what="rule t", batch=batch)
     return [[dict(r) for r in b] for b in batches]
 
 
 def test_rows_come_in_batches_of_mappings(business: tuple[str, sa.Engine]) -> None:
-    engine = source.create_engine(business[0])
+    engine = business_db.create_engine(business[0])
     try:
         batches = _run(engine, "SELECT id, name FROM items ORDER BY id", batch=2)
     finally:
@@ -79,7 +79,7 @@ def test_a_query_that_writes_fails_and_writes_nothing(
     business: tuple[str, sa.Engine], write: str
 ) -> None:
     url, writable = business
-    engine = source.create_engine(url)
+    engine = business_db.create_engine(url)
     try:
         with pytest.raises(SourceError, match=r"^rule t: the query failed: "):
             _run(engine, write)
@@ -98,7 +98,7 @@ def test_sqlite_says_the_database_is_read_only(tmp_path: Path) -> None:
     with writable.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE items (id INTEGER PRIMARY KEY)")
     writable.dispose()
-    engine = source.create_engine(f"sqlite:///{path}")
+    engine = business_db.create_engine(f"sqlite:///{path}")
     try:
         with pytest.raises(SourceError, match=r"not authorized: .* read-only"):
             _run(engine, "INSERT INTO items (id) VALUES (1) RETURNING id")
@@ -126,7 +126,7 @@ def _pg_items(writable: sa.Engine) -> int:
 
 
 def test_postgresql_refuses_a_select_that_writes(pg_url: str, pg_writer: sa.Engine) -> None:
-    engine = source.create_engine(pg_url)
+    engine = business_db.create_engine(pg_url)
     try:
         with pytest.raises(SourceError, match="cannot execute INSERT in a read-only transaction"):
             _run(engine, "SELECT write_it() AS id")
@@ -140,7 +140,7 @@ def test_a_query_cannot_turn_read_only_off_for_later_queries(
 ) -> None:
     """A rule's query that switches the session's default back to read-write changes nothing:
     the next query, on the very same pooled connection, is still read-only."""
-    engine = source.create_engine(pg_url)
+    engine = business_db.create_engine(pg_url)
     try:
         _run(engine, "SELECT set_config('default_transaction_read_only', 'off', false) AS x")
         with pytest.raises(SourceError, match="read-only transaction"):
@@ -154,7 +154,7 @@ def test_a_query_cannot_turn_read_only_off_for_later_queries(
 def test_a_failing_query_names_the_rule_and_gives_the_databases_message(
     business: tuple[str, sa.Engine],
 ) -> None:
-    engine = source.create_engine(business[0])
+    engine = business_db.create_engine(business[0])
     try:
         with pytest.raises(SourceError, match=r"^rule t: the query failed: .*no_such_table"):
             _run(engine, "SELECT * FROM no_such_table")
@@ -164,19 +164,20 @@ def test_a_failing_query_names_the_rule_and_gives_the_databases_message(
 
 def test_parameters_finds_named_parameters_but_not_casts_or_literals() -> None:
     sql = "SELECT a::date, ':not_me' AS b FROM t WHERE due >= :today AND at < :now AND x = ':x'"
-    assert source.parameters(sql) == {"today", "now"}
+    assert business_db.parameters(sql) == {"today", "now"}
 
 
 def test_a_colon_word_inside_a_quoted_string_is_text_not_a_parameter(
     business: tuple[str, sa.Engine],
 ) -> None:
-    engine = source.create_engine(business[0])
+    engine = business_db.create_engine(business[0])
     sql = (
         "SELECT 'due at :noon' AS a, 'at 10:30, a::b' AS b, 'it''s :late' AS c, "
         "'escaped \\:word' AS d, name FROM items WHERE id = :id"
     )
     try:
-        rows = [dict(r) for b in source.stream(engine, sql, {"id": 2}, what="rule t") for r in b]
+        batches = business_db.stream(engine, sql, {"id": 2}, what="rule t")
+        rows = [dict(r) for b in batches for r in b]
     finally:
         engine.dispose()
     assert rows == [
@@ -193,18 +194,18 @@ def test_a_colon_word_inside_a_quoted_string_is_text_not_a_parameter(
 def test_a_missing_sqlite_file_is_reported_not_created(tmp_path: Path) -> None:
     missing = tmp_path / "nope.db"
     with pytest.raises(ServiceUnavailable, match="no database file at"):
-        source.create_engine(f"sqlite:///{missing}")
+        business_db.create_engine(f"sqlite:///{missing}")
     assert not missing.exists()
 
 
 def test_an_in_memory_business_db_is_refused() -> None:
     with pytest.raises(ServiceUnavailable, match="must be a file"):
-        source.create_engine("sqlite://")
+        business_db.create_engine("sqlite://")
 
 
 def test_an_unreachable_postgresql_is_a_service_failure() -> None:
     port = services.free_port()
-    engine = source.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
+    engine = business_db.create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x")
     try:
         with pytest.raises(ServiceUnavailable, match="rule t: business DB unreachable"):
             _run(engine, "SELECT 1")
@@ -214,23 +215,24 @@ def test_an_unreachable_postgresql_is_a_service_failure() -> None:
 
 def test_an_unsupported_database_is_named() -> None:
     with pytest.raises(ServiceUnavailable, match="oracle is not supported"):
-        source.create_engine("oracle://u:p@h/db")
+        business_db.create_engine("oracle://u:p@h/db")
 
 
 def test_time_params_bind_what_the_query_uses_today_in_the_configs_zone() -> None:
     now = datetime(2026, 3, 8, 3, 30, tzinfo=UTC)  # still the 7th in Chicago
     chicago = ZoneInfo("America/Chicago")
-    assert source.time_params("SELECT 1 WHERE :today > d", now, chicago) == {
+    assert business_db.time_params("SELECT 1 WHERE :today > d", now, chicago) == {
         "today": date(2026, 3, 7)
     }
-    assert source.time_params("SELECT :now, ':today'", now, chicago) == {"now": now}
-    assert source.time_params("SELECT 1", now, chicago) == {}
+    assert business_db.time_params("SELECT :now, ':today'", now, chicago) == {"now": now}
+    assert business_db.time_params("SELECT 1", now, chicago) == {}
 
 
 def test_columns_reads_the_names_without_rows(business: tuple[str, sa.Engine]) -> None:
-    engine = source.create_engine(business[0])
+    engine = business_db.create_engine(business[0])
     try:
-        names = source.columns(engine, "SELECT id AS rx_id, name FROM items", {}, what="rule t")
+        sql = "SELECT id AS rx_id, name FROM items"
+        names = business_db.columns(engine, sql, {}, what="rule t")
     finally:
         engine.dispose()
     assert names == ["rx_id", "name"]
@@ -255,7 +257,7 @@ def test_sqlite_denies_attach_vacuum_into_and_pragma_settings(
     before = path.read_bytes()
     elsewhere = tmp_path / "elsewhere" / "copy.db"
     elsewhere.parent.mkdir()
-    engine = source.create_engine(f"sqlite:///{path}")
+    engine = business_db.create_engine(f"sqlite:///{path}")
     try:
         with pytest.raises(SourceError, match=r"^rule t: the query failed: not authorized: not "):
             _run(engine, statement.format(elsewhere=elsewhere))
@@ -270,7 +272,7 @@ def test_a_statement_that_returns_no_rows_is_the_business_queries_fault(tmp_path
     path = tmp_path / "business.db"
     sa.create_engine(f"sqlite:///{path}").dispose()
     path.touch()
-    engine = source.create_engine(f"sqlite:///{path}")
+    engine = business_db.create_engine(f"sqlite:///{path}")
     try:
         with pytest.raises(SourceError, match=r"^rule t: the query returns no rows"):
             _run(engine, "PRAGMA no_such_pragma")  # allowed (it sets nothing), and returns nothing
@@ -315,7 +317,7 @@ def test_mysql_values_arrive_as_the_types_postgresql_gives(
                 "(1, '2027-03-17', '2027-03-17 10:30:00', '2027-03-17 05:30:00', 12.50)"
             )
         engine.dispose()
-        reader = source.create_engine(server)
+        reader = business_db.create_engine(server)
         try:
             (rows,) = _run(reader, "SELECT d, local_at, at, amount FROM typed")
         finally:
@@ -346,10 +348,10 @@ def test_mysql_binds_now_as_its_utc_time_and_today_as_a_date(maria: tuple[str, s
     now = datetime(2026, 3, 8, 3, 30, tzinfo=UTC)  # 21:30 on the 7th in Chicago
     chicago = ZoneInfo("America/Chicago")
     sql = "SELECT id, CAST(:now AS DATETIME) AS bound FROM visits WHERE at <= :now AND d = :today"
-    params = source.time_params(sql, now.astimezone(chicago), chicago)  # :now in any zone
-    engine = source.create_engine(url)
+    params = business_db.time_params(sql, now.astimezone(chicago), chicago)  # :now in any zone
+    engine = business_db.create_engine(url)
     try:
-        rows = [r for b in source.stream(engine, sql, params, what="rule t") for r in b]
+        rows = [r for b in business_db.stream(engine, sql, params, what="rule t") for r in b]
     finally:
         engine.dispose()
     assert rows == [{"id": 1, "bound": datetime(2026, 3, 8, 3, 30)}]
@@ -362,7 +364,7 @@ def test_a_mysql_query_cannot_turn_read_only_off_for_later_queries(
     sets the session back to read-write does not let the next one, on the same connection,
     write."""
     url, writable = maria
-    engine = source.create_engine(url)
+    engine = business_db.create_engine(url)
     try:
         with pytest.raises(SourceError, match="returns no rows"):
             _run(engine, "SET SESSION TRANSACTION READ WRITE")
@@ -378,8 +380,8 @@ def test_a_mysql_connection_lost_mid_query_is_an_error_naming_the_rule(
     maria: tuple[str, sa.Engine],
 ) -> None:
     url, writable = maria
-    engine = source.create_engine(url)
-    rows = source.stream(engine, "SELECT id, SLEEP(1) AS s FROM items", {}, what="rule t")
+    engine = business_db.create_engine(url)
+    rows = business_db.stream(engine, "SELECT id, SLEEP(1) AS s FROM items", {}, what="rule t")
     try:
         with ThreadPoolExecutor(1) as pool:
             reading = pool.submit(list, rows)
@@ -406,7 +408,7 @@ def test_a_mysql_connection_lost_mid_query_is_an_error_naming_the_rule(
 
 def test_an_unreachable_mysql_is_a_service_failure() -> None:
     port = services.free_port()
-    engine = source.create_engine(f"mysql://root@127.0.0.1:{port}/x")
+    engine = business_db.create_engine(f"mysql://root@127.0.0.1:{port}/x")
     try:
         with pytest.raises(ServiceUnavailable, match="rule t: business DB unreachable: Can't"):
             _run(engine, "SELECT 1")
@@ -423,13 +425,13 @@ def test_mysql_and_mariadb_urls_use_mysqlclient_unless_they_name_a_driver() -> N
 def test_a_mysql_driver_not_installed_is_named() -> None:
     driver = r"^source.url: mysql\+mariadbconnector: its driver is not installed"
     with pytest.raises(ServiceUnavailable, match=driver):
-        source.create_engine("mysql+mariadbconnector://root@127.0.0.1/x")
+        business_db.create_engine("mysql+mariadbconnector://root@127.0.0.1/x")
 
 
 def test_mysql_runs_one_statement_a_query(maria: tuple[str, sa.Engine]) -> None:
     """Rule loading refuses ``;``-chained statements; the connection refuses them too."""
     url, writable = maria
-    engine = source.create_engine(url)
+    engine = business_db.create_engine(url)
     try:
         with pytest.raises(SourceError, match="error in your SQL syntax"):
             _run(engine, "SELECT id FROM items; DROP TABLE items")

@@ -16,8 +16,8 @@ from datetime import UTC, date, datetime, time, timedelta
 import pytest
 from dateutil.relativedelta import relativedelta
 
-from reminders import schedule
-from reminders.schedule import (
+from reminders import sendtime
+from reminders.sendtime import (
     Offset,
     Window,
     localize,
@@ -631,7 +631,7 @@ def test_within_grace(send_at: datetime, now: datetime, grace: timedelta, expect
     ],
 )
 def test_recurrences_the_engine_expands_are_accepted(rrule: str) -> None:
-    schedule.check_recurrence(rrule)
+    sendtime.check_recurrence(rrule)
 
 
 @pytest.mark.parametrize(
@@ -650,16 +650,16 @@ def test_recurrences_the_engine_expands_are_accepted(rrule: str) -> None:
 )
 def test_recurrences_the_engine_cannot_expand_say_why(rrule: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        schedule.check_recurrence(rrule)
+        sendtime.check_recurrence(rrule)
 
 
 def test_a_utc_until_becomes_the_customers_local_time() -> None:
-    ny = schedule.zone("America/New_York")
-    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270501T030000Z", ny) == (
+    ny = sendtime.zone("America/New_York")
+    assert sendtime.recurrence_in("FREQ=DAILY;UNTIL=20270501T030000Z", ny) == (
         "FREQ=DAILY;UNTIL=20270430T230000"
     )
     # Winter: UTC-5, the day before.
-    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270101T030000Z", ny) == (
+    assert sendtime.recurrence_in("FREQ=DAILY;UNTIL=20270101T030000Z", ny) == (
         "FREQ=DAILY;UNTIL=20261231T220000"
     )
-    assert schedule.recurrence_in("FREQ=DAILY;UNTIL=20270501", ny) == "FREQ=DAILY;UNTIL=20270501"
+    assert sendtime.recurrence_in("FREQ=DAILY;UNTIL=20270501", ny) == "FREQ=DAILY;UNTIL=20270501"

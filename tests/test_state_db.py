@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from reminders import lifecycle, models, store
+from reminders import lifecycle, models, state_db
 from reminders.errors import ServiceUnavailable
 
 T0 = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
@@ -34,20 +34,20 @@ def _reminder(occurrence: str, offset: str = "-3d", **extra: object) -> dict[str
 
 
 def test_engine_for_gives_one_engine_per_url(state_url: str) -> None:
-    assert store.engine_for(state_url) is store.engine_for(state_url)
+    assert state_db.engine_for(state_url) is state_db.engine_for(state_url)
 
 
 def test_ensure_current_names_the_command_to_run_before_upgrade(state_url: str) -> None:
     with pytest.raises(ServiceUnavailable, match=r"has no tables yet; run `reminders db upgrade`"):
-        store.ensure_current(state_url)
+        state_db.ensure_current(state_url)
 
 
 def test_upgrade_creates_every_table_with_the_prefix_and_is_repeatable(state_url: str) -> None:
-    store.upgrade(state_url)
-    store.upgrade(state_url)  # a second upgrade is a no-op, not an error
-    store.ensure_current(state_url)
-    assert store.current_revision(state_url) == store.head_revision()
-    names = set(sa.inspect(store.engine_for(state_url)).get_table_names())
+    state_db.upgrade(state_url)
+    state_db.upgrade(state_url)  # a second upgrade is a no-op, not an error
+    state_db.ensure_current(state_url)
+    assert state_db.current_revision(state_url) == state_db.head_revision()
+    names = set(sa.inspect(state_db.engine_for(state_url)).get_table_names())
     expected = {t.name for t in models.metadata.sorted_tables} | {models.VERSION_TABLE}
     assert expected <= names
     assert all(n.startswith(models.PREFIX) for n in expected)
@@ -68,14 +68,14 @@ def test_migrations_build_exactly_the_models(state: sa.Engine) -> None:
 
 def test_insert_ignoring_conflicts_counts_only_new_rows(state: sa.Engine) -> None:
     with state.begin() as conn:
-        first = store.insert_ignoring_conflicts(
+        first = state_db.insert_ignoring_conflicts(
             conn, models.reminder, [_reminder("1"), _reminder("2")]
         )
     with state.begin() as conn:
-        second = store.insert_ignoring_conflicts(
+        second = state_db.insert_ignoring_conflicts(
             conn, models.reminder, [_reminder("2"), _reminder("3"), _reminder("3", "0d")]
         )
-        none = store.insert_ignoring_conflicts(conn, models.reminder, [])
+        none = state_db.insert_ignoring_conflicts(conn, models.reminder, [])
     assert (first, second, none) == (2, 2, 0)
     with state.connect() as conn:
         keys = conn.execute(
@@ -89,7 +89,7 @@ def test_insert_ignoring_conflicts_counts_only_new_rows(state: sa.Engine) -> Non
 def test_times_are_stored_and_returned_as_aware_utc(state: sa.Engine) -> None:
     berlin_noon = datetime(2027, 3, 10, 13, 0, tzinfo=timezone(timedelta(hours=1)))
     with state.begin() as conn:
-        store.insert_ignoring_conflicts(
+        state_db.insert_ignoring_conflicts(
             conn, models.reminder, [_reminder("1", planned_at=berlin_noon, send_at=berlin_noon)]
         )
     with state.connect() as conn:
@@ -100,7 +100,7 @@ def test_times_are_stored_and_returned_as_aware_utc(state: sa.Engine) -> None:
 
 def test_a_naive_time_is_refused(state: sa.Engine) -> None:
     with pytest.raises(sa.exc.StatementError, match="naive datetime"), state.begin() as conn:
-        store.insert_ignoring_conflicts(
+        state_db.insert_ignoring_conflicts(
             conn, models.reminder, [_reminder("1", planned_at=datetime(2027, 3, 10, 12))]
         )
 
@@ -109,8 +109,8 @@ def test_sqlite_runs_in_wal_mode_and_takes_the_write_lock_at_begin(tmp_path: Pat
     """BEGIN IMMEDIATE: a second writer queues at its BEGIN instead of failing half-way."""
     path = tmp_path / "reminders.db"
     url = f"sqlite:///{path}"
-    store.upgrade(url)
-    engine = store.engine_for(url)
+    state_db.upgrade(url)
+    engine = state_db.engine_for(url)
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -122,12 +122,12 @@ def test_sqlite_runs_in_wal_mode_and_takes_the_write_lock_at_begin(tmp_path: Pat
                 other.execute("BEGIN IMMEDIATE")
             other.close()
     finally:
-        store.dispose_engines(url)
+        state_db.dispose_engines(url)
 
 
 def test_rule_lock_is_held_per_rule_on_postgresql(pg_url: str) -> None:
-    store.upgrade(pg_url)
-    engine = store.engine_for(pg_url)
+    state_db.upgrade(pg_url)
+    engine = state_db.engine_for(pg_url)
     other = sa.create_engine(pg_url)
 
     def free(rule: str) -> bool:
@@ -144,22 +144,22 @@ def test_rule_lock_is_held_per_rule_on_postgresql(pg_url: str) -> None:
 
     try:
         with engine.connect() as conn:
-            with store.rule_lock(conn, "refill-due"):
+            with state_db.rule_lock(conn, "refill-due"):
                 assert not free("refill-due")
                 assert free("other-rule")
             assert free("refill-due")
     finally:
         other.dispose()
-        store.dispose_engines(pg_url)
+        state_db.dispose_engines(pg_url)
 
 
 def test_dispose_engines_lets_go_of_the_matching_ones_only(tmp_path: Path) -> None:
     first, second = (f"sqlite:///{tmp_path / name / 'reminders.db'}" for name in ("a", "b"))
-    engine = store.engine_for(first)
-    kept = store.engine_for(second)
+    engine = state_db.engine_for(first)
+    kept = state_db.engine_for(second)
     try:
-        store.dispose_engines(str(tmp_path / "a"))
-        assert store.engine_for(first) is not engine
-        assert store.engine_for(second) is kept
+        state_db.dispose_engines(str(tmp_path / "a"))
+        assert state_db.engine_for(first) is not engine
+        assert state_db.engine_for(second) is kept
     finally:
-        store.dispose_engines(str(tmp_path))
+        state_db.dispose_engines(str(tmp_path))

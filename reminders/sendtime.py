@@ -1,4 +1,4 @@
-"""Schedule math: when a reminder is sent. Pure functions, no I/O, no clock.
+"""Send-time math: when a reminder is sent. Pure functions, no I/O, no clock.
 
 The order (DESIGN.md, "Time, in one order"):
 
