@@ -3,15 +3,11 @@ logging, environment hygiene and connection release it reuses), on its own inter
 
 from __future__ import annotations
 
-import logging
-import os
-
 from flask import Flask
 
-from reminders import state_db
 from reminders.app import App
 from reminders.web.front import WSGIFront
-from reminders.web.server import _drop_request_like_variables, _release, front, server
+from reminders.web.server import _release, front, prepare, server
 
 from . import create_console
 
@@ -30,13 +26,6 @@ def serve(
 ) -> None:
     """Check what the console needs, then serve it until stopped (SIGTERM, Ctrl-C): granian
     exactly as ``reminders web`` runs it, with the console's app."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    _drop_request_like_variables()
-    config_file = os.fspath(app.config.file)
-    _built[config_file] = create_console(app)
-    state_db.ensure_current(app.config.state_url)
+    config_file = prepare(app, _built, create_console)
     _release(app)
     server(config_file, host, port, workers, threads, access_log).serve(target_loader=load_console)

@@ -216,6 +216,21 @@ def server(
     )
 
 
+def prepare(app: App, built: dict[str, Flask], create: Callable[[App], Flask]) -> str:
+    """What the master does before granian starts: logging, a clean environment, the app built
+    (and kept in ``built`` for forked workers) and the state DB checked; returns the config
+    file workers are given."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    _drop_request_like_variables()
+    config_file = os.fspath(app.config.file)
+    built[config_file] = create(app)
+    state_db.ensure_current(app.config.state_url)
+    return config_file
+
+
 def serve(
     app: App,
     host: str,
@@ -230,14 +245,7 @@ def serve(
 
     SIGHUP reloads the config, rules and templates and respawns the workers gracefully.
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    _drop_request_like_variables()
-    config_file = os.fspath(app.config.file)
-    _built[config_file] = create_app(app)
-    state_db.ensure_current(app.config.state_url)
+    config_file = prepare(app, _built, create_app)
     _start_embedded_redis(app)
     _release(app)
     granian = server(config_file, host, port, workers, threads, access_log, body_timeout)
