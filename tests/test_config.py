@@ -360,5 +360,5 @@ def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -
         "public_url, business_name, help_text, link_max_age)",
         "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "
         "provider, account_sid, auth_token, from, messaging_service_sid, api_url, quiet_hours, "
-        "rate_limit, max_segments, concurrency, path)",
+        "rate_limit, max_segments, concurrency, timeout, reconcile_after, path)",
     ]

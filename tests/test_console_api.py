@@ -101,7 +101,7 @@ def test_rules_with_counts_scans_forecast_and_outcomes(console: Console, spec: O
     refill = by_name["refill-due"]
     assert refill["counts"] == {
         "pending": 2, "queued": 0, "sending": 1, "sent": 0, "delivered": 1,
-        "undelivered": 0, "canceled": 2, "failed": 2,
+        "undelivered": 0, "canceled": 2, "failed": 2, "unknown": 0,
     }  # fmt: skip
     assert refill["paused"] is False
     assert refill["next_due"] == "2027-03-10T13:00:00Z"
