@@ -37,6 +37,7 @@ STATUSES = (
     "sending",
     "sent",
     "undelivered",
+    "unknown",
 )
 
 

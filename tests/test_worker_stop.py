@@ -189,5 +189,8 @@ def test_a_worker_outlives_redis_and_serves_again_when_it_returns(
         if when == "mid-job":
             assert "Redis answers again" in log.read_text()
     finally:
+        if "child" in locals() and child.poll() is None:  # a failed check: no worker left behind
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         server.kill()
         server.wait()
