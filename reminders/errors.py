@@ -12,7 +12,7 @@ The tree (classes defined beside the code that raises them name their module)::
     │   ├── ConfigError
     │   ├── RuleError
     │   │   ├── RecheckInvalid      compose: a rule's check query asks what its row lacks
-    │   │   └── RecurrenceSyntaxError  schedule: an RRULE dateutil cannot read
+    │   │   └── RecurrenceSyntaxError  sendtime: an RRULE dateutil cannot read
     │   ├── TemplateError
     │   ├── YamlError               yamlfile: becomes a ConfigError or a RuleError
     │   ├── CheckParamError         checks: the checkout's parameters
@@ -21,11 +21,14 @@ The tree (classes defined beside the code that raises them name their module)::
     │   ├── SourceError             the business DB
     │   ├── StateError              the state DB
     │   ├── ServiceUnavailable
-    │   └── RecheckFailed           compose: a rule's check query went unanswered (retried)
+    │   ├── RecheckFailed           compose: a rule's check query went unanswered (retried)
+    │   └── LookupFailed            channels.twilio: Twilio's Messages list could not be read
     ├── ChannelError                permanent or not
     │   ├── TransientError
-    │   └── PermanentError
+    │   ├── PermanentError
+    │   └── AmbiguousError          the provider may have it (no answer): reconciled, not retried
     ├── LinkError                   links: a customer's link token is not ours or has expired
+    ├── BudgetExceeded              render: past a render's budget (reported as a TemplateError)
     └── TransitionNotAllowed        lifecycle: a status change the table does not allow (a bug)
 """
 

@@ -84,7 +84,7 @@ from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from jinja2.utils import _PassArg
 
 from reminders import clock, locales
-from reminders.errors import Problem, TemplateError
+from reminders.errors import Problem, RemindersError, TemplateError
 from reminders.sms import describe_offending, segments
 
 SUFFIXES = {"sms": ".sms.j2", "email": ".email.j2", "check": ".check.j2"}
@@ -135,8 +135,9 @@ MAX_OUTPUT = 1_000_000  # characters of a text, items of a list
 MAX_BITS = 10_000  # of an integer computed with **
 
 
-class BudgetExceeded(Exception):
-    """A render went past its time, loop or size budget."""
+class BudgetExceeded(RemindersError):
+    """A render went past its time, loop or size budget (reported as a ``TemplateError`` at the
+    template's line)."""
 
 
 @dataclass

@@ -54,6 +54,7 @@ from reminders.errors import (
     ChannelError,
     ConfigError,
     PermanentError,
+    RuntimeFailure,
     TransientError,
 )
 from reminders.phone import mask, mask_numbers_in
@@ -132,7 +133,7 @@ class Found:
     status: str
 
 
-class LookupFailed(Exception):
+class LookupFailed(RuntimeFailure):
     """Twilio's Messages list could not be read (the decision waits for the next pass)."""
 
 
