@@ -169,7 +169,7 @@ def test_passwords_and_keys_are_stored_as_scrypt_hashes(console: Console) -> Non
     for stored in [*users, *keys]:
         assert stored.startswith("scrypt$16384$8$1$")
         assert PASSWORD not in stored
-    assert console.operator_key.split("_")[2] not in "".join(keys)
+    assert console.operator_key.split("_", 2)[2] not in "".join(keys)  # the secret may hold _
     assert accounts.verify_secret(PASSWORD, users[0])
     assert not accounts.verify_secret(PASSWORD + "!", users[0])
 

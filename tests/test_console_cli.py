@@ -84,7 +84,7 @@ def test_users_and_keys(shop: Path) -> None:
     key = run(shop, "keys", "add", "nightly", "--role", "viewer").splitlines()[0]
     assert key.startswith("rk_") and len(key) > 50
     listed = run(shop, "keys", "list")
-    assert "nightly" in listed and key not in listed and key.split("_")[2] not in listed
+    assert "nightly" in listed and key not in listed and key.split("_", 2)[2] not in listed
     run(shop, "keys", "add", "nightly", "--role", "viewer", code=2)  # one key a name
     app = App(shop / "config.yaml")
     with services.serving(create_console(app)) as port:
