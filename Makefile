@@ -35,8 +35,10 @@ prism:
 demo: install
 	$(BIN)/reminders demo
 
+# The storm test (workers killed every half second) first and on its own, then everything else.
 test: install-test prism
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m storm $(PYTEST_ARGS) tests/test_reconcile.py
+	$(BIN)/python -m pytest -m "not storm" $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

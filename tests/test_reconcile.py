@@ -307,6 +307,10 @@ STORM = 2000  # reminders
 STORM_SECONDS = 60.0  # at most this long a worker is killed every half second
 
 
+# Run on its own, before the rest of the suite (`make test`): on the shared 2-core machine, after
+# the rest of the suite has run, it did not settle within pytest's 300 s (it takes about 50 s
+# alone); see the closing note of the session that added this marker.
+@pytest.mark.storm
 def test_a_storm_of_killed_workers_and_timeouts_sends_each_reminder_at_most_once(
     shop: Shop,
 ) -> None:
