@@ -741,6 +741,15 @@ def console(app: App, host: str, port: int, workers: int, threads: int, access_l
     serve(app, host=host, port=port, workers=workers, threads=threads, access_log=access_log)
 
 
+# The console role of a user or an API key (users add, keys add).
+_role = click.option(
+    "--role",
+    type=click.Choice(["viewer", "operator"]),
+    required=True,
+    help="viewer: looks; operator: also retries, cancels, pauses",
+)
+
+
 @cli.group()
 def users() -> None:
     """The console's users (passwords stored as scrypt hashes)."""
@@ -748,12 +757,7 @@ def users() -> None:
 
 @users.command("add")
 @click.argument("name")
-@click.option(
-    "--role",
-    type=click.Choice(["viewer", "operator"]),
-    required=True,
-    help="viewer: looks; operator: also retries, cancels, pauses",
-)
+@_role
 @click.option("--password-stdin", is_flag=True, help="read the password from standard input")
 @pass_app
 def users_add(app: App, name: str, role: str, password_stdin: bool) -> None:
@@ -806,12 +810,7 @@ def keys() -> None:
 
 @keys.command("add")
 @click.argument("name")
-@click.option(
-    "--role",
-    type=click.Choice(["viewer", "operator"]),
-    required=True,
-    help="viewer: looks; operator: also retries, cancels, pauses",
-)
+@_role
 @pass_app
 def keys_add(app: App, name: str, role: str) -> None:
     """Make a key and print it once: it cannot be shown again."""
