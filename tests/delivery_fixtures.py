@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from reminders import models
 from tests import services
 from tests.channel_fixtures import Mailbox, SmtpServer, _start
-from tests.rules_fixtures import SCHEMA, Project, Result, config_yaml, refills_yaml
+from tests.rules_fixtures import SCHEMA, Project, Result, config_yaml, made_at, refills_yaml
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
 
 REDIS_DBS = (3, 4, 5)  # the delivery tests' own Redis databases
@@ -191,6 +191,20 @@ class Shop(Project):
 
     def spawn_worker(self, *args: str, now: str = SEND_AT) -> subprocess.Popen[str]:
         return self.spawn("worker", "--burst", *args, now=now, start_new_session=True)
+
+
+@contextlib.contextmanager
+def shop_at(
+    root: Path, backend: str, redis_url: str, stub: TwilioStub, smtp: SmtpServer
+) -> Iterator[Shop]:
+    """A shop on ``backend`` ("sqlite", or a throw-away PostgreSQL database holding the business
+    and state DB alike), closed afterwards."""
+
+    def make(folder: Path, *database: str) -> Shop:
+        return Shop(folder, redis_url, stub, smtp, *database)
+
+    with made_at(root, backend, make) as shop:
+        yield shop
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:

@@ -25,7 +25,7 @@ from reminders import lifecycle
 from reminders import report as report_
 from tests import services
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
+from tests.delivery_fixtures import SEND_AT, Shop, finish, shop_at, wait_until
 from tests.twilio_stub import TwilioStub
 
 QUEUE_KEY = "rq:queue:reminders-sms"
@@ -40,19 +40,8 @@ def any_shop(
     mailbox_server: SmtpServer,
 ) -> Iterator[Shop]:
     """The shop on SQLite, and with its business and state DB on PostgreSQL."""
-    if request.param == "sqlite":
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server)
-        try:
-            yield project.configure(batch_size=5)
-        finally:
-            project.close()
-        return
-    with services.postgres_database() as url:
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server, "postgresql", url)
-        try:
-            yield project.configure(batch_size=5)
-        finally:
-            project.close()
+    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
+        yield project.configure(batch_size=5)
 
 
 def test_two_workers_and_duplicated_jobs_send_each_reminder_exactly_once(any_shop: Shop) -> None:

@@ -20,9 +20,8 @@ from reminders import receipts
 from reminders.app import App
 from reminders.metrics import metrics_app
 from reminders.rules import load_rules
-from tests import services
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import RULES, SCAN_AT, Shop
+from tests.delivery_fixtures import RULES, SCAN_AT, Shop, shop_at
 from tests.twilio_stub import UNSUBSCRIBED, TwilioStub
 
 SMS_ONLY = RULES.replace("channels: [sms, email]", "channels: [sms]")
@@ -75,19 +74,8 @@ def any_shop(
     mailbox_server: SmtpServer,
 ) -> Iterator[Shop]:
     """The shop with SMS only, its state DB on SQLite, and on PostgreSQL."""
-    if request.param == "sqlite":
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server)
-        try:
-            yield project.configure(rules=SMS_ONLY)
-        finally:
-            project.close()
-        return
-    with services.postgres_database() as url:
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server, "postgresql", url)
-        try:
-            yield project.configure(rules=SMS_ONLY)
-        finally:
-            project.close()
+    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
+        yield project.configure(rules=SMS_ONLY)
 
 
 def pause(shop: Shop, rule: str) -> None:

@@ -29,9 +29,8 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from reminders import links
-from tests import services
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import RULES, SEND_AT, Shop, wait_until
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, shop_at, wait_until
 from tests.twilio_stub import ACCEPT_THEN_HANG, AUTH_TOKEN, DROP_BEFORE_ACCEPT, TwilioStub
 
 # A one-second request timeout and a one-second wait before deciding "not sent", so the tests
@@ -51,19 +50,8 @@ def any_shop(
     mailbox_server: SmtpServer,
 ) -> Iterator[Shop]:
     """The shop with its state DB on SQLite, and on PostgreSQL."""
-    if request.param == "sqlite":
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server)
-        try:
-            yield project
-        finally:
-            project.close()
-        return
-    with services.postgres_database() as url:
-        project = Shop(tmp_path, delivery_redis, stub, mailbox_server, "postgresql", url)
-        try:
-            yield project
-        finally:
-            project.close()
+    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
+        yield project
 
 
 def by_phone(shop: Shop) -> dict[str, dict[str, Any]]:
