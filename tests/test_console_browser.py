@@ -6,16 +6,14 @@ tests/artifacts/console/ (desktop 1280x800, phone 390x844)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import services
 from tests.console_fixtures import OPERATOR, PASSWORD, Console, serve_console
-from tests.test_preferences_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.test_preferences_browser import chromium  # noqa: F401 - a fixture
 
 ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
 DESKTOP = {"width": 1280, "height": 800}
@@ -30,22 +28,6 @@ PAGES = {
     "missed": "/missed?days=3",
     "audit": "/audit",
 }
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        services.unavailable(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        services.unavailable("playwright is not installed (pip install -e '.[test]')")
-    with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture
@@ -95,10 +77,13 @@ class Watched:
         assert self.elsewhere == []
 
 
-def test_every_page_on_a_desktop_and_an_operators_day(browser: Any, site: Console) -> None:
+def test_every_page_on_a_desktop_and_an_operators_day(
+    chromium: Any,  # noqa: F811 - the fixture imported above
+    site: Console,
+) -> None:
     from playwright.sync_api import expect
 
-    w = Watched(browser, site, DESKTOP)
+    w = Watched(chromium, site, DESKTOP)
     w.goto("/")
     w.shot("desktop-login")
     w.log_in()
@@ -188,8 +173,11 @@ def test_every_page_on_a_desktop_and_an_operators_day(browser: Any, site: Consol
     w.clean()
 
 
-def test_every_page_on_a_phone(browser: Any, site: Console) -> None:
-    w = Watched(browser, site, PHONE)
+def test_every_page_on_a_phone(
+    chromium: Any,  # noqa: F811 - the fixture imported above
+    site: Console,
+) -> None:
+    w = Watched(chromium, site, PHONE)
     w.log_in()
     for name, path in PAGES.items():
         page = w.goto(path)
@@ -198,8 +186,11 @@ def test_every_page_on_a_phone(browser: Any, site: Console) -> None:
     w.clean()
 
 
-def test_the_keyboard_reaches_everything_from_the_top(browser: Any, site: Console) -> None:
-    w = Watched(browser, site, DESKTOP)
+def test_the_keyboard_reaches_everything_from_the_top(
+    chromium: Any,  # noqa: F811 - the fixture imported above
+    site: Console,
+) -> None:
+    w = Watched(chromium, site, DESKTOP)
     w.log_in()
     page = w.goto("/rules")
     page.keyboard.press("Tab")
