@@ -177,5 +177,7 @@ def test_a_query_past_source_query_timeout_is_stopped_and_applies_nothing(
     # Each database says it in its own words; SQLite's "interrupted" is explained.
     said = line["error"].lower()
     assert "rule refill-due" in said
-    assert any(w in said for w in ("query_timeout", "statement timeout", "max_statement_time")), said
+    assert any(w in said for w in ("query_timeout", "statement timeout", "max_statement_time")), (
+        said
+    )
     assert p.reminders() == []
