@@ -9,6 +9,7 @@ default retention (180d) what was last changed before 2027-03-30 12:00 is old en
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -432,3 +433,36 @@ def test_a_null_retention_keeps_everything_unless_asked(shop: Project) -> None:
 
 def test_the_final_statuses_written_out_are_the_lifecycles() -> None:
     assert set(re.findall(r"'(\w+)'", models.FINAL_SQL)) == {s.value for s in lifecycle.FINAL}
+
+
+def test_sigterm_stops_a_prune_between_batches_and_the_next_run_finishes(tmp_path: Path) -> None:
+    """On PostgreSQL, where a trigger can make each delete slow enough to be stopped midway."""
+    from tests.delivery_fixtures import finish, wait_until
+
+    with project_at(tmp_path, "postgresql") as p:
+        p.setup()
+        p.ok("db", "upgrade")
+        for i in range(40):
+            add(p, f"x{i:02}", "delivered", OLD + timedelta(minutes=i))
+        with p.state.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "PERFORM pg_sleep(0.2); RETURN OLD; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER slow BEFORE DELETE ON reminders_reminder FOR EACH ROW "
+                "EXECUTE FUNCTION slow()"
+            )
+        child = p.spawn("prune", "--batch-size", "1", now=LATER)
+        wait_until(lambda: len(p.reminders()) < 40)
+        child.send_signal(signal.SIGTERM)
+        code, out, err = finish(child)
+
+        assert code == 128 + signal.SIGTERM, err
+        assert "interrupted by SIGTERM" in err
+        left = len(p.reminders())
+        assert 0 < left < 40
+        deleted = int(re.search(r"reminders\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+        assert deleted == 40 - left and _orphans(p) == []
+        assert prune_json(p)["reminders"] == left
+        assert p.reminders() == []
