@@ -327,8 +327,9 @@ sa.Index(
 # reminders.prune, which writes its condition with the same text so PostgreSQL uses it).
 # (lifecycle.FINAL, written out: lifecycle imports this module; a test compares the two.)
 FINAL_SQL = "status IN ('canceled', 'delivered', 'failed', 'sent', 'undelivered')"
+FINAL_INDEX = "ix_reminders_reminder_final_updated_at"
 sa.Index(
-    "ix_reminders_reminder_final_updated_at",
+    FINAL_INDEX,
     reminder.c.updated_at,
     reminder.c.id,
     postgresql_where=sa.text(FINAL_SQL),
