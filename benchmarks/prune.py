@@ -6,7 +6,7 @@
 Fills a fresh state DB (SQLite always; PostgreSQL too unless ``--no-pg``: a throw-away database
 on the ``--pg`` server, dropped afterwards) in the database itself: ``--reminders`` delivered
 reminders last changed a year before the benchmark's now, each with one message and three events
-(queued, sending, sent... as the lifecycle writes them), and as many pending ones that must stay.
+(pending to queued, queued to sending, sending to sent), and as many pending ones that must stay.
 Then prunes with the engine's own :func:`reminders.prune.prune`, one batch a call (as the
 scheduler's bounded share would), timing each batch, and prints reminders deleted per second,
 rows (reminders, messages and events) per second, and the median and slowest batch: how long a
