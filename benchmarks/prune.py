@@ -1,7 +1,7 @@
 """Retention benchmark: how fast ``prune`` deletes a million finished reminders, batch by batch.
 
     .venv/bin/python benchmarks/prune.py [--reminders 1000000] [--pg URL | --no-pg]
-                                         [--batch-size 1000] [--no-baseline]
+                                         [--batch-size 1000] [--no-baseline] [--no-sqlite]
 
 Fills a fresh state DB (SQLite always; PostgreSQL too unless ``--no-pg``: a throw-away database
 on the ``--pg`` server, dropped afterwards) in the database itself: ``--reminders`` delivered
@@ -155,11 +155,13 @@ def main() -> None:
         "--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres", metavar="URL"
     )
     parser.add_argument("--no-pg", action="store_true")
+    parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        made = iter(range(2))
-        measure("sqlite", lambda: f"sqlite:///{tmp}/state{next(made)}.db", args)
+    if not args.no_sqlite:
+        with tempfile.TemporaryDirectory() as tmp:
+            made = iter(range(2))
+            measure("sqlite", lambda: f"sqlite:///{tmp}/state{next(made)}.db", args)
     if args.no_pg:
         return
     admin = sa.create_engine(args.pg, isolation_level="AUTOCOMMIT")

@@ -466,3 +466,24 @@ def test_sigterm_stops_a_prune_between_batches_and_the_next_run_finishes(tmp_pat
         assert deleted == 40 - left and _orphans(p) == []
         assert prune_json(p)["reminders"] == left
         assert p.reminders() == []
+
+
+def test_a_reminder_another_transaction_holds_is_left_for_the_next_prune(tmp_path: Path) -> None:
+    """On PostgreSQL a batch skips the reminders another transaction has locked (ops' retry of a
+    failed one, say) instead of waiting for it or deleting what it is changing."""
+    with project_at(tmp_path, "postgresql") as p:
+        p.setup()
+        p.ok("db", "upgrade")
+        held = add(p, "held", "failed", OLD)
+        add(p, "free", "failed", OLD)
+        r = models.reminder
+        with p.state.connect() as other, other.begin():
+            other.execute(sa.select(r.c.id).where(r.c.id == held).with_for_update()).one()
+            done = prune_json(p)
+            assert done["reminders"] == 1
+            other.execute(
+                r.update().where(r.c.id == held).values(status="pending", updated_at=utc(LATER))
+            )
+        # The retry committed: pending now, and kept.
+        assert prune_json(p)["reminders"] == 0
+        assert occurrences(p) == {"held"} and owners(p, models.message) == [held]
