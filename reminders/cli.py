@@ -656,6 +656,12 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
             click.echo(f"scan {counts['rule']}: {counts['rows']} rows, {counts['created']} created")
         if cycle.dispatch is not None:
             click.echo(f"dispatch: {cycle.dispatch['enqueued']} enqueued")
+        if cycle.pruned is not None:
+            gone = cycle.pruned
+            click.echo(
+                f"prune: {gone['reminders']} reminders, {gone['messages']} messages, "
+                f"{gone['events']} events deleted" + (" (more next time)" if gone["more"] else "")
+            )
         for error in cycle.errors:
             click.echo(f"error: {error}", err=True)
         if cycle.errors:

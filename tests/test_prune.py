@@ -400,6 +400,15 @@ def test_the_scheduler_prunes_a_bounded_part_each_cycle(
     assert runner.cycle().pruned is None
 
 
+def test_scheduler_once_prunes_and_says_so(shop: Project, redis_url: str) -> None:
+    shop.write_config(config_yaml(redis=redis_url))
+    add(shop, "a", "delivered", OLD)
+    add(shop, "b", "pending", OLD)
+    result = shop.ok("scheduler", "--once", now=LATER)
+    assert "prune: 1 reminders, 1 messages, 2 events deleted\n" in result.out
+    assert occurrences(shop) == {"b"}
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
