@@ -52,13 +52,14 @@ from . import dberrors
 from .errors import StateError
 from .models import FINAL_INDEX, FINAL_SQL, event, inbound, message, reminder, scan_run, skipped_row
 from .replies import START, STOP
+from .rules import Rule
 
 if TYPE_CHECKING:
     from .app import App
 
 BATCH = 1000  # reminders (or other rows) one transaction deletes, by default
 MAX_BATCH = 10_000  # the most a batch may hold (SQLite binds each id)
-DEFAULT_GRACE = timedelta(days=1)  # a rule's grace when it sets none (see reminders.rules)
+DEFAULT_GRACE: timedelta = Rule.model_fields["grace"].default  # a rule's when it sets none
 KEPT_INBOUND = (STOP, START)  # the consent record: kept whatever its age
 
 # Written as the partial index of migration 0009 is: PostgreSQL uses a partial index only for a
@@ -89,9 +90,7 @@ class Pruned:
         return sum(getattr(self, name) for name in TABLES)
 
     def as_dict(self) -> dict[str, Any]:
-        found = asdict(self)
-        found["cutoff"] = self.cutoff
-        return found
+        return asdict(self)
 
 
 def graces(app: App) -> dict[str, timedelta]:
