@@ -1,0 +1,125 @@
+"""Digests through the real providers: the twilio library against the Twilio stub, SMTP to an
+aiosmtpd server, real worker and scheduler processes where a worker dies mid-digest.
+
+Each patient has one prescription and two rules about it (``refill-due`` and ``refill-soon``,
+both at 10:00 on the day it runs out), gathered by the digest ``daily``: one message a patient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reminders import codec
+from tests.channel_fixtures import SmtpServer
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, wait_until
+from tests.test_reconcile import FAST, SCHEDULER, Process, any_shop, created_for
+from tests.twilio_stub import ACCEPT_THEN_HANG, DROP_BEFORE_ACCEPT
+
+__all__ = ["SmtpServer", "any_shop"]
+
+SECOND = RULES.removeprefix("rules:\n").replace("name: refill-due", "name: refill-soon")
+DIGEST_RULES = (
+    RULES
+    + SECOND
+    + """\
+digests:
+  - name: daily
+    rules: [refill-due, refill-soon]
+    window: 1d
+    template: daily
+"""
+)
+DAILY_SMS = "{% for item in items %}{{ item.rule }}: {{ item.text }}\n{% endfor %}"
+DAILY_EMAIL = """\
+{% block subject %}{{ digest.count }} reminders{% endblock %}
+{% block text %}{% for item in items %}{{ item.rule }}: {{ item.text }}
+{% endfor %}{% endblock %}
+"""
+
+
+def digest_shop(shop: Shop, **configure: Any) -> Shop:
+    shop.configure(rules=DIGEST_RULES, **configure)
+    shop.write("templates/daily.sms.j2", DAILY_SMS)
+    shop.write("templates/daily.email.j2", DAILY_EMAIL)
+    return shop
+
+
+def of_patient(shop: Shop, patient: int) -> list[dict[str, Any]]:
+    return [r for r in shop.reminders() if codec.loads(r["data"])["customer_id"] == patient]
+
+
+def test_a_permanent_sms_error_sends_the_same_digest_by_email(shop: Shop) -> None:
+    digest_shop(shop)
+    shop.prepare(2, phone=lambda i: "+15005550001" if i == 1 else f"+1212555{i:04d}")  # 21211
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    assert shop.statuses() == {"sent": 4}
+    assert shop.stub.received["+15005550001"] == 1  # one digest tried by SMS
+    (mail,) = shop.smtp.mailbox.messages
+    assert mail.rcpt_tos == ["p1@example.com"]
+    assert mail.message["Subject"] == "2 reminders"
+    text = mail.message.get_content()
+    assert "refill-due: Hi P1" in text and "refill-soon: Hi P1" in text
+    first = of_patient(shop, 1)
+    assert {r["channel"] for r in first} == {"email"}
+    assert len({r["provider_id"] for r in first}) == 1
+    assert all("sms failed: Twilio 21211" in r["reason"] for r in first)
+    (sms,) = created_for(shop.stub, "+12125550002")
+    assert sms["body"].count("Hi P2") == 2
+    assert {r["channel"] for r in of_patient(shop, 2)} == {"sms"}
+
+
+def test_a_worker_killed_after_twilio_accepted_the_digest_records_it_on_each_item(
+    any_shop: Shop,
+) -> None:
+    shop = digest_shop(any_shop, sms_extra=FAST.replace("timeout: 1s", "timeout: 30s"))
+    shop.write("config.yaml", shop.read("config.yaml") + SCHEDULER)
+    people = shop.prepare(2)
+    phone = people[1]["phone"]
+    shop.stub.hang_seconds = 60
+    shop.stub.respond(phone, ACCEPT_THEN_HANG)
+    shop.ok("dispatch", now=SEND_AT)
+    doomed = Process(shop, "worker")
+    try:
+        wait_until(lambda: sum(shop.stub.accepted.values()) == 2)
+        assert shop.statuses() == {"sent": 2, "sending": 2}
+    finally:
+        doomed.kill()  # Twilio has the digest; the worker never records it
+    worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
+    try:
+        wait_until(lambda: shop.statuses() == {"sent": 4}, timeout=120, interval=0.5)
+    finally:
+        logs = worker.stop() + scheduler.stop()
+    (created,) = created_for(shop.stub, phone)
+    assert shop.stub.received[phone] == 1, logs
+    items = of_patient(shop, 2)
+    assert [r["provider_id"] for r in items] == [created["sid"]] * 2
+    messages = [m for m in shop.messages() if m["provider_id"] == created["sid"]]
+    assert sorted(m["reminder_id"] for m in messages) == sorted(r["id"] for r in items)
+
+
+def test_a_worker_killed_before_twilio_got_the_digest_sends_it_once(shop: Shop) -> None:
+    digest_shop(shop, sms_extra=FAST.replace("timeout: 1s", "timeout: 30s"), extra=SCHEDULER)
+    people = shop.prepare(2)
+    phone = people[0]["phone"]
+    # The request reaches the server, which holds it 5 s and then drops it unrecorded.
+    shop.stub.latency_ms = 5000
+    shop.stub.respond(phone, DROP_BEFORE_ACCEPT)
+    shop.ok("dispatch", now=SEND_AT)
+    doomed = Process(shop, "worker")
+    try:
+        wait_until(lambda: shop.stub.received[phone] == 1)
+    finally:
+        doomed.kill()
+    assert {r["status"] for r in of_patient(shop, 1)} == {"sending"}
+    shop.stub.latency_ms = 0
+    worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
+    try:
+        wait_until(lambda: shop.statuses() == {"sent": 4}, timeout=120, interval=0.5)
+    finally:
+        worker.stop()
+        scheduler.stop()
+    (created,) = created_for(shop.stub, phone)
+    assert shop.stub.accepted[phone] == 1
+    assert created["body"].count("Hi P1") == 2  # the digest again, whole
+    assert {r["provider_id"] for r in of_patient(shop, 1)} == {created["sid"]}
