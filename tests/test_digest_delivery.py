@@ -7,6 +7,7 @@ both at 10:00 on the day it runs out), gathered by the digest ``daily``: one mes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from reminders import codec
@@ -48,6 +49,31 @@ def of_patient(shop: Shop, patient: int) -> list[dict[str, Any]]:
     return [r for r in shop.reminders() if codec.loads(r["data"])["customer_id"] == patient]
 
 
+def killed_then_recovered(
+    shop: Shop, reached: Callable[[], bool], latency: float | None = None
+) -> dict[str, int]:
+    """Dispatch; a worker killed once ``reached``; then (with the stub's ``latency`` in ms) a
+    serving worker and the scheduler, nobody running ``retry``, until all is sent. Returns the
+    statuses at the worker's death."""
+    shop.ok("dispatch", now=SEND_AT)
+    doomed = Process(shop, "worker")
+    try:
+        wait_until(reached)
+    finally:
+        doomed.kill()
+    at_death = shop.statuses()
+    if latency is not None:
+        shop.stub.latency_ms = latency
+    total = sum(at_death.values())
+    worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
+    try:
+        wait_until(lambda: shop.statuses() == {"sent": total}, timeout=120, interval=0.5)
+    finally:
+        worker.stop()
+        scheduler.stop()
+    return at_death
+
+
 def test_a_permanent_sms_error_sends_the_same_digest_by_email(shop: Shop) -> None:
     digest_shop(shop)
     shop.prepare(2, phone=lambda i: "+15005550001" if i == 1 else f"+1212555{i:04d}")  # 21211
@@ -78,20 +104,11 @@ def test_a_worker_killed_after_twilio_accepted_the_digest_records_it_on_each_ite
     phone = people[1]["phone"]
     shop.stub.hang_seconds = 60
     shop.stub.respond(phone, ACCEPT_THEN_HANG)
-    shop.ok("dispatch", now=SEND_AT)
-    doomed = Process(shop, "worker")
-    try:
-        wait_until(lambda: sum(shop.stub.accepted.values()) == 2)
-        assert shop.statuses() == {"sent": 2, "sending": 2}
-    finally:
-        doomed.kill()  # Twilio has the digest; the worker never records it
-    worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
-    try:
-        wait_until(lambda: shop.statuses() == {"sent": 4}, timeout=120, interval=0.5)
-    finally:
-        logs = worker.stop() + scheduler.stop()
+    # Twilio has both digests; the worker never records the second.
+    at_death = killed_then_recovered(shop, lambda: sum(shop.stub.accepted.values()) == 2)
+    assert at_death == {"sent": 2, "sending": 2}
     (created,) = created_for(shop.stub, phone)
-    assert shop.stub.received[phone] == 1, logs
+    assert shop.stub.received[phone] == 1
     items = of_patient(shop, 2)
     assert [r["provider_id"] for r in items] == [created["sid"]] * 2
     messages = [m for m in shop.messages() if m["provider_id"] == created["sid"]]
@@ -105,20 +122,8 @@ def test_a_worker_killed_before_twilio_got_the_digest_sends_it_once(shop: Shop) 
     # The request reaches the server, which holds it 5 s and then drops it unrecorded.
     shop.stub.latency_ms = 5000
     shop.stub.respond(phone, DROP_BEFORE_ACCEPT)
-    shop.ok("dispatch", now=SEND_AT)
-    doomed = Process(shop, "worker")
-    try:
-        wait_until(lambda: shop.stub.received[phone] == 1)
-    finally:
-        doomed.kill()
-    assert {r["status"] for r in of_patient(shop, 1)} == {"sending"}
-    shop.stub.latency_ms = 0
-    worker, scheduler = Process(shop, "worker"), Process(shop, "scheduler")
-    try:
-        wait_until(lambda: shop.statuses() == {"sent": 4}, timeout=120, interval=0.5)
-    finally:
-        worker.stop()
-        scheduler.stop()
+    at_death = killed_then_recovered(shop, lambda: shop.stub.received[phone] == 1, latency=0)
+    assert at_death.get("sending") == 2
     (created,) = created_for(shop.stub, phone)
     assert shop.stub.accepted[phone] == 1
     assert created["body"].count("Hi P1") == 2  # the digest again, whole
