@@ -8,9 +8,12 @@ both at 10:00 on the day it runs out), gathered by the digest ``daily``: one mes
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from reminders import codec
+from reminders import codec, receipts
+from reminders.app import App
+from reminders.rules import load_rules
 from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import RULES, SEND_AT, Shop, wait_until
 from tests.test_reconcile import FAST, SCHEDULER, Process, any_shop, created_for
@@ -128,3 +131,19 @@ def test_a_worker_killed_before_twilio_got_the_digest_sends_it_once(shop: Shop) 
     assert shop.stub.accepted[phone] == 1
     assert created["body"].count("Hi P1") == 2  # the digest again, whole
     assert {r["provider_id"] for r in of_patient(shop, 1)} == {created["sid"]}
+
+
+def test_a_delivery_report_for_a_digest_applies_to_each_item(shop: Shop) -> None:
+    digest_shop(shop)
+    shop.prepare(1)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    (created,) = created_for(shop.stub, "+12125550001")
+    ruleset = load_rules(App(shop.root / "config.yaml").config)
+    with shop.state.begin() as conn:
+        did = receipts.apply_report(
+            conn, ruleset, created["sid"], "delivered", None, datetime(2027, 3, 10, 16, tzinfo=UTC)
+        )
+    assert did == "delivered"
+    assert shop.statuses() == {"delivered": 2}
+    assert {m["status"] for m in shop.messages()} == {"delivered"}
