@@ -31,7 +31,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from . import caps, codec, consent, pause, policies
 from .channels.base import body_digest
 from .compose import Rendered, customer_of, customer_zone, render, template_context
+from .config import Config
 from .dispatch import release
 from .errors import InputError, TemplateError
 from .lifecycle import CANCELED, PENDING, QUEUED, SENDING, move
@@ -103,6 +104,37 @@ def gather(
             continue
         found.append(row)
     return sorted(found, key=lambda r: (r["send_at"], r["id"]))
+
+
+class Planned(NamedTuple):
+    """A reminder as a plan sees it (forecast, preview): ``key`` is the caller's handle."""
+
+    key: Any
+    customer_id: str
+    channel: str
+    send_at: datetime
+    zone: ZoneInfo
+
+
+def plan(digest: Digest, reminders: Iterable[Planned]) -> list[list[Planned]]:
+    """How ``reminders`` (of the digest's rules) would go out: a list of messages, each the
+    reminders it carries, the earliest (the lead) first; one alone is a message of its own.
+
+    Per customer and channel, in send-time order, each message takes the next reminder not yet
+    taken and the others within its window, ``max_items`` at most (send-time checks aside)."""
+    groups: dict[tuple[str, str], list[Planned]] = defaultdict(list)
+    for one in reminders:
+        groups[(one.customer_id, one.channel)].append(one)
+    messages: list[list[Planned]] = []
+    for group in groups.values():
+        rest = sorted(group, key=lambda p: p.send_at)
+        while rest:
+            lead = rest[0]
+            end = window_end(digest, lead.send_at, lead.zone)
+            taken = [lead, *(p for p in rest[1:] if p.send_at <= end)][: digest.max_items]
+            messages.append(taken)
+            rest = [p for p in rest if all(p is not t for t in taken)]
+    return sorted(messages, key=lambda m: (m[0].send_at, m[0].customer_id))
 
 
 def item(
@@ -268,31 +300,65 @@ def _check(
     return members
 
 
-def _render(
-    delivery: Delivery, digest: Digest, lead: _Ready, members: Sequence[_Ready], now: datetime
+class Part(NamedTuple):
+    """One reminder of a digest about to be rendered: its own message's text included."""
+
+    rule: Rule
+    row: Mapping[str, Any]
+    values: Mapping[str, Any]
+    channel: str
+    address: str
+    text: str
+
+
+def render_digest(
+    renderer: Any,
+    config: Config,
+    digest: Digest,
+    parts: Sequence[Part],
+    now: datetime,
+    locale: str | None = None,
 ) -> Rendered:
-    """The digest's message for the lead and ``members``; raises ``TemplateError``."""
-    config = delivery.config
+    """The digest's message for ``parts`` (the lead first), in the variant the lead customer's
+    locale chooses (``locale`` stands in for it, for previews); raises ``TemplateError``."""
     items = []
     lead_variables: Mapping[str, Any] = {}
-    for one in (lead, *members):
-        values = codec.loads(one.row["data"])
+    for part in parts:
         variables = template_context(
-            config, one.rule, one.row, values, now, one.channel, one.address
+            config, part.rule, part.row, part.values, now, part.channel, part.address
         )
-        if one is lead:
-            lead_variables = variables
-        items.append(item(one.rule, values, variables, one.rendered.message.body))
+        lead_variables = lead_variables or variables
+        items.append(item(part.rule, part.values, variables, part.text))
+    lead = parts[0]
     return render(
-        delivery.app.renderer,
+        renderer,
         config,
         lead.rule,
         lead.row,
         context(lead_variables, digest, items),
         lead.channel,
         lead.address,
+        locale,
         template=digest.template_name,
     )
+
+
+def _render(
+    delivery: Delivery, digest: Digest, lead: _Ready, members: Sequence[_Ready], now: datetime
+) -> Rendered:
+    """The digest's message for the lead and ``members``; raises ``TemplateError``."""
+    parts = [
+        Part(
+            one.rule,
+            one.row,
+            codec.loads(one.row["data"]),
+            one.channel,
+            one.address,
+            one.rendered.message.body,
+        )
+        for one in (lead, *members)
+    ]
+    return render_digest(delivery.app.renderer, delivery.config, digest, parts, now)
 
 
 def _send(

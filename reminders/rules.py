@@ -429,7 +429,10 @@ def _digest_window(value: Any) -> Any:
     if value == DAY_WINDOW:
         return value
     if isinstance(value, str | int) and not isinstance(value, bool):
-        found = sendtime.parse_duration(str(value))
+        try:
+            found = sendtime.parse_duration(str(value))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or day (the same local day)") from None
         if found <= timedelta(0):
             raise ValueError("window must be more than 0 (e.g. 1d, 12h), or day")
         return found

@@ -267,3 +267,96 @@ def test_an_email_digest_has_its_subject_and_items(lite_notices: Notices) -> Non
     (line,) = outbox(project)
     assert line["subject"] == "2 notices"
     assert line["body"].splitlines() == ["payment: Hi C1, notice 1.", "refill: Hi C1, notice 2."]
+
+
+# -- validate, preview, forecast ------------------------------------------------------------------
+
+
+def test_validate_accepts_a_digest_and_names_the_place_of_each_mistake(
+    lite_notices: Notices,
+) -> None:
+    project = with_digest(lite_notices)
+    assert project.run("validate", "--offline").code == 0
+    bad = DIGEST.format(window="1d", max_items=10).replace("[payment, refill]", "[payment, refil]")
+    project.write("rules/notices.yaml", rules_yaml("sms") + bad)
+    result = project.run("validate", "--offline")
+    assert result.code == 2
+    assert (
+        'rules/notices.yaml:42: digest daily: no rule named "refil" (rules: fraud, payment, refill)'
+        in result.err
+    )
+    twice = DIGEST.format(window="1d", max_items=10) + (
+        "  - name: other\n    rules: [refill]\n    window: day\n    template: daily\n"
+    )
+    project.write("rules/notices.yaml", rules_yaml("sms") + twice)
+    result = project.run("validate", "--offline")
+    assert "digest other: rule refill is already in digest daily (rules/notices.yaml:41)" in (
+        result.err
+    )
+    wrong = DIGEST.format(window="a week", max_items=1)
+    project.write("rules/notices.yaml", rules_yaml("sms") + wrong)
+    result = project.run("validate", "--offline")
+    assert 'rules/notices.yaml:43: digest daily: window: "a week" is not a duration' in result.err
+    assert "or day (the same local day)" in result.err
+    assert "max_items: 1 is not allowed (max_items: a whole number, 2 or more)" in result.err
+
+
+def test_validate_names_what_a_digest_template_reads_that_it_will_not_have(
+    lite_notices: Notices,
+) -> None:
+    project = with_digest(lite_notices)
+    project.write("templates/daily.sms.j2", "Hi {{ first_name }}\n{{ items | length }}\n")
+    project.write("templates/daily.es.sms.j2", "Hola {{ customer.first_name }} {{ notice_id }}\n")
+    result = project.run("validate", "--offline")
+    assert result.code == 2
+    assert "templates/daily.sms.j2:1: first_name is not a name digest daily's template has" in (
+        result.err
+    )
+    assert "templates/daily.es.sms.j2:1: notice_id is not a name" in result.err
+    assert "item.notice_id" in result.err
+    (project.root / "templates/daily.email.j2").unlink()
+    result = project.run("validate", "--offline")
+    assert "templates/daily.email.j2: template file is missing" not in result.err  # sms only
+    project.write(
+        "rules/notices.yaml", rules_yaml("email") + DIGEST.format(window="1d", max_items=3)
+    )
+    result = project.run("validate", "--offline")
+    assert "templates/daily.email.j2: template file is missing" in result.err
+
+
+def test_preview_shows_a_digest_for_pending_reminders_and_sends_nothing(
+    lite_notices: Notices,
+) -> None:
+    project = with_digest(lite_notices)
+    project.notice(1, 1, "payment", "2027-03-10 10:00")
+    project.notice(2, 1, "refill", "2027-03-10 14:00")
+    project.notice(3, 2, "payment", "2027-03-10 10:00")  # alone: no digest to show
+    project.scan("2027-03-10T12:00:00Z")
+    shown = project.ok("preview", "--digest", "daily", now="2027-03-10T12:00:00Z").out
+    assert "== digest daily (customer 1) sms, 2 reminders from 2027-03-10T15:00:00Z" in shown
+    assert "items: payment 1 0m; refill 2 0m" in shown
+    assert "- refill 2: Hi C1, notice 2." in shown
+    assert "customer 2" not in shown
+    assert outbox(project) == []
+    (item,) = project.ok("preview", "--digest", "daily", "--json").json_lines()
+    assert item["digest"] == "daily" and item["segments"] == 1
+    unknown = project.run("preview", "--digest", "weekly")
+    assert unknown.code == 2 and 'no digest named "weekly" (digests: daily)' in unknown.err
+    assert project.run("preview").code == 2
+
+
+def test_forecast_counts_what_would_go_inside_a_digest(lite_notices: Notices) -> None:
+    project = with_digest(lite_notices)
+    project.notice(1, 1, "payment", "2027-03-10 10:00")
+    project.notice(2, 1, "refill", "2027-03-10 09:30")  # leads: the payment goes inside it
+    project.notice(3, 2, "payment", "2027-03-10 10:00")
+    project.notice(4, 2, "payment", "2027-03-10 11:00")  # inside customer 2's first
+    project.scan("2027-03-10T12:00:00Z")
+    got = project.ok("forecast", "payment", "--days", "2", "--json").json_lines()[0]
+    assert got["digest"] == "daily"
+    first = got["days"][0]
+    assert (first["sms"], first["digest"]) == (1, 2)
+    table = project.ok("forecast", "payment", "--days", "2").out
+    assert "in digest daily" in table
+    plain = project.ok("forecast", "fraud", "--days", "2", "--json").json_lines()[0]
+    assert plain["digest"] is None and "digest" not in plain["days"][0]
