@@ -227,6 +227,14 @@ class WebConfig(_Model):
     # The answer to HELP/INFO: one text, or one a language ({default: ..., es: ...}).
     # Unset: an empty <Response/> (a Messaging Service answers itself).
     help_text: Annotated[dict[str, HelpText] | None, BeforeValidator(_help_texts)] = None
+    # The answers to STOP, START and the rules' reply words, each like help_text (one text, or
+    # one a language): stop, start (unset: an empty answer, as for HELP), done, snooze (may say
+    # {later}), nothing_to_move, unknown (may say {words}: the rule's reply words). The engine
+    # has English and Spanish texts of its own for done, snooze, nothing_to_move and unknown.
+    reply_text: dict[
+        Literal["stop", "start", "done", "snooze", "nothing_to_move", "unknown"],
+        Annotated[dict[str, HelpText], BeforeValidator(_help_texts)],
+    ] = {}
     # How long links in messages (unsubscribe, preferences) stay valid: unsubscribe requests
     # arrive late, and the law asks for at least 30 days.
     link_max_age: Duration = timedelta(days=90)
