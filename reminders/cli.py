@@ -225,7 +225,8 @@ def validate(app: App, offline: bool) -> None:
     click.echo(
         click.style("ok", fg="green", bold=True)
         + f": {len(rules.rules)} rule(s), {len(rules.checks)} check(s), "
-        f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}",
+        + (f"{len(rules.digests)} digest(s), " if rules.digests else "")
+        + f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}",
         color=color(),
     )
 

@@ -318,7 +318,8 @@ class Config(_Model):
     source: SourceConfig
     state: StateConfig = StateConfig()
     redis: RedisConfig = RedisConfig()
-    rules: Path = Path("rules")
+    # A folder of *.yaml rule files, or one file, or a list of them (rules/ and a digest's file).
+    rules: Path | list[Path] = Path("rules")
     templates: Path = Path("templates")
     channels: ChannelsConfig = ChannelsConfig()
     web: WebConfig = WebConfig()
@@ -396,7 +397,14 @@ class Config(_Model):
 
     @property
     def rules_path(self) -> Path:
-        return self.root / self.rules
+        """The first (usually the one) place of rules."""
+        return self.rules_paths[0]
+
+    @property
+    def rules_paths(self) -> list[Path]:
+        """Every place of rules: a folder or a file each, in the order given."""
+        found = self.rules if isinstance(self.rules, list) else [self.rules]
+        return [self.root / path for path in found] or [self.root / "rules"]
 
     @property
     def templates_path(self) -> Path:

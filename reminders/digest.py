@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 
 from . import caps, codec, consent, pause, policies
-from .channels.base import body_digest
+from .channels.base import Message, body_digest
 from .compose import Rendered, customer_of, customer_zone, render, template_context
 from .config import Config
 from .dispatch import release
@@ -138,17 +138,19 @@ def plan(digest: Digest, reminders: Iterable[Planned]) -> list[list[Planned]]:
 
 
 def item(
-    rule: Rule, values: Mapping[str, Any], variables: Mapping[str, Any], text: str
+    rule: Rule, values: Mapping[str, Any], variables: Mapping[str, Any], own: Message
 ) -> dict[str, Any]:
     """One reminder as a digest's template sees it: the row's columns, ``rule``, ``reminder``,
-    and ``text`` (its own message, rendered by its rule's template); the engine's names win over
-    columns of the same name (the row is also whole in ``row``)."""
+    ``text`` (its own message, rendered by its rule's template: an SMS, or an email's text) and
+    ``subject`` (an email's; None for SMS); the engine's names win over columns of the same name
+    (the row is also whole in ``row``)."""
     return {
         **values,
         "row": dict(values),
         "rule": rule.name,
         "reminder": variables["reminder"],
-        "text": text,
+        "text": own.body,
+        "subject": own.subject,
     }
 
 
@@ -301,14 +303,14 @@ def _check(
 
 
 class Part(NamedTuple):
-    """One reminder of a digest about to be rendered: its own message's text included."""
+    """One reminder of a digest about to be rendered, its own message included."""
 
     rule: Rule
     row: Mapping[str, Any]
     values: Mapping[str, Any]
     channel: str
     address: str
-    text: str
+    own: Message
 
 
 def render_digest(
@@ -328,7 +330,7 @@ def render_digest(
             config, part.rule, part.row, part.values, now, part.channel, part.address
         )
         lead_variables = lead_variables or variables
-        items.append(item(part.rule, part.values, variables, part.text))
+        items.append(item(part.rule, part.values, variables, part.own))
     lead = parts[0]
     return render(
         renderer,
@@ -354,7 +356,7 @@ def _render(
             codec.loads(one.row["data"]),
             one.channel,
             one.address,
-            one.rendered.message.body,
+            one.rendered.message,
         )
         for one in (lead, *members)
     ]

@@ -346,7 +346,7 @@ def _preview_message(
             address = address_for(config, channel, customer_of(rule, row["values"]))
             context = template_context(config, rule, row, row["values"], now, channel, address)
             own = render(app.renderer, config, rule, row, context, channel, address, locale)
-            parts.append(Part(rule, row, row["values"], channel, address, own.message.body))
+            parts.append(Part(rule, row, row["values"], channel, address, own.message))
         rendered = render_digest(app.renderer, config, digest, parts, now, locale)
     except PermanentError as exc:
         item["unusable"] = exc.message

@@ -540,12 +540,15 @@ def load_rules(config: Config) -> RuleSet:
     rules: list[Rule] = []
     checks: list[CheckRule] = []
     digests: list[Digest] = []
-    path = config.rules_path
-    if not path.exists():
-        raise RuleError(Problem(f"no rules at {_display(path, config.root)} (config key rules)"))
-    files = rule_files(path)
-    if not files:
-        raise RuleError(Problem(f"no *.yaml rule files in {_display(path, config.root)}"))
+    files: list[Path] = []
+    for path in config.rules_paths:
+        if not path.exists():
+            shown = _display(path, config.root)
+            raise RuleError(Problem(f"no rules at {shown} (config key rules)"))
+        found = rule_files(path)
+        if not found:
+            raise RuleError(Problem(f"no *.yaml rule files in {_display(path, config.root)}"))
+        files.extend(f for f in found if f not in files)
     for file in files:
         try:
             doc = load(file, _display(file, config.root))
