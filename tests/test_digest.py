@@ -55,10 +55,11 @@ def with_digest(
     window: str = "1d",
     max_items: int = 10,
     caps: str = "",
+    batch_size: int = 100,
     **extra: str,
 ) -> Notices:
-    project.configure(caps=caps, rules=rules_yaml(channels, **extra) + DIGEST.format(
-        window=window, max_items=max_items))  # fmt: skip
+    project.configure(caps=caps, batch_size=batch_size, rules=rules_yaml(channels, **extra)
+        + DIGEST.format(window=window, max_items=max_items))  # fmt: skip
     project.write("templates/daily.sms.j2", DAILY_SMS)
     project.write("templates/daily.email.j2", DAILY_EMAIL)
     return project
@@ -133,6 +134,22 @@ def test_three_reminders_of_two_rules_go_as_one_message_each_sent_once(notices: 
     project.send("2027-03-11T16:00:00Z")
     assert len(outbox(project)) == 4
     assert project.by_occurrence()["4"]["status"] == "sent"
+
+
+def test_a_reminder_another_job_holds_goes_in_one_digest_only(notices: Notices) -> None:
+    project = with_digest(notices, batch_size=1)  # one reminder a job: two jobs
+    project.notice(1, 1, "payment", "2027-03-10 10:00")
+    project.notice(2, 1, "refill", "2027-03-10 10:00")
+    project.scan("2027-03-10T12:00:00Z")
+    project.ok("dispatch", now="2027-03-10T15:00:00Z")
+    jobs = {r["job_id"] for r in project.by_occurrence().values()}
+    assert len(jobs) == 2
+    project.ok("worker", "--burst", now="2027-03-10T15:00:00Z")
+    (line,) = outbox(project)  # the first job took both; the second found nothing to claim
+    assert line["body"].splitlines()[0] == "Hi C1, 2 notices:"
+    rems = project.by_occurrence()
+    assert {r["status"] for r in rems.values()} == {"sent"}
+    assert len({r["provider_id"] for r in rems.values()}) == 1
 
 
 def test_one_reminder_left_goes_with_its_own_template(lite_notices: Notices) -> None:

@@ -77,8 +77,8 @@ def killed_then_recovered(
     return at_death
 
 
-def test_a_permanent_sms_error_sends_the_same_digest_by_email(shop: Shop) -> None:
-    digest_shop(shop)
+def test_a_permanent_sms_error_sends_the_same_digest_by_email(any_shop: Shop) -> None:
+    shop = digest_shop(any_shop)
     shop.prepare(2, phone=lambda i: "+15005550001" if i == 1 else f"+1212555{i:04d}")  # 21211
     shop.ok("dispatch", now=SEND_AT)
     shop.worker()
