@@ -201,8 +201,9 @@ def deliver_digests(
         if not members:
             alone.append(lead)
             continue
-        taken.update([lead.row["id"], *(m.row["id"] for m in members)])
-        moved |= _send(delivery, channel, digest, lead, members, job_id, counts, worker)
+        claimed, gone = _send(delivery, channel, digest, lead, members, job_id, counts, worker)
+        taken.update(claimed)  # one of this batch left out goes on its own, or leads another
+        moved |= gone
     return alone, moved
 
 
@@ -372,9 +373,9 @@ def _send(
     job_id: str,
     counts: Counts,
     worker: str | None,
-) -> set[int]:
+) -> tuple[set[int], set[int]]:
     """Claim the lead and its members in one transaction, send one message, record it on each;
-    returns the reminders moved to another channel's queue."""
+    returns the reminders claimed and those moved to another channel's queue."""
     from .delivery import _Ready
 
     now = delivery.app.now()
@@ -392,7 +393,7 @@ def _send(
         members = []
     claimed = _claim(delivery, lead, members, job_id, counts, worker, now)
     if not claimed:
-        return set()
+        return {lead.row["id"]}, set()  # deferred, released or taken: not to be sent here
     if len(claimed) == 1:
         rendered = lead.rendered  # its company was taken meanwhile: its own message
     elif len(claimed) < 1 + len(members):
@@ -421,7 +422,8 @@ def _send(
     result = delivery._send(channel, items[:1], delivery.limiter(channel))[0]
     if isinstance(result, str) and len(items) > 1:
         counts.digests += 1
-    return delivery._record(items, [result] * len(items), counts)
+    gone = delivery._record(items, [result] * len(items), counts)
+    return {one.row["id"] for one in claimed}, gone
 
 
 def _claim(

@@ -152,6 +152,22 @@ def test_a_reminder_another_job_holds_goes_in_one_digest_only(notices: Notices) 
     assert len({r["provider_id"] for r in rems.values()}) == 1
 
 
+def test_a_digest_template_that_fails_sends_each_alone_in_the_same_burst(
+    lite_notices: Notices,
+) -> None:
+    project = with_digest(lite_notices)
+    project.write("templates/daily.sms.j2", "{{ items[5].text }}\n")  # fails when rendered
+    project.notice(1, 1, "payment", "2027-03-10 10:00")
+    project.notice(2, 1, "refill", "2027-03-10 10:00")
+    project.scan("2027-03-10T12:00:00Z")
+    project.send("2027-03-10T15:00:00Z")
+    assert sorted(line["body"] for line in outbox(project)) == [
+        "Hi C1, notice 1.",
+        "Hi C1, notice 2.",
+    ]
+    assert {r["status"] for r in project.by_occurrence().values()} == {"sent"}
+
+
 def test_one_reminder_left_goes_with_its_own_template(lite_notices: Notices) -> None:
     project = with_digest(lite_notices)
     project.notice(1, 1, "payment", "2027-03-10 10:00")
