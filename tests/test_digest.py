@@ -152,22 +152,6 @@ def test_a_reminder_another_job_holds_goes_in_one_digest_only(notices: Notices) 
     assert len({r["provider_id"] for r in rems.values()}) == 1
 
 
-def test_a_digest_template_that_fails_sends_each_alone_in_the_same_burst(
-    lite_notices: Notices,
-) -> None:
-    project = with_digest(lite_notices)
-    project.write("templates/daily.sms.j2", "{{ items[5].text }}\n")  # fails when rendered
-    project.notice(1, 1, "payment", "2027-03-10 10:00")
-    project.notice(2, 1, "refill", "2027-03-10 10:00")
-    project.scan("2027-03-10T12:00:00Z")
-    project.send("2027-03-10T15:00:00Z")
-    assert sorted(line["body"] for line in outbox(project)) == [
-        "Hi C1, notice 1.",
-        "Hi C1, notice 2.",
-    ]
-    assert {r["status"] for r in project.by_occurrence().values()} == {"sent"}
-
-
 def test_one_reminder_left_goes_with_its_own_template(lite_notices: Notices) -> None:
     project = with_digest(lite_notices)
     project.notice(1, 1, "payment", "2027-03-10 10:00")
@@ -279,16 +263,27 @@ def test_the_caps_count_each_digest_once_within_a_day(lite_notices: Notices) -> 
     assert rems["5"]["reason"].startswith("deferred: frequency cap (2 a day)")
 
 
-def test_a_rule_outside_any_digest_is_sent_alone_as_before(lite_notices: Notices) -> None:
+@pytest.mark.parametrize(
+    ("kinds", "template"),
+    [
+        (("fraud", "fraud"), DAILY_SMS),  # a rule outside any digest: alone, as before
+        (("payment", "refill"), "{{ items[5].text }}\n"),  # the digest fails: each alone
+    ],
+)
+def test_reminders_without_a_digest_go_alone_in_the_same_burst(
+    lite_notices: Notices, kinds: tuple[str, str], template: str
+) -> None:
     project = with_digest(lite_notices)
-    project.notice(1, 1, "fraud", "2027-03-10 10:00")
-    project.notice(2, 1, "fraud", "2027-03-10 10:00")
+    project.write("templates/daily.sms.j2", template)
+    for nid, kind in enumerate(kinds, 1):
+        project.notice(nid, 1, kind, "2027-03-10 10:00")
     project.scan("2027-03-10T12:00:00Z")
     project.send("2027-03-10T15:00:00Z")
     assert sorted(line["body"] for line in outbox(project)) == [
         "Hi C1, notice 1.",
         "Hi C1, notice 2.",
     ]
+    assert {r["status"] for r in project.by_occurrence().values()} == {"sent"}
 
 
 def test_an_email_digest_has_its_subject_and_items(lite_notices: Notices) -> None:
