@@ -388,3 +388,21 @@ def test_forecast_counts_what_would_go_inside_a_digest(lite_notices: Notices) ->
     assert "in digest daily" in table
     plain = project.ok("forecast", "fraud", "--days", "2", "--json").json_lines()[0]
     assert plain["digest"] is None and "digest" not in plain["days"][0]
+
+
+def test_the_rules_may_be_several_places_and_a_missing_one_is_named(
+    lite_notices: Notices,
+) -> None:
+    project = with_digest(lite_notices)
+    text = project.read("rules/notices.yaml")
+    rules, digest = text.split("digests:\n")
+    project.write("rules/notices.yaml", rules)
+    project.write("extra/digest.yaml", "digests:\n" + digest)
+    config = project.read("config.yaml")
+    project.write(
+        "config.yaml", config.replace("rules: rules/", "rules: [rules/, extra/digest.yaml]")
+    )
+    assert "1 digest(s)" in project.ok("validate", "--offline").out
+    project.write("config.yaml", config.replace("rules: rules/", "rules: [rules/, nowhere/]"))
+    missing = project.run("validate", "--offline")
+    assert missing.code == 2 and "no rules at nowhere (config key rules)" in missing.err
