@@ -391,16 +391,13 @@ def _send(
         )
         rendered = lead.rendered
         members = []
-    claimed = _claim(delivery, lead, members, job_id, counts, worker, now)
+    claimed = _claim(delivery, lead, members, rendered, job_id, counts, worker, now)
     if not claimed:
         return {lead.row["id"]}, set()  # deferred, released or taken: not to be sent here
-    if len(claimed) == 1:
-        rendered = lead.rendered  # its company was taken meanwhile: its own message
-    elif len(claimed) < 1 + len(members):
+    if len(claimed) < 1 + len(members):  # some were taken meanwhile: the text of the rest
         ids = {one.row["id"] for one in claimed}
         won = [m for m in members if m.row["id"] in ids]
-        rendered = _render(delivery, digest, lead, won, now)
-    if len(claimed) > 1 or rendered is not lead.rendered:
+        rendered = _render(delivery, digest, lead, won, now) if won else lead.rendered
         with delivery.app.state.begin() as conn:
             conn.execute(
                 sa.update(reminder)
@@ -430,6 +427,7 @@ def _claim(
     delivery: Delivery,
     lead: _Ready,
     members: list[_Ready],
+    rendered: Rendered,
     job_id: str,
     counts: Counts,
     worker: str | None,
@@ -442,7 +440,7 @@ def _claim(
     attempt: dict[str, Any] = {
         "attempt_at": datetime.now(UTC),
         "claimed_by": worker,
-        "body_digest": body_digest(lead.rendered.message.body),
+        "body_digest": body_digest(rendered.message.body),
         "channel": lead.channel,
         "digest_id": lead.row["id"],
     }
