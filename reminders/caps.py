@@ -236,6 +236,9 @@ def usage(
     r, m = reminder, message
     used: dict[str, list[datetime]] = defaultdict(list)
     due: list[Due] = []
+    # A digest is one message for several reminders: its items share a provider id (sent) or a
+    # digest id (being sent), and count once.
+    seen: set[tuple[str, str, str]] = set()
     for start in range(0, len(customers), _CUSTOMERS_PER_QUERY):
         chunk = list(customers[start : start + _CUSTOMERS_PER_QUERY])
         sent = (
@@ -245,6 +248,7 @@ def usage(
                 r.c.id,
                 r.c.rule,
                 m.c.created_at.label("at"),
+                m.c.provider_id.label("one"),
             )
             .select_from(m.join(r, r.c.id == m.c.reminder_id))
             .where(
@@ -254,19 +258,33 @@ def usage(
             )
         )
         sending = sa.select(
-            sa.literal_column("'sending'"), r.c.customer_id, r.c.id, r.c.rule, r.c.updated_at
+            sa.literal_column("'sending'"),
+            r.c.customer_id,
+            r.c.id,
+            r.c.rule,
+            r.c.updated_at,
+            sa.cast(r.c.digest_id, sa.String(128)),
         ).where(
             r.c.customer_id.in_(chunk),
             r.c.status.in_((SENDING, UNKNOWN)),  # may have reached the customer
             r.c.updated_at >= since,
         )
         waiting = sa.select(
-            sa.literal_column("'due'"), r.c.customer_id, r.c.id, r.c.rule, r.c.send_at
+            sa.literal_column("'due'"),
+            r.c.customer_id,
+            r.c.id,
+            r.c.rule,
+            r.c.send_at,
+            sa.cast(sa.null(), sa.String(128)),
         ).where(r.c.customer_id.in_(chunk), r.c.status.in_((PENDING, QUEUED)), r.c.send_at <= now)
-        for kind, customer, rid, rule_name, at in conn.execute(
+        for kind, customer, rid, rule_name, at, one in conn.execute(
             sa.union_all(sent, sending, waiting)
         ):
             rule = ruleset.get(rule_name)
+            if one is not None:
+                if (kind, customer, one) in seen:
+                    continue
+                seen.add((kind, customer, one))
             if kind != "due":
                 if rule is None or rule.caps:
                     used[customer].append(at)

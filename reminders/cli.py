@@ -226,7 +226,8 @@ def validate(app: App, offline: bool) -> None:
     click.echo(
         click.style("ok", fg="green", bold=True)
         + f": {len(rules.rules)} rule(s), {len(rules.checks)} check(s), "
-        f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}",
+        + (f"{len(rules.digests)} digest(s), " if rules.digests else "")
+        + f"channels: {', '.join(app.config.channel_names) or 'none'}; {checked}",
         color=color(),
     )
 
@@ -669,7 +670,12 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
 
 
 @cli.command()
-@click.argument("rule_name", metavar="RULE")
+@click.argument("rule_name", metavar="[RULE]", required=False)
+@click.option(
+    "--digest",
+    metavar="NAME",
+    help="a digest's messages instead: pending reminders a customer would get in one",
+)
 @click.option(
     "--occurrence", metavar="KEY", help="the occurrence to show (default: the first rows)"
 )
@@ -681,16 +687,26 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
 @pass_app
 def preview(
     app: App,
-    rule_name: str,
+    rule_name: str | None,
+    digest: str | None,
     occurrence: str | None,
     limit: int,
     locale: str | None,
     as_json: bool,
 ) -> None:
-    """Render a rule's messages for real rows of the business DB; sends nothing."""
-    from .preview import format_preview, preview_rule
+    """Render a rule's messages for real rows of the business DB (or, with --digest, a digest's
+    for pending reminders); sends nothing."""
+    from .preview import format_preview, preview_digest, preview_rule
 
-    shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit, locale=locale)
+    if (rule_name is None) == (digest is None):
+        raise click.UsageError("give a RULE or --digest NAME (one of them)")
+    if digest is not None:
+        if occurrence is not None:
+            raise click.UsageError("--occurrence is for a rule, not a digest")
+        shown = preview_digest(app, digest, limit=limit, locale=locale)
+    else:
+        assert rule_name is not None
+        shown = preview_rule(app, rule_name, occurrence=occurrence, limit=limit, locale=locale)
     if as_json:
         for item in shown.items:
             _echo_json(item)

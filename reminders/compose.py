@@ -143,12 +143,13 @@ def render(
     channel: str,
     address: str,
     locale: str | None = None,
+    template: str | None = None,
 ) -> Rendered:
-    """Render the rule's template for ``channel`` in the variant the customer's locale chooses
-    (``locale`` stands in for the customer's, for previews); raises ``TemplateError`` naming file
-    and line."""
+    """Render the rule's template (or ``template``: a digest's) for ``channel`` in the variant
+    the customer's locale chooses (``locale`` stands in for the customer's, for previews); raises
+    ``TemplateError`` naming file and line."""
     rid = int(row.get("id") or 0)
-    name = rule.template_name
+    name = template or rule.template_name
     customer = context.get("customer")
     wanted = locale or (customer.get("locale") if isinstance(customer, Mapping) else None)
     chosen = renderer.choose(name, channel, wanted, config.default_locale)

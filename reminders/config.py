@@ -231,6 +231,14 @@ class WebConfig(_Model):
     # The answer to HELP/INFO: one text, or one a language ({default: ..., es: ...}).
     # Unset: an empty <Response/> (a Messaging Service answers itself).
     help_text: Annotated[dict[str, HelpText] | None, BeforeValidator(_help_texts)] = None
+    # The answers to STOP, START and the rules' reply words, each like help_text (one text, or
+    # one a language): stop, start (unset: an empty answer, as for HELP), done, snooze (may say
+    # {later}), nothing_to_move, unknown (may say {words}: the rule's reply words). The engine
+    # has English and Spanish texts of its own for done, snooze, nothing_to_move and unknown.
+    reply_text: dict[
+        Literal["stop", "start", "done", "snooze", "nothing_to_move", "unknown"],
+        Annotated[dict[str, HelpText], BeforeValidator(_help_texts)],
+    ] = {}
     # How long links in messages (unsubscribe, preferences) stay valid: unsubscribe requests
     # arrive late, and the law asks for at least 30 days.
     link_max_age: Duration = timedelta(days=90)
@@ -314,7 +322,8 @@ class Config(_Model):
     source: SourceConfig
     state: StateConfig = StateConfig()
     redis: RedisConfig = RedisConfig()
-    rules: Path = Path("rules")
+    # A folder of *.yaml rule files, or one file, or a list of them (rules/ and a digest's file).
+    rules: Path | list[Path] = Path("rules")
     templates: Path = Path("templates")
     channels: ChannelsConfig = ChannelsConfig()
     web: WebConfig = WebConfig()
@@ -392,7 +401,14 @@ class Config(_Model):
 
     @property
     def rules_path(self) -> Path:
-        return self.root / self.rules
+        """The first (usually the one) place of rules."""
+        return self.rules_paths[0]
+
+    @property
+    def rules_paths(self) -> list[Path]:
+        """Every place of rules: a folder or a file each, in the order given."""
+        found = self.rules if isinstance(self.rules, list) else [self.rules]
+        return [self.root / path for path in found] or [self.root / "rules"]
 
     @property
     def templates_path(self) -> Path:

@@ -110,6 +110,7 @@ class Counts:
     moved: int = 0  # to another channel (skipped channel or fallback)
     released: int = 0  # let go unsent when the job ran out of time
     not_claimed: int = 0  # another worker or a newer job had them
+    digests: int = 0  # messages that carried several reminders (reminders.digest)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -265,6 +266,11 @@ class Delivery:
         now = self.app.now()
         changes, ready = self._prepare(channel, rows, now)
         moved = self._apply(changes, job_id, now, counts)
+        if ready and self.app.ruleset.digests:  # several of a customer's in one message
+            from .digest import deliver_digests
+
+            ready, gathered = deliver_digests(self, channel, ready, job_id, counts, worker)
+            moved |= gathered
         limiter = self.limiter(channel)
         size = max(1, len(ready))  # every reminder may have moved to another channel
         if limiter is not None:

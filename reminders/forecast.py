@@ -12,6 +12,9 @@ for an existing rule from its pending reminders. Per day in the config's zone (b
   own messages only (deferred to a later day);
 - ``opted_out``, ``off``: not sent: every usable channel opted out, or turned off (or both);
 - ``no_address``: not sent: no channel has a usable address (the reminder would fail).
+- ``digest`` (a rule in a digest only): reminders that would go inside a digest led by an earlier
+  reminder of the customer's (this rule's or another of the digest's pending ones), not as
+  messages of their own; the digest's messages are counted on the day of their lead.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import business_db, consent, sendtime, stats
 from .compose import address_for, customer_of, customer_zone
 from .config import Config
 from .errors import PermanentError
+from .lifecycle import PENDING, QUEUED
+from .models import reminder
 from .rules import Rule
 
 FIELDS = ("sms", "email", "quiet_hours", "caps", "opted_out", "off", "no_address")
@@ -40,25 +46,31 @@ def count(
     items: Iterable[tuple[datetime, int, dict[str, Any]]],
     now: datetime,
     days: int,
+    inside: set[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Count ``items`` (send time, channel index, row values) by send day and outcome."""
+    """Count ``items`` (send time, channel index, row values) by send day and outcome;
+    ``inside``: the positions of the items that would go inside a digest (counted as such)."""
     tz = config.tz()
     first = stats.today(config, now)
     bounds = stats.day_bounds(first, days, tz)
+    fields = FIELDS if inside is None else (*FIELDS, "digest")
     out: list[dict[str, Any]] = [
-        {"date": (first + timedelta(days=i)).isoformat(), **dict.fromkeys(FIELDS, 0)}
+        {"date": (first + timedelta(days=i)).isoformat(), **dict.fromkeys(fields, 0)}
         for i in range(days)
     ]
     plans: list[tuple[int, datetime, str, list[tuple[str, Any]], dict[str, Any]]] = []
     customers: set[str] = set()
     addresses: set[tuple[str, str]] = set()
     known: dict[tuple[str, Any], Any] = {}  # (channel, raw address) -> address or its error
-    for send_at, index, values in items:
+    for position, (send_at, index, values) in enumerate(items):
         if send_at >= bounds[-1]:
             continue
         day = 0
         while day + 1 < len(bounds) - 1 and send_at >= bounds[day + 1]:
             day += 1
+        if inside is not None and position in inside:
+            out[day]["digest"] += 1
+            continue
         customer = customer_of(rule, values)
         cid = str(customer.get("id"))
         candidates: list[tuple[str, Any]] = []
@@ -141,15 +153,8 @@ def from_query(app: Any, rule_name: str, days: int) -> dict[str, Any]:
             for p in planned:
                 items.append((p.planned_at, 0, mapping))
     with app.state.connect() as conn:
-        counted = count(conn, config, rule, items, now, days)
-    return {
-        "rule": rule.name,
-        "timezone": config.timezone,
-        "source": "query",
-        "rows": rows,
-        "skipped": dict(skipped),
-        "days": counted,
-    }
+        found = _result(app, conn, rule, items, days, "query")
+    return {**found, "rows": rows, "skipped": dict(skipped), "days": found.pop("days")}
 
 
 def from_pending(app: Any, rule_name: str, days: int) -> dict[str, Any]:
@@ -163,20 +168,94 @@ def from_pending(app: Any, rule_name: str, days: int) -> dict[str, Any]:
         items = list(
             stats.pending_items(conn, rule.name, bounds[0] - timedelta(days=3650), bounds[-1])
         )
-        counted = count(conn, config, rule, items, now, days)
-    return {"rule": rule.name, "timezone": config.timezone, "source": "pending", "days": counted}
+        return _result(app, conn, rule, items, days, "pending")
+
+
+def _result(
+    app: Any,
+    conn: Connection,
+    rule: Rule,
+    items: list[tuple[datetime, int, dict[str, Any]]],
+    days: int,
+    source: str,
+) -> dict[str, Any]:
+    """The forecast of ``items`` (the rule's planned reminders) from ``source``."""
+    now = app.now()
+    inside = _inside(app, conn, rule, items, now)
+    found = app.ruleset.digest_of(rule.name)
+    return {
+        "rule": rule.name,
+        "timezone": app.config.timezone,
+        "digest": None if found is None else found.name,
+        "source": source,
+        "days": count(conn, app.config, rule, items, now, days, inside),
+    }
+
+
+def _inside(
+    app: Any,
+    conn: Connection,
+    rule: Rule,
+    items: list[tuple[datetime, int, dict[str, Any]]],
+    now: datetime,
+) -> set[int] | None:
+    """Which of ``items`` (the rule's) would go inside a digest led by an earlier reminder (None:
+    the rule is in no digest): planned with the pending reminders of the digest's other rules."""
+    from . import codec, digest
+
+    found = app.ruleset.digest_of(rule.name)
+    if found is None:
+        return None
+    config: Config = app.config
+
+    def planned(key: Any, of: Rule, send_at: datetime, index: int, values: Any) -> Any:
+        customer = customer_of(of, values)
+        return digest.Planned(
+            key,
+            str(customer.get("id")),
+            digest.channel_of(of, index),
+            max(send_at, now),
+            customer_zone(config, customer),
+        )
+
+    entries = [planned(i, rule, *item) for i, item in enumerate(items)]
+    others = [n for n in found.rules if n != rule.name and app.ruleset.get(n) is not None]
+    if others:
+        r = reminder
+        for row in conn.execute(
+            sa.select(r.c.id, r.c.rule, r.c.send_at, r.c.channel_index, r.c.data).where(
+                r.c.rule.in_(others), r.c.status.in_([PENDING, QUEUED])
+            )
+        ):
+            other = app.ruleset.rule(row.rule)
+            values = codec.loads(row.data)
+            entries.append(
+                planned(("pending", row.id), other, row.send_at, row.channel_index, values)
+            )
+    return {
+        one.key
+        for message in digest.plan(found, entries)
+        for one in message[1:]
+        if isinstance(one.key, int)
+    }
 
 
 def format_forecast(result: dict[str, Any]) -> str:
     """The forecast as a table."""
-    head = f"{'date':10}  " + "  ".join(f"{f:>11}" for f in FIELDS)
+    fields = FIELDS if result.get("digest") is None else (*FIELDS, "digest")
+    head = f"{'date':10}  " + "  ".join(f"{f:>11}" for f in fields)
     lines = [f"forecast for {result['rule']} (days in {result['timezone']})", head]
-    total = dict.fromkeys(FIELDS, 0)
+    total = dict.fromkeys(fields, 0)
     for day in result["days"]:
-        lines.append(f"{day['date']:10}  " + "  ".join(f"{day[f]:>11}" for f in FIELDS))
-        for f in FIELDS:
+        lines.append(f"{day['date']:10}  " + "  ".join(f"{day[f]:>11}" for f in fields))
+        for f in fields:
             total[f] += day[f]
-    lines.append(f"{'total':10}  " + "  ".join(f"{total[f]:>11}" for f in FIELDS))
+    lines.append(f"{'total':10}  " + "  ".join(f"{total[f]:>11}" for f in fields))
+    if result.get("digest") is not None:
+        lines.append(
+            f"in digest {result['digest']}: digest counts the reminders that would go inside "
+            "an earlier one's message, not on their own"
+        )
     if result.get("rows") is not None:
         lines.append(f"{result['rows']} rows read; nothing written")
     for reason, n in result.get("skipped", {}).items():

@@ -6,6 +6,7 @@ make a change.
     pending -> queued -> sending -> sent -> delivered | undelivered
        ^         |          |         |
        +---------+----------+---------+   (deferred, retried, released, moved to the next channel)
+    pending -> sending (claimed into a digest with an earlier reminder; see reminders.digest)
     any open status -> canceled (condition gone, superseded, opted out, expired)
     canceled -> pending (its occurrence vanished from the query, then came back)
     queued | sending -> failed (permanent error, retries used up); failed -> pending (ops retry)
@@ -63,8 +64,9 @@ FINAL = frozenset({SENT, DELIVERED, UNDELIVERED, CANCELED, FAILED})  # a scan le
 
 # Each status and the statuses a reminder may go to from it.
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    # dispatched; moved or snoozed (a new send time); canceled
-    PENDING: frozenset({QUEUED, PENDING, CANCELED}),
+    # dispatched; moved or snoozed (a new send time); canceled; claimed into a digest with an
+    # earlier reminder of the customer's (reminders.digest)
+    PENDING: frozenset({QUEUED, PENDING, CANCELED, SENDING}),
     # claimed; enqueued again (its job was lost); back to pending (deferred by quiet hours or caps,
     # released unsent, retried, moved to another channel, moved or snoozed); canceled; failed
     # before sending (no channel left, a template error)

@@ -87,9 +87,14 @@ reminder = sa.Table(
     sa.Column("attempt_at", UtcDateTime()),
     sa.Column("claimed_by", sa.String(128)),
     sa.Column("body_digest", sa.String(64)),
+    # The digest the reminder was last claimed into (several reminders, one message): the id of
+    # the digest's first reminder, on every item of it; NULL for a message of its own. What
+    # reconciliation decides for one item of a digest it decides for all (reminders.digest).
+    sa.Column("digest_id", BigId),
     sa.UniqueConstraint("rule", "occurrence", "offset"),
     sa.Index(None, "status", "send_at"),
     sa.Index(None, "customer_id"),
+    sa.Index(None, "digest_id"),
     # For GET /metrics: reminders by rule and status read from the index alone, and the reminders
     # not sent yet (a small part of the table) by send time, so "due and not sent" reads only
     # the due ones.

@@ -161,21 +161,24 @@ def _preview_row(
             result.errors.append(f"{rule.name} {key} {channel}: {item['error']}")
             result.items.append(item)
             continue
-        message = rendered.message
-        item["locale"] = rendered.locale
-        if channel == "sms":
-            info = sms.segments(message.body)
-            item.update(
-                text=message.body,
-                segments=info.segments,
-                encoding=info.encoding,
-                length=info.length,
-            )
-        else:
-            item.update(subject=message.subject, text=message.body, html=message.html)
-        if rendered.warnings:
-            item["warnings"] = rendered.warnings
+        _message_fields(item, rendered)
         result.items.append(item)
+
+
+def _message_fields(item: dict[str, Any], rendered: Any) -> None:
+    """What a preview shows of a rendered message: its locale, text (SMS: its segments; email:
+    subject and HTML), and warnings."""
+    message = rendered.message
+    item["locale"] = rendered.locale
+    if message.channel == "sms":
+        info = sms.segments(message.body)
+        item.update(
+            text=message.body, segments=info.segments, encoding=info.encoding, length=info.length
+        )
+    else:
+        item.update(subject=message.subject, text=message.body, html=message.html)
+    if rendered.warnings:
+        item["warnings"] = rendered.warnings
 
 
 def _shown(config: Any, path: Path) -> str:
@@ -220,7 +223,12 @@ def format_preview(result: PreviewResult) -> str:
             f"== {item['rule']} {item['occurrence']} (customer {item['customer_id']}) "
             f"{item['channel']}"
         )
-        if item.get("offset"):
+        if "digest" in item:
+            head = (
+                f"== digest {item['digest']} (customer {item['customer_id']}) {item['channel']}, "
+                f"{len(item['items'])} reminders from {item['send_at']}"
+            )
+        elif item.get("offset"):
             head += f", offset {item['offset']} at {item['send_at']}"
         if item.get("locale"):
             head += f", in {item['locale']}"
@@ -231,6 +239,8 @@ def format_preview(result: PreviewResult) -> str:
             lines.append(f"error: {item['label_error']}")
         if "check" in item:
             lines.append(f"check: {item['check']}")
+        if "items" in item:
+            lines.append(f"items: {'; '.join(item['items'])}")
         if "unusable" in item:
             lines.append(f"not sendable: {item['unusable']}")
             continue
@@ -252,3 +262,98 @@ def format_preview(result: PreviewResult) -> str:
         lines.append("")
     lines.extend(f"note: {note}" for note in result.notes)
     return "\n".join(lines).rstrip()
+
+
+def preview_digest(
+    app: App, name: str, *, limit: int = 3, locale: str | None = None
+) -> PreviewResult:
+    """Render the first ``limit`` messages of digest ``name`` that would carry several of a
+    customer's pending reminders (as a worker would gather them, send-time checks aside); with
+    ``locale``, in the variant that locale chooses."""
+    import sqlalchemy as sa
+
+    from . import codec
+    from .compose import customer_of, customer_zone
+    from .digest import Planned, channel_of, plan
+    from .lifecycle import PENDING, QUEUED
+    from .models import reminder
+
+    config = app.config
+    digest = app.ruleset.digest(name)
+    result = PreviewResult(rule=digest.name)
+    now = app.now()
+    r = reminder
+    with app.state.connect() as conn:
+        rows = [
+            dict(row)
+            for row in conn.execute(
+                sa.select(r)
+                .where(r.c.rule.in_(digest.rules), r.c.status.in_([PENDING, QUEUED]))
+                .order_by(r.c.send_at, r.c.id)
+            ).mappings()
+        ]
+    entries = []
+    for row in rows:
+        rule = app.ruleset.get(row["rule"])
+        if rule is None:
+            continue
+        row["values"] = codec.loads(row["data"])
+        customer = customer_of(rule, row["values"])
+        zone = customer_zone(config, customer)
+        channel = channel_of(rule, row["channel_index"])
+        entries.append(Planned(row, str(row["customer_id"]), channel, row["send_at"], zone))
+    messages = [m for m in plan(digest, entries) if len(m) > 1]
+    for message in messages[:limit]:
+        _preview_message(app, digest, [one.key for one in message], now, locale, result)
+    if not messages:
+        result.notes.append(
+            f"digest {digest.name}: no customer has two pending reminders of "
+            f"{', '.join(digest.rules)} on one channel within its window"
+        )
+    return result
+
+
+def _preview_message(
+    app: App,
+    digest: Any,
+    rows: list[dict[str, Any]],
+    now: Any,
+    locale: str | None,
+    result: PreviewResult,
+) -> None:
+    """One digest's message for ``rows`` (pending reminders, the lead first) into ``result``."""
+    from .compose import customer_of
+    from .digest import Part, channel_of, render_digest
+
+    config = app.config
+    lead = rows[0]
+    channel = channel_of(app.ruleset.rule(lead["rule"]), lead["channel_index"])
+    item: dict[str, Any] = {
+        "digest": digest.name,
+        "rule": lead["rule"],
+        "occurrence": lead["occurrence"],
+        "customer_id": str(lead["customer_id"]),
+        "channel": channel,
+        "offset": lead["offset"],
+        "send_at": clock.iso_utc(lead["send_at"]),
+        "items": [f"{row['rule']} {row['occurrence']} {row['offset']}" for row in rows],
+    }
+    result.items.append(item)
+    try:
+        parts = []
+        for row in rows:
+            rule = app.ruleset.rule(row["rule"])
+            address = address_for(config, channel, customer_of(rule, row["values"]))
+            context = template_context(config, rule, row, row["values"], now, channel, address)
+            own = render(app.renderer, config, rule, row, context, channel, address, locale)
+            parts.append(Part(rule, row, row["values"], channel, address, own.message))
+        rendered = render_digest(app.renderer, config, digest, parts, now, locale)
+    except PermanentError as exc:
+        item["unusable"] = exc.message
+        return
+    except TemplateError as exc:
+        item["error"] = "; ".join(str(p) for p in exc.problems)
+        result.errors.append(f"digest {digest.name} {lead['occurrence']}: {item['error']}")
+        return
+    item["to"] = phone.mask_address(channel, rendered.message.to)
+    _message_fields(item, rendered)

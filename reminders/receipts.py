@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -44,15 +45,31 @@ def apply_report(
     code: str | None,
     now: datetime,
 ) -> str:
-    """Apply one SMS delivery report for the message ``sid``; returns what it did (for the log)."""
-    found = conn.execute(
+    """Apply one SMS delivery report for the message ``sid``; returns what it did (for the log).
+
+    A digest is one message for several reminders, a ``message`` row each: the report applies
+    to each of them."""
+    rows = conn.execute(
         sa.select(message)
         .where(message.c.provider_id == sid, message.c.channel == "sms")
-        .order_by(message.c.id.desc())
-        .limit(1)
-    ).first()
-    if found is None:
+        .order_by(message.c.id)
+    ).all()
+    if not rows:
         return "unknown message"
+    done = [_apply(conn, ruleset, found, sid, state, code, now) for found in rows]
+    return done[0] if len(set(done)) == 1 else "; ".join(done)
+
+
+def _apply(
+    conn: Connection,
+    ruleset: RuleSet,
+    found: sa.Row[Any],
+    sid: str,
+    state: str,
+    code: str | None,
+    now: datetime,
+) -> str:
+    """Apply the report to one message row and its reminder."""
     if found.status in FINAL_REPORTS:
         return f"already {found.status}"
     if state not in FINAL_REPORTS:

@@ -248,6 +248,7 @@ class Reconciler:
         to = self._address(row)
         if to is None or not row["body_digest"]:
             return
+        group = _digest(row)
         with self.state.connect() as conn:
             known = frozenset(
                 p
@@ -255,7 +256,7 @@ class Reconciler:
                     sa.select(message.c.provider_id).where(
                         message.c.to_address == to,
                         message.c.channel == "sms",
-                        message.c.reminder_id != row["id"],
+                        message.c.reminder_id.not_in(group),
                     )
                 )
                 if p
@@ -267,28 +268,45 @@ class Reconciler:
             return
         if found is not None:
             with self.state.begin() as conn:
-                self._sent(
-                    conn,
-                    row,
-                    found.sid,
-                    now,
-                    f"sent: found in Twilio's records ({found.status or 'no status'})",
-                    source=UNKNOWN,
-                    to=to,
-                )
+                # A digest's items were one message: found for one, found for all of them.
+                for one in self._same_message(conn, row):
+                    self._sent(
+                        conn,
+                        one,
+                        found.sid,
+                        now,
+                        f"sent: found in Twilio's records ({found.status or 'no status'})",
+                        source=UNKNOWN,
+                        to=to,
+                    )
+                    counts.found += 1
                 if found.status in receipts.FINAL_REPORTS:
                     # Its delivery report may have come while the send was unknown (and found
                     # no message then): the status in the list is applied as that report.
                     receipts.apply_report(
                         conn, self.ruleset, found.sid, found.status, found.error_code, now
                     )
-            counts.found += 1
             return
         if real_now - row["attempt_at"] >= sms.reconcile_after:
             since = row["attempt_at"].strftime("%Y-%m-%dT%H:%M:%SZ")
             self._again(
                 row, f"not sent: no such message in Twilio's records since {since}", now, counts
             )
+
+    def _same_message(self, conn: sa.Connection, row: Mapping[str, Any]) -> list[Any]:
+        """The unknown reminders whose attempt was the message of ``row``'s: itself, and the
+        other items of its digest (the same digest id and attempt)."""
+        if row.get("digest_id") is None:
+            return [row]
+        r = reminder
+        found = conn.execute(
+            sa.select(r).where(
+                r.c.digest_id == row["digest_id"],
+                r.c.attempt_at == row["attempt_at"],
+                r.c.status == UNKNOWN,
+            )
+        )
+        return [dict(one._mapping) for one in found] or [row]
 
     def _again(
         self, row: Mapping[str, Any], why: str, now: datetime, counts: ReconcileCounts
@@ -371,6 +389,16 @@ class Reconciler:
         except PermanentError:
             return None
         return address if isinstance(address, str) else None
+
+
+def _digest(row: Mapping[str, Any]) -> sa.Select[Any] | list[int]:
+    """The reminders that were one message with ``row``: its digest's items, or itself."""
+    if row.get("digest_id") is None:
+        return [row["id"]]
+    r = reminder
+    return sa.select(r.c.id).where(
+        r.c.digest_id == row["digest_id"], r.c.attempt_at == row["attempt_at"]
+    )
 
 
 def _workers(connection: redis.Redis, rows: Sequence[Any]) -> dict[int, str | None]:

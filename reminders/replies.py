@@ -22,9 +22,11 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
+from babel.dates import format_timedelta
+from babel.lists import format_list
 from sqlalchemy.engine import Connection
 
 from . import consent, locales, state_db
@@ -76,14 +78,63 @@ def engine_keyword(word: str, config: Config) -> tuple[str | None, str | None]:
     return None, None
 
 
+# The engine's own answers to the rules' reply words, by language ("default": English); a
+# business overrides or adds languages with ``web.reply_text``. {later}: when, in the customer's
+# language; {words}: the rule's reply words (STOP and HELP work in every language).
+TEXTS: dict[str, dict[str, str]] = {
+    "done": {
+        "default": "Thanks! You won't get more reminders about this.",
+        "es": "¡Gracias! No recibirá más recordatorios sobre esto.",
+    },
+    "snooze": {
+        "default": "OK, we'll remind you again {later}.",
+        "es": "De acuerdo, se lo recordaremos de nuevo {later}.",
+    },
+    "nothing_to_move": {
+        "default": "There is no upcoming reminder to move.",
+        "es": "No hay ningún recordatorio próximo que mover.",
+    },
+    "unknown": {
+        "default": "Sorry, we didn't understand. Reply {words}HELP for help, or STOP to opt out.",
+        "es": "Perdón, no lo entendimos. Responda {words}HELP para ayuda, "
+        "o STOP para no recibir más.",
+    },
+}
+
+
+def localized(
+    config: Config, texts: dict[str, str] | None, locale: str | None
+) -> tuple[str | None, str | None]:
+    """The text of ``texts`` for ``locale`` (exact, language, ``default_locale``'s), else its
+    ``default``, with the locale chosen (None: the default); (None, None) without texts."""
+    if not texts:
+        return None, None
+    chosen = locales.choose([k for k in texts if k != "default"], locale, config.default_locale)
+    return (texts[chosen], chosen) if chosen else (texts.get("default"), None)
+
+
 def help_text(config: Config, locale: str | None) -> str | None:
     """``web.help_text`` for ``locale`` (exact, language, ``default_locale``'s), else its
     ``default``; None when none is configured."""
-    texts = config.web.help_text
-    if not texts:
+    return localized(config, config.web.help_text, locale)[0]
+
+
+def reply_text(
+    config: Config, kind: str, locale: str | None, words: list[str], delay: timedelta | None
+) -> str | None:
+    """The answer of ``kind`` (stop, start, done, snooze, nothing_to_move, unknown) for
+    ``locale``: the business's ``web.reply_text``, else the engine's; None: an empty answer."""
+    texts = {**TEXTS.get(kind, {}), **config.web.reply_text.get(kind, {})}  # type: ignore[call-overload]
+    text, chosen = localized(config, texts, locale)
+    if text is None:
         return None
-    chosen = locales.choose([k for k in texts if k != "default"], locale, config.default_locale)
-    return texts[chosen] if chosen else texts.get("default")
+    language = chosen or config.default_locale or "en"
+    if "{later}" in text and delay is not None:
+        text = text.replace("{later}", _later(delay, language))
+    if "{words}" in text:
+        listed = f"{format_list(words, style='or', locale=_babel(language))}, " if words else ""
+        text = text.replace("{words}", listed)
+    return text
 
 
 @dataclass(frozen=True)
@@ -168,7 +219,8 @@ def handle(
         )
         if moved is None:
             log.info("inbound %s from %s: nothing open to move", word, mask(number))
-            return Answer(action, "There is no upcoming reminder to move.", reminder_id)
+            text = reply_text(config, "nothing_to_move", locale, [], None)
+            return Answer(action, text, reminder_id)
     log.info("inbound %s from %s", action, mask(number))
     return Answer(action, _text(action, config, rule, word, locale), reminder_id)
 
@@ -176,33 +228,47 @@ def handle(
 def _text(
     action: str, config: Config, rule: Rule | None, word: str, locale: str | None
 ) -> str | None:
-    if action in (STOP, START):
-        return None
+    """The answer to ``action`` in the customer's language (the word's, else that of the last
+    message sent to them, else the default)."""
     if action == HELP:
         return help_text(config, locale)
-    if action == DONE:
-        return "Thanks! You won't get more reminders about this."
-    if action == SNOOZE and rule is not None:
-        reply = rule.replies.get(word)
-        if reply is not None and reply.delay:
-            return f"OK, we'll remind you again {_later(reply.delay)}."
+    if action in (STOP, START, DONE):
+        return reply_text(config, action, locale, [], None)
+    reply = rule.replies.get(word) if rule is not None else None
+    if action == SNOOZE and reply is not None and reply.delay:
+        return reply_text(config, SNOOZE, locale, [], reply.delay)
     words = list(rule.replies) if rule is not None else []
-    choices = f"Reply {_either(words)}, " if words else "Reply "
-    return f"Sorry, we didn't understand. {choices}HELP for help, or STOP to opt out."
+    return reply_text(config, UNKNOWN, locale, words, None)
 
 
-def _either(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+def _babel(tag: str) -> str:
+    """A locale tag as Babel takes it (es-MX -> es_MX); English for one it does not know."""
+    from babel import Locale, UnknownLocaleError
+
+    try:
+        return str(Locale.parse(tag.replace("-", "_")))
+    except (UnknownLocaleError, ValueError):
+        return "en"
 
 
-def _later(delay: timedelta) -> str:
-    """``in 1 day``, ``in 2 hours``, ``in 30 minutes``."""
+def _later(delay: timedelta, language: str) -> str:
+    """``in 1 day``, ``in 36 hours``, ``dentro de 2 semanas``: in the largest unit that divides
+    ``delay`` exactly."""
     seconds = int(delay.total_seconds())
-    for unit, size in (("week", 604800), ("day", 86400), ("hour", 3600), ("minute", 60)):
+    unit: Literal["week", "day", "hour", "minute", "second"] = "second"
+    units: tuple[tuple[Literal["week", "day", "hour", "minute"], int], ...] = (
+        ("week", 604800),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    )
+    for name, size in units:
         if seconds >= size and seconds % size == 0:
-            count = seconds // size
-            return f"in {count} {unit}{'s' if count != 1 else ''}"
-    return f"in {seconds} seconds"
+            unit = name
+            break
+    return format_timedelta(
+        delay, granularity=unit, threshold=1e9, add_direction=True, locale=_babel(language)
+    )
 
 
 def _open(conn: Connection, rule: str, occurrence: str) -> list[Any]:

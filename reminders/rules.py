@@ -1,4 +1,5 @@
-"""Rules: the business's reminder rules (and checks), loaded from YAML and validated at load.
+"""Rules: the business's reminder rules (and checks and digests), loaded from YAML and validated
+at load.
 
 Every error names the file and line of the offending value and says what is allowed. A rule set is
 loaded whole or not at all: one bad rule makes ``load_rules`` raise, so nothing is sent on a
@@ -11,15 +12,16 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -157,6 +159,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+class _Placed:
+    """A rule, check or digest knows where it was written: ``line`` and, per key, ``lines``."""
+
+    if TYPE_CHECKING:
+        line: int
+        lines: dict[str, int]
+
+    def line_of(self, key: str) -> int:
+        """The line of the item's ``key`` (``query``, ``rules``...), else the item's own."""
+        return self.lines.get(key) or self.line
+
+
 def _check_sql(value: str) -> str:
     body = value.strip().rstrip(";").strip()
     if not body:
@@ -170,7 +184,7 @@ def _strip_sql_literals(sql: str) -> str:
     return re.sub(r"'(?:[^']|'')*'|\"(?:[^\"])*\"|--[^\n]*", "", sql)
 
 
-class Rule(_Model):
+class Rule(_Model, _Placed):
     """One reminder rule, as the business wrote it."""
 
     name: str
@@ -201,10 +215,6 @@ class Rule(_Model):
     file: str = ""
     line: int = 0
     lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
-
-    def line_of(self, key: str) -> int:
-        """The line of the rule's ``key`` (``query``, ``check``...), else the rule's own."""
-        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -361,7 +371,7 @@ class Rule(_Model):
         return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()
 
 
-class CheckRule(_Model):
+class CheckRule(_Model, _Placed):
     """A synchronous question to the business DB (the checkout's duplicate-purchase check)."""
 
     name: str
@@ -378,10 +388,6 @@ class CheckRule(_Model):
     file: str = ""
     line: int = 0
     lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
-
-    def line_of(self, key: str) -> int:
-        """The line of the check's ``key`` (``query``, ``message``...), else the check's own."""
-        return self.lines.get(key) or self.line
 
     @field_validator("name")
     @classmethod
@@ -416,9 +422,55 @@ class CheckRule(_Model):
         return self
 
 
+DAY_WINDOW = "day"  # a digest's window: the same calendar day in the customer's zone
+
+
+def _digest_window(value: Any) -> Any:
+    if value == DAY_WINDOW:
+        return value
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        try:
+            found = sendtime.parse_duration(str(value))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or day (the same local day)") from None
+        if found <= timedelta(0):
+            raise ValueError("window must be more than 0 (e.g. 1d, 12h), or day")
+        return found
+    raise ValueError(f"{value!r} is not a window (a duration such as 1d or 12h, or day)")
+
+
+def _max_items(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+        return value
+    raise ValueError(f"{value!r} is not allowed (max_items: a whole number, 2 or more)")
+
+
+class Digest(_Model, _Placed):
+    """Several of a customer's reminders sent as one message (``digests:`` beside ``rules:``).
+
+    When the earliest of a customer's pending reminders of ``rules`` on a channel is sent, the
+    others of theirs due within ``window`` of it (a duration, or ``day``: the same local day) go
+    in the same message, at most ``max_items`` in all, rendered by ``template``.
+    """
+
+    name: Annotated[str, AfterValidator(lambda v: _checked_name(v, "digest"))]
+    rules: list[str] = Field(min_length=1)
+    window: Annotated[timedelta | Literal["day"], PlainValidator(_digest_window)]
+    max_items: Annotated[int, PlainValidator(_max_items)] = 10
+    template: str | None = None
+    file: str = ""
+    line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
+
+    @property
+    def template_name(self) -> str:
+        return self.template or self.name
+
+
 class _RuleFile(_Model):
     rules: list[dict[str, Any]] = Field(default_factory=list)
     checks: list[dict[str, Any]] = Field(default_factory=list)
+    digests: list[dict[str, Any]] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -426,10 +478,27 @@ class RuleSet:
     rules: list[Rule]
     checks: list[CheckRule]
     warnings: list[Problem]
+    digests: list[Digest] = field(default_factory=list)
 
     @cached_property
     def _by_name(self) -> dict[str, Rule]:
         return {rule.name: rule for rule in self.rules}
+
+    @cached_property
+    def _digest_of(self) -> dict[str, Digest]:
+        return {name: digest for digest in self.digests for name in digest.rules}
+
+    def digest_of(self, rule: str) -> Digest | None:
+        """The digest rule ``rule``'s reminders are gathered in, or None."""
+        return self._digest_of.get(rule)
+
+    def digest(self, name: str) -> Digest:
+        """The digest named ``name``; raises :class:`RuleError` listing the digests there are."""
+        for digest in self.digests:
+            if digest.name == name:
+                return digest
+        known = ", ".join(d.name for d in self.digests) or "none"
+        raise RuleError(Problem(f'no digest named "{name}" (digests: {known})'))
 
     def get(self, name: str) -> Rule | None:
         """The rule named ``name``, or None (a reminder may outlive its rule)."""
@@ -470,24 +539,29 @@ def load_rules(config: Config) -> RuleSet:
     warnings: list[Problem] = []
     rules: list[Rule] = []
     checks: list[CheckRule] = []
-    path = config.rules_path
-    if not path.exists():
-        raise RuleError(Problem(f"no rules at {_display(path, config.root)} (config key rules)"))
-    files = rule_files(path)
-    if not files:
-        raise RuleError(Problem(f"no *.yaml rule files in {_display(path, config.root)}"))
+    digests: list[Digest] = []
+    files: list[Path] = []
+    for path in config.rules_paths:
+        if not path.exists():
+            shown = _display(path, config.root)
+            raise RuleError(Problem(f"no rules at {shown} (config key rules)"))
+        found = rule_files(path)
+        if not found:
+            raise RuleError(Problem(f"no *.yaml rule files in {_display(path, config.root)}"))
+        files.extend(f for f in found if f not in files)
     for file in files:
         try:
             doc = load(file, _display(file, config.root))
         except YamlError as exc:
             problems.append(exc.problem)
             continue
-        found_rules, found_checks, file_problems = _load_file(doc, config, warnings)
+        found_rules, found_checks, found_digests, file_problems = _load_file(doc, config, warnings)
         rules.extend(found_rules)
         checks.extend(found_checks)
+        digests.extend(found_digests)
         problems.extend(file_problems)
-    seen: dict[str, Rule | CheckRule] = {}
-    items: list[Rule | CheckRule] = [*rules, *checks]
+    seen: dict[str, Rule | CheckRule | Digest] = {}
+    items: list[Rule | CheckRule | Digest] = [*rules, *checks, *digests]
     for item in items:
         if item.name in seen:
             first = seen[item.name]
@@ -499,26 +573,65 @@ def load_rules(config: Config) -> RuleSet:
                 )
             )
         seen[item.name] = item
+    problems.extend(_digest_problems(digests, rules))
     if problems:
         raise RuleError(problems)
-    return RuleSet(rules, checks, warnings)
+    return RuleSet(rules, checks, warnings, digests)
+
+
+def _digest_problems(digests: list[Digest], rules: list[Rule]) -> list[Problem]:
+    """A digest naming a rule that does not exist, or a rule that two digests claim."""
+    known = {rule.name for rule in rules}
+    claimed: dict[str, Digest] = {}
+    found = []
+    for digest in digests:
+        for name in digest.rules:
+            where = digest.line_of("rules")
+            if name not in known:
+                found.append(
+                    Problem(
+                        f'digest {digest.name}: no rule named "{name}" '
+                        f"(rules: {', '.join(sorted(known)) or 'none'})",
+                        digest.file,
+                        where,
+                    )
+                )
+            elif name in claimed:
+                first = claimed[name]
+                found.append(
+                    Problem(
+                        f"digest {digest.name}: rule {name} is already in digest {first.name} "
+                        f"({first.file}:{first.line}); a rule goes in one digest at most",
+                        digest.file,
+                        where,
+                    )
+                )
+            else:
+                claimed[name] = digest
+    return found
 
 
 def _load_file(
     doc: Document, config: Config, warnings: list[Problem]
-) -> tuple[list[Rule], list[CheckRule], list[Problem]]:
+) -> tuple[list[Rule], list[CheckRule], list[Digest], list[Problem]]:
     if doc.data is None:
-        return [], [], [doc.problem((), "the file is empty (expected a rules: list)")]
+        return [], [], [], [doc.problem((), "the file is empty (expected a rules: list)")]
     if not isinstance(doc.data, dict):
-        return [], [], [doc.problem((), "expected a mapping with a rules: list")]
+        return [], [], [], [doc.problem((), "expected a mapping with a rules: list")]
     try:
         _RuleFile.model_validate(doc.data)
     except ValidationError as exc:
-        return [], [], doc.problems_from(exc, model=_RuleFile)
+        return [], [], [], doc.problems_from(exc, model=_RuleFile)
     problems: list[Problem] = []
     rules: list[Rule] = []
     checks: list[CheckRule] = []
-    for kind, model, out in (("rules", Rule, rules), ("checks", CheckRule, checks)):
+    digests: list[Digest] = []
+    kinds: tuple[tuple[str, type[_Model], list[Any]], ...] = (
+        ("rules", Rule, rules),
+        ("checks", CheckRule, checks),
+        ("digests", Digest, digests),
+    )
+    for kind, model, out in kinds:
         for index, raw in enumerate(doc.data.get(kind) or []):
             where = (kind, index)
             if not isinstance(raw, dict):
@@ -544,10 +657,10 @@ def _load_file(
                         )
                     )
                 continue
-            out.append(item)  # type: ignore[arg-type]
+            out.append(item)
             if isinstance(item, Rule):
                 problems.extend(_against_config(item, doc, where, config, warnings))
-    return rules, checks, problems
+    return rules, checks, digests, problems
 
 
 def _against_config(

@@ -13,7 +13,7 @@ Three passes, each only when the one before found the input readable:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import business_db
 from .errors import InputError, Problem, SourceError
-from .rules import CheckRule, Rule, key_columns
+from .rules import CheckRule, Rule, RuleSet, key_columns
 
 # What the engine puts in a rule template's context besides the row's columns (see
 # compose.template_context), and in a check template's besides its query's columns and params
@@ -63,6 +63,7 @@ def validate_all(app: App, *, business: bool = True) -> list[Problem]:
         return list(exc.problems)
     problems: list[Problem] = list(ruleset.warnings)
     problems.extend(template_problems(app, ruleset.rules, ruleset.checks))
+    problems.extend(digest_problems(app, ruleset))
     problems.extend(keyword_problems(app.config, ruleset.rules))
     problems.extend(secret_problems(app.config))
     if business and not any(not p.warning for p in problems):
@@ -127,6 +128,32 @@ def template_problems(app: App, rules: Iterable[Any], checks: Iterable[Any] = ()
     for check in checks:
         if check.message:
             found.extend(renderer.problems(check.message, ["check"]))
+    root = app.config.root
+    return [_relative(p, root) for p in found]
+
+
+def digest_problems(app: App, ruleset: RuleSet) -> list[Problem]:
+    """What is wrong with each digest's template (every channel its rules send on, each
+    variant): the template problems, and names it reads that a digest's template does not have
+    (``items``, ``digest``, ``customer``, the links...: see :data:`reminders.digest.CONTEXT`)."""
+    from .digest import CONTEXT
+
+    renderer = app.renderer
+    found: list[Problem] = []
+    for digest in ruleset.digests:
+        name = digest.template_name
+        channels = sorted({c for r in digest.rules for c in ruleset.rule(r).channels})
+        found.extend(renderer.problems(name, channels))
+        for used, file, line in _unknown_names(renderer, name, channels, CONTEXT):
+            found.append(
+                Problem(
+                    f"{used} is not a name digest {digest.name}'s template has "
+                    f"({digest.file}:{digest.line}; it has: {', '.join(sorted(CONTEXT))}; "
+                    f"a reminder's columns are on each of items: item.{used})",
+                    file,
+                    line,
+                )
+            )
     root = app.config.root
     return [_relative(p, root) for p in found]
 
@@ -274,28 +301,34 @@ def _template_name_problems(app: Any, rule: Rule, returned: set[str]) -> list[Pr
     provides."""
     known = returned | RULE_CONTEXT
     found = []
-    reported: set[tuple[str, str | None]] = set()
-    renderer = app.renderer
-    kinds = [
-        (kind, locale)
-        for kind in rule.channels
-        for locale in [None, *renderer.variants(rule.template_name, kind)]
-    ]
-    for channel, locale in kinds:
-        for name, file, line in renderer.names(rule.template_name, channel, locale):
-            if name in known or (name, file) in reported:
-                continue
-            reported.add((name, file))
-            found.append(
-                Problem(
-                    f"{name} is not a column of rule {rule.name}'s query "
-                    f"({rule.file}:{rule.line_of('query')}) nor a name the engine provides "
-                    f"(it returns: {', '.join(sorted(returned))}; the engine adds: "
-                    f"{', '.join(sorted(RULE_CONTEXT))})",
-                    file,
-                    line,
-                )
+    for name, file, line in _unknown_names(app.renderer, rule.template_name, rule.channels, known):
+        found.append(
+            Problem(
+                f"{name} is not a column of rule {rule.name}'s query "
+                f"({rule.file}:{rule.line_of('query')}) nor a name the engine provides "
+                f"(it returns: {', '.join(sorted(returned))}; the engine adds: "
+                f"{', '.join(sorted(RULE_CONTEXT))})",
+                file,
+                line,
             )
+        )
+    return found
+
+
+def _unknown_names(
+    renderer: Any, template: str, channels: Iterable[str], known: Collection[str]
+) -> list[tuple[str, str | None, int]]:
+    """The names ``template`` reads on each of ``channels`` (each locale variant too) that are
+    not ``known``: (name, file, line), once a file."""
+    found = []
+    reported: set[tuple[str, str | None]] = set()
+    for channel in channels:
+        for locale in [None, *renderer.variants(template, channel)]:
+            for name, file, line in renderer.names(template, channel, locale):
+                if name in known or (name, file) in reported:
+                    continue
+                reported.add((name, file))
+                found.append((name, file, line))
     return found
 
 

@@ -357,7 +357,7 @@ def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -
         "channels, web, keywords, console, requeue_after, batch_size, retries, scheduler, scan, "
         "caps, env_file)",
         "config.yaml:5: web.business: unknown key; did you mean business_name? (allowed: "
-        "public_url, business_name, help_text, link_max_age)",
+        "public_url, business_name, help_text, reply_text, link_max_age)",
         "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "
         "provider, account_sid, auth_token, from, messaging_service_sid, api_url, quiet_hours, "
         "rate_limit, max_segments, concurrency, timeout, reconcile_after, path)",

@@ -80,6 +80,7 @@ def test_two_workers_and_duplicated_jobs_send_each_reminder_exactly_once(any_sho
         "moved": 0,
         "released": 0,
         "not_claimed": 20,
+        "digests": 0,
     }
     conn.close()
 

@@ -183,6 +183,8 @@ def test_the_shipped_rules_and_templates_validate_without_warnings(tmp_path: Pat
         "order-follow-up",
     }
     assert [c.name for c in app.ruleset.checks] == ["already-owned"]
+    (daily,) = app.ruleset.digests  # examples/daily-digest.yaml, named by the config
+    assert daily.rules == ["refill-due", "bill-due", "renewal-due"]
     # The package's copies are the repository's files (symlinks in a checkout, files in a wheel).
     top = Path(__file__).resolve().parents[1]
     for name in ("rules", "templates"):
@@ -406,6 +408,28 @@ def _bill(shop: Shop, customer: int, due_on: str, **values: Any) -> int:
     }
     row.update(values)
     return shop.add("bills", **row)
+
+
+def test_the_shipped_daily_digest_sends_a_days_reminders_in_one_spanish_text(shop: Shop) -> None:
+    """With examples/daily-digest.yaml: Sofía's refill (-3d) and bill (-5d) reminders fall on the
+    same morning and go as one text, in the Spanish variant, each item its own Spanish text."""
+    digest = Path(__file__).resolve().parents[1] / "examples" / "daily-digest.yaml"
+    text = shop.config.read_text().replace(f"rules: {RULES}", f"rules: [{RULES}, {digest}]")
+    shop.config.write_text(text)
+    sofia = shop.customer("Sofia", locale="es_US")
+    rx = _prescription(shop, sofia, "2027-02-10")  # runs out on 2027-03-12: -3d is the 9th
+    _bill(shop, sofia, "2027-03-14")  # -5d is the 9th too
+    shop.scan("2027-03-01T12:00:00Z")
+    (message,) = shop.send(NOW)
+    assert message["body"].splitlines() == [
+        "Hola Sofia, 2 recordatorios de Harbor Market para hoy:",
+        "1. Hola Sofia, su pago de Harbor Card ending 4821 de $1,284.20 vence el 14 mar 2027. "
+        "Pague en example.com/pay o llame al (212) 555-0100. ¡Gracias!",
+        "2. Hola Sofia, su Lisinopril 10 mg se acaba el 12 mar 2027. Pida su resurtido en "
+        f"example.com/rx/{rx} o llame al (212) 555-0100. ¡Gracias! Farmacia Harbor",
+    ]
+    sent = [*shop.reminders("refill-due"), *shop.reminders("bill-due")]
+    assert sorted(r["status"] for r in sent if r["offset"] in ("-3d", "-5d")) == ["sent", "sent"]
 
 
 def test_bill_reminds_5_days_before_on_the_day_and_3_days_late(shop: Shop) -> None:

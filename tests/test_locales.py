@@ -5,7 +5,9 @@ replies per language."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -370,6 +372,44 @@ def test_help_text_is_one_string_or_one_a_language(tmp_path: Path) -> None:
     }
     said = {loc: replies.help_text(both, loc) for loc in ("es-mx", "es_AR", "de", None)}
     assert said == {"es-mx": "Acme MX.", "es_AR": "Acme ES.", "de": "Acme QC.", None: "Acme QC."}
+
+
+def test_reply_confirmations_are_answered_in_the_customers_language(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path,
+        "web:\n  reply_text:\n"
+        "    stop: {default: Acme. You will get no more texts., es: Acme. No recibirá más.}\n"
+        "    done: {fr: Merci !}\n",
+    )
+
+    def said(kind: str, locale: str | None, words: list[str] = (), delay: Any = None) -> Any:
+        return replies.reply_text(config, kind, locale, list(words), delay)
+
+    assert said("stop", "es-MX") == "Acme. No recibirá más."
+    assert said("stop", "de") == "Acme. You will get no more texts."
+    assert said("start", "es") is None  # not set: an empty answer, as Twilio answers START
+    assert said("done", "fr-CA") == "Merci !"  # the business's own language
+    assert said("done", "es") == "¡Gracias! No recibirá más recordatorios sobre esto."
+    assert said("done", None) == "Thanks! You won't get more reminders about this."
+    assert said("snooze", "es", delay=timedelta(days=2)) == (
+        "De acuerdo, se lo recordaremos de nuevo dentro de 2 días."
+    )
+    assert said("snooze", None, delay=timedelta(hours=36)) == (
+        "OK, we'll remind you again in 36 hours."
+    )
+    assert said("unknown", "es", ["LISTO", "MAS"]) == (
+        "Perdón, no lo entendimos. Responda LISTO o MAS, HELP para ayuda, "
+        "o STOP para no recibir más."
+    )
+    assert said("unknown", None, ["DONE", "LATER", "SKIP"]) == (
+        "Sorry, we didn't understand. Reply DONE, LATER, or SKIP, HELP for help, "
+        "or STOP to opt out."
+    )
+    assert said("unknown", None) == (
+        "Sorry, we didn't understand. Reply HELP for help, or STOP to opt out."
+    )
+    bad = _config_error(tmp_path, "web:\n  reply_text: {stopp: Bye}\n")
+    assert bad.startswith("config.yaml:4: web.reply_text")
 
 
 @pytest.mark.parametrize(

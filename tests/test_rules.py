@@ -383,5 +383,6 @@ def test_an_unknown_key_in_a_rule_a_check_or_the_file_names_the_nearest(lite: Pr
     )
     (file_level,) = _problems(lite, REFILLS + "rulse: []\n")
     assert file_level == (
-        "rules/refills.yaml:16: rulse: unknown key; did you mean rules? (allowed: rules, checks)"
+        "rules/refills.yaml:16: rulse: unknown key; did you mean rules? "
+        "(allowed: rules, checks, digests)"
     )

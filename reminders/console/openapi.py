@@ -124,15 +124,19 @@ SCHEMAS: dict[str, Any] = {
             "opted_out": INT,
             "off": INT,
             "no_address": INT,
-        }
+            "digest": INT,  # a rule in a digest: the reminders inside an earlier one's message
+        },
+        ["date", "sms", "email", "quiet_hours", "caps", "opted_out", "off", "no_address"],
     ),
     "Forecast": _obj(
         {
             "rule": TEXT,
             "timezone": TEXT,
+            "digest": NTEXT,  # the digest the rule is in
             "source": {"type": "string", "enum": ["pending", "query"]},
             "days": {"type": "array", "items": _ref("ForecastDay")},
-        }
+        },
+        ["rule", "timezone", "source", "days"],
     ),
     "Outcome": _obj(
         {
