@@ -82,7 +82,7 @@ def deliver(hook: WebhookConfig, event_id: str, event_type: str, payload: Mappin
             hook.url, data=sent, headers=headers, timeout=TIMEOUT, allow_redirects=False
         )
     except requests.Timeout:
-        raise Outcome(f"no answer within {TIMEOUT:.0f} s") from None
+        raise Outcome(f"no answer within {TIMEOUT:g} s") from None
     except requests.RequestException as exc:
         raise Outcome(f"could not connect: {type(exc).__name__}") from None
     if not 200 <= answer.status_code < 300:
