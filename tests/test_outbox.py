@@ -153,6 +153,9 @@ def test_sent_stop_and_done_reach_the_business_rows_after_an_outage(wshop: Shop)
     assert second["attempts"] == 0  # the rows behind the failing head wait their turn
     status = shop.ok("status", "--json", now=SEND_AT).json_lines()[0]
     assert status["outbox"][0]["pending"] == 2 and status["outbox"][0]["last_error"]
+    metrics = shop.ok("metrics", now=SEND_AT).out
+    assert 'reminders_outbox_pending{destination="writeback:refill-due"} 2.0' in metrics
+    assert 'reminders_outbox_oldest_attempts{destination="writeback:refill-due"} 1.0' in metrics
 
     # Back; not yet time to retry: still nothing applied.
     shop.sql("ALTER TABLE prescriptions_away RENAME TO prescriptions")
