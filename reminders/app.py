@@ -37,8 +37,13 @@ class App:
     def state(self) -> Engine:
         engine = state_db.engine_for(self.config.state_url)
         # The outbox events of changes made through it: who wants which (read on first change).
-        outbox.attach(engine, lambda: outbox.Plan.build(self.config, self.ruleset))
+        outbox.attach(engine, self._outbox_plan)
         return engine
+
+    def _outbox_plan(self) -> outbox.Plan:
+        """Who wants which event; the rules are read only when write-back or webhooks are set."""
+        config = self.config
+        return outbox.Plan.build(config, self.ruleset if config.outbox_used else None)
 
     @cached_property
     def business(self) -> Engine:
