@@ -302,3 +302,46 @@ def test_validate_checks_the_consent_statements_binds(lite: Project) -> None:
     assert result.code == 2
     assert f"config.yaml:{_line_of(config, 'opted_out:')}: " in result.err
     assert ":patient_id is not bound by opted_out and opted_in" in result.err
+
+
+# --- the console ---------------------------------------------------------------------------------
+
+
+def test_the_console_shows_a_statement_that_keeps_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reminders import state_db
+    from reminders.console import create_console
+    from tests import console_fixtures as cf
+
+    monkeypatch.setenv(links.SECRET_ENV, cf.SECRET)
+    monkeypatch.setenv("REMINDERS_NOW", cf.NOW.isoformat())
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    config = cf.write_project(tmp_path, state_url)
+    config.write_text(config.read_text() + "writeback: {url: 'sqlite:///business.db'}\n")
+    state_db.upgrade(state_url)
+    cf.make_users(state_db.engine_for(state_url))
+    with state_db.engine_for(state_url).begin() as conn:
+        conn.execute(
+            models.outbox.insert(),
+            [
+                {
+                    "event_id": "evt_1",
+                    "destination": "writeback:refill-due",
+                    "type": "sent",
+                    "payload": '{"facts":{}}',
+                    "status": "pending",
+                    "attempts": 3,
+                    "next_at": cf.at("03-10 15:30"),
+                    "last_error": "no such column: last_reminded_at",
+                    "created_at": cf.at("03-10 14:00"),
+                }
+            ],
+        )
+    with services.serving(create_console(App(config))) as port:
+        console = cf.Console(f"http://127.0.0.1:{port}", App(config), monkeypatch, "", "")
+        session, _token = console.login(cf.VIEWER)
+        page = session.get(f"{console.base}/").text
+    assert "Write-back and webhooks" in page
+    assert "writeback:refill-due" in page
+    assert "failed 3 times" in page and "no such column: last_reminded_at" in page
