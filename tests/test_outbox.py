@@ -345,3 +345,100 @@ def test_the_console_shows_a_statement_that_keeps_failing(
     assert "Write-back and webhooks" in page
     assert "writeback:refill-due" in page
     assert "failed 3 times" in page and "no such column: last_reminded_at" in page
+
+
+# --- a role of its own, down for a while ------------------------------------------------------
+
+
+def test_a_writable_role_of_its_own_that_cannot_log_in_for_a_while(
+    tmp_path: Path,
+    delivery_redis: str,
+    stub: TwilioStub,
+    mailbox_server: SmtpServer,
+) -> None:
+    """PostgreSQL: the statements run as a role that may update one column; while it cannot
+    log in, the events wait (the scan, on its own connection, goes on); then they are applied."""
+    import uuid
+
+    from reminders import writeback
+
+    role = f"outbox_writer_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(services.PG_DSN, isolation_level="AUTOCOMMIT")
+
+    def as_admin(statement: str) -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(statement)
+
+    try:
+        with shop_at(tmp_path, "postgresql", delivery_redis, stub, mailbox_server) as shop:
+            as_admin(f"CREATE ROLE {role} LOGIN")
+            writer = sa.engine.make_url(shop.source_config_url).set(username=role)
+            url = writer.render_as_string(hide_password=False)
+            rules = rules_writing(
+                "sent", "UPDATE prescriptions SET last_reminded_at = :at WHERE id = :rx_id"
+            )
+            shop.configure(rules=rules, extra=writeback_config(url, web=False))
+            shop.prepare(2)
+            add_columns(shop)
+            shop.sql(f"GRANT SELECT (id), UPDATE (last_reminded_at) ON prescriptions TO {role}")
+            as_admin(f"ALTER ROLE {role} NOLOGIN")
+            pass_at(shop, SEND_AT)
+            pass_at(shop, SEND_AT)
+            first, second = outbox_rows(shop)
+            assert first["attempts"] == 1 and role in (first["last_error"] or "")
+            assert second["attempts"] == 0
+            assert reminded(shop) == {1: None, 2: None}
+            as_admin(f"ALTER ROLE {role} LOGIN")
+            pass_at(shop, "2027-03-10T15:05:00Z")
+            assert reminded(shop) == {1: _utc(SEND_AT), 2: _utc(SEND_AT)}
+            assert [r["status"] for r in outbox_rows(shop)] == ["done", "done"]
+            writeback._engines.dispose(role)
+    finally:
+        as_admin(f"DROP ROLE IF EXISTS {role}")  # its grants went with the test's database
+        admin.dispose()
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+def test_delivered_events_are_pruned_after_a_week_and_waiting_ones_never(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from reminders import outbox, state_db
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    state_db.upgrade(url)
+    now = _utc(SEND_AT)
+    assert now is not None
+    old = now - timedelta(days=40)
+
+    def row(status: str, done_days_ago: int | None) -> dict[str, Any]:
+        done_at = None if done_days_ago is None else now - timedelta(days=done_days_ago)
+        return {
+            "event_id": f"evt_{status}_{done_days_ago}",
+            "destination": "writeback:consent",
+            "type": "opted_out",
+            "payload": '{"facts":{}}',
+            "status": status,
+            "next_at": old,
+            "created_at": old,
+            "done_at": done_at,
+        }
+
+    engine = state_db.engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(
+            models.outbox.insert(),
+            [
+                row("done", 8),
+                row("done", 6),
+                row("skipped", 8),
+                row("failed", 31),
+                row("failed", 29),
+                row("pending", None),
+            ],
+        )
+        assert outbox.prune(conn, now) == 3
+        left = conn.execute(sa.select(models.outbox.c.event_id).order_by(models.outbox.c.id))
+        assert [r.event_id for r in left] == ["evt_done_6", "evt_failed_29", "evt_pending_None"]
+    engine.dispose()

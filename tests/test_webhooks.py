@@ -21,8 +21,11 @@ from reminders.app import App
 from tests import services
 from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import SEND_AT, Shop, phone_of, shop_at
+from tests.rules_fixtures import Project, lite
 from tests.test_outbox import PUBLIC, SECRET, inbound, pass_at
 from tests.twilio_stub import TwilioStub
+
+__all__ = ["lite"]
 
 HOOK_SECRET = "whsec-a-long-random-value-0123456789"
 
@@ -211,3 +214,30 @@ def test_the_signature_is_over_the_exact_bytes_sent() -> None:
     expected = hmac.new(HOOK_SECRET.encode(), b"1800000000." + body, hashlib.sha256).hexdigest()
     assert v1 == expected
     assert webhooks.signature(HOOK_SECRET, body + b" ", 1_800_000_000) != header
+
+
+def test_a_webhook_secret_written_into_the_config_is_refused(lite: Project) -> None:
+    config = lite.read("config.yaml") + (
+        "webhooks:\n  - url: https://crm.example.com/hooks\n    events: ['*']\n"
+        f"    secret: {HOOK_SECRET}\n"
+    )
+    lite.write("config.yaml", config)
+    result = lite.run("validate")
+    assert result.code == 2
+    line = next(i for i, text in enumerate(config.splitlines(), 1) if "secret:" in text)
+    assert f"config.yaml:{line}: webhooks[0].secret: read it from the environment" in result.err
+    assert HOOK_SECRET not in result.err
+
+
+def test_an_unknown_event_type_is_named_with_the_types_there_are(
+    lite: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REMINDERS_WEBHOOK_SECRET", HOOK_SECRET)
+    config = lite.read("config.yaml") + (
+        "webhooks:\n  - url: https://crm.example.com/hooks\n    events: [reminder.shipped]\n"
+        "    secret: ${REMINDERS_WEBHOOK_SECRET}\n"
+    )
+    lite.write("config.yaml", config)
+    result = lite.run("validate")
+    assert result.code == 2
+    assert '"reminder.shipped" is not an event type (types: reminder.sent' in result.err
