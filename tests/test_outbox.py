@@ -111,10 +111,8 @@ def outbox_rows(shop: Shop) -> list[dict[str, Any]]:
     return shop.rows(models.outbox)
 
 
-def inbound(port: int, body: str, number: str, sid: str) -> requests.Response:
-    """An inbound SMS, signed by Twilio for the public URL (the app checks that)."""
-    path = "/webhooks/twilio/inbound"
-    params = {"From": number, "To": SENDER, "Body": body, "MessageSid": sid}
+def twilio_post(port: int, path: str, params: dict[str, str]) -> requests.Response:
+    """A form POST to the web endpoint, signed as Twilio signs it for the public URL."""
     signature = RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC + path, params)
     return requests.post(
         f"http://127.0.0.1:{port}{path}",
@@ -122,6 +120,12 @@ def inbound(port: int, body: str, number: str, sid: str) -> requests.Response:
         headers={"X-Twilio-Signature": signature},
         timeout=30,
     )
+
+
+def inbound(port: int, body: str, number: str, sid: str) -> requests.Response:
+    """An inbound SMS from ``number``."""
+    params = {"From": number, "To": SENDER, "Body": body, "MessageSid": sid}
+    return twilio_post(port, "/webhooks/twilio/inbound", params)
 
 
 def test_sent_stop_and_done_reach_the_business_rows_after_an_outage(wshop: Shop) -> None:
@@ -442,3 +446,22 @@ def test_delivered_events_are_pruned_after_a_week_and_waiting_ones_never(tmp_pat
         left = conn.execute(sa.select(models.outbox.c.event_id).order_by(models.outbox.c.id))
         assert [r.event_id for r in left] == ["evt_done_6", "evt_failed_29", "evt_pending_None"]
     engine.dispose()
+
+
+def test_an_occurrence_that_vanished_is_written_back_as_canceled_with_its_reason(
+    tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer
+) -> None:
+    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
+        rules = rules_writing(
+            "canceled", "UPDATE prescriptions SET reminder_outcome = :reason WHERE id = :rx_id"
+        )
+        shop.configure(rules=rules, extra=writeback_config(shop.source_config_url, web=False))
+        shop.prepare(2)
+        add_columns(shop)
+        shop.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 2")  # out of the query
+        pass_at(shop, "2027-03-10T13:00:00Z")  # the scan cancels it; its event waits
+        pass_at(shop, "2027-03-10T13:00:00Z")
+        outcomes = shop.business_rows("SELECT id, reminder_outcome FROM prescriptions ORDER BY id")
+        (canceled,) = [r for r in shop.reminders() if r["status"] == "canceled"]
+        assert outcomes == [(1, None), (2, canceled["reason"])]
+        assert canceled["reason"]

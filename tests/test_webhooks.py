@@ -22,7 +22,7 @@ from tests import services
 from tests.channel_fixtures import SmtpServer
 from tests.delivery_fixtures import SEND_AT, Shop, phone_of, shop_at
 from tests.rules_fixtures import Project, lite
-from tests.test_outbox import PUBLIC, SECRET, inbound, pass_at
+from tests.test_outbox import PUBLIC, SECRET, inbound, pass_at, twilio_post
 from tests.twilio_stub import TwilioStub
 
 __all__ = ["lite"]
@@ -73,6 +73,12 @@ def receiver() -> Iterator[tuple[Receiver, int]]:
     app = Receiver()
     with services.serving(app) as port:
         yield app, port
+
+
+def status_callback(port: int, sid: str, state: str, code: str | None = None) -> Any:
+    """A Twilio delivery report."""
+    params = {"MessageSid": sid, "MessageStatus": state, **({"ErrorCode": code} if code else {})}
+    return twilio_post(port, "/webhooks/twilio/status", params)
 
 
 def hooks_config(port: int) -> str:
@@ -140,9 +146,19 @@ def test_events_reach_a_verifying_receiver_after_it_was_down(
     # that asked for addresses gets the number.
     from reminders.web import create_app
 
+    by_reminder = {e["data"]["reminder_id"]: e["data"]["provider_id"] for e in sent}
     with services.serving(create_app(App(shop.root / "config.yaml"))) as port:
         assert inbound(port, "STOP", phone_of(1), "SM" + "3" * 32).status_code == 200
+        # Twilio's delivery reports, signed likewise.
+        assert status_callback(port, by_reminder[1], "delivered").status_code == 204
+        assert status_callback(port, by_reminder[2], "undelivered", "30003").status_code == 204
     pass_at(shop, "2027-03-10T15:05:00Z")
+    reports = {
+        e["type"]: e["data"] for e in hook.events("/all")[2:] if e["type"] != "customer.opted_out"
+    }
+    assert reports["reminder.delivered"]["reminder_id"] == 1
+    assert reports["reminder.failed"]["reminder_id"] == 2
+    assert reports["reminder.failed"]["error_code"] == "30003"
     (crm,) = hook.events("/crm")
     opted = [e for e in hook.events("/all") if e["type"] == "customer.opted_out"]
     assert [e["id"] for e in opted] == [crm["id"]]
