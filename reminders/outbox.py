@@ -243,7 +243,8 @@ def on_consent(conn: Connection, event: str, row: Mapping[str, Any]) -> None:
         "at": row["created_at"],
     }
     payload = '{"facts":' + codec.dumps(facts) + "}"
-    _insert(conn, new_event_id(), event, None, None, payload, destinations, row["created_at"])
+    rows = _rows(new_event_id(), event, None, None, payload, destinations, row["created_at"])
+    conn.execute(outbox.insert(), rows)
 
 
 def record_reminders(
@@ -259,6 +260,7 @@ def record_reminders(
     reasons = dict(changes)
     ids = sorted(reasons)
     written = 0
+    pending: list[dict[str, Any]] = []
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         latest = (
@@ -308,13 +310,14 @@ def record_reminders(
             }
             # The row is kept as stored (typed JSON): not decoded and encoded again.
             payload = '{"facts":' + codec.dumps(facts) + ',"row":' + row.data + "}"
-            _insert(conn, new_event_id(), event, row.rule, row.id, payload, destinations, now)
+            pending += _rows(new_event_id(), event, row.rule, row.id, payload, destinations, now)
             written += 1
+    if pending:  # one executemany for the whole change
+        conn.execute(outbox.insert(), pending)
     return written
 
 
-def _insert(
-    conn: Connection,
+def _rows(
     event_id: str,
     event: str,
     rule: str | None,
@@ -322,25 +325,23 @@ def _insert(
     payload: str,
     destinations: Sequence[str],
     now: datetime,
-) -> None:
-    conn.execute(
-        outbox.insert(),
-        [
-            {
-                "event_id": event_id,
-                "destination": destination,
-                "type": event,
-                "rule": rule,
-                "reminder_id": reminder_id,
-                "payload": payload,
-                "status": PENDING,
-                "attempts": 0,
-                "next_at": now,
-                "created_at": now,
-            }
-            for destination in destinations
-        ],
-    )
+) -> list[dict[str, Any]]:
+    """The outbox rows of one event, one a destination (all with the event's id)."""
+    return [
+        {
+            "event_id": event_id,
+            "destination": destination,
+            "type": event,
+            "rule": rule,
+            "reminder_id": reminder_id,
+            "payload": payload,
+            "status": PENDING,
+            "attempts": 0,
+            "next_at": now,
+            "created_at": now,
+        }
+        for destination in destinations
+    ]
 
 
 # -- the payload -------------------------------------------------------------------------------
