@@ -502,21 +502,33 @@ def _apply(app: App, destination: str, counts: Applied) -> None:
             now = app.now()
             if row["next_at"] > now:
                 return
-            try:
-                _deliver(app, plan, destination, row)
-            except Outcome as exc:
-                if exc.permanent:
-                    _finish(app, row, SKIPPED, str(exc), now)
-                    counts.skipped += 1
-                    continue
+            failure = _attempt(app, plan, destination, row)
+            if failure is not None and failure.permanent:
+                _finish(app, row, SKIPPED, str(failure), now)
+                counts.skipped += 1
+                continue
+            if failure is not None:
                 counts.failed += 1
-                if not _retry_later(app, destination, row, str(exc), now):
+                if not _retry_later(app, destination, row, str(failure), now):
                     return
                 continue
             _finish(app, row, DONE, None, now)
             counts.delivered += 1
             if time.monotonic() - started >= WORK_BUDGET:
                 return
+
+
+def _attempt(app: App, plan: Plan, destination: str, row: Mapping[str, Any]) -> Outcome | None:
+    """Deliver one row; None when delivered, else why not. An unexpected error is a failure
+    like any other (shown in ``status``, retried), not a job that dies and comes back."""
+    try:
+        _deliver(app, plan, destination, row)
+    except Outcome as exc:
+        return exc
+    except Exception as exc:
+        log.exception("outbox %s: event %s", destination, row["event_id"])
+        return Outcome(f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _deliver(app: App, plan: Plan, destination: str, row: Mapping[str, Any]) -> None:
