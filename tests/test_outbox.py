@@ -465,3 +465,37 @@ def test_an_occurrence_that_vanished_is_written_back_as_canceled_with_its_reason
         (canceled,) = [r for r in shop.reminders() if r["status"] == "canceled"]
         assert outcomes == [(1, None), (2, canceled["reason"])]
         assert canceled["reason"]
+
+
+def test_a_destination_another_worker_is_applying_is_left_to_it(
+    tmp_path: Path,
+    delivery_redis: str,
+    stub: TwilioStub,
+    mailbox_server: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis
+
+    from reminders import outbox
+
+    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
+        shop.configure(rules=WRITEBACK_RULES, extra=writeback_config(shop.source_config_url, False))
+        shop.prepare(1)
+        add_columns(shop)
+        pass_at(shop, SEND_AT)
+        monkeypatch.setenv("REMINDERS_NOW", SEND_AT)
+        connection = redis.Redis.from_url(delivery_redis)
+        key = f"reminders:outbox:lock:{outbox.job_id('writeback:refill-due')}"
+        connection.set(key, "another-worker", px=60_000)
+        app = App(shop.root / "config.yaml")
+        assert outbox.apply(app, "writeback:refill-due", connection).as_dict() == {
+            "delivered": 0,
+            "failed": 0,
+            "skipped": 0,
+        }
+        assert connection.get(key) == b"another-worker"  # not taken, not released
+        connection.delete(key)
+        assert outbox.apply(app, "writeback:refill-due", connection).delivered == 1
+        assert connection.get(key) is None
+        assert reminded(shop)[1] == _utc(SEND_AT)
+        connection.close()
