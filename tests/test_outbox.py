@@ -185,26 +185,20 @@ def test_sent_stop_and_done_reach_the_business_rows_after_an_outage(wshop: Shop)
     assert {r["status"] for r in outbox_rows(shop)} == {"done"}
 
 
-def test_nothing_is_written_to_the_outbox_without_writeback_or_webhooks(
-    tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer
-) -> None:
-    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
-        shop.configure()
-        shop.prepare(2)
-        pass_at(shop, SEND_AT)
-        assert shop.statuses() == {"sent": 2}
-        assert outbox_rows(shop) == []
+def test_nothing_is_written_to_the_outbox_without_writeback_or_webhooks(shop: Shop) -> None:
+    shop.configure()
+    shop.prepare(2)
+    pass_at(shop, SEND_AT)
+    assert shop.statuses() == {"sent": 2}
+    assert outbox_rows(shop) == []
 
 
-def test_a_rule_without_statements_writes_no_events(
-    tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer
-) -> None:
-    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
-        shop.configure(extra=writeback_config(shop.source_config_url, web=False))
-        shop.prepare(2)
-        pass_at(shop, SEND_AT)
-        assert shop.statuses() == {"sent": 2}
-        assert outbox_rows(shop) == []
+def test_a_rule_without_statements_writes_no_events(shop: Shop) -> None:
+    shop.configure(extra=writeback_config(shop.source_config_url, web=False))
+    shop.prepare(2)
+    pass_at(shop, SEND_AT)
+    assert shop.statuses() == {"sent": 2}
+    assert outbox_rows(shop) == []
 
 
 def test_a_statement_for_a_row_the_business_deleted_changes_nothing_else(wshop: Shop) -> None:
@@ -449,53 +443,47 @@ def test_delivered_events_are_pruned_after_a_week_and_waiting_ones_never(tmp_pat
 
 
 def test_an_occurrence_that_vanished_is_written_back_as_canceled_with_its_reason(
-    tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer
+    shop: Shop,
 ) -> None:
-    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
-        rules = rules_writing(
-            "canceled", "UPDATE prescriptions SET reminder_outcome = :reason WHERE id = :rx_id"
-        )
-        shop.configure(rules=rules, extra=writeback_config(shop.source_config_url, web=False))
-        shop.prepare(2)
-        add_columns(shop)
-        shop.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 2")  # out of the query
-        pass_at(shop, "2027-03-10T13:00:00Z")  # the scan cancels it; its event waits
-        pass_at(shop, "2027-03-10T13:00:00Z")
-        outcomes = shop.business_rows("SELECT id, reminder_outcome FROM prescriptions ORDER BY id")
-        (canceled,) = [r for r in shop.reminders() if r["status"] == "canceled"]
-        assert outcomes == [(1, None), (2, canceled["reason"])]
-        assert canceled["reason"]
+    rules = rules_writing(
+        "canceled", "UPDATE prescriptions SET reminder_outcome = :reason WHERE id = :rx_id"
+    )
+    shop.configure(rules=rules, extra=writeback_config(shop.source_config_url, web=False))
+    shop.prepare(2)
+    add_columns(shop)
+    shop.sql("UPDATE prescriptions SET refills_left = 0 WHERE id = 2")  # out of the query
+    pass_at(shop, "2027-03-10T13:00:00Z")  # the scan cancels it; its event waits
+    pass_at(shop, "2027-03-10T13:00:00Z")
+    outcomes = shop.business_rows("SELECT id, reminder_outcome FROM prescriptions ORDER BY id")
+    (canceled,) = [r for r in shop.reminders() if r["status"] == "canceled"]
+    assert outcomes == [(1, None), (2, canceled["reason"])]
+    assert canceled["reason"]
 
 
 def test_a_destination_another_worker_is_applying_is_left_to_it(
-    tmp_path: Path,
-    delivery_redis: str,
-    stub: TwilioStub,
-    mailbox_server: SmtpServer,
-    monkeypatch: pytest.MonkeyPatch,
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import redis
 
     from reminders import outbox
 
-    with shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop:
-        shop.configure(rules=WRITEBACK_RULES, extra=writeback_config(shop.source_config_url, False))
-        shop.prepare(1)
-        add_columns(shop)
-        pass_at(shop, SEND_AT)
-        monkeypatch.setenv("REMINDERS_NOW", SEND_AT)
-        connection = redis.Redis.from_url(delivery_redis)
-        key = f"reminders:outbox:lock:{outbox.job_id('writeback:refill-due')}"
-        connection.set(key, "another-worker", px=60_000)
-        app = App(shop.root / "config.yaml")
-        assert outbox.apply(app, "writeback:refill-due", connection).as_dict() == {
-            "delivered": 0,
-            "failed": 0,
-            "skipped": 0,
-        }
-        assert connection.get(key) == b"another-worker"  # not taken, not released
-        connection.delete(key)
-        assert outbox.apply(app, "writeback:refill-due", connection).delivered == 1
-        assert connection.get(key) is None
-        assert reminded(shop)[1] == _utc(SEND_AT)
-        connection.close()
+    shop.configure(rules=WRITEBACK_RULES, extra=writeback_config(shop.source_config_url, False))
+    shop.prepare(1)
+    add_columns(shop)
+    pass_at(shop, SEND_AT)
+    monkeypatch.setenv("REMINDERS_NOW", SEND_AT)
+    connection = redis.Redis.from_url(shop.redis_url)
+    key = f"reminders:outbox:lock:{outbox.job_id('writeback:refill-due')}"
+    connection.set(key, "another-worker", px=60_000)
+    app = App(shop.root / "config.yaml")
+    assert outbox.apply(app, "writeback:refill-due", connection).as_dict() == {
+        "delivered": 0,
+        "failed": 0,
+        "skipped": 0,
+    }
+    assert connection.get(key) == b"another-worker"  # not taken, not released
+    connection.delete(key)
+    assert outbox.apply(app, "writeback:refill-due", connection).delivered == 1
+    assert connection.get(key) is None
+    assert reminded(shop)[1] == _utc(SEND_AT)
+    connection.close()

@@ -170,11 +170,7 @@ def test_events_reach_a_verifying_receiver_after_it_was_down(
 
 
 def test_a_receiver_that_does_not_answer_in_time_is_retried(
-    tmp_path: Path,
-    delivery_redis: str,
-    stub: TwilioStub,
-    mailbox_server: SmtpServer,
-    monkeypatch: pytest.MonkeyPatch,
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
 
@@ -185,10 +181,7 @@ def test_a_receiver_that_does_not_answer_in_time_is_retried(
     monkeypatch.setattr(webhooks, "TIMEOUT", 0.2)
     monkeypatch.setenv(links.SECRET_ENV, SECRET)
     monkeypatch.setenv("REMINDERS_WEBHOOK_SECRET", HOOK_SECRET)
-    with (
-        services.serving(slow) as port,
-        shop_at(tmp_path, "sqlite", delivery_redis, stub, mailbox_server) as shop,
-    ):
+    with services.serving(slow) as port:
         shop.configure(extra=hooks_config(port))
         shop.prepare(1)
         pass_at(shop, SEND_AT)
