@@ -47,7 +47,7 @@ class App:
 
     @cached_property
     def business(self) -> Engine:
-        return business_db.engine_for(self.config.source_url)
+        return business_db.engine_for(self.config.source_url, self.config.source.query_timeout)
 
     @cached_property
     def renderer(self) -> Renderer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, tzinfo
 from functools import lru_cache
@@ -27,9 +28,11 @@ from .errors import ServiceUnavailable, SourceError
 _engines = EngineCache()
 
 
-def engine_for(url: str) -> Engine:
-    """The process' read-only engine for the business DB at ``url``."""
-    return _engines.get(url, lambda: create_engine(url))
+def engine_for(url: str, query_timeout: timedelta | None = None) -> Engine:
+    """The process' read-only engine for the business DB at ``url``, whose statements the
+    database stops past ``query_timeout`` (``source.query_timeout``; no limit when None)."""
+    limit = None if query_timeout is None else millis(query_timeout)
+    return _engines.get(url, lambda: create_engine(url, query_timeout, limit_sqlite=True), limit)
 
 
 def dispose_engines(matching: str | None = None) -> None:
@@ -38,13 +41,21 @@ def dispose_engines(matching: str | None = None) -> None:
 
 
 def create_engine(
-    url: str, statement_timeout: timedelta | None = None, pre_ping: bool = True
+    url: str,
+    statement_timeout: timedelta | None = None,
+    pre_ping: bool = True,
+    *,
+    limit_sqlite: bool = False,
 ) -> Engine:
     """A read-only engine: writes through it fail at the database.
 
-    ``pre_ping``: test each pooled connection with a round trip before use (a server restarted
-    since is noticed before the query). Callers that retry a query on a dropped connection
-    themselves, as checks do, turn it off and save the round trip.
+    ``statement_timeout``: the server stops a statement running longer (PostgreSQL's
+    ``statement_timeout``, MySQL's and MariaDB's own limits). SQLite has no server: with
+    ``limit_sqlite`` a progress handler interrupts a statement (its execution and the reading of
+    its rows) past the limit; callers that keep their own deadline per query, as checks do, leave
+    it off. ``pre_ping``: test each pooled connection with a round trip before use (a server
+    restarted since is noticed before the query). Callers that retry a query on a dropped
+    connection themselves, as checks do, turn it off and save the round trip.
     """
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
@@ -59,7 +70,10 @@ def create_engine(
 
         # QueuePool, as for any SQLite file: the default for "sqlite://" (SingletonThreadPool)
         # closes other threads' connections past 5 threads, in use or not (a segfault).
-        return sa.create_engine("sqlite://", creator=connect, poolclass=sa.pool.QueuePool)
+        engine = sa.create_engine("sqlite://", creator=connect, poolclass=sa.pool.QueuePool)
+        if statement_timeout is not None and limit_sqlite:
+            _limit_sqlite(engine, statement_timeout)
+        return engine
     if backend == "postgresql":
         options = "-c default_transaction_read_only=on"
         if statement_timeout is not None:
@@ -82,6 +96,27 @@ def sqlite_uri(database: str | None, mode: str, key: str) -> str:
     if not path.exists():
         raise ServiceUnavailable(f"{key}: no database file at {path}")
     return f"file:{quote(str(path))}?mode={mode}"
+
+
+def millis(duration: timedelta) -> int:
+    """``duration`` in whole milliseconds, at least 1 (what the databases' limits take)."""
+    return max(1, round(duration.total_seconds() * 1000))
+
+
+# SQLite calls a progress handler every this many virtual-machine instructions (well under a
+# millisecond of work).
+_PROGRESS_EVERY = 10_000
+
+
+def _limit_sqlite(engine: Engine, timeout: timedelta) -> None:
+    """Interrupt each statement on ``engine``'s connections ``timeout`` after it starts."""
+    seconds = timeout.total_seconds()
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _start(conn: Any, *_args: Any) -> None:
+        deadline = time.monotonic() + seconds
+        raw = conn.connection.dbapi_connection
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_EVERY)
 
 
 # What a business query may do on SQLite: read. ``mode=ro`` and ``query_only`` keep the file

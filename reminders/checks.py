@@ -254,13 +254,9 @@ def _plain(value: Any) -> Any:
 _engines = EngineCache()
 
 
-def _millis(duration: timedelta) -> int:
-    return max(1, round(duration.total_seconds() * 1000))
-
-
 def check_engine(url: str, timeout: timedelta) -> Engine:
     """The process' read-only engine for checks with ``timeout`` against the business DB."""
-    return _engines.get(url, lambda: _create_engine(url, timeout), _millis(timeout))
+    return _engines.get(url, lambda: _create_engine(url, timeout), business_db.millis(timeout))
 
 
 def _create_engine(url: str, timeout: timedelta) -> Engine:
@@ -269,7 +265,7 @@ def _create_engine(url: str, timeout: timedelta) -> Engine:
     # on a connection the server dropped, and SQLAlchemy then renews every older pooled one.
     engine = business_db.create_engine(url, timeout, pre_ping=False)
     if engine.dialect.name == "sqlite":
-        millis = _millis(timeout)
+        millis = business_db.millis(timeout)
 
         @sa.event.listens_for(engine, "connect")
         def _busy(dbapi_conn: Any, _record: Any) -> None:
@@ -367,9 +363,9 @@ def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception
     state = getattr(exc.orig, "sqlstate", None)
     code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None  # MySQL's int
     if fired or state in _PG_TIMEOUT_STATES or code in mysql.TIMEOUT_CODES:
-        return _Timeout(f"the query took longer than {_millis(check.timeout)} ms")
+        return _Timeout(f"the query took longer than {business_db.millis(check.timeout)} ms")
     if isinstance(exc.orig, sqlite3.Error) and "database is locked" in dberrors.message(exc):
-        return _Timeout(f"the business DB stayed locked for {_millis(check.timeout)} ms")
+        return _Timeout(f"the business DB stayed locked for {business_db.millis(check.timeout)} ms")
     return dberrors.error(exc, dberrors.BUSINESS_DB, f"check {check.name}")
 
 

@@ -10,10 +10,11 @@ and nothing of the engine (no SQLAlchemy, pydantic or Jinja), so they answer at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import update_wrapper
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -277,27 +278,15 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
 
     # SIGTERM (systemd, a deploy) or Ctrl-C stops a scan after its current batch, between
     # transactions, and its run is recorded as interrupted by that signal instead of being left
-    # "running" by a process that vanished. A second signal stops it at once.
-    asked: list[str] = []
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if asked:
-            raise KeyboardInterrupt(name)
-        asked.append(name)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    # "running" by a process that vanished.
+    with _stop_between_batches() as should_stop:
         results = scan_all(
             app,
             rule_name=rule_name,
             progress=sys.stderr.isatty(),
             allow_mass_cancel=allow_mass_cancel,
-            should_stop=lambda: asked[0] if asked else None,
+            should_stop=should_stop,
         )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     failed = False
     for counts in results:
         if as_json:
@@ -321,6 +310,27 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
             click.echo(f"error: {counts.error}", err=True)
     if failed:
         raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _stop_between_batches() -> Iterator[Callable[[], str | None]]:
+    """While the block runs, SIGTERM or Ctrl-C asks it to stop after its current batch: yields
+    what a command passes as ``should_stop`` (the signal's name once one came). A second signal
+    stops it at once."""
+    asked: list[str] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if asked:
+            raise KeyboardInterrupt(name)
+        asked.append(name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: asked[0] if asked else None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -425,6 +435,91 @@ def status(app: App, as_json: bool) -> None:
         _echo_json(report)
     else:
         click.echo(format_status(report))
+
+
+# --- prune ----------------------------------------------------------------------------------------
+
+
+def _older_than(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from .sendtime import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    callback=_older_than,
+    metavar="DURATION",
+    help="prune what is older than this (e.g. 90d, 26w; default: state.retention); at least "
+    "web.link_max_age",
+)
+@click.option("--dry-run", is_flag=True, help="count what would go, per table; delete nothing")
+@click.option("--json", "as_json", is_flag=True, help="the counts as one JSON object")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=1000,
+    show_default=True,
+    help="reminders (or other rows) deleted per transaction",
+)
+@pass_app
+def prune(app: App, older_than: Any, dry_run: bool, as_json: bool, batch_size: int) -> None:
+    """Delete finished reminders (with their messages and events), old replies and old scan runs
+    older than the retention, in small transactions; never a reminder not final, nor consent."""
+    from . import prune as retention
+    from .config import retention_text
+
+    config = app.config
+    if older_than is None:
+        older_than = config.state.retention
+        if older_than is None:
+            raise click.UsageError(
+                "state.retention is null (keep everything): pass --older-than (e.g. 180d)"
+            )
+    elif older_than < config.web.link_max_age:
+        limit = retention_text(config.web.link_max_age)
+        raise click.BadParameter(
+            f"{retention_text(older_than)} is shorter than web.link_max_age ({limit}): an "
+            "unsubscribe link finds its address among the messages sent, so they are kept "
+            f"while a link is valid (use {limit} or more)",
+            param_hint="--older-than",
+        )
+    _migrated(app)
+    graces = retention.graces(app)
+    now = app.now()
+    with _stop_between_batches() as should_stop:
+        if dry_run:
+            done = retention.count(app.state, now, older_than, graces)
+        else:
+            done = retention.prune(
+                app.state, now, older_than, graces, batch_size=batch_size, should_stop=should_stop
+            )
+    if as_json:
+        _echo_json(
+            {
+                "dry_run": dry_run,
+                "older_than": retention_text(older_than),
+                "cutoff": clock.iso_utc(done.cutoff),
+                **{name: getattr(done, name) for name in retention.TABLES},
+                "finished": done.stopped is None,
+            }
+        )
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(
+            f"{verb}, older than {retention_text(older_than)} "
+            f"(last changed before {clock.iso_utc(done.cutoff)}):"
+        )
+        for name in retention.TABLES:
+            click.echo(f"  {name.replace('_', ' '):<13} {getattr(done, name)}")
+    if done.stopped:
+        raise KeyboardInterrupt(done.stopped)
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -563,6 +658,12 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
             click.echo(f"dispatch: {cycle.dispatch['enqueued']} enqueued")
         if cycle.outbox_jobs:
             click.echo(f"outbox: {cycle.outbox_jobs} destinations enqueued")
+        if cycle.pruned is not None:
+            gone = cycle.pruned
+            click.echo(
+                f"prune: {gone['reminders']} reminders, {gone['messages']} messages, "
+                f"{gone['events']} events deleted" + (" (more next time)" if gone["more"] else "")
+            )
         for error in cycle.errors:
             click.echo(f"error: {error}", err=True)
         if cycle.errors:

@@ -85,6 +85,10 @@ class StateConfig(_Model):
     # How long a worker that sent messages keeps trying to record them while the state DB does
     # not answer; past it, it leaves them in Redis for the next dispatch to record.
     record_patience: Duration = timedelta(seconds=60)
+    # How long finished reminders (with their messages and events), old replies and old scan runs
+    # are kept, counted from their last change; the scheduler deletes what is older (see
+    # reminders.prune). null: keep everything.
+    retention: Duration | None = timedelta(days=180)
 
 
 class RedisConfig(_Model):
@@ -485,6 +489,13 @@ class Config(_Model):
         return sendtime.zone(self.timezone)
 
 
+def retention_text(value: timedelta) -> str:
+    """A retention as written in the config: whole days (``180d``), else seconds."""
+    if value % timedelta(days=1):
+        return f"{int(value.total_seconds())}s"
+    return f"{value.days}d"
+
+
 def resolve_url(url: str, root: Path) -> str:
     """Make a relative SQLite URL relative to ``root``; other URLs pass unchanged."""
     parsed = make_url(url)
@@ -638,6 +649,16 @@ def load_config(
                     (key, "url"), f'{key}.url: "{url}" is not a database URL (e.g. sqlite:///x.db)'
                 )
             ) from None
+    kept, links = config.state.retention, config.web.link_max_age
+    if kept is not None and kept < links:
+        raise ConfigError(
+            doc.problem(
+                ("state", "retention"),
+                f"state.retention ({retention_text(kept)}) is shorter than web.link_max_age "
+                f"({retention_text(links)}): an unsubscribe link finds its address among the "
+                "messages sent, so they are kept while a link is valid (e.g. retention: 180d)",
+            )
+        )
     if mysql.is_mysql(config.state.url):
         raise ConfigError(doc.problem(("state", "url"), f"state.url: {mysql.STATE_UNSUPPORTED}"))
     return config

@@ -16,6 +16,11 @@ BUSINESS_DB = "business DB"
 STATE_DB = "state DB"
 
 
+# What SQLite says when the progress handler of reminders.business_db stops a statement that ran
+# past source.query_timeout (PostgreSQL and MySQL say it themselves).
+_INTERRUPTED = "interrupted"
+TIMED_OUT = "the query ran longer than source.query_timeout allows and was stopped"
+
 # What the SQLite authorizer on business connections (reminders.business_db) makes SQLite say
 # when it refuses a statement; VACUUM says the second.
 _REFUSED = ("not authorized", "authorization denied")
@@ -37,6 +42,8 @@ def message(exc: BaseException) -> str:
     first = lines[0] if lines else ""
     if first in _REFUSED:
         return f"not authorized: {NOT_AUTHORIZED}"
+    if first == _INTERRUPTED:
+        return f"interrupted: {TIMED_OUT}"
     return first
 
 

@@ -349,3 +349,15 @@ sa.Index(
     reminder.c.status,
     reminder.c.send_at,
 )
+# Final reminders by their last change: what retention prunes first (migration 0009, and
+# reminders.prune, which writes its condition with the same text so PostgreSQL uses it).
+# (lifecycle.FINAL, written out: lifecycle imports this module; a test compares the two.)
+FINAL_SQL = "status IN ('canceled', 'delivered', 'failed', 'sent', 'undelivered')"
+FINAL_INDEX = "ix_reminders_reminder_final_updated_at"
+sa.Index(
+    FINAL_INDEX,
+    reminder.c.updated_at,
+    reminder.c.id,
+    postgresql_where=sa.text(FINAL_SQL),
+    sqlite_where=sa.text(FINAL_SQL),
+)

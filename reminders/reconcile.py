@@ -11,7 +11,9 @@ decided here, by the ordinary processes (dispatch runs this first, the scheduler
   ``To`` and ``From``, newest first, paged until older than the attempt) is searched for a message
   from this sender whose text has the attempt's SHA-256 and that was created after the attempt
   began (less a clock skew), and whose SID no other reminder recorded. Found: the reminder is
-  ``sent`` with that SID (a ``message`` row, so its status callbacks find it). Not found once
+  ``sent`` with that SID (a ``message`` row, so its status callbacks find it), and a final status
+  in the list (delivered, undelivered, failed: its status callback may have come and gone while
+  the send was unknown) is applied as that callback would have been. Not found once
   ``channels.sms.reconcile_after`` (default 1m: Twilio's own processing window) has passed since
   the attempt: it was not sent, and goes back to ``pending`` due now, to be sent once more (its
   attempt counted; ``failed`` once ``retries.max_attempts`` are used). Twilio's list not
@@ -45,7 +47,7 @@ import sqlalchemy as sa
 from rq.job import Job
 from rq.worker import Worker
 
-from . import codec
+from . import codec, receipts
 from .compose import address_for, customer_of
 from .config import Config, EmailConfig, SmsConfig
 from .errors import PermanentError, ServiceUnavailable
@@ -90,7 +92,7 @@ class Reconciler:
         channels: Any = None,
     ) -> None:
         self.config = config
-        self.rules = {rule.name: rule for rule in ruleset.rules}
+        self.ruleset = ruleset
         self.state = state
         self.connection = connection
         self._channels: dict[str, Any] = {}
@@ -274,6 +276,12 @@ class Reconciler:
                     source=UNKNOWN,
                     to=to,
                 )
+                if found.status in receipts.FINAL_REPORTS:
+                    # Its delivery report may have come while the send was unknown (and found
+                    # no message then): the status in the list is applied as that report.
+                    receipts.apply_report(
+                        conn, self.ruleset, found.sid, found.status, found.error_code, now
+                    )
             counts.found += 1
             return
         if real_now - row["attempt_at"] >= sms.reconcile_after:
@@ -354,7 +362,7 @@ class Reconciler:
 
     def _address(self, row: Mapping[str, Any]) -> str | None:
         """The address the reminder's attempt went to (its rule's channel, the customer's)."""
-        rule = self.rules.get(row["rule"])
+        rule = self.ruleset.get(row["rule"])
         if rule is None or not row["channel"]:
             return None
         customer = customer_of(rule, codec.loads(row["data"]))

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 LOCK_KEY = "reminders:scheduler:leader"
 LOCK_TTL = 30.0  # seconds a dead leader's lock outlives it
 STANDBY_POLL = 2.0  # seconds between a standby's attempts to take the lock
+# Retention's share of one cycle: at most this many delete transactions (of prune.BATCH rows),
+# stopping between them once this many seconds have passed.
+PRUNE_BATCHES = 5
+PRUNE_SECONDS = 1.0
 
 # Renew the lock only while this process holds it; release only its own.
 _RENEW = """
@@ -109,6 +113,7 @@ class Cycle:
     scans: list[dict[str, Any]] | None = None
     dispatch: dict[str, int] | None = None
     outbox_jobs: int = 0  # destinations of write-back and webhooks given a job
+    pruned: dict[str, Any] | None = None  # what retention deleted (None when not due)
     errors: list[str] = field(default_factory=list)
 
 
@@ -122,6 +127,7 @@ class Scheduler:
         self._stopping = threading.Event()
         self._next_scan = 0.0
         self._next_dispatch = 0.0
+        self._next_prune = 0.0
 
     def stop(self, *_args: Any) -> None:
         """Finish the current step, release the lock and return from :meth:`run`."""
@@ -151,6 +157,10 @@ class Scheduler:
             except RuntimeFailure as exc:
                 done.errors.append(str(exc))
             done.outbox_jobs = self._outbox(done)
+        if config.state.retention is not None and moment >= self._next_prune:
+            more = self._prune(done)
+            # A backlog goes a few batches a cycle; once done, look again at the next scan.
+            self._next_prune = moment if more else self._next_scan
         for error in done.errors:
             log.error("scheduler: %s", error)
         if done.scans:
@@ -168,6 +178,36 @@ class Scheduler:
         except (RuntimeFailure, redis.RedisError, sa.exc.SQLAlchemyError) as exc:
             done.errors.append(f"outbox: {exc}")
             return 0
+
+    def _prune(self, done: Cycle) -> bool:
+        """Delete a bounded part of what is past ``state.retention`` (at most ``PRUNE_BATCHES``
+        transactions and about ``PRUNE_SECONDS``, so a backlog never holds up scans and
+        dispatches); whether some is left."""
+        from . import prune
+        from .errors import RemindersError
+
+        retention = self.app.config.state.retention
+        assert retention is not None
+        try:
+            pruned = prune.prune(
+                self.app.state,
+                self.app.now(),
+                retention,
+                prune.graces(self.app),
+                batch_size=prune.BATCH,
+                max_batches=PRUNE_BATCHES,
+                max_seconds=PRUNE_SECONDS,
+            )
+        except RemindersError as exc:  # the state DB failed: prune says so, and what it did
+            done.errors.append(str(exc))
+            return False
+        done.pruned = pruned.as_dict()
+        if pruned.total:
+            log.info(
+                "scheduler: pruned %s",
+                ", ".join(f"{getattr(pruned, t)} {t}" for t in prune.TABLES if getattr(pruned, t)),
+            )
+        return pruned.more
 
     def run(self, once: bool = False) -> list[Cycle]:
         """Lead (or stand by) until stopped; with ``once``, one cycle if this process can lead.

@@ -146,6 +146,32 @@ def test_twilio_records_the_message_then_does_not_answer(
     assert by_phone(shop)[phone]["status"] == "delivered"
 
 
+@pytest.mark.parametrize(
+    ("state", "code", "ends"),
+    [("delivered", None, "delivered"), ("undelivered", 30003, "undelivered")],
+)
+def test_a_final_status_in_twilios_records_is_applied_when_found(
+    any_shop: Shop, state: str, code: int | None, ends: str
+) -> None:
+    """Its status callback came while the send was unknown (and found no message then): the
+    status the Messages list shows is applied as the callback would have been."""
+    shop = any_shop.configure(sms_extra=FAST)
+    [person] = shop.prepare(1)
+    phone = person["phone"]
+    shop.stub.respond(phone, ACCEPT_THEN_HANG)
+    shop.ok("dispatch", now=SEND_AT)
+    shop.worker()
+    assert shop.statuses() == {"unknown": 1}
+    [record] = created_for(shop.stub, phone)
+    record.update(status=state, error_code=code)  # what Twilio did meanwhile
+    assert reconciled(shop) == 1
+    found = by_phone(shop)[phone]
+    assert (found["status"], found["provider_id"]) == (ends, record["sid"])
+    [sent] = [m for m in shop.messages() if m["provider_id"] == record["sid"]]
+    assert (sent["status"], sent["error_code"]) == (state, None if code is None else str(code))
+    assert shop.stub.accepted[phone] == 1
+
+
 def test_twilio_drops_the_connection_before_accepting(any_shop: Shop) -> None:
     shop = any_shop.configure(sms_extra=FAST)
     people = shop.prepare(2)

@@ -16,7 +16,7 @@ from reminders import lifecycle
 from reminders.clock import parse_instant
 from reminders.lifecycle import CANCELED, PENDING
 from reminders.scan import RESTORED, VANISHED, is_mass_cancel
-from tests.rules_fixtures import NOW, Project, project
+from tests.rules_fixtures import NOW, Project, config_yaml, project
 
 __all__ = ["project"]
 
@@ -143,3 +143,41 @@ def test_a_reminder_canceled_for_another_reason_stays_canceled(project: Project)
     project.sql("UPDATE prescriptions SET refills_left = 1 WHERE id = 3")
     assert _scan(project)[1]["restored"] == 1  # the 0d one; the replied one stays done
     assert project.by_key()[("3", "-3d")]["reason"] == "done"
+
+
+# A query that works for minutes before its first row: a billion combinations counted (a
+# recursion of a thousand steps only, MariaDB's default limit).
+_SLOW = """\
+rules:
+  - name: refill-due
+    query: |
+      WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000)
+      SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
+             p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
+      FROM prescriptions rx JOIN patients p ON p.id = rx.patient_id
+      WHERE (SELECT COUNT(*) FROM c a, c b, c d) > 0
+    occurrence: "{{ rx_id }}"
+    due: runs_out_on
+    offsets: [-3d]
+    at: "10:00"
+    channels: [sms]
+"""
+
+
+def test_a_query_past_source_query_timeout_is_stopped_and_applies_nothing(
+    project: Project,
+) -> None:
+    p = project
+    p.write_config(config_yaml(source="{source}\n  query_timeout: 300ms"))
+    p.write("rules/refills.yaml", _SLOW)
+    p.ok("db", "upgrade")
+    code, line, err = _scan(p)
+    assert code == 1, err
+    assert line["rule"] == "refill-due"
+    # Each database says it in its own words; SQLite's "interrupted" is explained.
+    said = line["error"].lower()
+    assert "rule refill-due" in said
+    assert any(w in said for w in ("query_timeout", "statement timeout", "max_statement_time")), (
+        said
+    )
+    assert p.reminders() == []

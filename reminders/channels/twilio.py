@@ -127,10 +127,12 @@ CLOCK_SKEW = timedelta(seconds=30)
 
 @dataclass(frozen=True)
 class Found:
-    """A message in Twilio's records: its SID and its status there (queued, sent, delivered...)."""
+    """A message in Twilio's records: its SID, its status there (queued, sent, delivered...) and
+    its error code when it failed (30005...)."""
 
     sid: str
     status: str
+    error_code: str | None = None
 
 
 class LookupFailed(RuntimeFailure):
@@ -245,7 +247,12 @@ class TwilioChannel(Channel):
                     if not self._ours(record) or record.sid in skip:
                         continue
                     if body_digest(record.body or "") == digest:
-                        return Found(str(record.sid), str(record.status or ""))
+                        code = record.error_code
+                        return Found(
+                            str(record.sid),
+                            str(record.status or ""),
+                            None if code in (None, "", 0) else str(code),
+                        )
                 page = page.next_page()
                 if page is None:
                     return None

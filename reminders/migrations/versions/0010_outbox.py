@@ -1,7 +1,7 @@
 """the outbox: write-back statements and webhooks to deliver, one row per event and destination
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-06 17:30:00
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import reminders.models
 
 revision = "0010"
-down_revision = "0007"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
