@@ -487,3 +487,16 @@ def test_a_destination_another_worker_is_applying_is_left_to_it(
     assert connection.get(key) is None
     assert reminded(shop)[1] == _utc(SEND_AT)
     connection.close()
+
+
+def test_pruning_reminders_leaves_their_undelivered_events(shop: Shop) -> None:
+    shop.configure(rules=WRITEBACK_RULES, extra=writeback_config(shop.source_config_url, False))
+    shop.prepare(2)
+    add_columns(shop)
+    pass_at(shop, SEND_AT)  # sent; their events wait
+    much_later = "2027-10-01T12:00:00Z"  # past the default retention (180 days)
+    shop.ok("prune", now=much_later)
+    assert shop.reminders() == []
+    assert [r["status"] for r in outbox_rows(shop)] == ["pending", "pending"]
+    pass_at(shop, much_later)  # applied from what each event carries
+    assert reminded(shop) == {1: _utc(SEND_AT), 2: _utc(SEND_AT)}
