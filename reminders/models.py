@@ -268,7 +268,7 @@ outbox = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("done_at", UtcDateTime()),
     sa.Index(None, "destination", "status", "id"),
-    sa.Index(None, "status", "next_at"),
+    sa.Index(None, "status", "done_at"),  # retention: delivered rows by when
 )
 
 # -- the console (reminders console): who may look and act, what they did, paused rules ----------

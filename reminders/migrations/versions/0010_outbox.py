@@ -41,10 +41,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=f"pk_{_TABLE}"),
     )
     op.create_index(f"ix_{_TABLE}_destination_status_id", _TABLE, ["destination", "status", "id"])
-    op.create_index(f"ix_{_TABLE}_status_next_at", _TABLE, ["status", "next_at"])
+    op.create_index(f"ix_{_TABLE}_status_done_at", _TABLE, ["status", "done_at"])
 
 
 def downgrade() -> None:
-    op.drop_index(f"ix_{_TABLE}_status_next_at", _TABLE)
+    op.drop_index(f"ix_{_TABLE}_status_done_at", _TABLE)
     op.drop_index(f"ix_{_TABLE}_destination_status_id", _TABLE)
     op.drop_table(_TABLE)
