@@ -420,6 +420,18 @@ class Config(_Model):
                         )
         return value
 
+    @field_validator("webhooks")
+    @classmethod
+    def _one_endpoint_a_url(cls, value: list[WebhookConfig]) -> list[WebhookConfig]:
+        seen: set[str] = set()
+        for hook in value:
+            if hook.url in seen:
+                raise ValueError(
+                    f"{hook.url} is listed twice: list its events once (events: [...])"
+                )
+            seen.add(hook.url)
+        return value
+
     @field_validator("default_region")
     @classmethod
     def _region(cls, value: str) -> str:

@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 
 from . import codec
 from .business_db import parameters
-from .config import CONSENT_EVENTS, Config, WebhookConfig
+from .config import CONSENT_EVENTS, REMINDER_EVENTS, Config, WebhookConfig
 from .models import message, outbox, reminder
 
 if TYPE_CHECKING:
@@ -151,7 +151,9 @@ class Plan:
         hooks = tuple((hook_destination(h.url), h) for h in config.webhooks)
         events = set(consent).union(*rules.values())
         for _, hook in hooks:
-            events |= {e for e in (*CONSENT_EVENTS, *EVENT_NAMES) if hook.wants(webhook_type(e))}
+            events |= {
+                e for e in (*CONSENT_EVENTS, *REMINDER_EVENTS) if hook.wants(webhook_type(e))
+            }
         return cls(rules, consent, hooks, frozenset(events))
 
     def destinations(self, event: str, rule: str | None) -> list[str]:
@@ -172,8 +174,6 @@ class Plan:
                 return hook
         return None
 
-
-EVENT_NAMES = ("sent", "delivered", "failed", "canceled", "replied", "done")
 
 # The plan of each state DB this process writes to, made on first use (App.state attaches it).
 _plans: dict[Any, Plan | Callable[[], Plan]] = {}
