@@ -20,7 +20,7 @@ from reminders import links, models, webhooks
 from reminders.app import App
 from tests import services
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import SEND_AT, Shop, phone_of, shop_at
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, phone_of, shop_at
 from tests.rules_fixtures import Project, lite
 from tests.test_outbox import PUBLIC, SECRET, inbound, pass_at, twilio_post
 from tests.twilio_stub import TwilioStub
@@ -250,3 +250,34 @@ def test_an_unknown_event_type_is_named_with_the_types_there_are(
     result = lite.run("validate")
     assert result.code == 2
     assert '"reminder.shipped" is not an event type (types: reminder.sent' in result.err
+
+
+def test_replies_reach_the_endpoint_as_replied_and_done(
+    shop: Shop, receiver: tuple[Receiver, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook, port = receiver
+    monkeypatch.setenv(links.SECRET_ENV, SECRET)
+    monkeypatch.setenv("REMINDERS_WEBHOOK_SECRET", HOOK_SECRET)
+    rules = RULES.replace("    offsets: [0d]\n", "    offsets: [0d, 2d]\n").replace(
+        "    template: refill-due\n",
+        "    template: refill-due\n    replies:\n      DONE: done\n      LATER: snooze 1d\n",
+    )
+    shop.configure(rules=rules, extra=hooks_config(port))
+    shop.prepare(2)
+    pass_at(shop, SEND_AT)
+    from reminders.web import create_app
+
+    with services.serving(create_app(App(shop.root / "config.yaml"))) as web:
+        assert inbound(web, "Later", phone_of(1), "SM" + "4" * 32).status_code == 200
+        assert inbound(web, "done!", phone_of(2), "SM" + "5" * 32).status_code == 200
+    pass_at(shop, SEND_AT)
+    got = [(e["type"], e["data"]["reminder_id"], e["data"]["keyword"]) for e in hook.events("/all")]
+    sent = {r["occurrence"]: r["id"] for r in shop.reminders() if r["offset"] == "0d"}
+    later = {r["occurrence"]: r["id"] for r in shop.reminders() if r["offset"] == "2d"}
+    assert got[2:] == [
+        ("reminder.replied", sent["1"], "LATER"),
+        ("reminder.replied", sent["2"], "DONE"),
+        ("reminder.canceled", later["2"], None),  # DONE cancels what was still open
+        ("reminder.done", sent["2"], "DONE"),
+    ]
+    assert hook.forged == 0
