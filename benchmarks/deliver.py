@@ -85,6 +85,12 @@ rules:
     template: refill-due
 """
 
+WRITEBACK_RULE = """\
+    writeback:
+      sent: UPDATE prescriptions SET last_reminded_at = :at WHERE id = :rx_id
+"""
+WRITEBACK_CONFIG = "writeback:\n  url: sqlite:///business.db\n"
+
 COMMAND = [sys.executable, "-c", "from reminders.cli import main; main()"]
 TEMPLATE = (
     "Hi {{ first_name }}, your {{ drug_name }} runs out {{ runs_out_at|date }}. Reply DONE.\n"
@@ -201,7 +207,10 @@ def build(folder: Path, n: int, due: datetime, args: argparse.Namespace, stub_ur
     """A business DB of ``n`` patients all due at ``due``, the config, rule and template."""
     (folder / "rules").mkdir(parents=True)
     (folder / "templates").mkdir()
-    (folder / "rules" / "refills.yaml").write_text(RULE)
+    rule = RULE
+    if args.writeback:  # every `sent` writes an outbox event (applied later, not measured)
+        rule += WRITEBACK_RULE
+    (folder / "rules" / "refills.yaml").write_text(rule)
     (folder / "templates" / "refill-due.sms.j2").write_text(TEMPLATE)
     redis_line = "" if args.redis_url == "embedded" else f"redis:\n  url: {args.redis_url}\n"
     (folder / "config.yaml").write_text(
@@ -214,6 +223,7 @@ def build(folder: Path, n: int, due: datetime, args: argparse.Namespace, stub_ur
             stub=stub_url,
             concurrency=args.concurrency,
         )
+        + (WRITEBACK_CONFIG if args.writeback else "")
     )
     engine = sa.create_engine(f"sqlite:///{folder / 'business.db'}")
     naive = due.astimezone(UTC).replace(tzinfo=None)
@@ -224,7 +234,7 @@ def build(folder: Path, n: int, due: datetime, args: argparse.Namespace, stub_ur
         )
         conn.exec_driver_sql(
             "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER, "
-            "drug_name TEXT, runs_out_at TIMESTAMP)"
+            "drug_name TEXT, runs_out_at TIMESTAMP, last_reminded_at TEXT)"
         )
         conn.execute(
             sa.text("INSERT INTO patients VALUES (:id, :name, :phone, 'UTC')"),
@@ -234,7 +244,7 @@ def build(folder: Path, n: int, due: datetime, args: argparse.Namespace, stub_ur
             ],
         )
         conn.execute(
-            sa.text("INSERT INTO prescriptions VALUES (:id, :id, 'Lisinopril', :due)"),
+            sa.text("INSERT INTO prescriptions VALUES (:id, :id, 'Lisinopril', :due, NULL)"),
             [{"id": i, "due": naive.isoformat(sep=" ")} for i in range(1, n + 1)],
         )
     engine.dispose()
@@ -450,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-url", default=None, help="state DB (default: SQLite in the run)")
     parser.add_argument("--lead", type=float, default=15.0, help="seconds allowed for setup")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument(
+        "--writeback",
+        action="store_true",
+        help="the rule writes `sent` back: each send also writes its outbox event",
+    )
     args = parser.parse_args(argv)
     print(
         f"{args.n} reminders, {args.workers} workers, batch {args.batch_size}, "

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import business_db, clock, state_db
+from . import business_db, clock, outbox, state_db
 from .config import Config, load_config
 from .rules import RuleSet, load_rules
 
@@ -35,7 +35,15 @@ class App:
 
     @cached_property
     def state(self) -> Engine:
-        return state_db.engine_for(self.config.state_url)
+        engine = state_db.engine_for(self.config.state_url)
+        # The outbox events of changes made through it: who wants which (read on first change).
+        outbox.attach(engine, self._outbox_plan)
+        return engine
+
+    def _outbox_plan(self) -> outbox.Plan:
+        """Who wants which event; the rules are read only when write-back or webhooks are set."""
+        config = self.config
+        return outbox.Plan.build(config, self.ruleset if config.outbox_used else None)
 
     @cached_property
     def business(self) -> Engine:

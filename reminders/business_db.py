@@ -60,13 +60,7 @@ def create_engine(
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        database = parsed.database or ""
-        if not database or database == ":memory:":
-            raise ServiceUnavailable("source.url: a SQLite business DB must be a file")
-        path = Path(database)
-        if not path.exists():
-            raise ServiceUnavailable(f"source.url: no database file at {path}")
-        uri = f"file:{quote(str(path))}?mode=ro"
+        uri = sqlite_uri(parsed.database, "ro", "source.url")
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
@@ -92,6 +86,16 @@ def create_engine(
     raise ServiceUnavailable(
         f"source.url: {backend} is not supported (use sqlite, postgresql, mysql or mariadb)"
     )
+
+
+def sqlite_uri(database: str | None, mode: str, key: str) -> str:
+    """The ``file:`` URI opening an existing SQLite file in ``mode`` (ro, rw): never a new one."""
+    if not database or database == ":memory:":
+        raise ServiceUnavailable(f"{key}: a SQLite business DB must be a file")
+    path = Path(database)
+    if not path.exists():
+        raise ServiceUnavailable(f"{key}: no database file at {path}")
+    return f"file:{quote(str(path))}?mode={mode}"
 
 
 def millis(duration: timedelta) -> int:

@@ -657,6 +657,8 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
             click.echo(f"scan {counts['rule']}: {counts['rows']} rows, {counts['created']} created")
         if cycle.dispatch is not None:
             click.echo(f"dispatch: {cycle.dispatch['enqueued']} enqueued")
+        if cycle.outbox_jobs:
+            click.echo(f"outbox: {cycle.outbox_jobs} destinations enqueued")
         if cycle.pruned is not None:
             gone = cycle.pruned
             click.echo(

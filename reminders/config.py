@@ -310,6 +310,70 @@ class CapsConfig(_Model):
         return self
 
 
+# What the engine tells the business: write-back statements and webhooks (reminders.outbox).
+CONSENT_EVENTS = ("opted_out", "opted_in")
+REMINDER_EVENTS = ("sent", "delivered", "failed", "canceled", "replied", "done")
+WEBHOOK_TYPES = (
+    *(f"reminder.{name}" for name in REMINDER_EVENTS),
+    *(f"customer.{name}" for name in CONSENT_EVENTS),
+)
+
+
+def _consent_statement(value: Any) -> Any:
+    if isinstance(value, str):
+        from .outbox import CONSENT_BINDS, unknown_binds
+        from .rules import check_statement
+
+        value = check_statement(value)
+        unknown = unknown_binds(value, CONSENT_BINDS)
+        if unknown:
+            raise ValueError(
+                f":{unknown[0]} is not bound by opted_out and opted_in (they bind "
+                f":{', :'.join(CONSENT_BINDS)})"
+            )
+    return value
+
+
+ConsentStatement = Annotated[str, BeforeValidator(_consent_statement)]
+
+
+class WritebackConfig(_Model):
+    """``writeback:``: a writable connection to the business DB (a role of its own: scans and
+    checks keep the read-only ``source.url``) and the statements run on consent changes."""
+
+    url: str
+    when: dict[Literal["opted_out", "opted_in"], ConsentStatement] = {}
+
+
+class WebhookConfig(_Model):
+    """One endpoint of ``webhooks:``: signed JSON POSTs of the events it names (``*``: all)."""
+
+    url: str
+    events: list[str] = Field(min_length=1)
+    secret: str = Field(min_length=16)
+    include_addresses: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f'"{value}" is not an http(s) URL (https is recommended)')
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and name not in WEBHOOK_TYPES:
+                raise ValueError(
+                    f'"{name}" is not an event type (types: {", ".join(WEBHOOK_TYPES)}, or "*")'
+                )
+        return value
+
+    def wants(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
+
+
 class Config(_Model):
     """The validated config. ``root`` is the folder relative paths are resolved against."""
 
@@ -336,6 +400,8 @@ class Config(_Model):
     scheduler: SchedulerConfig = SchedulerConfig()
     scan: ScanConfig = ScanConfig()
     caps: CapsConfig | None = None  # unset: no frequency caps
+    writeback: WritebackConfig | None = None  # unset: nothing is written to the business DB
+    webhooks: list[WebhookConfig] = []
     # A file of NAME=value lines read into the environment at start (the environment wins): the
     # demo keeps its generated REMINDERS_SECRET there. Only its owner may read it (chmod 600).
     env_file: Path | None = None
@@ -361,6 +427,18 @@ class Config(_Model):
                             f"{language}: {word} is a {action} word here but means {said} "
                             "elsewhere (a keyword means one thing in every language)"
                         )
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _one_endpoint_a_url(cls, value: list[WebhookConfig]) -> list[WebhookConfig]:
+        seen: set[str] = set()
+        for hook in value:
+            if hook.url in seen:
+                raise ValueError(
+                    f"{hook.url} is listed twice: list its events once (events: [...])"
+                )
+            seen.add(hook.url)
         return value
 
     @field_validator("default_region")
@@ -390,6 +468,15 @@ class Config(_Model):
         if found is None:
             raise ConfigError(Problem(f"channel {name} is not configured", self.file))
         return found
+
+    @property
+    def outbox_used(self) -> bool:
+        """Whether anything leaves through the outbox (write-back or webhooks)."""
+        return self.writeback is not None or bool(self.webhooks)
+
+    @property
+    def writeback_url(self) -> str | None:
+        return None if self.writeback is None else resolve_url(self.writeback.url, self.root)
 
     @property
     def state_url(self) -> str:
@@ -477,6 +564,23 @@ def _substitute(doc: Document, env: dict[str, str]) -> list[Problem]:
     return problems
 
 
+def _plain_secrets(doc: Document) -> list[Problem]:
+    """A webhook secret written into the file instead of read from the environment."""
+    hooks = doc.data.get("webhooks") if isinstance(doc.data, dict) else None
+    found = []
+    for index, hook in enumerate(hooks if isinstance(hooks, list) else []):
+        secret = hook.get("secret") if isinstance(hook, dict) else None
+        if isinstance(secret, str) and not _VAR.fullmatch(secret.strip()):
+            found.append(
+                doc.problem(
+                    ("webhooks", index, "secret"),
+                    f"webhooks[{index}].secret: read it from the environment "
+                    "(secret: ${REMINDERS_WEBHOOK_SECRET}), never from the file",
+                )
+            )
+    return found
+
+
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
@@ -551,7 +655,8 @@ def load_config(
                 # Links are signed with REMINDERS_SECRET read from the environment, by this
                 # process and the workers it starts: the file's values join it (never replace).
                 os.environ.setdefault(name, value)
-    problems = _substitute(doc, environment)
+    problems = _plain_secrets(doc)
+    problems += _substitute(doc, environment)
     if problems:
         raise ConfigError(problems)
     for reserved in ("root", "file"):

@@ -26,7 +26,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import state_db
+from . import outbox, state_db
 from .links import normalize_address
 from .models import consent_event, optout, preference
 
@@ -113,7 +113,8 @@ def opt_in(
 
 
 def _record(conn: Connection, action: str, row: Mapping[str, object]) -> None:
-    """One line of the consent history, in the transaction of the change it records."""
+    """One line of the consent history, in the transaction of the change it records, and its
+    outbox event (write-back, webhooks) when one is wanted."""
     conn.execute(
         consent_event.insert().values(
             channel=row["channel"],
@@ -125,6 +126,7 @@ def _record(conn: Connection, action: str, row: Mapping[str, object]) -> None:
             at=row["created_at"],
         )
     )
+    outbox.on_consent(conn, "opted_out" if action == OPT_OUT else "opted_in", row)
 
 
 def history(conn: Connection, channel: str, address: str) -> list[dict[str, object]]:

@@ -64,8 +64,11 @@ def queue_name(channel: str) -> str:
 
 
 def queue_names(config: Config) -> list[str]:
-    """Every configured channel's queue."""
-    return [queue_name(c) for c in config.channel_names]
+    """Every configured channel's queue, and the outbox's when write-back or webhooks are set."""
+    from .outbox import QUEUE
+
+    names = [queue_name(c) for c in config.channel_names]
+    return [*names, QUEUE] if config.outbox_used else names
 
 
 def batch_size(config: Config, channel: str) -> int:

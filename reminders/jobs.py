@@ -95,6 +95,14 @@ def deliver(channel: str, ids: Sequence[int]) -> dict[str, int]:
     return counts.as_dict()
 
 
+def deliver_outbox(destination: str) -> dict[str, int]:
+    """RQ job: apply the due outbox rows of ``destination`` (write-back statements, webhooks)."""
+    from . import outbox
+
+    job = get_current_job()
+    return outbox.apply(current_app(), destination, job.connection if job else None).as_dict()
+
+
 def noop() -> None:
     """RQ job that does nothing: the benchmark's baseline for RQ's own cost per job."""
 

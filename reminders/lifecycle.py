@@ -19,8 +19,9 @@ Every change goes through :func:`move` (one conditional UPDATE for many reminder
 against :data:`TRANSITIONS` before touching the database (a change not listed there is a bug, raised
 as :class:`TransitionNotAllowed`, never a silent no-op), make the UPDATE conditional on the status
 the caller saw (a reminder another process changed meanwhile is left alone), and write one ``event``
-row per reminder changed, with its reason, in the caller's transaction. The console's timeline, the
-metrics and the outbox read those events.
+row per reminder changed, with its reason, in the caller's transaction. The console's timeline and
+the metrics read those events; :func:`reminders.outbox.on_move` writes, in the same transaction,
+the outbox rows of the changes some write-back statement or webhook wants (nothing otherwise).
 
 The statuses are stored as their plain string values: ``Status.SENT == "sent"``.
 """
@@ -35,6 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import outbox
 from .errors import RemindersError
 from .models import event, reminder
 
@@ -152,6 +154,7 @@ def move(
     if events:
         events.sort(key=lambda e: e["reminder_id"])
         conn.execute(event.insert(), events)
+        outbox.on_move(conn, [(e["reminder_id"], reason) for e in events], target, now)
     return sorted(changed)
 
 
@@ -194,6 +197,7 @@ def move_each(
         event.insert(),
         [_event(row["id"], row["source"], target, row.get("reason"), now) for row in rows],
     )
+    outbox.on_move(conn, [(row["id"], row.get("reason")) for row in rows], target, now)
     return len(rows)
 
 

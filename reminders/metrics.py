@@ -97,6 +97,7 @@ class StateCollector(Collector):
             yield from self._scans(conn, rules)
             yield self._paused(conn, rules)
             yield self._opt_outs(conn)
+            yield from self._outbox(conn, now)
         yield from self._redis()
 
     def _rules(self) -> list[str]:
@@ -225,6 +226,40 @@ class StateCollector(Collector):
         for labels, n in sorted(counts.items()):
             family.add_metric(list(labels), n)
         return family
+
+    def _outbox(self, conn: Connection, now: datetime) -> Iterator[Metric]:
+        """Write-back and webhooks per destination (writeback:consent, writeback:<rule>,
+        webhook:<key of its URL>): what waits, what was given up, and how long and how often
+        the oldest waiting event has failed (a statement that keeps failing shows here)."""
+        from . import outbox
+
+        if not self.app.config.outbox_used:
+            return
+        names = ["destination"]
+        pending = GaugeMetricFamily(
+            "reminders_outbox_pending", "Events waiting to be delivered", labels=names
+        )
+        given_up = GaugeMetricFamily(
+            "reminders_outbox_failed", "Webhook events given up (3 days of failures)", labels=names
+        )
+        age = GaugeMetricFamily(
+            "reminders_outbox_oldest_pending_seconds",
+            "Age of the oldest waiting event (0 when none)",
+            labels=names,
+        )
+        attempts = GaugeMetricFamily(
+            "reminders_outbox_oldest_attempts",
+            "Failed attempts of the oldest waiting event (more than 0: it is being retried)",
+            labels=names,
+        )
+        for entry in outbox.summary(conn, self.app.config):
+            label = [entry["destination"]]
+            pending.add_metric(label, entry[outbox.PENDING])
+            given_up.add_metric(label, entry[outbox.FAILED])
+            oldest = entry.get("oldest_created") if entry[outbox.PENDING] else None
+            age.add_metric(label, max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+            attempts.add_metric(label, entry["attempts"] if entry[outbox.PENDING] else 0)
+        yield from (pending, given_up, age, attempts)
 
     def _redis(self) -> Iterator[Metric]:
         from rq import Queue, Worker

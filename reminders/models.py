@@ -250,6 +250,32 @@ inbound = sa.Table(
     sa.UniqueConstraint("provider_id"),
 )
 
+# What must leave the engine (write-back statements into the business DB, signed webhooks): one
+# row per event and destination, written in the transaction of the change it reports and applied
+# by workers in id order per destination (see reminders.outbox). Not tied to the reminder by a
+# foreign key: pruning reminders must not take undelivered events with it.
+outbox = sa.Table(
+    f"{PREFIX}outbox",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(40), nullable=False),  # evt_...: one per event, kept in retries
+    # writeback:consent, writeback:<rule>, webhook:<key of its URL>
+    sa.Column("destination", sa.String(120), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),  # sent, delivered, ..., opted_out, opted_in
+    sa.Column("rule", sa.String(100)),
+    sa.Column("reminder_id", BigId),
+    sa.Column("payload", sa.Text, nullable=False),  # the event's facts and row, typed JSON (codec)
+    sa.Column("status", sa.String(16), nullable=False),  # pending, done, failed, skipped
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_at", UtcDateTime(), nullable=False),  # engine clock, like a reminder's send_at
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_attempt_at", UtcDateTime()),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("done_at", UtcDateTime()),
+    sa.Index(None, "destination", "status", "id"),
+    sa.Index(None, "status", "done_at"),  # retention: delivered rows by when
+)
+
 # -- the console (reminders console): who may look and act, what they did, paused rules ----------
 
 # A person who logs in to the console; the password is stored as a scrypt hash (accounts.py).

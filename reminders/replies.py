@@ -29,7 +29,7 @@ from babel.dates import format_timedelta
 from babel.lists import format_list
 from sqlalchemy.engine import Connection
 
-from . import consent, locales, state_db
+from . import consent, locales, outbox, state_db
 from .config import Config
 from .lifecycle import CANCELED, OPEN, PENDING, move
 from .models import inbound, message, reminder
@@ -207,12 +207,16 @@ def handle(
         )
 
     customer_id = latest.customer_id if latest else None
+    if latest is not None and action in (DONE, SNOOZE):
+        outbox.on_reply(conn, latest.reminder_id, "replied", word, f"replied {word}", now)
     if action == STOP:
         consent.opt_out(conn, "sms", number, consent.STOP, f"replied {word}", now, customer_id)
     elif action == START:
         consent.opt_in(conn, "sms", number, consent.START, f"replied {word}", now, customer_id)
     elif action == DONE and latest is not None:
         cancel_occurrence(conn, latest.rule, latest.occurrence, f"done: replied {word}", now)
+        # The customer says it is done: the reminder answered, whatever was still open.
+        outbox.on_reply(conn, latest.reminder_id, "done", word, f"done: replied {word}", now)
     elif action == SNOOZE and latest is not None and reply is not None and reply.delay:
         moved = snooze_occurrence(
             conn, latest.rule, latest.occurrence, reply.delay, f"snoozed: replied {word}", now

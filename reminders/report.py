@@ -81,6 +81,7 @@ def status_report(app: App) -> dict[str, Any]:
             **_consent(conn),
             "deferred": _deferred(conn),
             "paused_rules": sorted(paused_rules(conn)),
+            "outbox": _outbox(conn, app.config),
         }
         _by_rule, oldest = oldest_due_unsent(conn, now)
     extra["failed_jobs"] = failed_jobs(app.config)
@@ -229,6 +230,22 @@ def _consent(conn: Any) -> dict[str, Any]:
             ],
         },
     }
+
+
+def _outbox(conn: Any, config: Any) -> list[dict[str, Any]]:
+    """Write-back and webhooks per destination: what waits, what was given up, the head's
+    attempts and last error (a statement that keeps failing shows here until it is fixed)."""
+    from . import outbox
+
+    if not config.outbox_used:
+        return []
+    found = []
+    for entry in outbox.summary(conn, config):
+        for key in ("oldest_created", "next_at"):
+            if entry.get(key) is not None:
+                entry[key] = clock.iso_utc(entry[key])
+        found.append(entry)
+    return found
 
 
 def _deferred(conn: Any) -> dict[str, Any]:
@@ -397,6 +414,17 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"suppressed (cannot receive): {suppressed['total']} ({detail}); latest:")
         for x in suppressed["recent"]:
             lines.append(f"  {x['channel']} {x['address']} {x['at']}: {x['reason'] or x['source']}")
+    for x in report.get("outbox", []):
+        line = (
+            f"outbox {x['name']}: {x['pending']} pending, {x['done']} delivered, "
+            f"{x['failed']} given up"
+        )
+        if x["pending"] and x["attempts"]:
+            line += (
+                f"; the oldest ({x['oldest_type']}, {x['oldest_created']}) failed "
+                f"{x['attempts']} times, next try {x['next_at']}: {x['last_error']}"
+            )
+        lines.append(line)
     jobs = report["failed_jobs"]
     if jobs.get("error"):
         lines.append(f"failed jobs (RQ): unknown, {jobs['error']}")

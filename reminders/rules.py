@@ -171,13 +171,25 @@ class _Placed:
         return self.lines.get(key) or self.line
 
 
-def _check_sql(value: str) -> str:
+def _check_sql(value: str, what: str = "query") -> str:
+    """One statement (a trailing ``;`` is dropped), not empty."""
     body = value.strip().rstrip(";").strip()
     if not body:
-        raise ValueError("the query is empty")
+        raise ValueError(f"the {what} is empty")
     if ";" in _strip_sql_literals(body):
-        raise ValueError("one statement only: remove the ';' inside the query")
+        raise ValueError(f"one statement only: remove the ';' inside the {what}")
     return body
+
+
+def check_statement(value: str) -> str:
+    """A write-back statement: one statement, not empty."""
+    return _check_sql(value, "statement")
+
+
+def _statements(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: check_statement(v) if isinstance(v, str) else v for k, v in value.items()}
+    return value
 
 
 def _strip_sql_literals(sql: str) -> str:
@@ -212,6 +224,11 @@ class Rule(_Model, _Placed):
     priority: Annotated[int, PlainValidator(_priority)] = 0
     caps: Annotated[bool, PlainValidator(_capped)] = True
     quiet_hours: QuietHours = None
+    # What to write into the business DB when one of its reminders changes (reminders.outbox).
+    writeback: Annotated[
+        dict[Literal["sent", "delivered", "failed", "canceled", "replied", "done"], str],
+        BeforeValidator(_statements),
+    ] = Field(default_factory=dict)
     file: str = ""
     line: int = 0
     lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
@@ -645,6 +662,10 @@ def _load_file(
                 str(key): doc.key_lines.get((*where, key)) or doc.line((*where, key)) or 0
                 for key in raw
             }
+            if isinstance(raw.get("writeback"), dict):  # each statement's own line
+                for event in raw["writeback"]:
+                    path = (*where, "writeback", event)
+                    lines[f"writeback.{event}"] = doc.line(path) or lines["writeback"]
             data = dict(raw, file=doc.file, line=doc.line(where) or 0, lines=lines)
             try:
                 item = model.model_validate(data)
@@ -677,6 +698,15 @@ def _against_config(
                     f"(configured: {', '.join(configured) or 'none'})",
                 )
             )
+    if rule.writeback and config.writeback is None:
+        problems.append(
+            doc.problem(
+                (*where, "writeback"),
+                f"rule {rule.name}: writeback needs a writable connection: set writeback.url in "
+                f"{config.file} (a role of its own; source.url stays read-only)",
+                key=True,
+            )
+        )
     if config.caps is None:
         for key, unused in (("priority", rule.priority != 0), ("caps", not rule.caps)):
             if unused:

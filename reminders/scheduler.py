@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import redis
+import sqlalchemy as sa
 
 from . import redis_conn
 from .errors import RuntimeFailure
@@ -111,6 +112,7 @@ class Cycle:
 
     scans: list[dict[str, Any]] | None = None
     dispatch: dict[str, int] | None = None
+    outbox_jobs: int = 0  # destinations of write-back and webhooks given a job
     pruned: dict[str, Any] | None = None  # what retention deleted (None when not due)
     errors: list[str] = field(default_factory=list)
 
@@ -154,6 +156,7 @@ class Scheduler:
                 done.dispatch = dispatcher(self.app).run(self.app.now()).as_dict()
             except RuntimeFailure as exc:
                 done.errors.append(str(exc))
+            done.outbox_jobs = self._outbox(done)
         if config.state.retention is not None and moment >= self._next_prune:
             more = self._prune(done)
             # A backlog goes a few batches a cycle; once done, look again at the next scan.
@@ -165,6 +168,16 @@ class Scheduler:
         if done.dispatch and (done.dispatch["enqueued"] or done.dispatch["requeued"]):
             log.info("scheduler: dispatched %s", done.dispatch)
         return done
+
+    def _outbox(self, done: Cycle) -> int:
+        """Enqueue the outbox's due destinations; a failure is the cycle's, not the loop's."""
+        from . import outbox
+
+        try:
+            return outbox.enqueue_due(self.app, self.connection, self.app.now())
+        except (RuntimeFailure, redis.RedisError, sa.exc.SQLAlchemyError) as exc:
+            done.errors.append(f"outbox: {exc}")
+            return 0
 
     def _prune(self, done: Cycle) -> bool:
         """Delete a bounded part of what is past ``state.retention`` (at most ``PRUNE_BATCHES``

@@ -226,7 +226,29 @@ def _rule_problems(
         missing("occurrence", column, "used by the occurrence key")
     if rule.check:
         found.extend(_rule_check_problems(engine, rule, names, engine_params))
+    found.extend(_writeback_problems(rule, names))
     found.extend(_template_name_problems(app, rule, returned))
+    return found
+
+
+def _writeback_problems(rule: Rule, names: list[str]) -> list[Problem]:
+    """A write-back statement's ``:names`` that its event does not bind (the row's columns and
+    the event's own facts). The statements are never run here: the write-back connection
+    writes, and is used for nothing but applying events."""
+    from .outbox import REMINDER_BINDS, unknown_binds
+
+    found = []
+    for event, sql in rule.writeback.items():
+        for name in unknown_binds(sql, [*names, *REMINDER_BINDS]):
+            found.append(
+                Problem(
+                    f"rule {rule.name}: writeback.{event}: :{name} is not bound by {event} (it "
+                    f"binds the query's columns: {', '.join(names)}; and "
+                    f":{', :'.join(REMINDER_BINDS)})",
+                    rule.file,
+                    rule.line_of(f"writeback.{event}"),
+                )
+            )
     return found
 
 

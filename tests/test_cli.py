@@ -211,6 +211,7 @@ def test_status_json(scanned: Project) -> None:
         "deferred": {"total": 0, "by_reason": {}, "next": None},
         "failed_jobs": {"total": 0, "by_queue": {}, "recent": []},
         "paused_rules": [],
+        "outbox": [],  # no write-back, no webhooks
     }
 
 

@@ -143,7 +143,8 @@ def test_the_process_environment_is_read_by_default(
             BASE + "colour: blue\n",
             "config.yaml:3: colour: unknown key (allowed: timezone, default_locale, send_window, "
             "default_region, source, state, redis, rules, templates, channels, web, keywords, "
-            "console, requeue_after, batch_size, retries, scheduler, scan, caps, env_file)",
+            "console, requeue_after, batch_size, retries, scheduler, scan, caps, writeback, "
+            "webhooks, env_file)",
         ),
         (
             BASE + "channels:\n  email:\n    provider: outbox\n    pth: x.jsonl\n",
@@ -355,7 +356,7 @@ def test_an_unknown_key_names_the_nearest_and_the_allowed_ones(tmp_path: Path) -
         "config.yaml:3: timezon: unknown key; did you mean timezone? (allowed: timezone, "
         "default_locale, send_window, default_region, source, state, redis, rules, templates, "
         "channels, web, keywords, console, requeue_after, batch_size, retries, scheduler, scan, "
-        "caps, env_file)",
+        "caps, writeback, webhooks, env_file)",
         "config.yaml:5: web.business: unknown key; did you mean business_name? (allowed: "
         "public_url, business_name, help_text, reply_text, link_max_age)",
         "config.yaml:9: channels.sms.ratelimit: unknown key; did you mean rate_limit? (allowed: "

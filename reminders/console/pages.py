@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.exceptions import Conflict, HTTPException, NotFound
 
-from reminders import audit, clock, forecast, lifecycle, stats
+from reminders import audit, clock, forecast, lifecycle, outbox, stats
 from reminders.errors import RemindersError
 from reminders.web.context import engine
 
@@ -64,6 +64,7 @@ def overview() -> Any:
     app = engine()
     with stats.reading(app.state) as conn:
         data = stats.overview(conn, app.config, app.now(), DAYS)
+        waiting = outbox.summary(conn, app.config) if app.config.outbox_used else []
     days = data["days"]
     labels = [d["date"] for d in days]
     channels = sorted({c for d in days for c in d["sent"]}, key=lambda c: (c not in CHANNELS, c))
@@ -87,6 +88,7 @@ def overview() -> Any:
         up_labels=[d["date"] for d in up],
         coming=coming,
         channels=channels,
+        outbox=waiting,
     )
 
 
