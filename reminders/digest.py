@@ -44,6 +44,7 @@ from .dispatch import release
 from .errors import InputError, TemplateError
 from .lifecycle import CANCELED, PENDING, QUEUED, SENDING, move
 from .models import reminder
+from .replies import SNOOZED
 from .rules import DAY_WINDOW, Digest, Rule
 from .validate import RULE_CONTEXT
 
@@ -232,6 +233,8 @@ def _candidates(delivery: Delivery, leads: list[_Ready]) -> list[Mapping[str, An
                     r.c.rule.in_(sorted(names - set(paused))),
                     r.c.status.in_(GATHERED),
                     r.c.send_at <= latest + widest,
+                    # Snoozed by the customer: not earlier than they asked.
+                    sa.or_(r.c.reason.is_(None), r.c.reason.not_like(f"{SNOOZED}%")),
                 )
             )
             .mappings()

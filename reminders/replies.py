@@ -39,6 +39,9 @@ from .rules import HELP_WORDS, START_WORDS, STOP_WORDS, Rule, RuleSet
 log = logging.getLogger(__name__)
 
 STOP, START, HELP, DONE, SNOOZE, UNKNOWN = "stop", "start", "help", "done", "snooze", "unknown"
+# The reason a snoozed reminder carries until it is sent: the customer asked for it later, so
+# nothing sends it earlier (a digest leaves it out).
+SNOOZED = "snoozed: "
 MAX_BODY = 1600  # Twilio's longest message; anything longer is kept cut
 
 
@@ -219,7 +222,7 @@ def handle(
         outbox.on_reply(conn, latest.reminder_id, "done", word, f"done: replied {word}", now)
     elif action == SNOOZE and latest is not None and reply is not None and reply.delay:
         moved = snooze_occurrence(
-            conn, latest.rule, latest.occurrence, reply.delay, f"snoozed: replied {word}", now
+            conn, latest.rule, latest.occurrence, reply.delay, f"{SNOOZED}replied {word}", now
         )
         if moved is None:
             log.info("inbound %s from %s: nothing open to move", word, mask(number))

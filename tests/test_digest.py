@@ -9,12 +9,12 @@ pure function, tested with a table across a DST change.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from reminders import sendtime
+from reminders import replies, sendtime
 from reminders.digest import window_end
 from reminders.models import message
 from reminders.rules import Digest
@@ -192,6 +192,27 @@ def test_when_the_check_leaves_one_item_it_goes_with_its_own_template(
     project.send("2027-03-10T15:00:00Z")
     assert [line["body"] for line in outbox(project)] == ["Hi C1, notice 1."]
     assert project.by_occurrence()["2"]["status"] == "canceled"
+
+
+def test_a_reminder_the_customer_snoozed_is_not_sent_earlier_in_a_digest(
+    notices: Notices,
+) -> None:
+    project = with_digest(notices)
+    project.notice(1, 1, "payment", "2027-03-10 10:00")
+    project.notice(2, 1, "refill", "2027-03-10 09:00")
+    project.scan("2027-03-10T12:00:00Z")
+    # The customer answered LATER to the refill notice: five hours later.
+    with project.state.begin() as conn:
+        moved = replies.snooze_occurrence(
+            conn, "refill", "2", timedelta(hours=5), f"{replies.SNOOZED}replied LATER",
+            utc("2027-03-10T14:00:00Z"),
+        )  # fmt: skip
+    assert moved == utc("2027-03-10T19:00:00Z")
+    project.send("2027-03-10T15:00:00Z")
+    assert [line["body"] for line in outbox(project)] == ["Hi C1, notice 1."]
+    assert project.by_occurrence()["2"]["status"] == "pending"
+    project.send("2027-03-10T19:00:00Z")  # when the customer asked for it
+    assert [line["body"] for line in outbox(project)][1:] == ["Hi C1, notice 2."]
 
 
 def test_max_items_caps_the_digest_and_the_rest_waits(lite_notices: Notices) -> None:
