@@ -323,3 +323,26 @@ sa.Index(
     reminder.c.status,
     reminder.c.send_at,
 )
+
+# Counts kept as the rows change, for the console and GET /metrics (reminders.counts): a key's
+# count is the sum of its rows' n. Changes only insert rows (no lock a worker waits on); a fold
+# replaces a key's rows by their sum.
+reminder_count = sa.Table(
+    f"{PREFIX}reminder_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+message_count = sa.Table(
+    f"{PREFIX}message_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100)),  # empty: a message written before messages kept it
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error_code", sa.String(32)),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)

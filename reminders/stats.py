@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import clock, codec, lifecycle, phone, report, sendtime
+from . import counts as reminder_counts
 from .config import Config
 from .errors import PermanentError
 from .lifecycle import CANCELED, DELIVERED, FAILED, OPEN, PENDING, QUEUED, SENDING
@@ -249,14 +250,11 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
     """Each rule (the configured ones, and any with reminders) with its counts by status, its
     last scan, its next pending send time, and whether it is paused."""
     counts: dict[str, dict[str, int]] = defaultdict(dict)
-    query = sa.select(r.c.rule, r.c.status, sa.func.count()).group_by(r.c.rule, r.c.status)
-    nexts = sa.select(r.c.rule, sa.func.min(r.c.send_at)).where(r.c.status == PENDING)
-    if rule is not None:
-        query = query.where(r.c.rule == rule)
-        nexts = nexts.where(r.c.rule == rule)
-    for name, status, n in conn.execute(query):
-        counts[name][status] = n
-    next_due = dict(conn.execute(nexts.group_by(r.c.rule)).all())
+    for (name, status), n in reminder_counts.reminders(conn).items():
+        if rule is None or name == rule:
+            counts[name][status] = n
+    wanted = [rule] if rule is not None else sorted(set(names) | set(counts))
+    next_due = {name: _next_due(conn, name) for name in wanted}
     s = scan_run
     latest = sa.select(s.c.rule, sa.func.max(s.c.id).label("id")).group_by(s.c.rule)
     if rule is not None:
@@ -267,7 +265,6 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
         for row in conn.execute(sa.select(s).join(sub, s.c.id == sub.c.id)).mappings()
     }
     paused = paused_detail(conn)
-    wanted = [rule] if rule is not None else sorted(set(names) | set(counts))
     return [
         {
             "name": name,
@@ -276,10 +273,20 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
             "paused_by": paused[name][1] if name in paused else None,
             "counts": {st: counts[name].get(st, 0) for st in lifecycle.STATUSES},
             "last_scan": scans.get(name),
-            "next_due": clock.iso_utc(next_due[name]) if next_due.get(name) else None,
+            "next_due": _iso(next_due[name]),
         }
         for name in wanted
     ]
+
+
+def _next_due(conn: Connection, rule: str) -> datetime | None:
+    """A rule's earliest pending send time: the first entry of its (rule, status, send_at) index."""
+    return conn.execute(
+        sa.select(r.c.send_at)
+        .where(r.c.rule == rule, r.c.status == PENDING)
+        .order_by(r.c.send_at)
+        .limit(1)
+    ).scalar()
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -556,24 +563,21 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         .where(r.c.rule == rule, r.c.sent_at >= since)
         .subquery()
     )
-    done = (
-        sa.select(r.c.occurrence, sa.func.min(r.c.updated_at).label("at"))
-        .where(
-            r.c.rule == rule,
-            r.c.status == CANCELED,
-            r.c.updated_at >= since,
-            sa.or_(*(r.c.reason.like(x) for x in DONE_REASONS)),
+    # The canceled reminders that say "done" or "expired", read once: per occurrence, when each
+    # first happened.
+    is_done = sa.or_(*(r.c.reason.like(x) for x in DONE_REASONS))
+    is_expired = r.c.reason.like(EXPIRED)
+    ended = (
+        sa.select(
+            r.c.occurrence,
+            sa.func.min(sa.case((is_done, r.c.updated_at))).label("done_at"),
+            sa.func.min(sa.case((is_expired, r.c.updated_at))).label("expired_at"),
         )
-        .group_by(r.c.occurrence)
-        .subquery()
-    )
-    expired = (
-        sa.select(r.c.occurrence, sa.func.min(r.c.updated_at).label("at"))
         .where(
             r.c.rule == rule,
             r.c.status == CANCELED,
             r.c.updated_at >= since,
-            r.c.reason.like(EXPIRED),
+            sa.or_(is_done, is_expired),
         )
         .group_by(r.c.occurrence)
         .subquery()
@@ -588,14 +592,13 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         sa.select(
             sent.c.offset,
             sent.c.planned_at,
-            done.c.at.label("done_at"),
-            sa.case((done.c.at >= sent.c.sent_at, 1), else_=0).label("done"),
+            ended.c.done_at,
+            sa.case((ended.c.done_at >= sent.c.sent_at, 1), else_=0).label("done"),
             sa.case((still.c.occurrence.is_not(None), 1), else_=0).label("open"),
-            sa.case((expired.c.at.is_not(None), 1), else_=0).label("expired"),
+            sa.case((ended.c.expired_at.is_not(None), 1), else_=0).label("expired"),
         )
         .select_from(sent)
-        .outerjoin(done, done.c.occurrence == sent.c.occurrence)
-        .outerjoin(expired, expired.c.occurrence == sent.c.occurrence)
+        .outerjoin(ended, ended.c.occurrence == sent.c.occurrence)
         .outerjoin(still, still.c.occurrence == sent.c.occurrence)
         .subquery()
     )
@@ -626,9 +629,9 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
     # Before the due date: the due time is the planned time less the offset (a few rows).
     spans: dict[str, timedelta] = {}
     for row in conn.execute(
-        sa.select(sent.c.offset, sent.c.planned_at, done.c.at.label("done_at")).join(
-            done,
-            sa.and_(done.c.occurrence == sent.c.occurrence, done.c.at >= sent.c.sent_at),
+        sa.select(sent.c.offset, sent.c.planned_at, ended.c.done_at).join(
+            ended,
+            sa.and_(ended.c.occurrence == sent.c.occurrence, ended.c.done_at >= sent.c.sent_at),
         )
     ):
         span = spans.get(row.offset)

@@ -1,0 +1,173 @@
+"""Reminders by rule and status, and messages by rule, channel, status and error code, counted
+as the rows change, so the console and ``GET /metrics`` read a few dozen rows instead of counting
+a million at every request.
+
+Each count is kept as rows of a small table (``reminders_reminder_count``,
+``reminders_message_count``): a key and ``n``, a signed number. The count of a key is the sum of
+its rows. A change *adds* rows, in the transaction of the change itself (a reminder leaving
+``queued`` for ``sending`` adds -1 to ``queued`` and +1 to ``sending`` for its rule), and never
+updates one: on PostgreSQL many workers adding to the same (rule, status) at once would otherwise
+wait on one another for that row's lock, each until the other's transaction commits. Inserts take
+no lock that another insert waits for.
+
+:func:`fold` (run by every dispatch pass) replaces each key's rows by one row holding their sum,
+so the tables stay about as small as the number of keys. A row is deleted by one fold only (on
+PostgreSQL a second fold blocks on the rows the first deleted and skips them once it commits; an
+advisory lock keeps two from trying at once), and rows added meanwhile are left for the next fold,
+so folding never changes a sum. Reads sum whatever is there, folded or not: exact at any moment.
+
+Who adds: :func:`reminders.lifecycle.move` and :func:`~reminders.lifecycle.move_each` for every
+status change, the scan's insert for new reminders (:func:`created`), the message writers
+(:func:`message_added`, :func:`message_changed`), and whatever deletes reminders
+(:func:`removed`). Migration 0012 fills the tables from the rows already there
+(:func:`rebuild`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .models import message, message_count, reminder, reminder_count
+
+Key = tuple[Any, ...]
+
+# pg_try_advisory_xact_lock's key for folding (the scan's per-rule locks hash rule names).
+_FOLD_LOCK = 0x72656D636E74  # "remcnt"
+
+
+class Tally:
+    """Counts of one family: rows of ``table`` keyed by ``keys``, summed when read."""
+
+    def __init__(self, table: sa.Table, source: sa.Table, keys: tuple[str, ...]) -> None:
+        self.table = table
+        self.source = source  # the table whose rows are counted
+        self.keys = keys
+
+    def add(self, conn: Connection, changes: Mapping[Key, int]) -> None:
+        """Add ``n`` to each key's count (negative: subtract), in the caller's transaction."""
+        rows = [
+            {**dict(zip(self.keys, key, strict=True)), "n": n} for key, n in changes.items() if n
+        ]
+        if rows:
+            conn.execute(self.table.insert(), rows)
+
+    def totals(self, conn: Connection) -> dict[Key, int]:
+        """Every key's count (keys that add up to 0 left out)."""
+        columns = [self.table.c[k] for k in self.keys]
+        query = sa.select(*columns, sa.func.sum(self.table.c.n)).group_by(*columns)
+        return {tuple(row[:-1]): int(row[-1]) for row in conn.execute(query) if row[-1]}
+
+    def fold(self, conn: Connection) -> int:
+        """Replace each key's rows by one holding their sum; returns how many rows went."""
+        columns = [self.table.c[k] for k in self.keys]
+        rows = conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+        keys = sa.select(*columns).group_by(*columns).subquery()
+        if rows <= conn.execute(sa.select(sa.func.count()).select_from(keys)).scalar_one():
+            return 0  # one row a key already
+        gone = conn.execute(sa.delete(self.table).returning(*columns, self.table.c.n)).all()
+        sums: Counter[Key] = Counter()
+        for row in gone:
+            sums[tuple(row[:-1])] += row[-1]
+        self.add(conn, sums)
+        return len(gone)
+
+    def count_rows(self, conn: Connection) -> dict[Key, int]:
+        """The counts as ``COUNT(*)`` of the counted rows finds them (a full read of the table)."""
+        columns = [self.source.c[k] for k in self.keys]
+        query = sa.select(*columns, sa.func.count()).group_by(*columns)
+        return {tuple(row[:-1]): int(row[-1]) for row in conn.execute(query)}
+
+    def rebuild(self, conn: Connection) -> None:
+        """Count the rows afresh (a migration, a repair); run where nothing else writes."""
+        conn.execute(sa.delete(self.table))
+        self.add(conn, self.count_rows(conn))
+
+
+REMINDERS = Tally(reminder_count, reminder, ("rule", "status"))
+MESSAGES = Tally(message_count, message, ("rule", "channel", "status", "error_code"))
+FAMILIES = (REMINDERS, MESSAGES)
+
+
+# -- reminders --------------------------------------------------------------------------------
+
+
+def moved(conn: Connection, left: Mapping[tuple[str, str], int], target: str) -> None:
+    """``left[(rule, status)]`` reminders of a rule left that status for ``target``."""
+    changes: Counter[Key] = Counter()
+    for (rule, status), n in left.items():
+        if status != target:
+            changes[(rule, status)] -= n
+            changes[(rule, target)] += n
+    REMINDERS.add(conn, changes)
+
+
+def created(conn: Connection, rule: str, status: str, n: int) -> None:
+    """``n`` new reminders of ``rule`` were inserted in ``status``."""
+    REMINDERS.add(conn, {(rule, status): n})
+
+
+def removed(conn: Connection, gone: Mapping[tuple[str, str], int]) -> None:
+    """``gone[(rule, status)]`` reminders were deleted (their messages go by cascade: pass
+    those to :func:`messages_removed`)."""
+    REMINDERS.add(conn, {key: -n for key, n in gone.items()})
+
+
+def reminders(conn: Connection) -> dict[tuple[str, str], int]:
+    """Reminders by (rule, status) now; statuses with none left out."""
+    return {(k[0], k[1]): n for k, n in REMINDERS.totals(conn).items()}
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def message_added(conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Messages were inserted (the rows as inserted: ``rule``, ``channel``, ``status``,
+    ``error_code``)."""
+    MESSAGES.add(conn, Counter(_message_key(row) for row in rows))
+
+
+def message_changed(conn: Connection, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """One message's status or error code changed from ``old`` to ``new`` (each with ``rule``,
+    ``channel``, ``status``, ``error_code``)."""
+    before, after = _message_key(old), _message_key(new)
+    if before != after:
+        MESSAGES.add(conn, {before: -1, after: 1})
+
+
+def messages_removed(conn: Connection, gone: Mapping[Key, int]) -> None:
+    """``gone[(rule, channel, status, error_code)]`` messages were deleted."""
+    MESSAGES.add(conn, {key: -n for key, n in gone.items()})
+
+
+def messages(conn: Connection) -> dict[Key, int]:
+    """Messages by (rule, channel, status, error_code) now."""
+    return MESSAGES.totals(conn)
+
+
+def _message_key(row: Mapping[str, Any]) -> Key:
+    return (row.get("rule"), row["channel"], row["status"], row.get("error_code"))
+
+
+# -- upkeep -----------------------------------------------------------------------------------
+
+
+def fold(conn: Connection) -> int:
+    """Fold every family's rows (see the module's docstring); returns how many rows went. On
+    PostgreSQL it does nothing while another fold runs."""
+    if (
+        conn.dialect.name == "postgresql"
+        and not conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(_FOLD_LOCK))).scalar_one()
+    ):
+        return 0
+    return sum(family.fold(conn) for family in FAMILIES)
+
+
+def rebuild(conn: Connection) -> None:
+    """Count every family afresh from its rows."""
+    for family in FAMILIES:
+        family.rebuild(conn)

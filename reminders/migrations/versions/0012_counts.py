@@ -1,0 +1,55 @@
+"""counts kept as the rows change: reminders by rule and status, messages by rule, channel,
+status and error code (reminders.counts), filled from the rows already there
+
+Revision ID: 0012
+Revises: 0007
+Create Date: 2026-12-06 17:40:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "reminders_reminder_count",
+        sa.Column("id", BigId, autoincrement=True, nullable=False),
+        sa.Column("rule", sa.String(100), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("n", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reminders_reminder_count")),
+    )
+    op.create_table(
+        "reminders_message_count",
+        sa.Column("id", BigId, autoincrement=True, nullable=False),
+        sa.Column("rule", sa.String(100), nullable=True),
+        sa.Column("channel", sa.String(16), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error_code", sa.String(32), nullable=True),
+        sa.Column("n", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reminders_message_count")),
+    )
+    # The rows already there, counted once (in this migration's transaction).
+    op.execute(
+        "INSERT INTO reminders_reminder_count (rule, status, n) "
+        "SELECT rule, status, count(*) FROM reminders_reminder GROUP BY rule, status"
+    )
+    op.execute(
+        "INSERT INTO reminders_message_count (rule, channel, status, error_code, n) "
+        "SELECT rule, channel, status, error_code, count(*) FROM reminders_message "
+        "GROUP BY rule, channel, status, error_code"
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("reminders_message_count")
+    op.drop_table("reminders_reminder_count")
