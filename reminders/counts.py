@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .models import message, message_count, reminder, reminder_count
+from .models import UtcDateTime, event, hour_count, message, message_count, reminder, reminder_count
 
 Key = tuple[Any, ...]
 
@@ -62,14 +63,23 @@ class Tally:
         query = sa.select(*columns, sa.func.sum(self.table.c.n)).group_by(*columns)
         return {tuple(row[:-1]): int(row[-1]) for row in conn.execute(query) if row[-1]}
 
+    def recent(self, conn: Connection) -> list[sa.ColumnElement[bool]]:
+        """Which rows a fold looks at (all of them)."""
+        return []
+
     def fold(self, conn: Connection) -> int:
         """Replace each key's rows by one holding their sum; returns how many rows went."""
         columns = [self.table.c[k] for k in self.keys]
-        rows = conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
-        keys = sa.select(*columns).group_by(*columns).subquery()
+        where = self.recent(conn)
+        rows = conn.execute(
+            sa.select(sa.func.count()).select_from(self.table).where(*where)
+        ).scalar_one()
+        keys = sa.select(*columns).where(*where).group_by(*columns).subquery()
         if rows <= conn.execute(sa.select(sa.func.count()).select_from(keys)).scalar_one():
             return 0  # one row a key already
-        gone = conn.execute(sa.delete(self.table).returning(*columns, self.table.c.n)).all()
+        gone = conn.execute(
+            sa.delete(self.table).where(*where).returning(*columns, self.table.c.n)
+        ).all()
         sums: Counter[Key] = Counter()
         for row in gone:
             sums[tuple(row[:-1])] += row[-1]
@@ -88,22 +98,83 @@ class Tally:
         self.add(conn, self.count_rows(conn))
 
 
+def hour_of(conn: Connection, column: Any) -> Any:
+    """A UTC instant column cut down to its hour, in SQL (as :func:`hour` does in Python)."""
+    if conn.dialect.name == "postgresql":
+        utc = sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
+        return sa.type_coerce(sa.func.timezone("UTC", utc), UtcDateTime())
+    # SQLite stores UTC as text, "2027-03-10 15:04:05.000000".
+    return sa.type_coerce(sa.func.strftime("%Y-%m-%d %H:00:00.000000", column), UtcDateTime())
+
+
+def hour(moment: datetime) -> datetime:
+    """The UTC hour an aware instant falls in."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+# What the hour counts hold: messages sent by channel ("sent:" + channel), and the reminders that
+# became one of these statuses (the console's delivered, failed and canceled a day).
+ENDED = frozenset({"delivered", "failed", "canceled"})
+SENT_ON = "sent:"
+
+
+class HourTally(Tally):
+    """Counts by UTC hour: what the events and messages say happened in each."""
+
+    def count_rows(self, conn: Connection) -> dict[Key, int]:
+        found: Counter[Key] = Counter()
+        at = hour_of(conn, message.c.created_at).label("hour")
+        for when, channel, n in conn.execute(
+            sa.select(at, message.c.channel, sa.func.count()).group_by(at, message.c.channel)
+        ):
+            found[(when, SENT_ON + channel)] += n
+        at = hour_of(conn, event.c.at).label("hour")
+        for when, status, n in conn.execute(
+            sa.select(at, event.c.to_status, sa.func.count())
+            .where(event.c.to_status.in_(sorted(ENDED)))
+            .group_by(at, event.c.to_status)
+        ):
+            found[(when, status)] += n
+        return dict(found)
+
+    def recent(self, conn: Connection) -> list[sa.ColumnElement[bool]]:
+        """The last two days' hours: changes land on the current hour, and the older hours,
+        folded long ago, are left alone."""
+        newest = conn.execute(sa.select(sa.func.max(self.table.c.hour))).scalar()
+        return [] if newest is None else [self.table.c.hour >= newest - timedelta(days=2)]
+
+    def between(self, conn: Connection, lo: datetime, hi: datetime) -> dict[Key, int]:
+        """The counts of the hours in [lo, hi)."""
+        t = self.table
+        query = (
+            sa.select(t.c.hour, t.c.what, sa.func.sum(t.c.n))
+            .where(t.c.hour >= lo, t.c.hour < hi)
+            .group_by(t.c.hour, t.c.what)
+        )
+        return {(row[0], row[1]): int(row[2]) for row in conn.execute(query) if row[2]}
+
+
 REMINDERS = Tally(reminder_count, reminder, ("rule", "status"))
 MESSAGES = Tally(message_count, message, ("rule", "channel", "status", "error_code"))
-FAMILIES = (REMINDERS, MESSAGES)
+HOURS = HourTally(hour_count, event, ("hour", "what"))
+FAMILIES: tuple[Tally, ...] = (REMINDERS, MESSAGES, HOURS)
 
 
 # -- reminders --------------------------------------------------------------------------------
 
 
-def moved(conn: Connection, left: Mapping[tuple[str, str], int], target: str) -> None:
-    """``left[(rule, status)]`` reminders of a rule left that status for ``target``."""
+def moved(
+    conn: Connection, left: Mapping[tuple[str, str], int], target: str, now: datetime
+) -> None:
+    """``left[(rule, status)]`` reminders of a rule left that status for ``target`` at ``now``."""
     changes: Counter[Key] = Counter()
     for (rule, status), n in left.items():
         if status != target:
             changes[(rule, status)] -= n
             changes[(rule, target)] += n
     REMINDERS.add(conn, changes)
+    if target in ENDED:
+        HOURS.add(conn, {(hour(now), target): sum(left.values())})
 
 
 def created(conn: Connection, rule: str, status: str, n: int) -> None:
@@ -127,8 +198,10 @@ def reminders(conn: Connection) -> dict[tuple[str, str], int]:
 
 def message_added(conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
     """Messages were inserted (the rows as inserted: ``rule``, ``channel``, ``status``,
-    ``error_code``)."""
+    ``error_code``, ``created_at``)."""
+    rows = list(rows)
     MESSAGES.add(conn, Counter(_message_key(row) for row in rows))
+    HOURS.add(conn, Counter((hour(row["created_at"]), SENT_ON + row["channel"]) for row in rows))
 
 
 def message_changed(conn: Connection, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:

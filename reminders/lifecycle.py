@@ -155,7 +155,7 @@ def move(
     if events:
         events.sort(key=lambda e: e["reminder_id"])
         conn.execute(event.insert(), events)
-    counts.moved(conn, left, target)
+    counts.moved(conn, left, target, now)
     return sorted(changed)
 
 
@@ -199,7 +199,7 @@ def move_each(
         event.insert(),
         [_event(row["id"], row["source"], target, row.get("reason"), now) for row in rows],
     )
-    counts.moved(conn, _rules_left(conn, rows), target)
+    counts.moved(conn, _rules_left(conn, rows), target, now)
     return len(rows)
 
 

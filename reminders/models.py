@@ -346,3 +346,15 @@ message_count = sa.Table(
     sa.Column("error_code", sa.String(32)),
     sa.Column("n", sa.BigInteger, nullable=False),
 )
+
+# What happened by UTC hour, for the console's days (reminders.counts): messages sent by channel
+# (``sent:sms``), reminders that became delivered, failed or canceled. Rows as above.
+hour_count = sa.Table(
+    f"{PREFIX}hour_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("hour", UtcDateTime(), nullable=False),
+    sa.Column("what", sa.String(32), nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index(None, "hour", "what", "n"),
+)

@@ -4,11 +4,14 @@ searches, a reminder's timeline, outcomes and what was missed. Queries only; no 
 Days are the config's zone's days: a day's ``sent``, ``delivered``, ``failed``, ``canceled`` and
 ``opted_out`` count what reached that state on that day (from the lifecycle's events, messages
 and opt-outs); ``upcoming`` counts pending reminders by send day. Rows are counted by day in SQL
-(see :class:`_Days`), never fetched one by one.
+(see :class:`_Days`), never fetched one by one; messages and the reminders delivered, failed or
+canceled are read from the counts kept by hour (:mod:`reminders.counts`) when the zone's days start
+on UTC hours.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +125,38 @@ def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[di
         }
         for i in range(days)
     ]
+    if _on_hours(bucket.bounds):
+        # Every local day starts on a UTC hour (the zone is a whole number of hours from UTC):
+        # the counts kept by hour hold the messages and the ended reminders of each.
+        bounds = bucket.bounds
+        for (when, what), n in reminder_counts.HOURS.between(conn, lo, hi).items():
+            row = out[bisect.bisect_right(bounds, when) - 1]
+            if what.startswith(reminder_counts.SENT_ON):
+                channel = what.removeprefix(reminder_counts.SENT_ON)
+                row["sent"][channel] = row["sent"].get(channel, 0) + n
+            else:
+                row[what] += n
+    else:
+        _sent_and_ended(conn, bucket, out)
+    day = bucket.of(optout.c.created_at)
+    for i, n in conn.execute(
+        sa.select(day, sa.func.count())
+        .where(optout.c.created_at >= lo, optout.c.created_at < hi)
+        .group_by(day)
+    ):
+        out[bucket.index(i)]["opted_out"] += n
+    return out
+
+
+def _on_hours(bounds: Sequence[datetime]) -> bool:
+    """Whether every day starts on a UTC hour (what the counts by hour can tell apart)."""
+    return all(b.minute == 0 and b.second == 0 and b.microsecond == 0 for b in bounds)
+
+
+def _sent_and_ended(conn: Connection, bucket: _Days, out: list[dict[str, Any]]) -> None:
+    """Messages by channel and reminders delivered, failed and canceled a day, counted from the
+    rows (a zone whose days do not start on a UTC hour)."""
+    lo, hi = bucket.bounds[0], bucket.bounds[-1]
     m = message
     day = bucket.of(m.c.created_at)
     for i, channel, n in conn.execute(
@@ -139,14 +174,6 @@ def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[di
         .group_by(day, e.c.to_status)
     ):
         out[bucket.index(i)][str(status)] += n
-    day = bucket.of(optout.c.created_at)
-    for i, n in conn.execute(
-        sa.select(day, sa.func.count())
-        .where(optout.c.created_at >= lo, optout.c.created_at < hi)
-        .group_by(day)
-    ):
-        out[bucket.index(i)]["opted_out"] += n
-    return out
 
 
 def upcoming(

@@ -8,9 +8,10 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 
-from reminders import counts, lifecycle, models, receipts, state_db
+from reminders import counts, lifecycle, models, receipts, state_db, stats
 from reminders.app import App
 from reminders.rules import load_rules
 from tests.delivery_fixtures import SEND_AT, Shop, finish
@@ -32,7 +33,9 @@ def fold(engine: sa.Engine) -> int:
         return counts.fold(conn)
 
 
-def test_counts_equal_count_star_through_a_day_of_work(any_shop: Shop) -> None:
+def test_counts_equal_count_star_through_a_day_of_work(
+    any_shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shop = any_shop
     # 40 patients: one with a number Twilio calls invalid and one unsubscribed (both fall back
     # to email), one with no usable address at all (fails), the rest sent by SMS.
@@ -95,6 +98,17 @@ def test_counts_equal_count_star_through_a_day_of_work(any_shop: Shop) -> None:
     final = assert_exact(shop.state)
     assert sum(final.values()) == len(shop.reminders())
 
+    # The console's days from the counts by hour are the days counted from the rows.
+    config = App(shop.root / "config.yaml").config
+    moment = datetime(2027, 3, 13, 12, tzinfo=UTC)
+    with stats.reading(shop.state) as conn:
+        kept_days = stats.daily(conn, config, moment, 5)
+        monkeypatch.setattr(stats, "_on_hours", lambda bounds: False)
+        counted_days = stats.daily(conn, config, moment, 5)
+    assert kept_days == counted_days
+    assert sum(sum(d["sent"].values()) for d in kept_days) == len(shop.messages())
+    assert sum(d["delivered"] for d in kept_days) == 1
+
 
 def test_migration_0012_counts_the_rows_already_there(state_url: str) -> None:
     state_db.upgrade(state_url, "0007")
@@ -137,8 +151,24 @@ def test_migration_0012_counts_the_rows_already_there(state_url: str) -> None:
                 for rid in ids[:40]
             ],
         )
+        conn.execute(
+            models.event.insert(),
+            [
+                {
+                    "reminder_id": rid,
+                    "at": now + timedelta(minutes=37 * rid),
+                    "from_status": "sent",
+                    "to_status": ("delivered", "canceled", "failed", "sent")[rid % 4],
+                }
+                for rid in ids
+            ],
+        )
     state_db.upgrade(state_url)
     found = assert_exact(engine)
+    with engine.connect() as conn:
+        by_hour = counts.HOURS.totals(conn)
+    assert sum(n for (_, what), n in by_hour.items() if what == "delivered") == 17
+    assert sum(n for (_, what), n in by_hour.items() if what.startswith("sent:")) == 40
     assert sum(found.values()) == 70
     assert found[("refill-due", "pending")] == 5
     # Changes after the migration add to what it counted.

@@ -1,5 +1,6 @@
 """counts kept as the rows change: reminders by rule and status, messages by rule, channel,
-status and error code (reminders.counts), filled from the rows already there
+status and error code, messages sent and reminders ended by hour (reminders.counts), filled from
+the rows already there
 
 Revision ID: 0012
 Revises: 0007
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+import reminders.models
 
 revision = "0012"
 down_revision = "0007"
@@ -38,6 +41,17 @@ def upgrade() -> None:
         sa.Column("n", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_reminders_message_count")),
     )
+    op.create_table(
+        "reminders_hour_count",
+        sa.Column("id", BigId, autoincrement=True, nullable=False),
+        sa.Column("hour", reminders.models.UtcDateTime(timezone=True), nullable=False),
+        sa.Column("what", sa.String(32), nullable=False),
+        sa.Column("n", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_reminders_hour_count")),
+    )
+    op.create_index(
+        op.f("ix_reminders_hour_count_hour_what_n"), "reminders_hour_count", ["hour", "what", "n"]
+    )
     # The rows already there, counted once (in this migration's transaction).
     op.execute(
         "INSERT INTO reminders_reminder_count (rule, status, n) "
@@ -48,8 +62,23 @@ def upgrade() -> None:
         "SELECT rule, channel, status, error_code, count(*) FROM reminders_message "
         "GROUP BY rule, channel, status, error_code"
     )
+    if op.get_bind().dialect.name == "postgresql":
+        hour = "(date_trunc('hour', {0} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
+    else:  # SQLite keeps UTC as text
+        hour = "strftime('%Y-%m-%d %H:00:00.000000', {0})"
+    sent, ended = hour.format("created_at"), hour.format("at")
+    op.execute(
+        f"INSERT INTO reminders_hour_count (hour, what, n) SELECT {sent}, 'sent:' || channel, "
+        f"count(*) FROM reminders_message GROUP BY {sent}, channel"
+    )
+    op.execute(
+        f"INSERT INTO reminders_hour_count (hour, what, n) SELECT {ended}, to_status, count(*) "
+        "FROM reminders_event WHERE to_status IN ('delivered', 'failed', 'canceled') "
+        f"GROUP BY {ended}, to_status"
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("reminders_hour_count")
     op.drop_table("reminders_message_count")
     op.drop_table("reminders_reminder_count")
