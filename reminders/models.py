@@ -323,6 +323,24 @@ sa.Index(
     reminder.c.status,
     reminder.c.send_at,
 )
+# A rule's outcomes (the console's rule page): its open reminders by occurrence, read from the
+# index alone, and its canceled reminders by when they were canceled.
+_OPEN = sa.text("status IN ('pending', 'queued')")
+sa.Index(
+    "ix_reminders_reminder_open_occurrence",
+    reminder.c.rule,
+    reminder.c.occurrence,
+    postgresql_where=_OPEN,
+    sqlite_where=_OPEN,
+)
+_CANCELED = sa.text("status = 'canceled'")
+sa.Index(
+    "ix_reminders_reminder_canceled_updated_at",
+    reminder.c.rule,
+    reminder.c.updated_at,
+    postgresql_where=_CANCELED,
+    sqlite_where=_CANCELED,
+)
 
 # Counts kept as the rows change, for the console and GET /metrics (reminders.counts): a key's
 # count is the sum of its rows' n. Changes only insert rows (no lock a worker waits on); a fold

@@ -208,7 +208,8 @@ def upcoming(
 def attention(conn: Connection, now: datetime) -> dict[str, Any]:
     """What needs ops now: failed reminders, stuck sends, due but unsent (and the age of the
     oldest), deferred by quiet hours or caps, paused rules."""
-    failed = conn.execute(sa.select(sa.func.count()).where(r.c.status == FAILED)).scalar_one()
+    kept = reminder_counts.reminders(conn)
+    failed = sum(n for (_, status), n in kept.items() if status == FAILED)
     stuck = conn.execute(
         sa.select(sa.func.count()).where(r.c.status == SENDING, r.c.updated_at <= now - STUCK_AFTER)
     ).scalar_one()
@@ -602,7 +603,8 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         )
         .where(
             r.c.rule == rule,
-            r.c.status == CANCELED,
+            # A literal, so the planner sees the partial index's own condition.
+            r.c.status == sa.literal_column("'canceled'"),
             r.c.updated_at >= since,
             sa.or_(is_done, is_expired),
         )
@@ -611,7 +613,10 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
     )
     still = (
         sa.select(r.c.occurrence)
-        .where(r.c.rule == rule, r.c.status.in_(sorted(OPEN)))
+        .where(
+            r.c.rule == rule,
+            r.c.status.in_([sa.literal_column("'pending'"), sa.literal_column("'queued'")]),
+        )
         .group_by(r.c.occurrence)
         .subquery()
     )

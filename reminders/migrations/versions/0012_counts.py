@@ -20,6 +20,8 @@ branch_labels = None
 depends_on = None
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+OPEN = sa.text("status IN ('pending', 'queued')")
+CANCELED = sa.text("status = 'canceled'")
 
 
 def upgrade() -> None:
@@ -52,6 +54,20 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_reminders_hour_count_hour_what_n"), "reminders_hour_count", ["hour", "what", "n"]
     )
+    op.create_index(
+        "ix_reminders_reminder_open_occurrence",
+        "reminders_reminder",
+        ["rule", "occurrence"],
+        postgresql_where=OPEN,
+        sqlite_where=OPEN,
+    )
+    op.create_index(
+        "ix_reminders_reminder_canceled_updated_at",
+        "reminders_reminder",
+        ["rule", "updated_at"],
+        postgresql_where=CANCELED,
+        sqlite_where=CANCELED,
+    )
     # The rows already there, counted once (in this migration's transaction).
     op.execute(
         "INSERT INTO reminders_reminder_count (rule, status, n) "
@@ -79,6 +95,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_reminders_reminder_canceled_updated_at", table_name="reminders_reminder")
+    op.drop_index("ix_reminders_reminder_open_occurrence", table_name="reminders_reminder")
     op.drop_table("reminders_hour_count")
     op.drop_table("reminders_message_count")
     op.drop_table("reminders_reminder_count")
