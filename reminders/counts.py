@@ -1,14 +1,15 @@
-"""Reminders by rule and status, and messages by rule, channel, status and error code, counted
-as the rows change, so the console and ``GET /metrics`` read a few dozen rows instead of counting
-a million at every request.
+"""Reminders by rule and status, messages by rule, channel, status and error code, and what
+happened by UTC hour (messages sent by channel; reminders delivered, failed, canceled), counted as
+the rows change, so the console and ``GET /metrics`` read a few dozen rows instead of counting a
+million at every request.
 
 Each count is kept as rows of a small table (``reminders_reminder_count``,
-``reminders_message_count``): a key and ``n``, a signed number. The count of a key is the sum of
-its rows. A change *adds* rows, in the transaction of the change itself (a reminder leaving
-``queued`` for ``sending`` adds -1 to ``queued`` and +1 to ``sending`` for its rule), and never
-updates one: on PostgreSQL many workers adding to the same (rule, status) at once would otherwise
-wait on one another for that row's lock, each until the other's transaction commits. Inserts take
-no lock that another insert waits for.
+``reminders_message_count``, ``reminders_hour_count``): a key and ``n``, a signed number. The
+count of a key is the sum of its rows. A change *adds* rows, in the transaction of the change
+itself (a reminder leaving ``queued`` for ``sending`` adds -1 to ``queued`` and +1 to ``sending``
+for its rule), and never updates one: on PostgreSQL many workers adding to the same (rule,
+status) at once would otherwise wait on one another for that row's lock, each until the other's
+transaction commits. Inserts take no lock that another insert waits for.
 
 :func:`fold` (run by every dispatch pass) replaces each key's rows by one row holding their sum,
 so the tables stay about as small as the number of keys. A row is deleted by one fold only (on
@@ -19,14 +20,14 @@ so folding never changes a sum. Reads sum whatever is there, folded or not: exac
 Who adds: :func:`reminders.lifecycle.move` and :func:`~reminders.lifecycle.move_each` for every
 status change, the scan's insert for new reminders (:func:`created`), the message writers
 (:func:`message_added`, :func:`message_changed`), and whatever deletes reminders
-(:func:`removed`). Migration 0012 fills the tables from the rows already there
-(:func:`rebuild`).
+(:func:`deleting`, before it deletes). Migration 0012 fills the tables from the rows already
+there; :func:`rebuild` counts them afresh.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -186,6 +187,26 @@ def removed(conn: Connection, gone: Mapping[tuple[str, str], int]) -> None:
     """``gone[(rule, status)]`` reminders were deleted (their messages go by cascade: pass
     those to :func:`messages_removed`)."""
     REMINDERS.add(conn, {key: -n for key, n in gone.items()})
+
+
+def deleting(conn: Connection, ids: Sequence[int]) -> None:
+    """The reminders ``ids`` and their messages are about to be deleted in this transaction
+    (retention): take them off the counts. Call it before the DELETE, under the same locks. The
+    counts by hour keep them: they say what happened in each hour, not what is kept."""
+    if not ids:
+        return
+    r, m = reminder, message
+    gone = conn.execute(
+        sa.select(r.c.rule, r.c.status, sa.func.count())
+        .where(r.c.id.in_(list(ids)))
+        .group_by(r.c.rule, r.c.status)
+    )
+    removed(conn, {(row[0], row[1]): row[2] for row in gone})
+    keys = (m.c.rule, m.c.channel, m.c.status, m.c.error_code)
+    sent = conn.execute(
+        sa.select(*keys, sa.func.count()).where(m.c.reminder_id.in_(list(ids))).group_by(*keys)
+    )
+    messages_removed(conn, {tuple(row[:-1]): row[-1] for row in sent})
 
 
 def reminders(conn: Connection) -> dict[tuple[str, str], int]:
