@@ -52,6 +52,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import caps, clock, codec, consent, dberrors, fallback, pause, phone, policies
+from . import counts as reminder_counts
 from .channels.base import Channel, body_digest
 from .compose import (
     RecheckFailed,
@@ -639,6 +640,7 @@ class Delivery:
                 sent.append(
                     {
                         "id": row["id"],
+                        "rule": row["rule"],
                         "source": SENDING,
                         "reason": f"sent by {item.channel}",
                         "provider": result,
@@ -722,6 +724,7 @@ class Delivery:
                     },
                 )
                 conn.execute(message.insert(), messages)
+                reminder_counts.message_added(conn, messages)
                 counts.sent += len(sent)
             for item, error in unknown:
                 move(

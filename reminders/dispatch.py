@@ -31,6 +31,7 @@ from rq.job import Job, JobStatus
 from rq.worker import Worker
 from sqlalchemy.engine import Connection
 
+from . import counts as reminder_counts
 from . import redis_conn
 from .config import Config
 from .errors import ServiceUnavailable
@@ -141,13 +142,20 @@ class Dispatcher:
     # -- the whole pass ---------------------------------------------------------------------
 
     def run(self, now: datetime) -> DispatchCounts:
-        """Reconcile unknown sends, re-enqueue lost jobs' reminders, then enqueue every pending
-        reminder that is due."""
+        """Reconcile unknown sends, re-enqueue lost jobs' reminders, enqueue every pending
+        reminder that is due, then fold the counts."""
         counts = DispatchCounts()
         self.reconcile(now, counts)
         self.requeue_lost(now, counts)
         self.enqueue_due(now, counts)
+        self.fold_counts()
         return counts
+
+    def fold_counts(self) -> None:
+        """Fold the counts by rule and status the changes since the last pass added
+        (:func:`reminders.counts.fold`), so reading them stays a few dozen rows."""
+        with self.state.begin() as conn:
+            reminder_counts.fold(conn)
 
     def reconcile(self, now: datetime, counts: DispatchCounts) -> None:
         """Decide the sends whose outcome is unknown (see :mod:`reminders.reconcile`)."""

@@ -22,12 +22,15 @@ the caller saw (a reminder another process changed meanwhile is left alone), and
 row per reminder changed, with its reason, in the caller's transaction. The console's timeline and
 the metrics read those events; :func:`reminders.outbox.on_move` writes, in the same transaction,
 the outbox rows of the changes some write-back statement or webhook wants (nothing otherwise).
+Each change also adds to the counts by rule and status (:mod:`reminders.counts`), in the same
+transaction.
 
 The statuses are stored as their plain string values: ``Status.SENT == "sent"``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
@@ -36,7 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import outbox
+from . import counts, outbox
 from .errors import RemindersError
 from .models import event, reminder
 
@@ -140,21 +143,24 @@ def move(
         columns.setdefault("reason", reason)
     changed: list[int] = []
     events: list[dict[str, Any]] = []
+    left: Counter[tuple[str, str]] = Counter()
     for old in sources:
         for start in range(0, len(wanted), _CHUNK):
             got = conn.execute(
                 sa.update(r)
                 .where(r.c.id.in_(wanted[start : start + _CHUNK]), r.c.status == old, *where)
                 .values(**columns)
-                .returning(r.c.id)
-            )
+                .returning(r.c.id, r.c.rule)
+            ).all()
             ids_moved = sorted(row.id for row in got)
             changed += ids_moved
             events += [_event(rid, old, target, reason, now) for rid in ids_moved]
+            left.update((row.rule, old) for row in got)
     if events:
         events.sort(key=lambda e: e["reminder_id"])
         conn.execute(event.insert(), events)
         outbox.on_move(conn, [(e["reminder_id"], reason) for e in events], target, now)
+    counts.moved(conn, left, target, now)
     return sorted(changed)
 
 
@@ -174,7 +180,8 @@ def move_each(
     param("planned")}`` reads each row's ``planned``). Each UPDATE is conditional on the reminder
     still being in one of ``source``. For callers that hold the reminders (claimed by this
     worker, or under the rule's scan lock), so every row is recorded as changed; returns how many
-    rows were given.
+    rows were given. A row may also hold its reminder's ``rule`` (for the counts by rule and
+    status, :mod:`reminders.counts`), which saves looking the rules up.
     """
     if not rows:
         return 0
@@ -198,7 +205,19 @@ def move_each(
         [_event(row["id"], row["source"], target, row.get("reason"), now) for row in rows],
     )
     outbox.on_move(conn, [(row["id"], row.get("reason")) for row in rows], target, now)
+    counts.moved(conn, _rules_left(conn, rows), target, now)
     return len(rows)
+
+
+def _rules_left(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> Counter[tuple[str, str]]:
+    """How many of ``rows`` left each (rule, status): their ``rule``, or looked up."""
+    rules = {row["id"]: row["rule"] for row in rows if "rule" in row}
+    missing = sorted(row["id"] for row in rows if "rule" not in row)
+    for start in range(0, len(missing), _CHUNK):
+        chunk = missing[start : start + _CHUNK]
+        found = sa.select(reminder.c.id, reminder.c.rule).where(reminder.c.id.in_(chunk))
+        rules.update((row.id, row.rule) for row in conn.execute(found))
+    return Counter((rules[row["id"]], row["source"]) for row in rows if row["id"] in rules)
 
 
 def param(name: str) -> Any:

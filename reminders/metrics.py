@@ -5,9 +5,10 @@ counts the work of every worker and scheduler on every machine. The counters are
 the engine keeps (messages, opt-outs), so they only grow while those rows are kept; Prometheus'
 ``rate()`` treats a drop (rows deleted) as a counter reset.
 
-One query per family, each grouped in the database and answered from an index (migration
-0006 (metrics): reminders by rule and status, the unsent reminders by send time, messages by rule,
-channel, status and code), and one indexed lookup a rule for the last scans. The labels are
+Reminders by rule and status and messages by rule, channel, status and code are read from the
+counts kept as the rows change (:mod:`reminders.counts`: a few dozen rows, however many reminders
+and messages there are); the due and unsent reminders from the partial index of the unsent ones by
+send time (migration 0006), and the last scans with one indexed lookup a rule. The labels are
 bounded: rules, statuses, channels, queues, provider error codes and opt-out sources; never a
 customer, an address or a reminder.
 
@@ -28,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import counts as reminder_counts
 from . import lifecycle, models
 from .pause import paused_rules
 
@@ -108,10 +110,7 @@ class StateCollector(Collector):
             "reminders_reminders", "Reminders by rule and status now", labels=["rule", "status"]
         )
         counts = {(rule, str(status)): 0 for rule in rules for status in lifecycle.STATUSES}
-        for rule, status, n in conn.execute(
-            sa.select(r.c.rule, r.c.status, sa.func.count()).group_by(r.c.rule, r.c.status)
-        ):
-            counts[(rule, status)] = n
+        counts.update(reminder_counts.reminders(conn))
         for (rule, status), n in sorted(counts.items()):
             family.add_metric([rule, status], n)
         yield family
@@ -130,11 +129,7 @@ class StateCollector(Collector):
         )
         totals: dict[tuple[str, str, str], int] = {}
         codes: dict[tuple[str, str], int] = {}
-        for rule, channel, status, code, n in conn.execute(
-            sa.select(m.c.rule, m.c.channel, m.c.status, m.c.error_code, sa.func.count()).group_by(
-                m.c.rule, m.c.channel, m.c.status, m.c.error_code
-            )
-        ):
+        for (rule, channel, status, code), n in reminder_counts.messages(conn).items():
             rule = rule or UNKNOWN_RULE
             for outcome in ("sent", *REPORTED):
                 totals.setdefault((rule, channel, outcome), 0)

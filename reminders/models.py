@@ -366,3 +366,56 @@ sa.Index(
     postgresql_where=sa.text(FINAL_SQL),
     sqlite_where=sa.text(FINAL_SQL),
 )
+# A rule's outcomes (the console's rule page): its open reminders by occurrence, read from the
+# index alone, and its canceled reminders by when they were canceled.
+_OPEN = sa.text("status IN ('pending', 'queued')")
+sa.Index(
+    "ix_reminders_reminder_open_occurrence",
+    reminder.c.rule,
+    reminder.c.occurrence,
+    postgresql_where=_OPEN,
+    sqlite_where=_OPEN,
+)
+_CANCELED = sa.text("status = 'canceled'")
+sa.Index(
+    "ix_reminders_reminder_canceled_updated_at",
+    reminder.c.rule,
+    reminder.c.updated_at,
+    postgresql_where=_CANCELED,
+    sqlite_where=_CANCELED,
+)
+
+# Counts kept as the rows change, for the console and GET /metrics (reminders.counts): a key's
+# count is the sum of its rows' n. Changes only insert rows (no lock a worker waits on); a fold
+# replaces a key's rows by their sum.
+reminder_count = sa.Table(
+    f"{PREFIX}reminder_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+message_count = sa.Table(
+    f"{PREFIX}message_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(100)),  # empty: a message written before messages kept it
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("error_code", sa.String(32)),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+
+# What happened by UTC hour, for the console's days (reminders.counts): messages sent by channel
+# (``sent:sms``), reminders that became delivered, failed or canceled. Rows as above.
+hour_count = sa.Table(
+    f"{PREFIX}hour_count",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("hour", UtcDateTime(), nullable=False),
+    sa.Column("what", sa.String(32), nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index(None, "hour", "what", "n"),
+)

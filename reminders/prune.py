@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import dberrors
+from . import counts, dberrors
 from .errors import StateError
 from .models import FINAL_INDEX, FINAL_SQL, event, inbound, message, reminder, scan_run, skipped_row
 from .replies import START, STOP
@@ -239,6 +239,7 @@ def _reminders(
         ids = list(conn.execute(_locked(conn, query)).scalars())
     if not ids:
         return False
+    counts.deleting(conn, ids)  # off the counts by rule and status, in this transaction
     done.events += _delete(conn, event, event.c.reminder_id.in_(ids))
     done.messages += _delete(conn, message, message.c.reminder_id.in_(ids))
     done.reminders += _delete(conn, reminder, reminder.c.id.in_(ids))

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import consent, fallback
+from . import consent, counts, fallback
 from .lifecycle import DELIVERED, FAILED, PENDING, SENT, UNDELIVERED, move
 from .models import message, reminder
 from .phone import mask
@@ -81,6 +81,8 @@ def _apply(
     )
     if changed.rowcount != 1:
         return "already updated"
+    old = dict(found._mapping)
+    counts.message_changed(conn, old, {**old, "status": state, "error_code": code})
     rem = conn.execute(sa.select(reminder).where(reminder.c.id == found.reminder_id)).first()
     if rem is None:
         return "message updated; its reminder is gone"

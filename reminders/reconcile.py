@@ -48,6 +48,7 @@ from rq.job import Job
 from rq.worker import Worker
 
 from . import codec, receipts
+from . import counts as counts_of
 from .compose import address_for, customer_of
 from .config import Config, EmailConfig, SmsConfig
 from .errors import PermanentError, ServiceUnavailable
@@ -365,18 +366,18 @@ class Reconciler:
             )
         ).first()
         if done and to is not None and recorded is None:
-            conn.execute(
-                message.insert(),
-                {
-                    "reminder_id": values["id"],
-                    "channel": values["channel"],
-                    "to_address": to,
-                    "provider_id": sid,
-                    "status": SENT,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
+            found = {
+                "reminder_id": values["id"],
+                "channel": values["channel"],
+                "rule": values["rule"],
+                "to_address": to,
+                "provider_id": sid,
+                "status": SENT,
+                "created_at": now,
+                "updated_at": now,
+            }
+            conn.execute(message.insert(), found)
+            counts_of.message_added(conn, [found])
 
     def _address(self, row: Mapping[str, Any]) -> str | None:
         """The address the reminder's attempt went to (its rule's channel, the customer's)."""

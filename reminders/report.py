@@ -9,6 +9,7 @@ import redis
 import sqlalchemy as sa
 
 from . import clock, consent, lifecycle, models, phone, redis_conn, state_db
+from . import counts as reminder_counts
 from .errors import ServiceUnavailable
 from .metrics import oldest_due_unsent
 from .pause import paused_rules
@@ -38,9 +39,7 @@ def status_report(app: App) -> dict[str, Any]:
     now = app.now()
     with app.state.connect() as conn:
         counts: dict[str, dict[str, int]] = {}
-        for rule, status, n in conn.execute(
-            sa.select(r.c.rule, r.c.status, sa.func.count()).group_by(r.c.rule, r.c.status)
-        ):
+        for (rule, status), n in sorted(reminder_counts.reminders(conn).items()):
             counts.setdefault(rule, {})[status] = n
         next_due = conn.execute(
             sa.select(r.c.id, r.c.rule, r.c.send_at)

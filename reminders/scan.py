@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import business_db, clock, consent, dberrors, state_db
+from . import counts as reminder_counts
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
@@ -555,6 +556,7 @@ def _apply_batch(
                 restores.append(
                     {
                         "id": current.id,
+                        "rule": rule.name,
                         "source": CANCELED,
                         "reason": RESTORED,
                         "planned": p.planned_at,
@@ -568,6 +570,7 @@ def _apply_batch(
                 moves.append(
                     {
                         "id": current.id,
+                        "rule": rule.name,
                         "source": current.status,
                         "reason": MOVED,
                         "planned": p.planned_at,
@@ -587,11 +590,14 @@ def _apply_batch(
                     cancels.append(
                         {
                             "id": current.id,
+                            "rule": rule.name,
                             "source": current.status,
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    counts.created += state_db.insert_ignoring_conflicts(conn, reminder, inserts)
+    created = state_db.insert_ignoring_conflicts(conn, reminder, inserts)
+    counts.created += created
+    reminder_counts.created(conn, rule.name, PENDING, created)
     replan = {
         "planned_at": param("planned"),
         "send_at": param("planned"),

@@ -4,11 +4,14 @@ searches, a reminder's timeline, outcomes and what was missed. Queries only; no 
 Days are the config's zone's days: a day's ``sent``, ``delivered``, ``failed``, ``canceled`` and
 ``opted_out`` count what reached that state on that day (from the lifecycle's events, messages
 and opt-outs); ``upcoming`` counts pending reminders by send day. Rows are counted by day in SQL
-(see :class:`_Days`), never fetched one by one.
+(see :class:`_Days`), never fetched one by one; messages and the reminders delivered, failed or
+canceled are read from the counts kept by hour (:mod:`reminders.counts`) when the zone's days start
+on UTC hours.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import clock, codec, lifecycle, phone, report, sendtime
+from . import counts as reminder_counts
 from .config import Config
 from .errors import PermanentError
 from .lifecycle import CANCELED, DELIVERED, FAILED, OPEN, PENDING, QUEUED, SENDING
@@ -121,6 +125,38 @@ def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[di
         }
         for i in range(days)
     ]
+    if _on_hours(bucket.bounds):
+        # Every local day starts on a UTC hour (the zone is a whole number of hours from UTC):
+        # the counts kept by hour hold the messages and the ended reminders of each.
+        bounds = bucket.bounds
+        for (when, what), n in reminder_counts.HOURS.between(conn, lo, hi).items():
+            row = out[bisect.bisect_right(bounds, when) - 1]
+            if what.startswith(reminder_counts.SENT_ON):
+                channel = what.removeprefix(reminder_counts.SENT_ON)
+                row["sent"][channel] = row["sent"].get(channel, 0) + n
+            else:
+                row[what] += n
+    else:
+        _sent_and_ended(conn, bucket, out)
+    day = bucket.of(optout.c.created_at)
+    for i, n in conn.execute(
+        sa.select(day, sa.func.count())
+        .where(optout.c.created_at >= lo, optout.c.created_at < hi)
+        .group_by(day)
+    ):
+        out[bucket.index(i)]["opted_out"] += n
+    return out
+
+
+def _on_hours(bounds: Sequence[datetime]) -> bool:
+    """Whether every day starts on a UTC hour (what the counts by hour can tell apart)."""
+    return all(b.minute == 0 and b.second == 0 and b.microsecond == 0 for b in bounds)
+
+
+def _sent_and_ended(conn: Connection, bucket: _Days, out: list[dict[str, Any]]) -> None:
+    """Messages by channel and reminders delivered, failed and canceled a day, counted from the
+    rows (a zone whose days do not start on a UTC hour)."""
+    lo, hi = bucket.bounds[0], bucket.bounds[-1]
     m = message
     day = bucket.of(m.c.created_at)
     for i, channel, n in conn.execute(
@@ -138,14 +174,6 @@ def daily(conn: Connection, config: Config, now: datetime, days: int) -> list[di
         .group_by(day, e.c.to_status)
     ):
         out[bucket.index(i)][str(status)] += n
-    day = bucket.of(optout.c.created_at)
-    for i, n in conn.execute(
-        sa.select(day, sa.func.count())
-        .where(optout.c.created_at >= lo, optout.c.created_at < hi)
-        .group_by(day)
-    ):
-        out[bucket.index(i)]["opted_out"] += n
-    return out
 
 
 def upcoming(
@@ -180,7 +208,8 @@ def upcoming(
 def attention(conn: Connection, now: datetime) -> dict[str, Any]:
     """What needs ops now: failed reminders, stuck sends, due but unsent (and the age of the
     oldest), deferred by quiet hours or caps, paused rules."""
-    failed = conn.execute(sa.select(sa.func.count()).where(r.c.status == FAILED)).scalar_one()
+    kept = reminder_counts.reminders(conn)
+    failed = sum(n for (_, status), n in kept.items() if status == FAILED)
     stuck = conn.execute(
         sa.select(sa.func.count()).where(r.c.status == SENDING, r.c.updated_at <= now - STUCK_AFTER)
     ).scalar_one()
@@ -249,14 +278,11 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
     """Each rule (the configured ones, and any with reminders) with its counts by status, its
     last scan, its next pending send time, and whether it is paused."""
     counts: dict[str, dict[str, int]] = defaultdict(dict)
-    query = sa.select(r.c.rule, r.c.status, sa.func.count()).group_by(r.c.rule, r.c.status)
-    nexts = sa.select(r.c.rule, sa.func.min(r.c.send_at)).where(r.c.status == PENDING)
-    if rule is not None:
-        query = query.where(r.c.rule == rule)
-        nexts = nexts.where(r.c.rule == rule)
-    for name, status, n in conn.execute(query):
-        counts[name][status] = n
-    next_due = dict(conn.execute(nexts.group_by(r.c.rule)).all())
+    for (name, status), n in reminder_counts.reminders(conn).items():
+        if rule is None or name == rule:
+            counts[name][status] = n
+    wanted = [rule] if rule is not None else sorted(set(names) | set(counts))
+    next_due = {name: _next_due(conn, name) for name in wanted}
     s = scan_run
     latest = sa.select(s.c.rule, sa.func.max(s.c.id).label("id")).group_by(s.c.rule)
     if rule is not None:
@@ -267,7 +293,6 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
         for row in conn.execute(sa.select(s).join(sub, s.c.id == sub.c.id)).mappings()
     }
     paused = paused_detail(conn)
-    wanted = [rule] if rule is not None else sorted(set(names) | set(counts))
     return [
         {
             "name": name,
@@ -276,10 +301,20 @@ def rules(conn: Connection, names: Iterable[str], rule: str | None = None) -> li
             "paused_by": paused[name][1] if name in paused else None,
             "counts": {st: counts[name].get(st, 0) for st in lifecycle.STATUSES},
             "last_scan": scans.get(name),
-            "next_due": clock.iso_utc(next_due[name]) if next_due.get(name) else None,
+            "next_due": _iso(next_due[name]),
         }
         for name in wanted
     ]
+
+
+def _next_due(conn: Connection, rule: str) -> datetime | None:
+    """A rule's earliest pending send time: the first entry of its (rule, status, send_at) index."""
+    return conn.execute(
+        sa.select(r.c.send_at)
+        .where(r.c.rule == rule, r.c.status == PENDING)
+        .order_by(r.c.send_at)
+        .limit(1)
+    ).scalar()
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -556,31 +591,32 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         .where(r.c.rule == rule, r.c.sent_at >= since)
         .subquery()
     )
-    done = (
-        sa.select(r.c.occurrence, sa.func.min(r.c.updated_at).label("at"))
-        .where(
-            r.c.rule == rule,
-            r.c.status == CANCELED,
-            r.c.updated_at >= since,
-            sa.or_(*(r.c.reason.like(x) for x in DONE_REASONS)),
+    # The canceled reminders that say "done" or "expired", read once: per occurrence, when each
+    # first happened.
+    is_done = sa.or_(*(r.c.reason.like(x) for x in DONE_REASONS))
+    is_expired = r.c.reason.like(EXPIRED)
+    ended = (
+        sa.select(
+            r.c.occurrence,
+            sa.func.min(sa.case((is_done, r.c.updated_at))).label("done_at"),
+            sa.func.min(sa.case((is_expired, r.c.updated_at))).label("expired_at"),
         )
-        .group_by(r.c.occurrence)
-        .subquery()
-    )
-    expired = (
-        sa.select(r.c.occurrence, sa.func.min(r.c.updated_at).label("at"))
         .where(
             r.c.rule == rule,
-            r.c.status == CANCELED,
+            # A literal, so the planner sees the partial index's own condition.
+            r.c.status == sa.literal_column("'canceled'"),
             r.c.updated_at >= since,
-            r.c.reason.like(EXPIRED),
+            sa.or_(is_done, is_expired),
         )
         .group_by(r.c.occurrence)
         .subquery()
     )
     still = (
         sa.select(r.c.occurrence)
-        .where(r.c.rule == rule, r.c.status.in_(sorted(OPEN)))
+        .where(
+            r.c.rule == rule,
+            r.c.status.in_([sa.literal_column("'pending'"), sa.literal_column("'queued'")]),
+        )
         .group_by(r.c.occurrence)
         .subquery()
     )
@@ -588,14 +624,13 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
         sa.select(
             sent.c.offset,
             sent.c.planned_at,
-            done.c.at.label("done_at"),
-            sa.case((done.c.at >= sent.c.sent_at, 1), else_=0).label("done"),
+            ended.c.done_at,
+            sa.case((ended.c.done_at >= sent.c.sent_at, 1), else_=0).label("done"),
             sa.case((still.c.occurrence.is_not(None), 1), else_=0).label("open"),
-            sa.case((expired.c.at.is_not(None), 1), else_=0).label("expired"),
+            sa.case((ended.c.expired_at.is_not(None), 1), else_=0).label("expired"),
         )
         .select_from(sent)
-        .outerjoin(done, done.c.occurrence == sent.c.occurrence)
-        .outerjoin(expired, expired.c.occurrence == sent.c.occurrence)
+        .outerjoin(ended, ended.c.occurrence == sent.c.occurrence)
         .outerjoin(still, still.c.occurrence == sent.c.occurrence)
         .subquery()
     )
@@ -626,9 +661,9 @@ def outcomes(conn: Connection, rule: str, now: datetime, days: int = 90) -> dict
     # Before the due date: the due time is the planned time less the offset (a few rows).
     spans: dict[str, timedelta] = {}
     for row in conn.execute(
-        sa.select(sent.c.offset, sent.c.planned_at, done.c.at.label("done_at")).join(
-            done,
-            sa.and_(done.c.occurrence == sent.c.occurrence, done.c.at >= sent.c.sent_at),
+        sa.select(sent.c.offset, sent.c.planned_at, ended.c.done_at).join(
+            ended,
+            sa.and_(ended.c.occurrence == sent.c.occurrence, ended.c.done_at >= sent.c.sent_at),
         )
     ):
         span = spans.get(row.offset)

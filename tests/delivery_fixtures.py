@@ -279,6 +279,19 @@ def stub() -> Iterator[TwilioStub]:
         yield running
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_shop(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    delivery_redis: str,
+    stub: TwilioStub,
+    mailbox_server: SmtpServer,
+) -> Iterator[Shop]:
+    """The shop on SQLite, and with its business and state DB on PostgreSQL; batches of 5."""
+    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
+        yield project.configure(batch_size=5)
+
+
 @pytest.fixture
 def shop(
     tmp_path: Path, delivery_redis: str, stub: TwilioStub, mailbox_server: SmtpServer

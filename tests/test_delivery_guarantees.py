@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 from rq import Queue
 from rq.job import Job
@@ -24,24 +21,9 @@ from rq.job import Job
 from reminders import lifecycle
 from reminders import report as report_
 from tests import services
-from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import SEND_AT, Shop, finish, shop_at, wait_until
-from tests.twilio_stub import TwilioStub
+from tests.delivery_fixtures import SEND_AT, Shop, finish, wait_until
 
 QUEUE_KEY = "rq:queue:reminders-sms"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_shop(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    delivery_redis: str,
-    stub: TwilioStub,
-    mailbox_server: SmtpServer,
-) -> Iterator[Shop]:
-    """The shop on SQLite, and with its business and state DB on PostgreSQL."""
-    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
-        yield project.configure(batch_size=5)
 
 
 def test_two_workers_and_duplicated_jobs_send_each_reminder_exactly_once(any_shop: Shop) -> None:

@@ -6,9 +6,7 @@ opt-outs and a pause, parsed back with ``prometheus_client.parser``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 import redis
@@ -20,9 +18,8 @@ from reminders import receipts
 from reminders.app import App
 from reminders.metrics import metrics_app
 from reminders.rules import load_rules
-from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import RULES, SCAN_AT, Shop, shop_at
-from tests.twilio_stub import UNSUBSCRIBED, TwilioStub
+from tests.delivery_fixtures import RULES, SCAN_AT, Shop
+from tests.twilio_stub import UNSUBSCRIBED
 
 SMS_ONLY = RULES.replace("channels: [sms, email]", "channels: [sms]")
 RULE = "refill-due"
@@ -65,17 +62,10 @@ def by(samples: Samples, name: str, label: str) -> dict[str, float]:
     return {dict(labels)[label]: value for labels, value in samples[name].items()}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_shop(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    delivery_redis: str,
-    stub: TwilioStub,
-    mailbox_server: SmtpServer,
-) -> Iterator[Shop]:
+@pytest.fixture
+def any_shop(any_shop: Shop) -> Shop:
     """The shop with SMS only, its state DB on SQLite, and on PostgreSQL."""
-    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
-        yield project.configure(rules=SMS_ONLY)
+    return any_shop.configure(rules=SMS_ONLY)
 
 
 def pause(shop: Shop, rule: str) -> None:

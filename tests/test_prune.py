@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from reminders import lifecycle, models, prune
+from reminders import counts, lifecycle, models, prune
 from reminders.app import App
 from tests.rules_fixtures import NOW, REFILLS, Project, config_yaml, project_at
 
@@ -131,6 +131,8 @@ def test_pruning_keeps_everything_not_final_and_everything_younger(shop: Project
     gone = add(shop, "of-a-rule-removed", "failed", OLD, rule="old-rule")
     expected = {occ for occ, case in CASES.items() if not case[3]}
     pruned = [ids[o] for o, case in CASES.items() if case[3]] + [gone]
+    with shop.state.begin() as conn:
+        counts.rebuild(conn)  # the rows above were written directly
 
     done = prune_json(shop)
 
@@ -144,6 +146,10 @@ def test_pruning_keeps_everything_not_final_and_everything_younger(shop: Project
         2 * len(pruned),
     )
     assert done["cutoff"] == "2027-03-30T12:00:00Z" and done["finished"] is True
+    with shop.state.connect() as conn:  # the counts by rule and status lost what was deleted
+        for family in (counts.REMINDERS, counts.MESSAGES):
+            assert family.totals(conn) == family.count_rows(conn)
+        assert sum(counts.reminders(conn).values()) == len(expected)
     # Again: nothing left to do.
     again = prune_json(shop)
     assert [again[t] for t in prune.TABLES] == [0] * len(prune.TABLES)

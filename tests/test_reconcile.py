@@ -21,16 +21,13 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
 import pytest
 from twilio.request_validator import RequestValidator
 
 from reminders import links
-from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import RULES, SEND_AT, Shop, shop_at, wait_until
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, wait_until
 from tests.twilio_stub import ACCEPT_THEN_HANG, AUTH_TOKEN, DROP_BEFORE_ACCEPT, TwilioStub
 
 # A one-second request timeout and a one-second wait before deciding "not sent", so the tests
@@ -39,19 +36,6 @@ FAST = "    timeout: 1s\n    reconcile_after: 1s\n"
 PUBLIC = "https://reminders.example.com"
 WEB = f"web:\n  public_url: {PUBLIC}\n"
 SCHEDULER = "scheduler:\n  scan_every: 1h\n  dispatch_every: 1s\n"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_shop(
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    delivery_redis: str,
-    stub: TwilioStub,
-    mailbox_server: SmtpServer,
-) -> Iterator[Shop]:
-    """The shop with its state DB on SQLite, and on PostgreSQL."""
-    with shop_at(tmp_path, request.param, delivery_redis, stub, mailbox_server) as project:
-        yield project
 
 
 def by_phone(shop: Shop) -> dict[str, dict[str, Any]]:
