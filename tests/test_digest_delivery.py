@@ -15,8 +15,8 @@ from reminders import codec, receipts
 from reminders.app import App
 from reminders.rules import load_rules
 from tests.channel_fixtures import SmtpServer
-from tests.delivery_fixtures import RULES, SEND_AT, Shop, wait_until
-from tests.test_reconcile import FAST, SCHEDULER, Process, any_shop, created_for
+from tests.delivery_fixtures import RULES, SEND_AT, Shop, any_shop, wait_until
+from tests.test_reconcile import FAST, SCHEDULER, Process, created_for
 from tests.twilio_stub import ACCEPT_THEN_HANG, DROP_BEFORE_ACCEPT
 
 __all__ = ["SmtpServer", "any_shop"]
