@@ -88,12 +88,10 @@ reminder = sa.Table(
     sa.Column("claimed_by", sa.String(128)),
     sa.Column("body_digest", sa.String(64)),
     sa.UniqueConstraint("rule", "occurrence", "offset"),
-    sa.Index(None, "status", "send_at"),
     sa.Index(None, "customer_id"),
-    # For GET /metrics: reminders by rule and status read from the index alone, and the reminders
-    # not sent yet (a small part of the table) by send time, so "due and not sent" reads only
-    # the due ones.
-    sa.Index(None, "rule", "status"),
+    # For GET /metrics: the reminders not sent yet (a small part of the table) by send time, so
+    # "due and not sent" reads only the due ones. Reminders by rule and status are read from
+    # (rule, status, send_at) alone, by status and send time from (status, send_at, rule), below.
     sa.Index(
         f"ix_{PREFIX}reminder_unsent_send_at",
         "send_at",
@@ -136,6 +134,8 @@ scan_run = sa.Table(
     sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("too_late", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text),
+    # full, or incremental (only the rows changed since the rule's last scan; see scan.scan_kind)
+    sa.Column("kind", sa.String(16), nullable=False, server_default="full"),
     sa.Index(None, "rule", "started_at"),
 )
 

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RECORDED_SKIPS = 1000
+FULL = "full"
+INCREMENTAL = "incremental"
 
 Progress = Callable[[int], None]
 
@@ -72,6 +74,7 @@ class ScanCounts:
     off: int = 0  # reminders not created: the customer turned every channel of the rule off
     restored: int = 0  # canceled by their occurrence's absence, pending again on its return
     held: int = 0  # not canceled although their occurrence vanished: too many at once
+    kind: str = FULL  # full, or incremental: only the rows changed since the last scan
     error: str | None = None
     skips: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
 
@@ -88,6 +91,7 @@ class ScanCounts:
             "off": self.off,
             "restored": self.restored,
             "held": self.held,
+            "kind": self.kind,
             "error": self.error,
         }
 
@@ -188,8 +192,14 @@ def scan_rule(
     *,
     allow_mass_cancel: bool = False,
     should_stop: Callable[[], str | None] | None = None,
+    full: bool = False,
 ) -> ScanCounts:
     """Scan one rule. A failing query fails this rule only: the error is kept in the counts.
+
+    A rule with ``incremental:`` is scanned incrementally (``:since`` bound to the start of its
+    last successful scan minus the lookback) unless ``full`` or its last full scan is older than
+    ``full_every``. An incremental scan creates and moves reminders for the rows it reads and
+    cancels none whose row it did not read (it cannot tell a vanished row from an unchanged one).
 
     A scan that would cancel more than ``scan.max_cancel`` of the rule's open reminders because
     their rows vanished (a query suddenly returning nothing) cancels none of them and fails,
@@ -208,9 +218,13 @@ def scan_rule(
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)
-                run_id = _start_run(conn, rule.name, now)
+                counts.kind, since = scan_kind(conn, rule, now, full=full)
+                run_id = _start_run(conn, rule.name, now, counts.kind)
+            incremental = counts.kind == INCREMENTAL
             with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "load"):
-                known = _Known.load(conn, rule, planner.earliest)
+                # An incremental scan reads few rows: it looks each batch's reminders up rather
+                # than loading every open one (and it cancels none, so needs no list of them).
+                known = _Known() if incremental else _Known.load(conn, rule, planner.earliest)
                 # A rule with no reminders at all (its first scan) needs no lookups per batch.
                 fresh = not known and (
                     conn.execute(
@@ -221,7 +235,7 @@ def scan_rule(
                 # Customers who switched this rule off get no new reminders; their open ones
                 # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
-            params = _query_params(rule.query, now, config)
+            params = _query_params(rule.query, now, config, since)
             number = 0
             what = f"rule {rule.name}"
             batches = business_db.stream_rows(business, rule.query, params, what=what)
@@ -234,13 +248,16 @@ def scan_rule(
                     planner.bind(keys)
                 with conn.begin(), phases.spent("apply"):
                     number = _apply_batch(
-                        conn, planner, rows, number, counts, known, fresh, now, off
+                        conn, planner, rows, number, counts, known, fresh, now, off, incremental
                     )
                 if progress:
                     progress(len(rows))
                 if should_stop is not None and (why := should_stop()):
                     raise KeyboardInterrupt(why)
             phases.observe(rule.name)
+            if incremental:  # what it did not read may be unchanged: nothing vanished here
+                _finish_run(state, run_id, counts, now, "done")
+                return counts
             vanished = known.vanished()
             limit = config.scan.max_cancel
             if not allow_mass_cancel and is_mass_cancel(len(vanished), len(known), limit):
@@ -284,14 +301,38 @@ def scan_rule(
         raise
     if run_id is None:  # the state DB failed before the run could be recorded
         with state.begin() as conn:
-            run_id = _start_run(conn, rule.name, now)
+            run_id = _start_run(conn, rule.name, now, counts.kind)
     _finish_run(state, run_id, counts, now, "failed" if counts.error else "done")
     return counts
 
 
-def _start_run(conn: Connection, rule: str, now: datetime) -> int:
+def scan_kind(
+    conn: Connection, rule: Rule, now: datetime, *, full: bool = False
+) -> tuple[str, datetime]:
+    """Which scan of ``rule`` runs at ``now``, and the ``:since`` it binds.
+
+    Full (since the epoch) for a rule without ``incremental:``, when ``full`` is asked, when the
+    rule has no successful full scan or its last one started ``full_every`` or more ago.
+    Otherwise incremental, since the start of the rule's last successful scan (of either kind)
+    minus ``lookback``: rows changed while that scan ran are read again, never missed.
+    """
+    setting = rule.incremental
+    if setting is None or full:
+        return FULL, business_db.EPOCH
+    done = sa.and_(scan_run.c.rule == rule.name, scan_run.c.status == "done")
+    last_full = conn.execute(
+        sa.select(sa.func.max(scan_run.c.started_at)).where(done, scan_run.c.kind == FULL)
+    ).scalar()
+    if last_full is None or now - last_full >= setting.full_every:
+        return FULL, business_db.EPOCH
+    last = conn.execute(sa.select(sa.func.max(scan_run.c.started_at)).where(done)).scalar()
+    assert last is not None  # a full one at least
+    return INCREMENTAL, min(last, now) - setting.lookback
+
+
+def _start_run(conn: Connection, rule: str, now: datetime, kind: str) -> int:
     inserted = conn.execute(
-        scan_run.insert().values(rule=rule, started_at=now, status="running")
+        scan_run.insert().values(rule=rule, started_at=now, status="running", kind=kind)
     ).inserted_primary_key
     assert inserted is not None
     return int(inserted[0])
@@ -377,14 +418,18 @@ class _PhaseClock:
             SCAN_PHASE_SECONDS.labels(rule, phase).observe(seconds)
 
 
-def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
-    """The engine's own parameters a rule query may use: ``:now`` (UTC) and ``:today``."""
+def _query_params(
+    sql: str, now: datetime, config: Config, since: datetime = business_db.EPOCH
+) -> dict[str, Any]:
+    """The engine's own parameters a rule query may use: ``:now`` (UTC), ``:today`` and
+    ``:since`` (UTC)."""
     unknown = business_db.parameters(sql) - set(QUERY_PARAMETERS)
     if unknown:
         raise SourceError(
-            f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, :today"
+            f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, "
+            ":today, :since"
         )
-    return business_db.time_params(sql, now, config.tz())
+    return business_db.time_params(sql, now, config.tz(), since)
 
 
 def _check_columns(rule: Rule, keys: Sequence[str]) -> None:
@@ -484,23 +529,28 @@ def _apply_batch(
     fresh: bool,
     now: datetime,
     off: frozenset[str] = frozenset(),
+    incremental: bool = False,
 ) -> int:
     rule = planner.rule
     recurring = rule.recurrence is not None
     changed, absent = _classify(planner, known, rows, number, counts)
+    if incremental and recurring and not fresh:
+        # Nothing was loaded: each occurrence's dates are looked up, as a changed row's are.
+        changed, absent = changed + absent, []
     number += len(rows)
     counts.rows += len(rows)
     if absent and not fresh and not recurring:
         # Reminders past grace are not known: a row whose reminders all are may be unchanged.
-        stored = _stored_digests(conn, rule, [item[2] for item in absent])
+        stored = _stored_digests(conn, rule, [item[2] for item in absent], planner.earliest)
         new = []
         for item in absent:
             kept = stored.get(item[2])
             if kept is None:
                 new.append(item)
-            elif kept != item[4]:
+            elif kept[0] != item[4]:
                 changed.append(item)
-            # else: unchanged, and its reminders are past grace, out of the scan's reach
+            else:  # unchanged: its open reminders within grace (an incremental scan's), if any
+                counts.unchanged += kept[1]
         absent = new
     # Absent rows need no lookup: what they plan is inserted, and an insert that meets an
     # existing (past grace) reminder is skipped, which is what a scan does with those.
@@ -663,23 +713,27 @@ def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
     return reminder.c.occurrence.in_(keys)
 
 
-def _stored_digests(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, str]:
-    """Occurrence -> its reminders' row digest, for those of ``keys`` that have reminders.
+def _stored_digests(
+    conn: Connection, rule: Rule, keys: list[str], earliest: datetime
+) -> dict[str, tuple[str, int]]:
+    """Occurrence -> (its reminders' row digest, how many are open within grace), for those of
+    ``keys`` that have reminders.
 
     An occurrence whose reminders disagree gets an empty digest, so it never looks unchanged; so
     does one with a reminder its absence canceled, which its return restores.
     """
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, int]] = {}
     vanished = sa.and_(reminder.c.status == CANCELED, reminder.c.reason == VANISHED)
+    within = sa.and_(reminder.c.status.in_(OPEN), reminder.c.planned_at >= earliest)
     for start in range(0, len(keys), _LOOKUP):
         chunk = keys[start : start + _LOOKUP]
-        query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished).where(
+        query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished, within).where(
             reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
         )
-        for occurrence, digest, gone in conn.execute(query).all():
-            known = found.get(occurrence)
+        for occurrence, digest, gone, open_ in conn.execute(query).all():
+            known, count = found.get(occurrence, (None, 0))
             same = not gone and (known is None or known == digest)
-            found[occurrence] = digest if same else ""
+            found[occurrence] = (digest if same else "", count + bool(open_))
     return found
 
 
@@ -752,8 +806,11 @@ def scan_all(
     progress: bool = False,
     allow_mass_cancel: bool = False,
     should_stop: Callable[[], str | None] | None = None,
+    full: bool = False,
 ) -> list[ScanCounts]:
     """Scan every rule (or one), each on its own: a failing rule does not stop the others.
+
+    ``full`` makes every incremental rule's scan a full one (see :func:`scan_rule`).
 
     ``should_stop``: see :func:`scan_rule`; also asked before each rule.
     """
@@ -779,6 +836,7 @@ def scan_all(
                     progress=bar.update,  # type: ignore[arg-type]
                     allow_mass_cancel=allow_mass_cancel,
                     should_stop=should_stop,
+                    full=full,
                 )
             )
         finally:
