@@ -16,7 +16,8 @@ How a scan stays fast and small (``benchmarks/scan.py`` measures it, up to ten m
   a temporary table of its state DB connection (:class:`_Seen`), and the open reminders none
   named, the vanished ones, come from one anti-join at the end, canceled a chunk at a time.
 - A rule's first scan looks nothing up: every row is new.
-- Inserts go in one statement per batch (see :func:`state_db.insert_ignoring_conflicts`).
+- Inserts go in one statement per batch, through COPY on PostgreSQL (see
+  :func:`state_db.copy_ignoring_conflicts`).
 - An incremental rule's scan reads only the rows changed since its last one (``:since``).
 """
 
@@ -640,7 +641,7 @@ def _apply_batch(
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    counts.created += state_db.insert_ignoring_conflicts(conn, reminder, inserts)
+    counts.created += state_db.copy_ignoring_conflicts(conn, reminder, inserts)
     replan = {
         "planned_at": param("planned"),
         "send_at": param("planned"),
@@ -729,10 +730,12 @@ def _stored_digests(
         query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished, within).where(
             reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
         )
-        for occurrence, digest, gone, open_ in conn.execute(query).all():
-            known, count = found.get(occurrence, (None, 0))
-            same = not gone and (known is None or known == digest)
-            found[occurrence] = (digest if same else "", count + bool(open_))
+        # Plain tuples from the driver: SQLAlchemy's rows cost more than the lookup itself.
+        for part in business_db.batches(conn.execute(query), _LOOKUP):
+            for occurrence, digest, gone, open_ in part:
+                known, count = found.get(occurrence, (None, 0))
+                same = not gone and (known is None or known == digest)
+                found[occurrence] = (digest if same else "", count + bool(open_))
     return found
 
 
