@@ -513,9 +513,10 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         axis.set_xlabel("rows")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("seconds")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     figure.suptitle("reminders scan: time against rows (benchmarks/scan.py)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=110)
     print(f"chart: {path}")
 
