@@ -136,6 +136,9 @@ scan_run = sa.Table(
     sa.Column("error", sa.Text),
     # full, or incremental (only the rows changed since the rule's last scan; see scan.scan_kind)
     sa.Column("kind", sa.String(16), nullable=False, server_default="full"),
+    # the rule's query and schedule settings when it ran (scan.rule_digest): another forces a
+    # full scan
+    sa.Column("rule_digest", sa.String(16)),
     sa.Index(None, "rule", "started_at"),
 )
 

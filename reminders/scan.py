@@ -23,6 +23,7 @@ How a scan stays fast and small (``benchmarks/scan.py`` measures it, up to ten m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -221,6 +222,7 @@ def scan_rule(
     """
     counts = ScanCounts(rule.name)
     run_id: int | None = None
+    digest = rule_digest(rule, config)
     planner = Planner(rule, config, now)
     try:
         # The run is recorded under the rule's lock, so a run left ``running`` while nothing
@@ -229,8 +231,8 @@ def scan_rule(
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)
-                counts.kind, since = scan_kind(conn, rule, now, full=full)
-                run_id = _start_run(conn, rule.name, now, counts.kind)
+                counts.kind, since = scan_kind(conn, rule, now, digest, full=full)
+                run_id = _start_run(conn, rule.name, now, counts.kind, digest)
             incremental = counts.kind == INCREMENTAL
             # An incremental scan cancels nothing, so needs no record of what it saw.
             seen = None if incremental else _Seen(conn, rule)
@@ -318,38 +320,55 @@ def scan_rule(
         raise
     if run_id is None:  # the state DB failed before the run could be recorded
         with state.begin() as conn:
-            run_id = _start_run(conn, rule.name, now, counts.kind)
+            run_id = _start_run(conn, rule.name, now, counts.kind, digest)
     _finish_run(state, run_id, counts, now, "failed" if counts.error else "done")
     return counts
 
 
+def rule_digest(rule: Rule, config: Config) -> str:
+    """A digest of what decides a rule's rows and reminders: its query and schedule settings."""
+    parts = f"{rule.fingerprint(config)}\n{rule.query}".encode()
+    return hashlib.blake2b(parts, digest_size=8).hexdigest()
+
+
 def scan_kind(
-    conn: Connection, rule: Rule, now: datetime, *, full: bool = False
+    conn: Connection, rule: Rule, now: datetime, digest: str, *, full: bool = False
 ) -> tuple[str, datetime]:
     """Which scan of ``rule`` runs at ``now``, and the ``:since`` it binds.
 
     Full (since the epoch) for a rule without ``incremental:``, when ``full`` is asked, when the
-    rule has no successful full scan or its last one started ``full_every`` or more ago.
-    Otherwise incremental, since the start of the rule's last successful scan (of either kind)
-    minus ``lookback``: rows changed while that scan ran are read again, never missed.
+    rule has no successful full scan, its last one started ``full_every`` or more ago, or ran
+    another query or schedule (``digest``, :func:`rule_digest`: a changed WHERE or ``at``
+    concerns rows that did not change). Otherwise incremental, since the start of the rule's
+    last successful scan (of either kind) minus ``lookback``: rows changed while that scan ran
+    are read again, never missed.
     """
     setting = rule.incremental
     if setting is None or full:
         return FULL, business_db.EPOCH
     done = sa.and_(scan_run.c.rule == rule.name, scan_run.c.status == "done")
     last_full = conn.execute(
-        sa.select(sa.func.max(scan_run.c.started_at)).where(done, scan_run.c.kind == FULL)
-    ).scalar()
-    if last_full is None or now - last_full >= setting.full_every:
+        sa.select(scan_run.c.started_at, scan_run.c.rule_digest)
+        .where(done, scan_run.c.kind == FULL)
+        .order_by(scan_run.c.started_at.desc(), scan_run.c.id.desc())
+        .limit(1)
+    ).first()
+    if (
+        last_full is None
+        or last_full.rule_digest != digest
+        or now - last_full.started_at >= setting.full_every
+    ):
         return FULL, business_db.EPOCH
     last = conn.execute(sa.select(sa.func.max(scan_run.c.started_at)).where(done)).scalar()
     assert last is not None  # a full one at least
     return INCREMENTAL, min(last, now) - setting.lookback
 
 
-def _start_run(conn: Connection, rule: str, now: datetime, kind: str) -> int:
+def _start_run(conn: Connection, rule: str, now: datetime, kind: str, digest: str) -> int:
     inserted = conn.execute(
-        scan_run.insert().values(rule=rule, started_at=now, status="running", kind=kind)
+        scan_run.insert().values(
+            rule=rule, started_at=now, status="running", kind=kind, rule_digest=digest
+        )
     ).inserted_primary_key
     assert inserted is not None
     return int(inserted[0])

@@ -189,18 +189,22 @@ def test_the_choice_of_full_or_incremental_survives_restarts(shop: Project, redi
 
 
 def test_a_query_failing_half_way_applies_no_half_and_moves_no_watermark(shop: Project) -> None:
-    """The query fails on its 2,501st row: the batch read before it stands whole (each batch is
-    one transaction), nothing is canceled, the run is failed, and the next scan starts from the
-    last successful one, so it reads every row the failed one did not finish."""
+    """The query fails at a row of bad data (its 2,501st): what was read before stands in whole
+    batches (each batch is one transaction), nothing is canceled, the run is failed, and the
+    next scan starts from the last successful one, so it reads every row the failed one did not
+    finish."""
+    # A query that fails on one value: a JSON or integer cast of the drug's name.
+    boom = "json(rx.drug_name)" if shop.backend == "sqlite" else "CAST(rx.drug_name AS integer)"
+    failing = INCREMENTAL_RULE.format(extra="").replace(
+        "SELECT rx.id AS rx_id,",
+        f"SELECT CASE WHEN rx.drug_name = 'poison' THEN {boom} END AS boom,\n"
+        "             rx.id AS rx_id,",
+    )
+    shop.write("rules/refills.yaml", failing)
     scan(shop, at(0))
     rows = 3000
     add_prescriptions(shop, rows, at(2))
-    boom = "json('not json')" if shop.backend == "sqlite" else "1 / (rx.id - 2510)"
-    failing = INCREMENTAL_RULE.format(extra="").replace(
-        "SELECT rx.id AS rx_id,",
-        f"SELECT CASE WHEN rx.id >= 2510 THEN {boom} END AS boom,\n             rx.id AS rx_id,",
-    )
-    shop.write("rules/refills.yaml", failing)
+    shop.sql("UPDATE prescriptions SET drug_name = 'poison' WHERE id = 2510")
     result = shop.run("scan", "--json", now=iso(at(5)))
     assert result.code == 1, result
     (failed,) = result.json_lines()
@@ -214,7 +218,7 @@ def test_a_query_failing_half_way_applies_no_half_and_moves_no_watermark(shop: P
     assert len(by_occurrence) < rows + 3  # not the rows from the failure on
     assert {r["status"] for r in reminders} == {"pending"}
 
-    shop.write("rules/refills.yaml", INCREMENTAL_RULE.format(extra=""))
+    shop.sql("UPDATE prescriptions SET drug_name = 'Aspirin' WHERE id = 2510")
     done = scan(shop, at(10))
     # since = T0 - 10m (the last successful scan), not 5m - 10m: every new row is read.
     assert (done["kind"], done["rows"]) == ("incremental", rows)
@@ -266,3 +270,21 @@ def test_validate_pairs_incremental_with_since(
 
 def test_validate_prepares_an_incremental_query(shop: Project) -> None:
     assert shop.run("validate").code == 0
+
+
+def test_a_changed_rule_gets_a_full_scan(shop: Project) -> None:
+    """A new send time or WHERE concerns rows whose updated_at did not move: the first scan
+    after the rule changed is a full one, whatever full_every says."""
+    scan(shop, at(0))
+    assert scan(shop, at(5))["kind"] == "incremental"
+    text = INCREMENTAL_RULE.format(extra="")
+    shop.write("rules/refills.yaml", text.replace('at: "10:00"', 'at: "11:00"'))
+    moved = scan(shop, at(10))
+    assert (moved["kind"], moved["rows"], moved["moved"]) == ("full", 3, 6)
+    assert scan(shop, at(15))["kind"] == "incremental"
+    narrower = text.replace('at: "10:00"', 'at: "11:00"').replace(
+        "WHERE rx.refills_left > 0", "WHERE rx.refills_left > 0 AND rx.id <> 3"
+    )
+    shop.write("rules/refills.yaml", narrower)
+    gone = scan(shop, at(20))
+    assert (gone["kind"], gone["rows"], gone["canceled"]) == ("full", 2, 2)

@@ -1,4 +1,5 @@
-"""scan runs record their kind (full or incremental); two redundant reminder indexes dropped
+"""scan runs record their kind (full or incremental) and the rule's digest; two redundant
+reminder indexes dropped
 
 (rule, status) is the prefix of (rule, status, send_at) and (status, send_at) the prefix of
 (status, send_at, rule): every query that used the shorter one uses the longer one as well,
@@ -26,6 +27,7 @@ def upgrade() -> None:
         "reminders_scan_run",
         sa.Column("kind", sa.String(16), nullable=False, server_default="full"),
     )
+    op.add_column("reminders_scan_run", sa.Column("rule_digest", sa.String(16), nullable=True))
     op.drop_index(op.f("ix_reminders_reminder_rule_status"), table_name="reminders_reminder")
     op.drop_index(op.f("ix_reminders_reminder_status_send_at"), table_name="reminders_reminder")
 
@@ -38,4 +40,5 @@ def downgrade() -> None:
         op.f("ix_reminders_reminder_rule_status"), "reminders_reminder", ["rule", "status"]
     )
     with op.batch_alter_table("reminders_scan_run") as batch:
+        batch.drop_column("rule_digest")
         batch.drop_column("kind")
