@@ -1,22 +1,35 @@
-"""Scan benchmark: how fast a first scan and an unchanged rescan are, against a plain insert.
+"""Scan benchmark: a first scan, an unchanged full rescan and an incremental scan after 1% of the
+rows changed, against the physical floor measured in the same run.
 
-    .venv/bin/python benchmarks/scan.py [--rows N] [--pg URL] [--mysql URL] [--offsets -3d,0d]
+    .venv/bin/python benchmarks/scan.py [--rows 100000,1000000,10000000] [--pg URL]
+        [--mysql URL] [--offsets -3d] [--chart docs/scan-benchmark.png] [--results FILE]
 
-Builds a business DB of N prescriptions (default 1,000,000) joined to their patients, runs
-``reminders scan`` on it twice (the second time nothing changed), each in a child process so its
-peak RSS is the scan's own, and as the baseline inserts as many reminder rows (the same columns, the
-same shape of values) into a fresh state DB with plain SQLAlchemy ``insert()`` executemany, in
-batches of the scan's size, each batch its own transaction. SQLite always; PostgreSQL too when
-``--pg`` names a server (a URL whose user may create databases: throw-away databases are made
-there and dropped afterwards); MySQL or MariaDB too when ``--mysql`` names one
-(``mysql://root@127.0.0.1/test``), once with each driver of ``--mysql-drivers`` (mysqlclient and
-PyMySQL by default; PyMySQL is no dependency of the package: ``pip install pymysql`` first), the
-state DB on SQLite (the engine's tables are not kept in MySQL). For each driver it also times
-reading the rule's rows alone (``business_db.stream_rows``, no state DB), where the driver's
-own cost shows.
+For each size builds a business DB of N prescriptions joined to their patients, with an
+``updated_at`` cursor column (indexed, as a cursor column is), and an incremental rule
+(``AND rx.updated_at >= :since``, ``incremental: {full_every: 1d, lookback: 10m}``). Then, each
+in a child process so its peak RSS is its own:
 
-Targets on a 2-core machine: the first scan at least half the baseline's speed, the unchanged
-rescan at least 3 times faster than the first scan, peak RSS under 300 MB at 1M rows.
+- the first scan (a full one: the rule has never been scanned);
+- ``scan --full`` with nothing changed (the unchanged full rescan);
+- 1% of the rows get a new due date and ``updated_at``, and a plain ``scan``: an incremental one;
+- the raw write path: the same number of reminder rows (the scan's columns and shapes of values)
+  written into a fresh state DB in batches of the scan's size, each batch a transaction, through
+  the DB-API alone: SQLite ``executemany``, PostgreSQL ``COPY``; only the writes are timed;
+- a bare streaming read of the rule's query (``business_db.stream_rows``, ``:since`` at the
+  epoch, as a full scan binds it).
+
+SQLite always; PostgreSQL too when ``--pg`` names a server (a URL whose user may create
+databases: throw-away databases are made there and dropped afterwards); MySQL or MariaDB when
+``--mysql`` names one (``mysql://root@127.0.0.1/test``), once with each driver of
+``--mysql-drivers`` (mysqlclient and PyMySQL by default; PyMySQL is no dependency of the package:
+``pip install pymysql`` first), the state DB on SQLite and the rule without ``incremental``.
+
+Targets: a first scan at least 0.5 times the raw write path's rows/s, an unchanged full rescan at
+least 0.3 times the bare read's, an incremental scan after 1% changed at most 5% of the full
+rescan's time, at 10M rows a time per row within 1.3 times that at 1M, peak RSS under 300 MB.
+``--chart`` draws time against rows (log-log) for every database measured (matplotlib: the
+``bench`` extra); ``--results`` appends each measurement as a JSON line and the chart draws
+every line of that file, so sizes measured in separate runs share one chart.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -50,7 +64,7 @@ rules:
       SELECT rx.id AS rx_id, rx.drug_name, rx.runs_out_on,
              p.id AS customer_id, p.first_name, p.phone, p.email, p.timezone
       FROM prescriptions rx JOIN patients p ON p.id = rx.patient_id
-      WHERE rx.refills_left > 0
+      WHERE rx.refills_left > 0{since}
     occurrence: "{{{{ rx_id }}}}"
     due: runs_out_on
     offsets: [{offsets}]
@@ -58,6 +72,26 @@ rules:
     channels: [sms, email]
     template: refill-due
 """
+INCREMENTAL = """\
+    incremental:
+      full_every: 1d
+      lookback: 10m
+"""
+SINCE = " AND rx.updated_at >= :since"
+UPDATED = "2027-03-10 11:00:00+00:00"  # every row's updated_at: an hour before NOW
+# The times of the steps: the full rescan a minute after the first scan, the change at 2
+# minutes, the incremental scan at 3 (its :since is the rescan's start minus the lookback).
+RESCAN_AT, CHANGED_AT, INCREMENTAL_AT = (
+    "2027-03-10T12:01:00Z",
+    "2027-03-10 12:02:00+00:00",
+    "2027-03-10T12:03:00Z",
+)
+
+
+def rule_text(offsets: list[str], incremental: bool = True) -> str:
+    text = RULE.format(offsets=", ".join(offsets), since=SINCE if incremental else "")
+    return text + (INCREMENTAL if incremental else "")
+
 
 CONFIG = """\
 timezone: America/New_York
@@ -96,6 +130,7 @@ def _prescriptions(n: int, patients: int) -> Iterator[tuple[object, ...]]:
             DRUGS[i % len(DRUGS)],
             first + timedelta(days=i % 60),
             1 + i % 3,
+            UPDATED,
         )
 
 
@@ -110,15 +145,17 @@ def build_sqlite(path: Path, rows: int) -> None:
                                timezone TEXT);
         CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL,
                                     drug_name TEXT NOT NULL, runs_out_on DATE,
-                                    refills_left INTEGER NOT NULL);
+                                    refills_left INTEGER NOT NULL, updated_at TEXT);
         """
     )
     patients = max(1, rows // 2)
     conn.executemany("INSERT INTO patients VALUES (?, ?, ?, ?, ?)", _patients(patients))
     conn.executemany(
-        "INSERT INTO prescriptions VALUES (?, ?, ?, ?, ?)",
-        ((i, p, d, due.isoformat(), r) for i, p, d, due, r in _prescriptions(rows, patients)),
+        "INSERT INTO prescriptions VALUES (?, ?, ?, ?, ?, ?)",
+        ((i, p, d, due.isoformat(), r, u) for i, p, d, due, r, u in _prescriptions(rows, patients)),
     )
+    conn.execute("CREATE INDEX prescriptions_updated_at ON prescriptions (updated_at)")
+    conn.execute("ANALYZE")
     conn.commit()
     conn.close()
 
@@ -132,7 +169,8 @@ def build_postgresql(url: str, rows: int) -> None:
         )
         conn.exec_driver_sql(
             "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, "
-            "drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL)"
+            "drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL, "
+            "updated_at TIMESTAMP WITH TIME ZONE)"
         )
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         patients = max(1, rows // 2)
@@ -142,6 +180,7 @@ def build_postgresql(url: str, rows: int) -> None:
         with cursor.copy("COPY prescriptions FROM STDIN") as copy:
             for row in _prescriptions(rows, patients):
                 copy.write_row(row)
+        conn.exec_driver_sql("CREATE INDEX prescriptions_updated_at ON prescriptions (updated_at)")
         conn.exec_driver_sql("ANALYZE patients")
         conn.exec_driver_sql("ANALYZE prescriptions")
     engine.dispose()
@@ -164,7 +203,7 @@ def build_mysql(url: str, rows: int) -> None:
         patients = max(1, rows // 2)
         for table, made in (
             ("patients", _patients(patients)),
-            ("prescriptions", _prescriptions(rows, patients)),
+            ("prescriptions", (row[:5] for row in _prescriptions(rows, patients))),
         ):
             insert = f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s)"
             # The driver makes one multi-row INSERT a batch. Never the whole table in memory: a
@@ -195,43 +234,70 @@ _CHILD = textwrap.dedent(
     """
 )
 
-_BASELINE = textwrap.dedent(
+_RAW_WRITE = textwrap.dedent(
     """
     import json, resource, sys, time
     from datetime import UTC, datetime, timedelta
-    import sqlalchemy as sa
     from reminders import codec, models, state_db
 
     url, rows, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     state_db.upgrade(url)
-    engine = state_db.engine_for(url)
+    state_db.dispose_engines(url)
     now = datetime(2027, 3, 10, 12, tzinfo=UTC)
     first = datetime(2027, 3, 11, 14, tzinfo=UTC)
     drugs = ("Lisinopril", "Metformin", "Atorvastatin", "Amlodipine", "Omeprazole")
+    names = ("rule", "occurrence", "offset", "customer_id", "planned_at", "send_at", "status",
+             "data", "row_hash", "created_at", "updated_at")
+    sqlite = url.startswith("sqlite")
+
+    def stamp(moment):  # as each database's driver takes it: SQLite's text, or the datetime
+        return moment.replace(tzinfo=None).isoformat(" ", "microseconds") if sqlite else moment
 
     def row(i):
         planned = first + timedelta(days=i % 60)
+        customer = 1 + i % (rows // 2 or 1)
         data = codec.dumps({
             "rx_id": i, "drug_name": drugs[i % 5], "runs_out_on": planned.date(),
-            "customer_id": 1 + i % (rows // 2 or 1), "first_name": f"Patient{i}",
+            "customer_id": customer, "first_name": f"Patient{i}",
             "phone": f"+1500555{i % 10000:04d}", "email": f"patient{i}@example.com",
             "timezone": None,
         })
-        return {
-            "rule": "refill-due", "occurrence": str(i), "offset": "-3d",
-            "customer_id": str(1 + i % (rows // 2 or 1)), "planned_at": planned,
-            "send_at": planned, "status": "pending", "data": data,
-            "row_hash": f"{i:024x}", "created_at": now, "updated_at": now,
-        }
+        return ("refill-due", str(i), "-3d", str(customer), stamp(planned), stamp(planned),
+                "pending", data, f"{i:024x}", stamp(now), stamp(now))
 
-    started, cpu_started = time.perf_counter(), time.process_time()
-    insert = models.reminder.insert()
+    table = models.reminder.name
+    columns = ", ".join(f'"{n}"' for n in names)
+    if sqlite:
+        import sqlite3
+        conn = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL"):  # the state DB's own
+            conn.execute(f"PRAGMA {pragma}")
+        insert = f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(names))})"
+
+        def write(batch_rows):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(insert, batch_rows)
+            conn.execute("COMMIT")
+    else:
+        import psycopg
+        conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+
+        def write(batch_rows):
+            with conn.cursor() as cursor:
+                with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    for r in batch_rows:
+                        copy.write_row(r)
+            conn.commit()
+
+    seconds = 0.0
+    cpu = 0.0
     for start in range(1, rows + 1, batch):
-        with engine.begin() as conn:
-            conn.execute(insert, [row(i) for i in range(start, min(start + batch, rows + 1))])
-    seconds = time.perf_counter() - started
+        made = [row(i) for i in range(start, min(start + batch, rows + 1))]
+        began, cpu_began = time.perf_counter(), time.process_time()
+        write(made)
+        seconds += time.perf_counter() - began
+        cpu += time.process_time() - cpu_began
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = time.process_time() - cpu_started
     result = {"code": 0, "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "cpu": cpu}
     print(json.dumps(result), file=sys.stderr)
     """
@@ -241,12 +307,15 @@ _BASELINE = textwrap.dedent(
 _READ = textwrap.dedent(
     """
     import json, resource, sys, time
+    from datetime import UTC, datetime
     from reminders import business_db
 
     url, sql = sys.argv[1], sys.argv[2]
     engine = business_db.create_engine(url)
+    params = business_db.time_params(sql, datetime(2027, 3, 10, 12, tzinfo=UTC), UTC)
     started, cpu_started = time.perf_counter(), time.process_time()
-    rows = sum(len(batch) for _, batch in business_db.stream_rows(engine, sql, {}, what="rule t"))
+    batches = business_db.stream_rows(engine, sql, params, what="rule t")
+    rows = sum(len(batch) for _, batch in batches)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = time.process_time() - cpu_started
@@ -259,7 +328,8 @@ _READ = textwrap.dedent(
 
 def read_rows(folder: Path, url: str) -> dict[str, float]:
     """Reading the rule's rows alone, in a child process."""
-    sql = RULE.split("query: |\n", 1)[1].split("    occurrence:", 1)[0]
+    text = (folder / "rules" / "refills.yaml").read_text()
+    sql = text.split("query: |\n", 1)[1].split("    occurrence:", 1)[0]
     return _measure([sys.executable, "-c", _READ, url, textwrap.dedent(sql)], folder)
 
 
@@ -274,16 +344,36 @@ def _measure(argv: list[str], cwd: Path) -> dict[str, float]:
     return result
 
 
-def scan(folder: Path) -> dict[str, float]:
-    argv = [sys.executable, "-c", _CHILD, "-c", str(folder / "config.yaml"), "--now", NOW]
-    return _measure([*argv, "scan", "--json"], folder)
+def scan(folder: Path, *args: str, now: str = NOW) -> dict[str, float]:
+    argv = [sys.executable, "-c", _CHILD, "-c", str(folder / "config.yaml"), "--now", now]
+    return _measure([*argv, "scan", "--json", *args], folder)
 
 
-def baseline(folder: Path, url: str, rows: int) -> dict[str, float]:
-    return _measure([sys.executable, "-c", _BASELINE, url, str(rows), str(BATCH)], folder)
+def raw_write(folder: Path, url: str, rows: int) -> dict[str, float]:
+    return _measure([sys.executable, "-c", _RAW_WRITE, url, str(rows), str(BATCH)], folder)
+
+
+def change_one_percent(business: str) -> int:
+    """A new due date and updated_at for every 100th prescription; how many changed."""
+    engine = sa.create_engine(business)
+    moved = "date(runs_out_on, '+1 day')" if engine.dialect.name == "sqlite" else "runs_out_on + 1"
+    with engine.begin() as conn:
+        changed = conn.execute(
+            sa.text(
+                f"UPDATE prescriptions SET runs_out_on = {moved}, updated_at = :t "
+                "WHERE id % 100 = 0"
+            ),
+            {"t": CHANGED_AT},
+        ).rowcount
+    engine.dispose()
+    return int(changed)
 
 
 # --- one run --------------------------------------------------------------------------------------
+
+
+def _counts(measured: dict[str, float]) -> dict[str, Any]:
+    return dict(json.loads(str(measured["stdout"]).splitlines()[0]))
 
 
 def run(
@@ -293,8 +383,10 @@ def run(
     state: str,
     base: str,
     reminders: int,
-    read_alone: bool = False,
-) -> None:
+    *,
+    incremental: bool = True,
+) -> dict[str, Any]:
+    """Measure one database at one size; print it and return it as a result (see --results)."""
     from reminders import state_db
 
     rules = folder / "rules"
@@ -306,45 +398,127 @@ def run(
         "{% block subject %}x{% endblock %}{% block text %}y{% endblock %}\n"
     )
     state_db.upgrade(state)
+    state_db.dispose_engines(state)
 
     first = scan(folder)
-    counts = json.loads(first["stdout"].splitlines()[0])
-    assert counts["created"] == reminders, counts
-    again = scan(folder)
-    counts_again = json.loads(again["stdout"].splitlines()[0])
+    counts = _counts(first)
+    assert counts["created"] == reminders and counts["kind"] == "full", counts
+    again = scan(folder, "--full", now=RESCAN_AT)
+    counts_again = _counts(again)
     assert counts_again["created"] == 0 and counts_again["unchanged"] == reminders, counts_again
-    plain = baseline(folder, base, reminders)
+    later: dict[str, float] | None = None
+    if incremental:
+        changed = change_one_percent(source)
+        later = scan(folder, now=INCREMENTAL_AT)
+        counts_later = _counts(later)
+        assert counts_later["kind"] == "incremental", counts_later
+        assert counts_later["rows"] == changed, counts_later
+        assert counts_later["moved"] == changed * reminders // int(counts["rows"]), counts_later
+    write = raw_write(folder, base, reminders)
+    read = read_rows(folder, source)
 
-    rows = counts["rows"]
+    rows = int(counts["rows"])
     print(f"\n{label}: {rows:,} rows, {reminders:,} reminders")
-    print(f"  {'':20}{'seconds':>9}{'CPU s':>8}{'rows/s':>10}{'reminders/s':>13}{'peak RSS':>11}")
-    for name, m in (
-        ("first scan", first),
-        ("unchanged rescan", again),
-        ("baseline insert()", plain),
-    ):
-        per_row = f"{rows / m['seconds']:>10,.0f}" if name != "baseline insert()" else f"{'':>10}"
+    print(f"  {'':34}{'seconds':>9}{'CPU s':>8}{'rows/s':>11}{'peak RSS':>11}")
+    measured: list[tuple[str, dict[str, float], int]] = [
+        ("first scan", first, rows),
+        ("unchanged full rescan", again, rows),
+    ]
+    if later is not None:
+        measured.append(("incremental scan, 1% changed", later, rows))
+    writer = "executemany" if base.startswith("sqlite") else "COPY"
+    measured += [
+        (f"raw write path ({writer})", write, reminders),
+        ("bare streaming read", read, rows),
+    ]
+    for name, m, n in measured:
         print(
-            f"  {name:20}{m['seconds']:>9.2f}{m['cpu']:>8.2f}{per_row}"
-            f"{reminders / m['seconds']:>13,.0f}{m['rss_mb']:>8.0f} MB"
+            f"  {name:34}{m['seconds']:>9.2f}{m['cpu']:>8.2f}{n / m['seconds']:>11,.0f}"
+            f"{m['rss_mb']:>8.0f} MB"
         )
-    speed = plain["seconds"] / first["seconds"]
-    faster = first["seconds"] / again["seconds"]
-    print(
-        f"  first scan speed / baseline speed: {speed:.2f} (target >= 0.5; "
-        f"by this process's CPU time {plain['cpu'] / first['cpu']:.2f})"
+    first_ratio = (reminders / first["seconds"]) / (reminders / write["seconds"])
+    rescan_ratio = (rows / again["seconds"]) / (rows / read["seconds"])
+    print(f"  first scan / raw write path, rows/s: {first_ratio:.2f} (target >= 0.5)")
+    print(f"  unchanged full rescan / bare read, rows/s: {rescan_ratio:.2f} (target >= 0.3)")
+    result: dict[str, Any] = {
+        "database": label,
+        "rows": rows,
+        "first": first["seconds"],
+        "rescan": again["seconds"],
+        "write": write["seconds"],
+        "read": read["seconds"],
+        "rss_first": first["rss_mb"],
+        "rss_rescan": again["rss_mb"],
+        "cpu_first": first["cpu"],
+        "cpu_rescan": again["cpu"],
+    }
+    if later is not None:
+        share = later["seconds"] / again["seconds"]
+        print(f"  incremental / unchanged full rescan, time: {share:.1%} (target <= 5%)")
+        result.update(incremental=later["seconds"], rss_incremental=later["rss_mb"])
+    peak = max(m["rss_mb"] for _, m, _ in measured[:3])
+    print(f"  peak RSS of the scans: {peak:.0f} MB (target < 300 MB)")
+    return result
+
+
+def summary(results: list[dict[str, Any]]) -> None:
+    """Time per row at each size against the next smaller one measured (target at 10M: within
+    1.3x of 1M's)."""
+    by_database: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_database.setdefault(str(r["database"]), []).append(r)
+    for database, found in by_database.items():
+        found.sort(key=lambda r: int(r["rows"]))
+        for small, big in itertools.pairwise(found):
+            for step in ("first", "rescan"):
+                per_small = float(small[step]) / int(small["rows"])
+                per_big = float(big[step]) / int(big["rows"])
+                print(
+                    f"{database} {step}: {per_big * 1e6:.1f} us a row at {big['rows']:,} rows, "
+                    f"{per_small * 1e6:.1f} at {small['rows']:,}: {per_big / per_small:.2f}x"
+                )
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    """Time against rows, log-log, a panel a database (matplotlib, the ``bench`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    databases = list(dict.fromkeys(str(r["database"]) for r in results))
+    figure, axes = plt.subplots(
+        1, len(databases), figsize=(6 * len(databases), 4.6), sharey=True, squeeze=False
     )
-    print(
-        f"  rescan speed-up over the first scan: {faster:.1f}x (target >= 3; "
-        f"by CPU time {first['cpu'] / again['cpu']:.1f}x)"
+    lines = (
+        ("first", "first scan", "o-"),
+        ("rescan", "unchanged full rescan", "s-"),
+        ("incremental", "incremental, 1% changed", "^-"),
+        ("write", "raw write path", "o:"),
+        ("read", "bare streaming read", "s:"),
     )
-    print(f"  peak RSS of the first scan: {first['rss_mb']:.0f} MB (target < 300 MB at 1M rows)")
-    if read_alone:
-        read = read_rows(folder, source)
-        print(
-            f"  reading the rows alone: {read['seconds']:.2f} s, {read['cpu']:.2f} CPU s, "
-            f"{rows / read['seconds']:,.0f} rows/s, peak RSS {read['rss_mb']:.0f} MB"
+    for axis, database in zip(axes[0], databases, strict=True):
+        found = sorted(
+            (r for r in results if r["database"] == database),
+            key=lambda r: int(r["rows"]),
         )
+        for key, name, style in lines:
+            points = [(int(r["rows"]), float(r[key])) for r in found if key in r]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                axis.plot(xs, ys, style, label=name)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_title(database)
+        axis.set_xlabel("rows")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("seconds")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    figure.suptitle("reminders scan: time against rows (benchmarks/scan.py)")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.savefig(path, dpi=110)
+    print(f"chart: {path}")
 
 
 @contextmanager
@@ -383,7 +557,9 @@ def mysql_database(server: str) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--rows", default="1000000", help="business rows, comma-separated sizes (100000,1000000)"
+    )
     parser.add_argument("--pg", metavar="URL", help="a PostgreSQL server to run on as well")
     parser.add_argument(
         "--mysql", metavar="URL", help="a MySQL or MariaDB server to run on as well"
@@ -395,29 +571,54 @@ def main() -> None:
     )
     parser.add_argument("--offsets", default="-3d", help="the rule's offsets, comma-separated")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--chart", metavar="PNG", type=Path, help="draw time against rows here")
+    parser.add_argument(
+        "--results", metavar="FILE", type=Path, help="append each result here as a JSON line"
+    )
     args = parser.parse_args()
     offsets = [o.strip() for o in args.offsets.split(",") if o.strip()]
-    reminders = args.rows * len(offsets)
+    sizes = [int(n.replace("_", "")) for n in args.rows.split(",") if n.strip()]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, now {NOW}")
+    results: list[dict[str, Any]] = []
+    for size in sizes:
+        measured = measure_size(args, size, offsets)
+        results += measured
+        if args.results:
+            with args.results.open("a") as out:
+                out.writelines(json.dumps(result) + "\n" for result in measured)
+    everything = results
+    if args.results and args.results.exists():
+        everything = [json.loads(line) for line in args.results.read_text().splitlines() if line]
+    print()
+    summary(everything)
+    if args.chart:
+        chart(everything, args.chart)
 
+
+def measure_size(args: argparse.Namespace, size: int, offsets: list[str]) -> list[dict[str, Any]]:
+    """Every database asked for, at ``size`` business rows."""
+    reminders = size * len(offsets)
+    results: list[dict[str, Any]] = []
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory(prefix="reminders-bench-") as tmp:
             folder = Path(tmp)
             started = time.perf_counter()
-            build_sqlite(folder / "business.db", args.rows)
-            print(f"built the SQLite business DB in {time.perf_counter() - started:.1f} s")
+            build_sqlite(folder / "business.db", size)
+            print(f"\nbuilt the SQLite business DB in {time.perf_counter() - started:.1f} s")
             (folder / "rules").mkdir()
-            (folder / "rules" / "refills.yaml").write_text(RULE.format(offsets=", ".join(offsets)))
+            (folder / "rules" / "refills.yaml").write_text(rule_text(offsets))
             (folder / "config.yaml").write_text(
                 CONFIG.format(source="sqlite:///business.db", state="sqlite:///reminders.db")
             )
-            run(
-                "SQLite",
-                folder,
-                "sqlite:///business.db",
-                f"sqlite:///{folder / 'reminders.db'}",
-                f"sqlite:///{folder / 'baseline.db'}",
-                reminders,
+            results.append(
+                run(
+                    "SQLite",
+                    folder,
+                    f"sqlite:///{folder / 'business.db'}",
+                    f"sqlite:///{folder / 'reminders.db'}",
+                    f"sqlite:///{folder / 'baseline.db'}",
+                    reminders,
+                )
             )
 
     if args.pg:
@@ -427,12 +628,12 @@ def main() -> None:
         ):
             folder = Path(tmp)
             started = time.perf_counter()
-            build_postgresql(business, args.rows)
-            print(f"built the PostgreSQL business DB in {time.perf_counter() - started:.1f} s")
+            build_postgresql(business, size)
+            print(f"\nbuilt the PostgreSQL business DB in {time.perf_counter() - started:.1f} s")
             (folder / "rules").mkdir()
-            (folder / "rules" / "refills.yaml").write_text(RULE.format(offsets=", ".join(offsets)))
+            (folder / "rules" / "refills.yaml").write_text(rule_text(offsets))
             (folder / "config.yaml").write_text(CONFIG.format(source=business, state=state))
-            run("PostgreSQL", folder, business, state, base, reminders)
+            results.append(run("PostgreSQL", folder, business, state, base, reminders))
 
     if args.mysql:
         with (
@@ -441,10 +642,10 @@ def main() -> None:
         ):
             folder = Path(tmp)
             started = time.perf_counter()
-            build_mysql(business, args.rows)
-            print(f"built the MySQL business DB in {time.perf_counter() - started:.1f} s")
+            build_mysql(business, size)
+            print(f"\nbuilt the MySQL business DB in {time.perf_counter() - started:.1f} s")
             (folder / "rules").mkdir()
-            (folder / "rules" / "refills.yaml").write_text(RULE.format(offsets=", ".join(offsets)))
+            (folder / "rules" / "refills.yaml").write_text(rule_text(offsets, incremental=False))
             plain = sa.engine.make_url(business)
             for driver in [d.strip() for d in args.mysql_drivers.split(",") if d.strip()]:
                 source = plain.set(drivername=f"{plain.get_backend_name()}+{driver}")
@@ -454,13 +655,24 @@ def main() -> None:
                     print(f"\n{driver}: not installed ({exc}); pip install it to measure it")
                     continue
                 shown = source.render_as_string(hide_password=False)
-                state = folder / f"state-{driver}.db"
+                state_file = folder / f"state-{driver}.db"
                 (folder / "config.yaml").write_text(
-                    CONFIG.format(source=shown, state=f"sqlite:///{state}")
+                    CONFIG.format(source=shown, state=f"sqlite:///{state_file}")
                 )
                 label = f"{plain.get_backend_name()}+{driver} (state DB: SQLite)"
                 base = f"sqlite:///{folder / f'baseline-{driver}.db'}"
-                run(label, folder, shown, f"sqlite:///{state}", base, reminders, read_alone=True)
+                results.append(
+                    run(
+                        label,
+                        folder,
+                        shown,
+                        f"sqlite:///{state_file}",
+                        base,
+                        reminders,
+                        incremental=False,
+                    )
+                )
+    return results
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -171,15 +171,21 @@ def query(sql: str) -> sa.TextClause:
     return sa.text(_LITERAL.sub(lambda m: _COLON_WORD.sub(r"\\:", m.group(0)), sql))
 
 
-def time_params(sql: str, now: datetime, zone: tzinfo) -> dict[str, Any]:
-    """The engine's own parameters ``sql`` uses: ``:now`` (UTC) and ``:today`` (the date in
-    ``zone``, the config's), bound the same way in rules' queries, their checks and checks."""
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # ``:since`` of a full scan: every row
+
+
+def time_params(sql: str, now: datetime, zone: tzinfo, since: datetime = EPOCH) -> dict[str, Any]:
+    """The engine's own parameters ``sql`` uses: ``:now`` (UTC), ``:today`` (the date in
+    ``zone``, the config's) and, in an incremental rule's query, ``:since`` (UTC, bound like
+    ``:now``; the epoch unless given), the same way in rules' queries, their checks and checks."""
     used = parameters(sql)
     found: dict[str, Any] = {}
     if "now" in used:
         found["now"] = now
     if "today" in used:
         found["today"] = now.astimezone(zone).date()
+    if "since" in used:
+        found["since"] = since
     return found
 
 
@@ -241,7 +247,13 @@ def batches(result: sa.CursorResult[Any], size: int) -> Iterator[Sequence[Sequen
         return
     cursor = result.cursor
     try:
-        while rows := cursor.fetchmany(size):
+        while True:
+            try:
+                rows = cursor.fetchmany(size)
+            except sqlite3.Error as exc:  # a row that fails half way: as SQLAlchemy says it
+                raise sa.exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from None
+            if not rows:
+                return
             yield rows
     finally:
         result.close()

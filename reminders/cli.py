@@ -272,8 +272,15 @@ def db_current(app: App) -> None:
     is_flag=True,
     help="cancel reminders whose rows vanished even when more than scan.max_cancel of a rule's",
 )
+@click.option(
+    "--full",
+    is_flag=True,
+    help="a full scan of every incremental rule too (the only kind that sees vanished rows)",
+)
 @pass_app
-def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool) -> None:
+def scan(
+    app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool, full: bool
+) -> None:
     """Read the business DB; create, move and cancel reminders; print counts."""
     from .scan import scan_all
 
@@ -287,6 +294,7 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
             progress=sys.stderr.isatty(),
             allow_mass_cancel=allow_mass_cancel,
             should_stop=should_stop,
+            full=full,
         )
     failed = False
     for counts in results:
@@ -294,7 +302,8 @@ def scan(app: App, rule_name: str | None, as_json: bool, allow_mass_cancel: bool
             _echo_json(counts.as_dict())
         else:
             click.echo(
-                f"{counts.rule}: {counts.rows} rows, {counts.created} created, "
+                f"{counts.rule}{' (incremental)' if counts.kind == 'incremental' else ''}: "
+                f"{counts.rows} rows, {counts.created} created, "
                 f"{counts.moved} moved, {counts.canceled} canceled, {counts.unchanged} unchanged, "
                 f"{counts.skipped} skipped, {counts.too_late} too late"
                 + (f", {counts.off} off (turned off by the customer)" if counts.off else "")
@@ -654,7 +663,10 @@ def scheduler(app: App, once: bool, metrics_port: int | None, metrics_host: str)
         click.echo("another scheduler is active: nothing done")
     for cycle in cycles:
         for counts in cycle.scans or []:
-            click.echo(f"scan {counts['rule']}: {counts['rows']} rows, {counts['created']} created")
+            kind = " (incremental)" if counts["kind"] == "incremental" else ""
+            click.echo(
+                f"scan {counts['rule']}{kind}: {counts['rows']} rows, {counts['created']} created"
+            )
         if cycle.dispatch is not None:
             click.echo(f"dispatch: {cycle.dispatch['enqueued']} enqueued")
         if cycle.outbox_jobs:

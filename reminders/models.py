@@ -92,13 +92,11 @@ reminder = sa.Table(
     # reconciliation decides for one item of a digest it decides for all (reminders.digest).
     sa.Column("digest_id", BigId),
     sa.UniqueConstraint("rule", "occurrence", "offset"),
-    sa.Index(None, "status", "send_at"),
     sa.Index(None, "customer_id"),
     sa.Index(None, "digest_id"),
-    # For GET /metrics: reminders by rule and status read from the index alone, and the reminders
-    # not sent yet (a small part of the table) by send time, so "due and not sent" reads only
-    # the due ones.
-    sa.Index(None, "rule", "status"),
+    # For GET /metrics: the reminders not sent yet (a small part of the table) by send time, so
+    # "due and not sent" reads only the due ones. Reminders by rule and status are read from
+    # (rule, status, send_at) alone, by status and send time from (status, send_at, rule), below.
     sa.Index(
         f"ix_{PREFIX}reminder_unsent_send_at",
         "send_at",
@@ -141,6 +139,11 @@ scan_run = sa.Table(
     sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
     sa.Column("too_late", sa.Integer, nullable=False, server_default="0"),
     sa.Column("error", sa.Text),
+    # full, or incremental (only the rows changed since the rule's last scan; see scan.scan_kind)
+    sa.Column("kind", sa.String(16), nullable=False, server_default="full"),
+    # the rule's query and schedule settings when it ran (scan.rule_digest): another forces a
+    # full scan
+    sa.Column("rule_digest", sa.String(16)),
     sa.Index(None, "rule", "started_at"),
 )
 

@@ -129,6 +129,7 @@ def status_report(app: App) -> dict[str, Any]:
             {
                 "rule": x["rule"],
                 "at": clock.iso_utc(x["started_at"]),
+                "kind": x["kind"],
                 "status": x["status"],
                 "rows": x["rows"],
                 "created": x["created"],
@@ -439,7 +440,8 @@ def format_status(report: dict[str, Any]) -> str:
         for x in report["last_scans"]:
             tail = f" ERROR {x['error']}" if x["error"] else ""
             lines.append(
-                f"  {x['rule']} {x['at']} {x['status']}: {x['rows']} rows, {x['created']} created, "
+                f"  {x['rule']} {x['at']} {x['status']} ({x['kind']} scan): {x['rows']} rows, "
+                f"{x['created']} created, "
                 f"{x['moved']} moved, {x['canceled']} canceled, {x['skipped']} skipped{tail}"
             )
     return "\n".join(lines)

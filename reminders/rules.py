@@ -52,7 +52,7 @@ STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE
 START_WORDS = {"START", "YES", "UNSTOP"}
 HELP_WORDS = {"HELP", "INFO"}
 RESERVED_WORDS = STOP_WORDS | START_WORDS | HELP_WORDS
-QUERY_PARAMETERS = ("now", "today")  # what the engine binds in a rule's query
+QUERY_PARAMETERS = ("now", "today", "since")  # what the engine binds in a rule's query
 PARAM_TYPES = ("int", "str", "float", "bool", "date", "datetime")
 
 
@@ -196,6 +196,32 @@ def _strip_sql_literals(sql: str) -> str:
     return re.sub(r"'(?:[^']|'')*'|\"(?:[^\"])*\"|--[^\n]*", "", sql)
 
 
+class Incremental(_Model):
+    """How a rule's scans read only what changed: rows its query selects with ``:since``.
+
+    An incremental scan binds ``:since`` to the start of the rule's last successful scan minus
+    ``lookback`` (rows committed late, clocks apart); a full scan, at least every
+    ``full_every``, binds 1970-01-01T00:00:00Z and is the only one that sees a row vanish.
+    """
+
+    full_every: Duration
+    lookback: Duration = timedelta(minutes=10)
+
+    @field_validator("full_every")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration (e.g. 1d, 12h)")
+        return value
+
+    @field_validator("lookback")
+    @classmethod
+    def _not_negative(cls, value: timedelta) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError("must be zero or a positive duration (e.g. 10m)")
+        return value
+
+
 class Rule(_Model, _Placed):
     """One reminder rule, as the business wrote it."""
 
@@ -217,6 +243,7 @@ class Rule(_Model, _Placed):
     customer: dict[str, str] = Field(default_factory=dict)
     recurrence: str | None = None
     horizon: Duration = timedelta(days=60)
+    incremental: Incremental | None = None
     replies: dict[str, Annotated[Reply, BeforeValidator(_reply)]] = Field(default_factory=dict)
     # Send-time limits (they never change a planned time, so not in the fingerprint): when a
     # customer has more due than the frequency caps allow, higher priorities go first; caps:
@@ -262,7 +289,8 @@ class Rule(_Model, _Placed):
         if unknown:
             raise ValueError(
                 f":{unknown[0]} is not a parameter a rule query may use (allowed: :now, the "
-                "current time in UTC, and :today, the date in the config's timezone)"
+                "current time in UTC, :today, the date in the config's timezone, and :since, "
+                "with incremental:)"
             )
         return value
 
@@ -684,10 +712,34 @@ def _load_file(
     return rules, checks, digests, problems
 
 
+def _incremental_problems(rule: Rule, doc: Document, where: tuple[str | int, ...]) -> list[Problem]:
+    """``incremental:`` and ``:since`` in the query go together."""
+    uses_since = "since" in parameters(rule.query)
+    if rule.incremental is not None and not uses_since:
+        return [
+            doc.problem(
+                (*where, "incremental"),
+                f"rule {rule.name}: incremental: the query does not use :since; select the "
+                "changed rows with it (e.g. WHERE p.updated_at >= :since) or remove incremental",
+                key=True,
+            )
+        ]
+    if rule.incremental is None and uses_since:
+        return [
+            doc.problem(
+                (*where, "query"),
+                f"rule {rule.name}: query: :since is bound only for a rule with incremental: "
+                "(e.g. incremental: {full_every: 1d, lookback: 10m}); add it or remove :since",
+                key=True,
+            )
+        ]
+    return []
+
+
 def _against_config(
     rule: Rule, doc: Document, where: tuple[str | int, ...], config: Config, warnings: list[Problem]
 ) -> list[Problem]:
-    problems = []
+    problems = _incremental_problems(rule, doc, where)
     configured = config.channel_names
     for index, channel in enumerate(rule.channels):
         if channel not in configured:

@@ -7,30 +7,31 @@ everything else alone. It is idempotent and safe to run concurrently: inserts sk
 occurrence, offset) keys, and on PostgreSQL a per-rule advisory lock serialises two scans of one
 rule.
 
-How a scan stays fast (a million rows in well under a minute, an unchanged rescan several times
-faster than the first scan; ``benchmarks/scan.py`` measures both):
+How a scan stays fast and small (``benchmarks/scan.py`` measures it, up to ten million rows):
 
-- At its start a scan loads the rule's open reminders within grace, compactly (:class:`_Known`:
-  a hash of the occurrence, 8 bytes of the row digest, the id). Each row's digest covers the
-  rule's schedule settings and the row's values, so a row whose digest matches is unchanged and
-  costs no query and no schedule math; a rescan of unchanged rows reads, hashes, compares, and
-  writes nothing. The reminders no row named are the vanished ones, found without a second pass.
-- Rows are read in batches as plain tuples; a dict is made only for a row to plan.
-- Inserts go in one statement per batch (see :func:`state_db.insert_ignoring_conflicts`).
+- Memory is bounded by a batch (:data:`CHUNK` rows), whatever the table's size: rows are read
+  in batches as plain tuples, and each batch's reminders are looked up in one query (their row
+  digest: a row whose digest its reminders carry is unchanged and costs no schedule math and no
+  write; a dict is made only for a row to plan). A full scan records the occurrences it saw in
+  a temporary table of its state DB connection (:class:`_Seen`), and the open reminders none
+  named, the vanished ones, come from one anti-join at the end, canceled a chunk at a time.
+- A rule's first scan looks nothing up: every row is new.
+- Inserts go in one statement per batch, through COPY on PostgreSQL (see
+  :func:`state_db.copy_ignoring_conflicts`).
+- An incremental rule's scan reads only the rows changed since its last one (``:since``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
 import time
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RECORDED_SKIPS = 1000
+CHUNK = 2000  # rows a transaction; the rows, lookups and cancels a scan holds at once
+FULL = "full"
+INCREMENTAL = "incremental"
 
 Progress = Callable[[int], None]
 
@@ -73,6 +77,7 @@ class ScanCounts:
     off: int = 0  # reminders not created: the customer turned every channel of the rule off
     restored: int = 0  # canceled by their occurrence's absence, pending again on its return
     held: int = 0  # not canceled although their occurrence vanished: too many at once
+    kind: str = FULL  # full, or incremental: only the rows changed since the last scan
     error: str | None = None
     skips: list[tuple[int, str | None, str | None, str]] = field(default_factory=list)
 
@@ -89,94 +94,101 @@ class ScanCounts:
             "off": self.off,
             "restored": self.restored,
             "held": self.held,
+            "kind": self.kind,
             "error": self.error,
         }
 
 
-def _hex64(prefix: str | None) -> int:
-    """A stored digest's first 16 hex digits as a number (0, never a row's, when not hex)."""
-    try:
-        return int(prefix or "", 16)
-    except ValueError:
-        return 0
+class _Seen:
+    """The occurrences a full scan's rows named, kept in a temporary table of the scan's own
+    state DB connection (on disk on SQLite, unlogged on PostgreSQL), never in memory: a scan of
+    ten million rows holds one batch at a time. At the end one anti-join in the database finds
+    the open reminders no row named (:meth:`vanished`), read back in chunks.
 
-
-class _Known:
-    """The open reminders of a rule within grace when its scan began (the only ones a scan may
-    move or cancel), compactly.
-
-    Per reminder, in arrays: a 64-bit hash of its occurrence (Python's own ``hash``, salted per
-    process: fine, this lives for one scan; for a recurring rule, of the occurrence before its
-    ``@date``), the first 8 bytes of its row digest, and its id. The rows come ordered by
-    occurrence, so a key's reminders are neighbours and a dict finds the first of them. A scan
-    marks what its rows name (:func:`_classify`); the reminders left unmarked at the end have
-    vanished. A row whose digest matches every reminder of its occurrence here is unchanged,
-    with no query.
+    For a recurring rule the stored occurrences are ``KEY@DATE``: the date is cut off in SQL
+    (the characters of an ISO date or datetime trimmed from the right, then the ``@``).
     """
 
-    def __init__(self) -> None:
-        self.keys = array("q")
-        self.digests = array("Q")
-        self.ids = array("q")
-        self.seen = bytearray()
-        self.first: dict[int, int] = {}
+    TABLE = "reminders_scan_seen"
 
-    @classmethod
-    def load(cls, conn: Connection, rule: Rule, earliest: datetime) -> _Known:
-        found = cls()
-        order: Any = reminder.c.occurrence
-        if conn.dialect.name == "postgresql":
-            order = order.collate("C")  # byte order: the keys with one prefix are neighbours
-        prefix = sa.func.substr(reminder.c.row_hash, 1, 16)
-        query = (
-            sa.select(reminder.c.id, reminder.c.occurrence, prefix)
-            .where(
-                reminder.c.rule == rule.name,
-                reminder.c.status.in_(OPEN),
-                reminder.c.planned_at >= earliest,
-            )
-            .order_by(order)
+    def __init__(self, conn: Connection, rule: Rule) -> None:
+        self.conn = conn
+        self.rule = rule
+        self.postgresql = conn.dialect.name == "postgresql"
+        with conn.begin():
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.TABLE}")
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.TABLE} (occurrence TEXT)")
+
+    def add(self, occurrences: list[str]) -> None:
+        """Record occurrences seen (in the caller's transaction)."""
+        if not occurrences:
+            return
+        if self.postgresql:
+            raw = self.conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor().copy(f"COPY {self.TABLE} (occurrence) FROM STDIN") as copy:
+                for occurrence in occurrences:
+                    copy.write_row((occurrence,))
+            return
+        self.conn.exec_driver_sql(
+            f"INSERT INTO {self.TABLE} (occurrence) VALUES (?)", [(o,) for o in occurrences]
         )
-        if conn.dialect.name != "sqlite":  # a server-side cursor; SQLite's reads as it goes
-            query = query.execution_options(yield_per=20_000)
-        recurring = rule.recurrence is not None
-        for part in business_db.batches(conn.execute(query), 20_000):
-            ids, occurrences, prefixes = zip(*part, strict=True)
-            if recurring:
-                occurrences = tuple(o.rsplit("@", 1)[0] for o in occurrences)
-            # Whole slices at a time through C loops (map), not a Python loop per reminder.
-            found.keys.extend(map(hash, occurrences))
-            try:
-                found.digests.extend(map(int, prefixes, repeat(16)))
-            except (ValueError, TypeError):  # not all hex: one at a time, the odd ones as 0
-                del found.digests[len(found.ids) :]
-                found.digests.extend(map(_hex64, prefixes))
-            found.ids.extend(ids)
-        size = len(found.keys)
-        found.seen = bytearray(size)
-        # The first index of each key: built backwards so the first one written last wins.
-        found.first = dict(zip(reversed(found.keys), range(size - 1, -1, -1), strict=True))
-        return found
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    def _open(self, earliest: datetime) -> Any:
+        return sa.and_(
+            reminder.c.rule == self.rule.name,
+            reminder.c.status.in_(OPEN),
+            reminder.c.planned_at >= earliest,
+        )
 
-    def mark(self, occurrence: str) -> None:
-        """Mark an occurrence's reminders seen (kept, not vanished)."""
-        key = hash(occurrence)
-        i = self.first.get(key)
-        while i is not None and i < len(self.keys) and self.keys[i] == key:
-            self.seen[i] = 1
-            i += 1
+    def open_count(self, earliest: datetime) -> int:
+        """The rule's open reminders within grace: the ones a scan may cancel."""
+        query = sa.select(sa.func.count()).select_from(reminder).where(self._open(earliest))
+        return int(self.conn.execute(query).scalar_one())
 
-    def vanished(self) -> list[int]:
-        """Ids of the reminders no row named."""
-        # 0 -> 1 and 1 -> 0 for every byte at once, then the ids where the result is 1
-        unseen = self.seen.translate(_FLIP)
-        return list(compress(self.ids, unseen))
+    def _unnamed(self, earliest: datetime) -> Any:
+        occurrence: Any = reminder.c.occurrence
+        if self.rule.recurrence is not None:
+            bare = sa.func.rtrim(occurrence, "0123456789-T:+.Z")
+            occurrence = sa.func.substr(bare, 1, sa.func.length(bare) - 1)
+        seen = sa.table(self.TABLE, sa.column("occurrence", sa.Text))
+        named = sa.exists().where(seen.c.occurrence == occurrence)
+        return sa.and_(self._open(earliest), ~named)
 
+    def index(self) -> None:
+        """Index the seen occurrences once they are all in: one sort, then a probe a reminder."""
+        self.conn.exec_driver_sql(f"CREATE INDEX {self.TABLE}_o ON {self.TABLE} (occurrence)")
+        if self.postgresql:
+            self.conn.exec_driver_sql(f"ANALYZE {self.TABLE}")
 
-_FLIP = bytes([1, 0]) + bytes(254)
+    def vanished_count(self, earliest: datetime) -> int:
+        query = sa.select(sa.func.count()).select_from(reminder).where(self._unnamed(earliest))
+        return int(self.conn.execute(query).scalar_one())
+
+    def vanished(self, earliest: datetime, chunk: int) -> Iterator[list[int]]:
+        """Ids of the open reminders within grace no row named, ``chunk`` at a time (by id,
+        each chunk its own query: what the caller cancels in between does not disturb it)."""
+        last = 0
+        while True:
+            with self.conn.begin():
+                ids = list(
+                    self.conn.execute(
+                        sa.select(reminder.c.id)
+                        .where(self._unnamed(earliest), reminder.c.id > last)
+                        .order_by(reminder.c.id)
+                        .limit(chunk)
+                    ).scalars()
+                )
+            if not ids:
+                return
+            yield ids
+            last = ids[-1]
+
+    def drop(self) -> None:
+        if self.conn.in_transaction():
+            self.conn.rollback()
+        with self.conn.begin():
+            self.conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.TABLE}")
 
 
 def scan_rule(
@@ -189,8 +201,15 @@ def scan_rule(
     *,
     allow_mass_cancel: bool = False,
     should_stop: Callable[[], str | None] | None = None,
+    full: bool = False,
+    chunk: int = CHUNK,
 ) -> ScanCounts:
     """Scan one rule. A failing query fails this rule only: the error is kept in the counts.
+
+    A rule with ``incremental:`` is scanned incrementally (``:since`` bound to the start of its
+    last successful scan minus the lookback) unless ``full`` or its last full scan is older than
+    ``full_every``. An incremental scan creates and moves reminders for the rows it reads and
+    cancels none whose row it did not read (it cannot tell a vanished row from an unchanged one).
 
     A scan that would cancel more than ``scan.max_cancel`` of the rule's open reminders because
     their rows vanished (a query suddenly returning nothing) cancels none of them and fails,
@@ -198,9 +217,13 @@ def scan_rule(
 
     ``should_stop`` is asked after each batch: a reason (a signal's name) stops the scan there,
     between transactions, by raising ``KeyboardInterrupt``; the run is recorded as interrupted.
+
+    ``chunk``: rows read and applied a transaction, and vanished reminders canceled a
+    transaction (the scan holds no more than that in memory).
     """
     counts = ScanCounts(rule.name)
     run_id: int | None = None
+    digest = rule_digest(rule, config)
     planner = Planner(rule, config, now)
     try:
         # The run is recorded under the rule's lock, so a run left ``running`` while nothing
@@ -209,11 +232,14 @@ def scan_rule(
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)
-                run_id = _start_run(conn, rule.name, now)
+                counts.kind, since = scan_kind(conn, rule, now, digest, full=full)
+                run_id = _start_run(conn, rule.name, now, counts.kind, digest)
+            incremental = counts.kind == INCREMENTAL
+            # An incremental scan cancels nothing, so needs no record of what it saw.
+            seen = None if incremental else _Seen(conn, rule)
             with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "load"):
-                known = _Known.load(conn, rule, planner.earliest)
                 # A rule with no reminders at all (its first scan) needs no lookups per batch.
-                fresh = not known and (
+                fresh = (
                     conn.execute(
                         sa.select(reminder.c.id).where(reminder.c.rule == rule.name).limit(1)
                     ).first()
@@ -222,10 +248,10 @@ def scan_rule(
                 # Customers who switched this rule off get no new reminders; their open ones
                 # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
-            params = _query_params(rule.query, now, config)
+            params = _query_params(rule.query, now, config, since)
             number = 0
             what = f"rule {rule.name}"
-            batches = business_db.stream_rows(business, rule.query, params, what=what)
+            batches = business_db.stream_rows(business, rule.query, params, what=what, batch=chunk)
             # Reading the business DB and applying its rows alternate batch by batch: each
             # phase's time is the sum of its turns.
             phases = _PhaseClock()
@@ -235,27 +261,37 @@ def scan_rule(
                     planner.bind(keys)
                 with conn.begin(), phases.spent("apply"):
                     number = _apply_batch(
-                        conn, planner, rows, number, counts, known, fresh, now, off
+                        conn, planner, rows, number, counts, seen, fresh, now, off
                     )
                 if progress:
                     progress(len(rows))
                 if should_stop is not None and (why := should_stop()):
                     raise KeyboardInterrupt(why)
             phases.observe(rule.name)
-            vanished = known.vanished()
+            if seen is None:  # what it did not read may be unchanged: nothing vanished here
+                _finish_run(state, run_id, counts, now, "done")
+                return counts
+            earliest = planner.earliest
+            with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "compare"):
+                seen.index()
+                vanished = seen.vanished_count(earliest)
+                known = seen.open_count(earliest) if vanished else 0
             limit = config.scan.max_cancel
-            if not allow_mass_cancel and is_mass_cancel(len(vanished), len(known), limit):
-                counts.held = len(vanished)
+            if not allow_mass_cancel and is_mass_cancel(vanished, known, limit):
+                counts.held = vanished
                 counts.error = (
-                    f"rule {rule.name}: {len(vanished)} of its {len(known)} open reminders "
-                    f"({len(vanished) / len(known):.0%}) would be canceled because the query no "
+                    f"rule {rule.name}: {vanished} of its {known} open reminders "
+                    f"({vanished / known:.0%}) would be canceled because the query no "
                     f"longer returns their rows, more than scan.max_cancel ({limit:.0%}) allows: "
                     "none was canceled. If the rows are really gone (not a truncated table or a "
                     f"broken WHERE), run `reminders scan --rule {rule.name} --allow-mass-cancel`"
                 )
-            else:
-                with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "cancel"):
-                    counts.canceled += _cancel_vanished(conn, vanished, planner.earliest, now)
+            elif vanished:
+                with timed(SCAN_PHASE_SECONDS, rule.name, "cancel"):
+                    for ids in seen.vanished(earliest, chunk):
+                        with conn.begin():
+                            counts.canceled += _cancel_vanished(conn, ids, earliest, now)
+            seen.drop()
     except RemindersError as exc:
         counts.error = str(exc)
     except sa.exc.SQLAlchemyError as exc:
@@ -285,14 +321,55 @@ def scan_rule(
         raise
     if run_id is None:  # the state DB failed before the run could be recorded
         with state.begin() as conn:
-            run_id = _start_run(conn, rule.name, now)
+            run_id = _start_run(conn, rule.name, now, counts.kind, digest)
     _finish_run(state, run_id, counts, now, "failed" if counts.error else "done")
     return counts
 
 
-def _start_run(conn: Connection, rule: str, now: datetime) -> int:
+def rule_digest(rule: Rule, config: Config) -> str:
+    """A digest of what decides a rule's rows and reminders: its query and schedule settings."""
+    parts = f"{rule.fingerprint(config)}\n{rule.query}".encode()
+    return hashlib.blake2b(parts, digest_size=8).hexdigest()
+
+
+def scan_kind(
+    conn: Connection, rule: Rule, now: datetime, digest: str, *, full: bool = False
+) -> tuple[str, datetime]:
+    """Which scan of ``rule`` runs at ``now``, and the ``:since`` it binds.
+
+    Full (since the epoch) for a rule without ``incremental:``, when ``full`` is asked, when the
+    rule has no successful full scan, its last one started ``full_every`` or more ago, or ran
+    another query or schedule (``digest``, :func:`rule_digest`: a changed WHERE or ``at``
+    concerns rows that did not change). Otherwise incremental, since the start of the rule's
+    last successful scan (of either kind) minus ``lookback``: rows changed while that scan ran
+    are read again, never missed.
+    """
+    setting = rule.incremental
+    if setting is None or full:
+        return FULL, business_db.EPOCH
+    done = sa.and_(scan_run.c.rule == rule.name, scan_run.c.status == "done")
+    last_full = conn.execute(
+        sa.select(scan_run.c.started_at, scan_run.c.rule_digest)
+        .where(done, scan_run.c.kind == FULL)
+        .order_by(scan_run.c.started_at.desc(), scan_run.c.id.desc())
+        .limit(1)
+    ).first()
+    if (
+        last_full is None
+        or last_full.rule_digest != digest
+        or now - last_full.started_at >= setting.full_every
+    ):
+        return FULL, business_db.EPOCH
+    last = conn.execute(sa.select(sa.func.max(scan_run.c.started_at)).where(done)).scalar()
+    assert last is not None  # a full one at least
+    return INCREMENTAL, min(last, now) - setting.lookback
+
+
+def _start_run(conn: Connection, rule: str, now: datetime, kind: str, digest: str) -> int:
     inserted = conn.execute(
-        scan_run.insert().values(rule=rule, started_at=now, status="running")
+        scan_run.insert().values(
+            rule=rule, started_at=now, status="running", kind=kind, rule_digest=digest
+        )
     ).inserted_primary_key
     assert inserted is not None
     return int(inserted[0])
@@ -378,14 +455,18 @@ class _PhaseClock:
             SCAN_PHASE_SECONDS.labels(rule, phase).observe(seconds)
 
 
-def _query_params(sql: str, now: datetime, config: Config) -> dict[str, Any]:
-    """The engine's own parameters a rule query may use: ``:now`` (UTC) and ``:today``."""
+def _query_params(
+    sql: str, now: datetime, config: Config, since: datetime = business_db.EPOCH
+) -> dict[str, Any]:
+    """The engine's own parameters a rule query may use: ``:now`` (UTC), ``:today`` and
+    ``:since`` (UTC)."""
     unknown = business_db.parameters(sql) - set(QUERY_PARAMETERS)
     if unknown:
         raise SourceError(
-            f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, :today"
+            f"the query uses :{', :'.join(sorted(unknown))}; a rule query may use only :now, "
+            ":today, :since"
         )
-    return business_db.time_params(sql, now, config.tz())
+    return business_db.time_params(sql, now, config.tz(), since)
 
 
 def _check_columns(rule: Rule, keys: Sequence[str]) -> None:
@@ -407,23 +488,19 @@ Item = tuple[int, Sequence[Any], str, str, str]  # row number, row, occurrence, 
 
 
 def _classify(
-    planner: Planner, known: _Known, rows: Sequence[Sequence[Any]], number: int, counts: ScanCounts
-) -> tuple[list[Item], list[Item]]:
-    """Sort a batch's rows: unchanged (counted, done), changed (reminders within grace exist),
-    absent (none do); bad rows are skipped. Every row's occurrence is marked seen in ``known``.
+    planner: Planner, rows: Sequence[Sequence[Any]], number: int, counts: ScanCounts
+) -> tuple[list[Item], list[str]]:
+    """A batch's rows identified (occurrence, customer, digest); bad rows are skipped. Also the
+    occurrences the batch names, bad rows' included when they still name one: a bad row keeps
+    its occurrence's reminders (reported, not vanished), like a row whose due date is bad.
 
     The scan's hottest loop, a million times for a million rows: :meth:`Planner.identify`
-    written out inline for the usual row, and :meth:`_Known.mark` with the digests compared in
-    the same pass; ``identify`` itself for the rest (it gives the same key and digest, and names
-    what is wrong with a bad row).
+    written out inline for the usual row; ``identify`` itself for the rest (it gives the same
+    key and digest, and names what is wrong with a bad row).
     """
-    recurring = planner.rule.recurrence is not None
-    changed: list[Item] = []
-    absent: list[Item] = []
+    items: list[Item] = []
+    named: list[str] = []
     key_of, id_index, hasher = planner.key_of, planner.id_index, planner.hasher
-    first, keys, digests, seen = known.first, known.keys, known.digests, known.seen
-    size = len(keys)
-    unchanged = 0
     for row in rows:
         number += 1
         occurrence: str | None
@@ -443,36 +520,18 @@ def _classify(
             try:
                 occurrence, customer, raw = planner.identify(row)
             except RowError as exc:
-                # A bad row that still names its occurrence keeps that occurrence's reminders
-                # (reported, not vanished), like a row whose due date is bad.
-                named = occurrence if occurrence and len(occurrence) <= 200 else None
-                _skip(counts, number, named, exc)
-                if named:
-                    known.mark(named)
+                kept = occurrence if occurrence and len(occurrence) <= 200 else None
+                _skip(counts, number, kept, exc)
+                if kept:
+                    named.append(kept)
                 continue
         else:
             digest = hasher.copy()
             digest.update(text.encode())
             raw = digest.digest()
-        key = hash(occurrence)
-        i = first.get(key)
-        if i is None:
-            absent.append((number, row, occurrence, str(customer), raw.hex()))
-            continue
-        wanted = int.from_bytes(raw[:8], "big")
-        same = True
-        n = 0
-        while i < size and keys[i] == key:
-            seen[i] = 1
-            same = same and digests[i] == wanted
-            i += 1
-            n += 1
-        if same and not recurring:  # a recurring rule's dates come and go: always planned
-            unchanged += n
-        else:
-            changed.append((number, row, occurrence, str(customer), raw.hex()))
-    counts.unchanged += unchanged
-    return changed, absent
+        named.append(occurrence)
+        items.append((number, row, occurrence, str(customer), raw.hex()))
+    return items, named
 
 
 def _apply_batch(
@@ -481,27 +540,37 @@ def _apply_batch(
     rows: Sequence[Sequence[Any]],
     number: int,
     counts: ScanCounts,
-    known: _Known,
+    seen: _Seen | None,
     fresh: bool,
     now: datetime,
     off: frozenset[str] = frozenset(),
 ) -> int:
+    """Apply one batch of rows, in the caller's transaction: look up the reminders of its
+    occurrences (none on a rule's first scan), then insert, move, restore, refresh and cancel
+    what the rows ask for. ``seen`` (a full scan's) records the occurrences named."""
     rule = planner.rule
     recurring = rule.recurrence is not None
-    changed, absent = _classify(planner, known, rows, number, counts)
+    absent, named = _classify(planner, rows, number, counts)
+    if seen is not None:
+        seen.add(named)
+    changed: list[Item] = []
+    if recurring and not fresh:
+        # Each occurrence's dates come and go with now: always looked up and planned.
+        changed, absent = absent, []
     number += len(rows)
     counts.rows += len(rows)
-    if absent and not fresh and not recurring:
-        # Reminders past grace are not known: a row whose reminders all are may be unchanged.
-        stored = _stored_digests(conn, rule, [item[2] for item in absent])
+    if absent and not fresh:
+        # One query for the batch: a row whose digest its reminders carry is unchanged.
+        stored = _stored_digests(conn, rule, [item[2] for item in absent], planner.earliest)
         new = []
         for item in absent:
             kept = stored.get(item[2])
             if kept is None:
                 new.append(item)
-            elif kept != item[4]:
+            elif kept[0] != item[4]:
                 changed.append(item)
-            # else: unchanged, and its reminders are past grace, out of the scan's reach
+            else:  # unchanged: its open reminders within grace are (those past are not counted)
+                counts.unchanged += kept[1]
         absent = new
     # Absent rows need no lookup: what they plan is inserted, and an insert that meets an
     # existing (past grace) reminder is skipped, which is what a scan does with those.
@@ -595,7 +664,7 @@ def _apply_batch(
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    created = state_db.insert_ignoring_conflicts(conn, reminder, inserts)
+    created = state_db.copy_ignoring_conflicts(conn, reminder, inserts)
     counts.created += created
     reminder_counts.created(conn, rule.name, PENDING, created)
     replan = {
@@ -669,23 +738,29 @@ def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
     return reminder.c.occurrence.in_(keys)
 
 
-def _stored_digests(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, str]:
-    """Occurrence -> its reminders' row digest, for those of ``keys`` that have reminders.
+def _stored_digests(
+    conn: Connection, rule: Rule, keys: list[str], earliest: datetime
+) -> dict[str, tuple[str, int]]:
+    """Occurrence -> (its reminders' row digest, how many are open within grace), for those of
+    ``keys`` that have reminders.
 
     An occurrence whose reminders disagree gets an empty digest, so it never looks unchanged; so
     does one with a reminder its absence canceled, which its return restores.
     """
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, int]] = {}
     vanished = sa.and_(reminder.c.status == CANCELED, reminder.c.reason == VANISHED)
+    within = sa.and_(reminder.c.status.in_(OPEN), reminder.c.planned_at >= earliest)
     for start in range(0, len(keys), _LOOKUP):
         chunk = keys[start : start + _LOOKUP]
-        query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished).where(
+        query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished, within).where(
             reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
         )
-        for occurrence, digest, gone in conn.execute(query).all():
-            known = found.get(occurrence)
-            same = not gone and (known is None or known == digest)
-            found[occurrence] = digest if same else ""
+        # Plain tuples from the driver: SQLAlchemy's rows cost more than the lookup itself.
+        for part in business_db.batches(conn.execute(query), _LOOKUP):
+            for occurrence, digest, gone, open_ in part:
+                known, count = found.get(occurrence, (None, 0))
+                same = not gone and (known is None or known == digest)
+                found[occurrence] = (digest if same else "", count + bool(open_))
     return found
 
 
@@ -758,8 +833,11 @@ def scan_all(
     progress: bool = False,
     allow_mass_cancel: bool = False,
     should_stop: Callable[[], str | None] | None = None,
+    full: bool = False,
 ) -> list[ScanCounts]:
     """Scan every rule (or one), each on its own: a failing rule does not stop the others.
+
+    ``full`` makes every incremental rule's scan a full one (see :func:`scan_rule`).
 
     ``should_stop``: see :func:`scan_rule`; also asked before each rule.
     """
@@ -785,6 +863,7 @@ def scan_all(
                     progress=bar.update,  # type: ignore[arg-type]
                     allow_mass_cancel=allow_mass_cancel,
                     should_stop=should_stop,
+                    full=full,
                 )
             )
         finally:

@@ -206,6 +206,41 @@ def insert_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict
     )
 
 
+def copy_ignoring_conflicts(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> int:
+    """Like :func:`insert_ignoring_conflicts`, for many rows at once (a scan's batch).
+
+    PostgreSQL: COPY (psycopg's ``cursor.copy``, the rows streamed in COPY's text
+    format, no statement to parse per row) into a temporary table emptied at each commit, then
+    one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``: COPY itself cannot skip a conflict.
+    COPY writes rows several times faster than an executemany (``benchmarks/scan.py`` has the
+    raw COPY as its PostgreSQL baseline). SQLite: the executemany, the cheapest path there.
+    """
+    if not rows or conn.dialect.name != "postgresql":
+        return insert_ignoring_conflicts(conn, table, rows)
+    names = list(rows[0])
+    preparer = conn.dialect.identifier_preparer
+    quoted = ", ".join(preparer.quote(n) for n in names)
+    target = preparer.format_table(table)
+    staging = preparer.quote(f"{table.name}_copy")
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS "
+        f"SELECT {quoted} FROM {target} WITH NO DATA"
+    )
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    values = operator.itemgetter(*names)
+    with raw.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {staging}")  # an earlier batch in this transaction
+        with cursor.copy(f"COPY {staging} ({quoted}) FROM STDIN") as copy:
+            write = copy.write_row
+            for row in rows:
+                write(values(row))
+        cursor.execute(
+            f"INSERT INTO {target} ({quoted}) SELECT {quoted} FROM {staging} ON CONFLICT DO NOTHING"
+        )
+        return max(cursor.rowcount, 0)
+
+
 _MISSING = object()
 
 

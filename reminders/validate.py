@@ -198,7 +198,9 @@ def _rule_problems(
 ) -> list[Problem]:
     what = f"rule {rule.name}"
     at = Problem(f"{what}: query: ", rule.file, rule.line_of("query"))
-    names, found = _prepare(engine, rule.query, engine_params, what, at)
+    # An incremental rule's query is prepared as its full scans run it (:since at the epoch).
+    query_params = {**engine_params, "since": business_db.EPOCH}
+    names, found = _prepare(engine, rule.query, query_params, what, at)
     if names is None:
         return found
     returned = set(names)

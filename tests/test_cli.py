@@ -197,6 +197,7 @@ def test_status_json(scanned: Project) -> None:
             {
                 "rule": "refill-due",
                 "at": NOW,
+                "kind": "full",
                 "status": "done",
                 "rows": 2,
                 "created": 0,

@@ -37,7 +37,7 @@ def scan(p: Project, *args: str, now: str = NOW) -> list[dict[str, Any]]:
 
 def counts(p: Project, *args: str, now: str = NOW) -> dict[str, int]:
     (only,) = scan(p, *args, now=now)
-    return {k: v for k, v in only.items() if k not in ("rule", "error")}
+    return {k: v for k, v in only.items() if k not in ("rule", "error", "kind")}
 
 
 def send_times(p: Project) -> dict[tuple[str, str], tuple[str, str]]:
@@ -129,6 +129,21 @@ def _barrier_scan(p: Project, go: Path, ready: Path) -> subprocess.Popen[str]:
     )
 
 
+def scans_at_once(p: Project) -> list[dict[str, Any]]:
+    """Two ``scan --json`` processes let go at the same moment; each one's counts (exit 0)."""
+    go = p.root / "go"
+    readies = [p.root / f"ready-{i}" for i in range(2)]
+    children = [_barrier_scan(p, go, ready) for ready in readies]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outputs = [child.communicate(timeout=300) for child in children]
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, f"{out}\n{err}"
+    return [json.loads(out) for out, _ in outputs]
+
+
 def test_two_scans_at_once_create_no_duplicates(project: Project) -> None:
     """Two real processes scan one business DB into one state DB at the same moment."""
     rows = 3000
@@ -142,17 +157,7 @@ def test_two_scans_at_once_create_no_duplicates(project: Project) -> None:
         ],
     )
     project.ok("db", "upgrade")
-    go = project.root / "go"
-    readies = [project.root / f"ready-{i}" for i in range(2)]
-    children = [_barrier_scan(project, go, ready) for ready in readies]
-    deadline = time.monotonic() + 120
-    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    go.touch()
-    outputs = [child.communicate(timeout=300) for child in children]
-    for child, (out, err) in zip(children, outputs, strict=True):
-        assert child.returncode == 0, f"{out}\n{err}"
-    results = [json.loads(out) for out, _ in outputs]
+    results = scans_at_once(project)
     assert sum(r["created"] for r in results) == 2 * rows
     assert all(r["rows"] == rows and r["error"] is None for r in results)
     assert all(r["created"] + r["unchanged"] <= 2 * rows for r in results)

@@ -181,3 +181,51 @@ def test_a_query_past_source_query_timeout_is_stopped_and_applies_nothing(
         said
     )
     assert p.reminders() == []
+
+
+# --- the comparison in chunks -----------------------------------------------------------------
+
+
+def test_a_full_scan_compares_in_chunks_and_cancels_exactly_the_vanished(project: Project) -> None:
+    """With chunks of 7 the rows, the lookups and the cancels of vanished reminders each take
+    many transactions; what they add up to is exact, and the guard still sees the whole."""
+    import sqlalchemy as sa
+
+    from reminders.app import App
+    from reminders.scan import scan_rule
+
+    _populate(project, 100)
+    project.ok("db", "upgrade")
+    app = App(project.root / "config.yaml")
+    rule = app.ruleset.rule("refill-due")
+    now = parse_instant(NOW)
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(app.state, "before_cursor_execute", count)
+    first = scan_rule(app.config, rule, app.state, app.business, now, chunk=7)
+    assert (first.rows, first.created, first.error) == (100, 200, None)
+    project.sql("DELETE FROM prescriptions WHERE id > 40")  # 120 reminders vanish: 60%
+    statements.clear()
+    held = scan_rule(app.config, rule, app.state, app.business, now, chunk=7)
+    assert (held.rows, held.unchanged, held.held, held.canceled) == (40, 80, 120, 0)
+    assert held.error and "120 of its 200 open reminders" in held.error
+    assert _statuses(project) == {PENDING: 200}
+    # Every batch of 7 rows looked its reminders up on its own (6 batches).
+    lookups = [s for s in statements if "row_hash" in s and "SELECT" in s.upper()]
+    assert len(lookups) == 6
+    statements.clear()
+    done = scan_rule(
+        app.config, rule, app.state, app.business, now, chunk=7, allow_mass_cancel=True
+    )
+    assert (done.canceled, done.unchanged, done.error) == (120, 80, None)
+    # 120 vanished reminders canceled 7 at a time: 18 reads of ids, then one that finds none.
+    reads = [s for s in statements if "reminders_scan_seen" in s and "LIMIT" in s.upper()]
+    assert len(reads) == 19
+    reminders = project.reminders()
+    canceled = {r["occurrence"] for r in reminders if r["status"] == CANCELED}
+    assert canceled == {str(i) for i in range(41, 101)}
+    assert all(r["reason"] == VANISHED for r in reminders if r["status"] == CANCELED)
+    assert {r["status"] for r in reminders if int(r["occurrence"]) <= 40} == {PENDING}
