@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import time, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
@@ -159,12 +159,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
-class _Placed:
-    """A rule, check or digest knows where it was written: ``line`` and, per key, ``lines``."""
+class _Placed(_Model):
+    """A rule, check or digest knows where it was written: its ``file``, its ``line`` and, per
+    key, ``lines`` (set by the loader, for the problems found later)."""
 
-    if TYPE_CHECKING:
-        line: int
-        lines: dict[str, int]
+    file: str = ""
+    line: int = 0
+    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line
 
     def line_of(self, key: str) -> int:
         """The line of the item's ``key`` (``query``, ``rules``...), else the item's own."""
@@ -222,7 +223,7 @@ class Incremental(_Model):
         return value
 
 
-class Rule(_Model, _Placed):
+class Rule(_Placed):
     """One reminder rule, as the business wrote it."""
 
     name: str
@@ -256,9 +257,6 @@ class Rule(_Model, _Placed):
         dict[Literal["sent", "delivered", "failed", "canceled", "replied", "done"], str],
         BeforeValidator(_statements),
     ] = Field(default_factory=dict)
-    file: str = ""
-    line: int = 0
-    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
 
     @field_validator("name")
     @classmethod
@@ -416,7 +414,7 @@ class Rule(_Model, _Placed):
         return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=8).hexdigest()
 
 
-class CheckRule(_Model, _Placed):
+class CheckRule(_Placed):
     """A synchronous question to the business DB (the checkout's duplicate-purchase check)."""
 
     name: str
@@ -430,9 +428,6 @@ class CheckRule(_Model, _Placed):
     # Optional: binds :since = now - window, so "within 30 days" is written in the query.
     # :now (UTC) and :today (config timezone) are bound as in rule queries, unless a param.
     window: Duration | None = None
-    file: str = ""
-    line: int = 0
-    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
 
     @field_validator("name")
     @classmethod
@@ -490,7 +485,7 @@ def _max_items(value: Any) -> Any:
     raise ValueError(f"{value!r} is not allowed (max_items: a whole number, 2 or more)")
 
 
-class Digest(_Model, _Placed):
+class Digest(_Placed):
     """Several of a customer's reminders sent as one message (``digests:`` beside ``rules:``).
 
     When the earliest of a customer's pending reminders of ``rules`` on a channel is sent, the
@@ -503,9 +498,6 @@ class Digest(_Model, _Placed):
     window: Annotated[timedelta | Literal["day"], PlainValidator(_digest_window)]
     max_items: Annotated[int, PlainValidator(_max_items)] = 10
     template: str | None = None
-    file: str = ""
-    line: int = 0
-    lines: dict[str, int] = Field(default_factory=dict)  # key -> its line, for later problems
 
     @property
     def template_name(self) -> str:
