@@ -19,12 +19,12 @@ import json
 import logging
 
 from flask import Flask, Response, render_template, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestURITooLarge
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import links
 from reminders.app import App
-from reminders.web.context import KEY, MAX_BODY, url_too_long
+from reminders.web.context import KEY, MAX_BODY, refuse_oversized
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,13 @@ def create_console(app: App) -> Flask:
     flask.register_blueprint(api.blueprint)
     flask.register_blueprint(pages.blueprint)
     flask.register_blueprint(metrics_app(app))  # GET /metrics, for Prometheus
-    flask.before_request(_refuse_oversized)
+    flask.before_request(refuse_oversized)
     flask.before_request(auth.guard)
     flask.after_request(_headers)
     flask.register_error_handler(HTTPException, _error)
     flask.jinja_env.globals.update(csrf_token=auth.csrf_token, chart=charts)
     flask.jinja_env.filters.update(pages.FILTERS)
     return flask
-
-
-def _refuse_oversized() -> None:
-    if url_too_long(request.environ):
-        raise RequestURITooLarge()
-    length = request.content_length
-    if length is not None and length > MAX_BODY:
-        raise RequestEntityTooLarge()
 
 
 def _headers(response: Response) -> Response:

@@ -19,14 +19,14 @@ import logging
 from email.utils import parseaddr
 
 from flask import Flask, Response, render_template, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestURITooLarge
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from reminders import links
 from reminders.app import App
 from reminders.errors import ConfigError, Problem
 
-from .context import KEY, MAX_BODY, SECURE_HEADERS, engine, url_too_long
+from .context import KEY, MAX_BODY, SECURE_HEADERS, engine, refuse_oversized
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,11 @@ def create_app(app: App) -> Flask:
     flask.register_blueprint(twilio.blueprint)
     flask.register_blueprint(pages.blueprint)
     flask.register_blueprint(health.blueprint)
-    flask.before_request(_refuse_oversized)
+    flask.before_request(refuse_oversized)
     flask.after_request(_secure_headers)
     flask.register_error_handler(HTTPException, _error)
     flask.wsgi_app = checks.ChecksEndpoint(app, flask.wsgi_app)  # type: ignore[method-assign]
     return flask
-
-
-def _refuse_oversized() -> None:
-    if url_too_long(request.environ):
-        raise RequestURITooLarge()
-    # Every route, even one that never reads its body: a declared huge body is refused at once.
-    length = request.content_length
-    if length is not None and length > MAX_BODY:
-        raise RequestEntityTooLarge()
 
 
 def _secure_headers(response: Response) -> Response:

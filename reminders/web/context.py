@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import current_app
+from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge, RequestURITooLarge
 
 from reminders.app import App
 
@@ -31,6 +32,16 @@ SECURE_HEADERS = (
 def url_too_long(environ: WSGIEnvironment) -> bool:
     """Whether the request's path and query are over ``MAX_URL`` (answered 414)."""
     return len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) > MAX_URL
+
+
+def refuse_oversized() -> None:
+    """Before every request: 414 past ``MAX_URL``, 413 past ``MAX_BODY``. Every route, even one
+    that never reads its body: a declared huge body is refused at once."""
+    if url_too_long(request.environ):
+        raise RequestURITooLarge()
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise RequestEntityTooLarge()
 
 
 def engine() -> App:
