@@ -248,6 +248,32 @@ def test_the_same_request_as_twilios_own_client(recorder: Recorder) -> None:
     assert ours.headers == {k: v for k, v in theirs.headers.items() if k not in defaults}
 
 
+@pytest.mark.parametrize(
+    "sender",
+    [{"from_": FROM}, {"messaging_service_sid": "MG" + "0" * 32}],
+    ids=["from", "messaging-service"],
+)
+def test_the_channel_sends_what_messages_create_sends(
+    recorder: Recorder, sender: dict[str, str]
+) -> None:
+    """TwilioChannel.send posts itself, without twilio's per-call objects: the same target, form
+    (fields in twilio's order) and headers as twilio's ``messages.create`` on the same client."""
+    channel = TwilioChannel(ACCOUNT_SID, AUTH_TOKEN, api_url=recorder.url, **sender)
+    message = sms()
+    message.status_callback = "https://r.example.com/webhooks/twilio/status"
+    sid = channel.send(message)
+    created = channel._messages.create(
+        to=message.to,
+        body=message.body,
+        status_callback=message.status_callback,
+        **sender,
+    )
+    ours, theirs = recorder.seen
+    assert sid.startswith("SM") and str(created.sid).startswith("SM") and sid != created.sid
+    assert (ours.method, ours.target, ours.body) == (theirs.method, theirs.target, theirs.body)
+    assert ours.headers == theirs.headers
+
+
 def test_query_parameters(recorder: Recorder) -> None:
     client = client_for(recorder.url, transport(recorder.url))
     assert client.api.v2010.account.messages.list(to=TO, limit=2) == []

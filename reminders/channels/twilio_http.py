@@ -33,6 +33,8 @@ from requests.utils import (
 from twilio.http import HttpClient
 from twilio.http.request import Request as TwilioRequest
 from twilio.http.response import Response
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.util import parse_url
 from urllib3.util.ssl_ import create_urllib3_context
 
 from reminders.errors import ConfigError
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 FORM = "application/x-www-form-urlencoded"
 _JSON_TYPES = frozenset({"application/json", "application/scim+json"})
 _CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+_TARGETS = 16  # URLs whose pool and path are kept (see Urllib3HttpClient._open)
 
 
 def ca_bundle() -> str:
@@ -103,6 +106,8 @@ class Urllib3HttpClient(HttpClient):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.pool = self._new_pool()
+        # url -> (the manager, its pool for the URL's host, the request's path): see _open
+        self._targets: dict[str, tuple[urllib3.PoolManager, HTTPConnectionPool, str]] = {}
 
     def _new_pool(self) -> urllib3.PoolManager:
         settings: dict[str, Any] = {
@@ -190,7 +195,7 @@ class Urllib3HttpClient(HttpClient):
                     sent["Content-Type"] = FORM
         if auth is not None:
             sent["Authorization"] = self._authorization(auth)
-        answer = self._pool().urlopen(
+        answer = self._open(
             method, url, body=body, headers=sent, retries=False, redirect=False, timeout=timeouts
         )
         response = Response(answer.status, answer.data.decode("utf-8", "replace"), answer.headers)
@@ -200,8 +205,26 @@ class Urllib3HttpClient(HttpClient):
         self._test_only_last_response = response
         return response
 
+    def _open(self, method: str, url: str, **kw: Any) -> urllib3.BaseHTTPResponse:
+        """``PoolManager.urlopen`` without parsing the URL and looking its host's pool up again
+        at every request: both are kept a URL (the same few URLs are asked again and again).
+        Behind a proxy, the manager's own ``urlopen`` (it adds the proxy's headers)."""
+        manager = self._pool()
+        if self.proxy_url is not None:
+            return manager.urlopen(method, url, **kw)
+        target = self._targets.get(url)
+        if target is None or target[0] is not manager:
+            u = parse_url(url)
+            pool = manager.connection_from_host(u.host, port=u.port, scheme=u.scheme)
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()  # URLs with changing query strings: keep a few
+            target = self._targets[url] = (manager, pool, u.request_uri)
+        kw["assert_same_host"] = False
+        return target[1].urlopen(method, target[2], **kw)
+
     def close(self) -> None:
         """Close every pooled connection (the pool opens new ones if used again)."""
+        self._targets.clear()
         self.pool.clear()
 
 
