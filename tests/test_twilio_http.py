@@ -401,6 +401,37 @@ def test_the_pool_blocks_at_its_size() -> None:
     assert elapsed >= 0.28  # three rounds of two
 
 
+class _CountingSocket:
+    """A connected socket that counts the writes made on it (and makes them)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_request_is_written_in_one_send(recorder: Recorder) -> None:
+    """Headers and body leave in one write (one segment, one wake-up of the server); a GET,
+    without a body, as before."""
+    channel = channel_for(recorder.url)
+    assert channel.send(sms()).startswith("SM")
+    [(_manager, pool, _path)] = channel._http._targets.values()
+    [conn] = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
+    counting = conn.sock = _CountingSocket(conn.sock)
+    assert channel.send(sms()).startswith("SM")
+    [write] = counting.writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST " + MESSAGES.encode()) and body == recorder.seen[-1].body
+    answer = channel._http.request("GET", recorder.url + MESSAGES)
+    assert answer.status_code == 200 and len(counting.writes) == 2
+
+
 def test_close_drops_the_pooled_connections(recorder: Recorder) -> None:
     channel = channel_for(recorder.url)
     channel.send(sms())

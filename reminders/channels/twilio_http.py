@@ -33,7 +33,8 @@ from requests.utils import (
 from twilio.http import HttpClient
 from twilio.http.request import Request as TwilioRequest
 from twilio.http.response import Response
-from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import parse_url
 from urllib3.util.ssl_ import create_urllib3_context
 
@@ -72,6 +73,49 @@ def basic_auth(user: str, password: str) -> str:
     """An ``Authorization`` value, encoded as ``requests.auth.HTTPBasicAuth`` encodes it."""
     token = b64encode(user.encode("latin1") + b":" + password.encode("latin1")).decode("ascii")
     return f"Basic {token}"
+
+
+class _OneWrite:
+    """A connection that writes a request's headers and its body in one ``send``.
+
+    http.client writes the header block, then the body: two writes, so two TCP segments and two
+    wake-ups of the server for a message of a few hundred bytes, each a system call that costs
+    the sender more CPU than all the rest of building the request on loopback. Here the headers
+    wait for the body (a request with a ``bytes`` body; any other is written as before).
+    """
+
+    _hold = False  # the next send is the header block of a request whose body follows
+    _held: bytes | None = None
+
+    def request(self, method: str, url: str, body: Any = None, *args: Any, **kw: Any) -> None:
+        self._hold, self._held = isinstance(body, bytes) and bool(body), None
+        try:
+            super().request(method, url, body, *args, **kw)  # type: ignore[misc]
+        finally:
+            self._hold, self._held = False, None
+
+    def send(self, data: Any) -> None:
+        if self._hold:  # the header block: written with the body
+            self._hold, self._held = False, bytes(data)
+            return
+        held, self._held = self._held, None
+        super().send(held + data if held is not None else data)  # type: ignore[misc]
+
+
+class _OneWriteHTTPConnection(_OneWrite, HTTPConnection):
+    pass
+
+
+class _OneWriteHTTPSConnection(_OneWrite, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _OneWriteHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _OneWriteHTTPSConnection
 
 
 class Urllib3HttpClient(HttpClient):
@@ -121,7 +165,9 @@ class Urllib3HttpClient(HttpClient):
         }
         proxy = self.proxy_url
         if proxy is None:
-            return urllib3.PoolManager(**settings)
+            manager = urllib3.PoolManager(**settings)
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+            return manager
         if proxy.lower().startswith("socks"):
             try:
                 from urllib3.contrib.socks import SOCKSProxyManager
