@@ -473,7 +473,14 @@ def date_filter(ctx: Context, value: Any, format: str = "medium") -> str:
         raise ValueError(f"the date filter needs a date, got the time {value!r}")
     if isinstance(moment, datetime):
         moment = _local(moment, _zone(ctx)).date()
-    return format_date(moment, format=format, locale=_locale(ctx))
+    return _format_date(moment, format, _locale(ctx))
+
+
+@lru_cache(maxsize=4096)
+def _format_date(moment: date, format: str, locale: Locale) -> str:
+    """babel's ``format_date``, kept: a batch's reminders mostly share a few dates, and babel
+    looks the locale's month names and pattern up again at every call."""
+    return format_date(moment, format=format, locale=locale)
 
 
 @pass_context

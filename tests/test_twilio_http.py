@@ -248,6 +248,32 @@ def test_the_same_request_as_twilios_own_client(recorder: Recorder) -> None:
     assert ours.headers == {k: v for k, v in theirs.headers.items() if k not in defaults}
 
 
+@pytest.mark.parametrize(
+    "sender",
+    [{"from_": FROM}, {"messaging_service_sid": "MG" + "0" * 32}],
+    ids=["from", "messaging-service"],
+)
+def test_the_channel_sends_what_messages_create_sends(
+    recorder: Recorder, sender: dict[str, str]
+) -> None:
+    """TwilioChannel.send posts itself, without twilio's per-call objects: the same target, form
+    (fields in twilio's order) and headers as twilio's ``messages.create`` on the same client."""
+    channel = TwilioChannel(ACCOUNT_SID, AUTH_TOKEN, api_url=recorder.url, **sender)
+    message = sms()
+    message.status_callback = "https://r.example.com/webhooks/twilio/status"
+    sid = channel.send(message)
+    created = channel._messages.create(
+        to=message.to,
+        body=message.body,
+        status_callback=message.status_callback,
+        **sender,
+    )
+    ours, theirs = recorder.seen
+    assert sid.startswith("SM") and str(created.sid).startswith("SM") and sid != created.sid
+    assert (ours.method, ours.target, ours.body) == (theirs.method, theirs.target, theirs.body)
+    assert ours.headers == theirs.headers
+
+
 def test_query_parameters(recorder: Recorder) -> None:
     client = client_for(recorder.url, transport(recorder.url))
     assert client.api.v2010.account.messages.list(to=TO, limit=2) == []
@@ -373,6 +399,37 @@ def test_the_pool_blocks_at_its_size() -> None:
     assert answers == [201] * 6
     assert server.max_in_flight == 2 and server.connections == 2
     assert elapsed >= 0.28  # three rounds of two
+
+
+class _CountingSocket:
+    """A connected socket that counts the writes made on it (and makes them)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_request_is_written_in_one_send(recorder: Recorder) -> None:
+    """Headers and body leave in one write (one segment, one wake-up of the server); a GET,
+    without a body, as before."""
+    channel = channel_for(recorder.url)
+    assert channel.send(sms()).startswith("SM")
+    [(_manager, pool, _path)] = channel._http._targets.values()
+    [conn] = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
+    counting = conn.sock = _CountingSocket(conn.sock)
+    assert channel.send(sms()).startswith("SM")
+    [write] = counting.writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST " + MESSAGES.encode()) and body == recorder.seen[-1].body
+    answer = channel._http.request("GET", recorder.url + MESSAGES)
+    assert answer.status_code == 200 and len(counting.writes) == 2
 
 
 def test_close_drops_the_pooled_connections(recorder: Recorder) -> None:

@@ -20,12 +20,22 @@ adapter's connection lookup) before urllib3 sends anything, and that layer was a
 CPU a send cost a worker. Ours hands the request to one urllib3 pool of ``concurrency``
 connections. Sending 2,000 messages one after another to the stub (no latency, in another
 process), the sending process spent 0.72-0.97 ms of CPU a message through requests and 0.40-0.54 ms
-through urllib3 (medians of three runs, four rounds on a busy 2-core machine): about 45% less. The
-rest is twilio's own request building and answer parsing, and http.client.
+through urllib3 (medians of three runs, four rounds on a busy 2-core machine): about 45% less.
+
+A send builds twilio's request once, not at every call: the URL, headers and credentials that
+``messages.create`` would send are taken from the client when the channel is built, and the answer's
+SID is read without a ``MessageInstance`` (twilio parses its dates and price for every message);
+an error answer still becomes twilio's own exception. The transport keeps each URL's connection
+pool instead of parsing the URL and looking its pool up for every request. Measured alone against
+the stub (one thread, 7 x 500 sends, medians): 0.346 -> 0.271 ms of CPU a send without twilio's
+per-call objects, and the transport's request 0.228 -> 0.188 ms with the pool kept. A request's
+headers and body leave in one write (http.client writes them apart): 0.247 -> 0.228 ms a send
+(15 x 500 sends to the threaded stub, medians).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +57,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 
 from reminders.channels.base import Channel, Message, body_digest
-from reminders.channels.twilio_http import Urllib3HttpClient
+from reminders.channels.twilio_http import FORM, Urllib3HttpClient
 from reminders.config import SmsConfig
 from reminders.errors import (
     AmbiguousError,
@@ -189,6 +199,19 @@ class TwilioChannel(Channel):
             self._client.region = None
         # Resolve the lazily built resource once, not racing in every thread.
         self._messages = self._client.api.v2010.account.messages
+        # What twilio's ``messages.create`` sends, built once: the URL (after twilio's edge and
+        # region rewriting), its headers (User-Agent, Accept, ...) and the Basic credentials.
+        # A send then costs one request; see send().
+        version = self._client.api.v2010
+        self._create_path = f"/Accounts/{account_sid}/Messages.json"
+        self._create_url = self._client.get_hostname(
+            version.domain.absolute_url(version.relative_uri(self._create_path))
+        )
+        self._create_headers = self._client.get_headers(
+            "POST", {"Content-Type": FORM, "Accept": "application/json"}
+        )
+        self._create_auth = self._client.get_auth(None)
+        self._version = version
         # One thread pool for the process, started on first use; see _executor.
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -209,18 +232,32 @@ class TwilioChannel(Channel):
         )
 
     def send(self, message: Message) -> str:
-        params: dict[str, Any] = {"to": message.to, "body": message.body}
-        if self.messaging_service_sid:
-            params["messaging_service_sid"] = self.messaging_service_sid
-        if self.from_:
-            params["from_"] = self.from_
+        """POST the message as twilio's ``messages.create`` does (the same form, headers and
+        URL), without building a ``MessageInstance`` of the answer: only its SID is kept. An
+        error answer becomes the exception twilio raises for it (``Version.exception``)."""
+        data: dict[str, object] = {"To": message.to}
         if message.status_callback:
-            params["status_callback"] = message.status_callback
+            data["StatusCallback"] = message.status_callback
+        if self.from_:
+            data["From"] = self.from_
+        if self.messaging_service_sid:
+            data["MessagingServiceSid"] = self.messaging_service_sid
+        data["Body"] = message.body
         try:
-            created = self._messages.create(**params)
+            answer = self._http.request(
+                "POST",
+                self._create_url,
+                data=data,
+                headers=self._create_headers,
+                auth=self._create_auth,
+            )
+            if not 200 <= answer.status_code < 300:
+                raise self._version.exception(
+                    "POST", self._create_path, answer, "Unable to create record"
+                )
         except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
             raise twilio_error(exc, message.to) from exc
-        return str(created.sid)
+        return str(json.loads(answer.text)["sid"])
 
     def lookup(
         self, to: str, digest: str, since: datetime, skip: frozenset[str] = frozenset()

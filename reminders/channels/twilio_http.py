@@ -33,6 +33,9 @@ from requests.utils import (
 from twilio.http import HttpClient
 from twilio.http.request import Request as TwilioRequest
 from twilio.http.response import Response
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.util import parse_url
 from urllib3.util.ssl_ import create_urllib3_context
 
 from reminders.errors import ConfigError
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 FORM = "application/x-www-form-urlencoded"
 _JSON_TYPES = frozenset({"application/json", "application/scim+json"})
 _CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+_TARGETS = 16  # URLs whose pool and path are kept (see Urllib3HttpClient._open)
 
 
 def ca_bundle() -> str:
@@ -69,6 +73,49 @@ def basic_auth(user: str, password: str) -> str:
     """An ``Authorization`` value, encoded as ``requests.auth.HTTPBasicAuth`` encodes it."""
     token = b64encode(user.encode("latin1") + b":" + password.encode("latin1")).decode("ascii")
     return f"Basic {token}"
+
+
+class _OneWrite:
+    """A connection that writes a request's headers and its body in one ``send``.
+
+    http.client writes the header block, then the body: two writes, so two TCP segments and two
+    wake-ups of the server for a message of a few hundred bytes, each a system call that costs
+    the sender more CPU than all the rest of building the request on loopback. Here the headers
+    wait for the body (a request with a ``bytes`` body; any other is written as before).
+    """
+
+    _hold = False  # the next send is the header block of a request whose body follows
+    _held: bytes | None = None
+
+    def request(self, method: str, url: str, body: Any = None, *args: Any, **kw: Any) -> None:
+        self._hold, self._held = isinstance(body, bytes) and bool(body), None
+        try:
+            super().request(method, url, body, *args, **kw)  # type: ignore[misc]
+        finally:
+            self._hold, self._held = False, None
+
+    def send(self, data: Any) -> None:
+        if self._hold:  # the header block: written with the body
+            self._hold, self._held = False, bytes(data)
+            return
+        held, self._held = self._held, None
+        super().send(held + data if held is not None else data)  # type: ignore[misc]
+
+
+class _OneWriteHTTPConnection(_OneWrite, HTTPConnection):
+    pass
+
+
+class _OneWriteHTTPSConnection(_OneWrite, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _OneWriteHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _OneWriteHTTPSConnection
 
 
 class Urllib3HttpClient(HttpClient):
@@ -103,6 +150,8 @@ class Urllib3HttpClient(HttpClient):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.pool = self._new_pool()
+        # url -> (the manager, its pool for the URL's host, the request's path): see _open
+        self._targets: dict[str, tuple[urllib3.PoolManager, HTTPConnectionPool, str]] = {}
 
     def _new_pool(self) -> urllib3.PoolManager:
         settings: dict[str, Any] = {
@@ -116,7 +165,9 @@ class Urllib3HttpClient(HttpClient):
         }
         proxy = self.proxy_url
         if proxy is None:
-            return urllib3.PoolManager(**settings)
+            manager = urllib3.PoolManager(**settings)
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+            return manager
         if proxy.lower().startswith("socks"):
             try:
                 from urllib3.contrib.socks import SOCKSProxyManager
@@ -190,7 +241,7 @@ class Urllib3HttpClient(HttpClient):
                     sent["Content-Type"] = FORM
         if auth is not None:
             sent["Authorization"] = self._authorization(auth)
-        answer = self._pool().urlopen(
+        answer = self._open(
             method, url, body=body, headers=sent, retries=False, redirect=False, timeout=timeouts
         )
         response = Response(answer.status, answer.data.decode("utf-8", "replace"), answer.headers)
@@ -200,8 +251,26 @@ class Urllib3HttpClient(HttpClient):
         self._test_only_last_response = response
         return response
 
+    def _open(self, method: str, url: str, **kw: Any) -> urllib3.BaseHTTPResponse:
+        """``PoolManager.urlopen`` without parsing the URL and looking its host's pool up again
+        at every request: both are kept a URL (the same few URLs are asked again and again).
+        Behind a proxy, the manager's own ``urlopen`` (it adds the proxy's headers)."""
+        manager = self._pool()
+        if self.proxy_url is not None:
+            return manager.urlopen(method, url, **kw)
+        target = self._targets.get(url)
+        if target is None or target[0] is not manager:
+            u = parse_url(url)
+            pool = manager.connection_from_host(u.host, port=u.port, scheme=u.scheme)
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()  # URLs with changing query strings: keep a few
+            target = self._targets[url] = (manager, pool, u.request_uri)
+        kw["assert_same_host"] = False
+        return target[1].urlopen(method, target[2], **kw)
+
     def close(self) -> None:
         """Close every pooled connection (the pool opens new ones if used again)."""
+        self._targets.clear()
         self.pool.clear()
 
 
