@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection
 from . import codec
 from .business_db import parameters
 from .config import CONSENT_EVENTS, REMINDER_EVENTS, Config, WebhookConfig
+from .errors import RuntimeFailure
 from .models import message, outbox, reminder
 
 if TYPE_CHECKING:
@@ -450,7 +451,7 @@ class Applied:
         return {"delivered": self.delivered, "failed": self.failed, "skipped": self.skipped}
 
 
-class Outcome(Exception):
+class Outcome(RuntimeFailure):
     """A delivery attempt that did not deliver: ``permanent`` skips the row (nothing to send it
     with any more: its statement or endpoint was removed from the config)."""
 

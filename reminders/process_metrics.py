@@ -37,7 +37,8 @@ RENDER_SECONDS = Histogram(
 SCAN_PHASE_SECONDS = Histogram(
     "reminders_scan_phase_seconds",
     "Seconds a scan of a rule spent in a phase: load (its known reminders), query (reading the "
-    "business DB), apply (creating and moving reminders), cancel (vanished occurrences)",
+    "business DB), apply (creating and moving reminders), compare (a full scan: finding the "
+    "vanished occurrences), cancel (canceling them)",
     ["rule", "phase"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
