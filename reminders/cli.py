@@ -927,11 +927,7 @@ def users_remove(app: App, name: str) -> None:
     """Remove a user; their sessions end at once."""
     from . import accounts
 
-    _migrated(app)
-    with app.state.begin() as conn:
-        if not accounts.remove_user(conn, name, now=app.now()):
-            raise click.UsageError(f"no user {name}")
-    click.echo(f"user {name} removed")
+    _account_change(app, accounts.remove_user, name, f"no user {name}", f"user {name} removed")
 
 
 @cli.group()
@@ -980,11 +976,18 @@ def keys_revoke(app: App, name: str) -> None:
     """Revoke a key: refused from its next request."""
     from . import accounts
 
+    _account_change(app, accounts.revoke_key, name, f"no live key {name}", f"key {name} revoked")
+
+
+def _account_change(
+    app: App, change: Callable[..., bool], name: str, missing: str, done: str
+) -> None:
+    """Remove a user or revoke a key (``change``); a usage error when there is none."""
     _migrated(app)
     with app.state.begin() as conn:
-        if not accounts.revoke_key(conn, name, now=app.now()):
-            raise click.UsageError(f"no live key {name}")
-    click.echo(f"key {name} revoked")
+        if not change(conn, name, now=app.now()):
+            raise click.UsageError(missing)
+    click.echo(done)
 
 
 @cli.command("forecast")

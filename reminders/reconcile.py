@@ -315,28 +315,20 @@ class Reconciler:
         """``unknown -> pending`` due now (sent once more), or ``failed`` past max_attempts."""
         attempts = int(row["attempts"])
         limit = self.config.retries.max_attempts
+        values: dict[str, Any] | None = None
+        if attempts < limit:
+            target, why = PENDING, f"{why}; sending it again"
+            values = {"send_at": now, "job_id": None, "queued_at": None, "provider_id": None}
+        else:
+            target, why = FAILED, f"failed after {attempts} attempts: {why}"
         with self.state.begin() as conn:
-            if attempts >= limit:
-                done = move(
-                    conn,
-                    [row["id"]],
-                    source=UNKNOWN,
-                    target=FAILED,
-                    now=now,
-                    reason=f"failed after {attempts} attempts: {why}",
-                )
-                counts.failed += len(done)
-                return
             done = move(
-                conn,
-                [row["id"]],
-                source=UNKNOWN,
-                target=PENDING,
-                now=now,
-                reason=f"{why}; sending it again",
-                values={"send_at": now, "job_id": None, "queued_at": None, "provider_id": None},
+                conn, [row["id"]], source=UNKNOWN, target=target, now=now, reason=why, values=values
             )
+        if target == PENDING:
             counts.resend += len(done)
+        else:
+            counts.failed += len(done)
 
     def _sent(
         self,

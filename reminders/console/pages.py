@@ -171,20 +171,18 @@ def _preview(app: Any, name: str) -> dict[str, Any]:
     return {"items": shown.items, "errors": shown.errors, "notes": shown.notes[:5]}
 
 
-@blueprint.post("/rules/<name>/pause")
-def pause(name: str) -> Any:
-    return _act(
-        lambda: actions.set_paused(engine(), principal(), name, True),
-        f"Rule {name} is paused: nothing of it is sent until it is resumed.",
-        url_for("pages.rule", name=name),
-    )
+_PAUSED = {
+    "pause": "Rule {name} is paused: nothing of it is sent until it is resumed.",
+    "resume": "Rule {name} is resumed: its due reminders go at the next dispatch.",
+}
 
 
-@blueprint.post("/rules/<name>/resume")
-def resume(name: str) -> Any:
+@blueprint.post("/rules/<name>/<any(pause, resume):action>")
+def pause(name: str, action: str) -> Any:
+    """Pause or resume a rule (the rule page's button)."""
     return _act(
-        lambda: actions.set_paused(engine(), principal(), name, False),
-        f"Rule {name} is resumed: its due reminders go at the next dispatch.",
+        lambda: actions.set_paused(engine(), principal(), name, action == "pause"),
+        _PAUSED[action].format(name=name),
         url_for("pages.rule", name=name),
     )
 
