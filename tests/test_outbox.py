@@ -343,6 +343,7 @@ def test_the_console_shows_a_statement_that_keeps_failing(
     assert "Write-back and webhooks" in page
     assert "writeback:refill-due" in page
     assert "failed 3 times" in page and "no such column: last_reminded_at" in page
+    assert "write-back or webhook failing" in page  # an attention card names it
 
 
 # --- a role of its own, down for a while ------------------------------------------------------
