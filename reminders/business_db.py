@@ -32,7 +32,9 @@ def engine_for(url: str, query_timeout: timedelta | None = None) -> Engine:
     """The process' read-only engine for the business DB at ``url``, whose statements the
     database stops past ``query_timeout`` (``source.query_timeout``; no limit when None)."""
     limit = None if query_timeout is None else millis(query_timeout)
-    return _engines.get(url, lambda: create_engine(url, query_timeout, limit_sqlite=True), limit)
+    return _engines.get(
+        url, lambda: create_engine(url, query_timeout, sqlite_every=_PROGRESS_EVERY), limit
+    )
 
 
 def dispose_engines(matching: str | None = None) -> None:
@@ -45,17 +47,18 @@ def create_engine(
     statement_timeout: timedelta | None = None,
     pre_ping: bool = True,
     *,
-    limit_sqlite: bool = False,
+    sqlite_every: int | None = None,
 ) -> Engine:
     """A read-only engine: writes through it fail at the database.
 
     ``statement_timeout``: the server stops a statement running longer (PostgreSQL's
     ``statement_timeout``, MySQL's and MariaDB's own limits). SQLite has no server: with
-    ``limit_sqlite`` a progress handler interrupts a statement (its execution and the reading of
-    its rows) past the limit; callers that keep their own deadline per query, as checks do, leave
-    it off. ``pre_ping``: test each pooled connection with a round trip before use (a server
-    restarted since is noticed before the query). Callers that retry a query on a dropped
-    connection themselves, as checks do, turn it off and save the round trip.
+    ``sqlite_every`` a progress handler, called every that many virtual-machine instructions,
+    interrupts a statement (its execution and the reading of its rows) past the limit, and the
+    driver says "interrupted" (:func:`reminders.dberrors.interrupted`). ``pre_ping``: test each
+    pooled connection with a round trip before use (a server restarted since is noticed before
+    the query). Callers that retry a query on a dropped connection themselves, as checks do, turn
+    it off and save the round trip.
     """
     parsed = sa.engine.make_url(url)
     backend = parsed.get_backend_name()
@@ -71,8 +74,8 @@ def create_engine(
         # QueuePool, as for any SQLite file: the default for "sqlite://" (SingletonThreadPool)
         # closes other threads' connections past 5 threads, in use or not (a segfault).
         engine = sa.create_engine("sqlite://", creator=connect, poolclass=sa.pool.QueuePool)
-        if statement_timeout is not None and limit_sqlite:
-            _limit_sqlite(engine, statement_timeout)
+        if statement_timeout is not None and sqlite_every is not None:
+            _limit_sqlite(engine, statement_timeout, sqlite_every)
         return engine
     if backend == "postgresql":
         options = "-c default_transaction_read_only=on"
@@ -103,12 +106,12 @@ def millis(duration: timedelta) -> int:
     return max(1, round(duration.total_seconds() * 1000))
 
 
-# SQLite calls a progress handler every this many virtual-machine instructions (well under a
-# millisecond of work).
+# A rule query's progress handler on SQLite: every this many virtual-machine instructions (well
+# under a millisecond of work).
 _PROGRESS_EVERY = 10_000
 
 
-def _limit_sqlite(engine: Engine, timeout: timedelta) -> None:
+def _limit_sqlite(engine: Engine, timeout: timedelta, every: int) -> None:
     """Interrupt each statement on ``engine``'s connections ``timeout`` after it starts."""
     seconds = timeout.total_seconds()
 
@@ -116,7 +119,7 @@ def _limit_sqlite(engine: Engine, timeout: timedelta) -> None:
     def _start(conn: Any, *_args: Any) -> None:
         deadline = time.monotonic() + seconds
         raw = conn.connection.dbapi_connection
-        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_EVERY)
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), every)
 
 
 # What a business query may do on SQLite: read. ``mode=ro`` and ``query_only`` keep the file

@@ -263,7 +263,7 @@ def _create_engine(url: str, timeout: timedelta) -> Engine:
     # Built on business_db.create_engine, so a check is read-only exactly as a rule's query is. No
     # ping before each query (a round trip, a quarter of a check's CPU): _first_row retries once
     # on a connection the server dropped, and SQLAlchemy then renews every older pooled one.
-    engine = business_db.create_engine(url, timeout, pre_ping=False)
+    engine = business_db.create_engine(url, timeout, pre_ping=False, sqlite_every=_PROGRESS_EVERY)
     if engine.dialect.name == "sqlite":
         millis = business_db.millis(timeout)
 
@@ -320,49 +320,32 @@ def _first_row(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[
     except sa.exc.DBAPIError as exc:
         quick = time.monotonic() - started < check.timeout.total_seconds() * _RETRY_WITHIN
         if not (exc.connection_invalidated and quick):
-            raise _failure(exc, check, False) from None
+            raise _failure(exc, check) from None
     try:
         return _query(engine, check, bound)
     except sa.exc.DBAPIError as exc:
-        raise _failure(exc, check, False) from None
+        raise _failure(exc, check) from None
 
 
 def _query(engine: Engine, check: CheckRule, bound: dict[str, Any]) -> dict[str, Any] | None:
-    sqlite = engine.dialect.name == "sqlite"
-    fired = False
-    deadline = time.monotonic() + check.timeout.total_seconds()
-
-    def past_deadline() -> int:
-        nonlocal fired
-        if time.monotonic() > deadline:
-            fired = True
-            return 1  # non-zero aborts the statement with "interrupted"
-        return 0
-
     try:
         with engine.connect() as conn:
-            raw: Any = conn.connection.dbapi_connection if sqlite else None
-            if raw is not None:
-                raw.set_progress_handler(past_deadline, _PROGRESS_EVERY)
-            try:
-                row = conn.execute(business_db.query(check.query), bound).mappings().first()
-            finally:
-                if raw is not None:
-                    raw.set_progress_handler(None, 0)
+            row = conn.execute(business_db.query(check.query), bound).mappings().first()
             return dict(row) if row is not None else None
     except sa.exc.TimeoutError:  # no pooled connection came free in time
         raise _Timeout("no connection to the business DB came free in time") from None
     except sa.exc.DBAPIError as exc:
-        if fired:
-            raise _failure(exc, check, True) from None
+        if dberrors.interrupted(exc):  # past the timeout on SQLite: never worth a retry
+            raise _failure(exc, check) from None
         raise
 
 
-def _failure(exc: sa.exc.DBAPIError, check: CheckRule, fired: bool) -> Exception:
+def _failure(exc: sa.exc.DBAPIError, check: CheckRule) -> Exception:
     """What a failed check query means: a timeout, an unreachable DB, or a broken query."""
     state = getattr(exc.orig, "sqlstate", None)
     code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None  # MySQL's int
-    if fired or state in _PG_TIMEOUT_STATES or code in mysql.TIMEOUT_CODES:
+    timed_out = dberrors.interrupted(exc) or state in _PG_TIMEOUT_STATES
+    if timed_out or code in mysql.TIMEOUT_CODES:
         return _Timeout(f"the query took longer than {business_db.millis(check.timeout)} ms")
     if isinstance(exc.orig, sqlite3.Error) and "database is locked" in dberrors.message(exc):
         return _Timeout(f"the business DB stayed locked for {business_db.millis(check.timeout)} ms")

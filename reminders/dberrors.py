@@ -47,6 +47,13 @@ def message(exc: BaseException) -> str:
     return first
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether SQLite stopped the statement because it ran past its time limit (the progress
+    handler of :func:`reminders.business_db.create_engine`)."""
+    cause = exc.orig if isinstance(exc, sa.exc.StatementError) and exc.orig is not None else exc
+    return str(cause).strip() == _INTERRUPTED
+
+
 def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database did not answer (refused, dropped or unopenable), as
     opposed to refusing one statement."""
