@@ -134,19 +134,29 @@ def _prescriptions(n: int, patients: int) -> Iterator[tuple[object, ...]]:
         )
 
 
+PATIENTS_DDL = (
+    "CREATE TABLE patients (id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, email TEXT, "
+    "timezone TEXT)"
+)
+
+
+def prescriptions_ddl(updated_at: str | None) -> str:
+    """The prescriptions table, with its ``updated_at`` cursor column of type ``updated_at``
+    (None: without one, for a database the incremental rule is not measured on)."""
+    cursor = f", updated_at {updated_at}" if updated_at else ""
+    return (
+        "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, "
+        f"drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL{cursor})"
+    )
+
+
 def build_sqlite(path: Path, rows: int) -> None:
     import sqlite3
 
     conn = sqlite3.connect(path)
     conn.executescript(
-        """
-        PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
-        CREATE TABLE patients (id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, email TEXT,
-                               timezone TEXT);
-        CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL,
-                                    drug_name TEXT NOT NULL, runs_out_on DATE,
-                                    refills_left INTEGER NOT NULL, updated_at TEXT);
-        """
+        f"PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; {PATIENTS_DDL}; "
+        f"{prescriptions_ddl('TEXT')};"
     )
     patients = max(1, rows // 2)
     conn.executemany("INSERT INTO patients VALUES (?, ?, ?, ?, ?)", _patients(patients))
@@ -163,15 +173,8 @@ def build_sqlite(path: Path, rows: int) -> None:
 def build_postgresql(url: str, rows: int) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE patients (id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, "
-            "email TEXT, timezone TEXT)"
-        )
-        conn.exec_driver_sql(
-            "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, "
-            "drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL, "
-            "updated_at TIMESTAMP WITH TIME ZONE)"
-        )
+        conn.exec_driver_sql(PATIENTS_DDL)
+        conn.exec_driver_sql(prescriptions_ddl("TIMESTAMP WITH TIME ZONE"))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         patients = max(1, rows // 2)
         with cursor.copy("COPY patients FROM STDIN") as copy:
@@ -191,14 +194,8 @@ def build_mysql(url: str, rows: int) -> None:
 
     engine = sa.create_engine(mysql.engine_url(url))
     with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TABLE patients (id INTEGER PRIMARY KEY, first_name TEXT, phone TEXT, "
-            "email TEXT, timezone TEXT)"
-        )
-        conn.exec_driver_sql(
-            "CREATE TABLE prescriptions (id INTEGER PRIMARY KEY, patient_id INTEGER NOT NULL, "
-            "drug_name TEXT NOT NULL, runs_out_on DATE, refills_left INTEGER NOT NULL)"
-        )
+        conn.exec_driver_sql(PATIENTS_DDL)
+        conn.exec_driver_sql(prescriptions_ddl(None))
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         patients = max(1, rows // 2)
         for table, made in (
