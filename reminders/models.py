@@ -372,8 +372,9 @@ sa.Index(
 # A rule's outcomes (the console's rule page): its open reminders by occurrence, read from the
 # index alone, and its canceled reminders by when they were canceled.
 _OPEN = sa.text("status IN ('pending', 'queued')")
+OPEN_OCCURRENCE_INDEX = "ix_reminders_reminder_open_occurrence"  # also a full scan's anti-join
 sa.Index(
-    "ix_reminders_reminder_open_occurrence",
+    OPEN_OCCURRENCE_INDEX,
     reminder.c.rule,
     reminder.c.occurrence,
     postgresql_where=_OPEN,

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import counts, dberrors
+from . import counts, dberrors, state_db
 from .errors import StateError
 from .models import FINAL_INDEX, FINAL_SQL, event, inbound, message, reminder, scan_run, skipped_row
 from .replies import START, STOP
@@ -234,9 +234,12 @@ def _reminders(
         .limit(batch_size)
     )
     if conn.dialect.name == "sqlite":
-        ids = list(conn.exec_driver_sql(_indexed(conn, query)).scalars())
+        # SQLite's planner would take the status index and sort every final reminder for each
+        # batch (seconds a batch at a million); PostgreSQL picks this index by itself.
+        found = state_db.execute_indexed_by(conn, query, reminder, FINAL_INDEX)
     else:
-        ids = list(conn.execute(_locked(conn, query)).scalars())
+        found = conn.execute(_locked(conn, query))
+    ids = list(found.scalars())
     if not ids:
         return False
     counts.deleting(conn, ids)  # off the counts by rule and status, in this transaction
@@ -244,20 +247,6 @@ def _reminders(
     done.messages += _delete(conn, message, message.c.reminder_id.in_(ids))
     done.reminders += _delete(conn, reminder, reminder.c.id.in_(ids))
     return len(ids) == batch_size
-
-
-def _indexed(conn: Connection, query: sa.Select[Any]) -> str:
-    """``query`` for SQLite, reading the final reminders' index (``INDEXED BY``).
-
-    SQLite's planner otherwise takes the status index and sorts every final reminder for each
-    batch (seconds a batch at a million); PostgreSQL picks this index by itself. SQLAlchemy
-    renders no table hint for SQLite, so the statement is rendered with its values inline (the
-    rule names, quoted by SQLAlchemy; times through the column's own type) and the hint added.
-    """
-    sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-    table = f"FROM {reminder.name}"
-    assert sql.count(table) == 1, sql
-    return sql.replace(table, f"{table} INDEXED BY {FINAL_INDEX}")
 
 
 def _inbound(conn: Connection, before: datetime, batch_size: int, done: Pruned) -> bool:

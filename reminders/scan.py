@@ -42,7 +42,7 @@ from . import counts as reminder_counts
 from .config import Config
 from .errors import RemindersError, SourceError, TemplateError
 from .lifecycle import CANCELED, OPEN, PENDING, move, move_each, param
-from .models import reminder, scan_run, skipped_row
+from .models import OPEN_OCCURRENCE_INDEX, reminder, scan_run, skipped_row
 from .planner import Planner, RowError
 from .process_metrics import SCAN_PHASE_SECONDS, timed
 from .rules import QUERY_PARAMETERS, Rule
@@ -115,6 +115,7 @@ class _Seen:
         self.conn = conn
         self.rule = rule
         self.postgresql = conn.dialect.name == "postgresql"
+        self.open_reminders = reminder.alias("open_reminders")
         with conn.begin():
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.TABLE}")
             conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.TABLE} (occurrence TEXT)")
@@ -146,14 +147,41 @@ class _Seen:
         query = sa.select(sa.func.count()).select_from(reminder).where(self._open(earliest))
         return int(self.conn.execute(query).scalar_one())
 
-    def _unnamed(self, earliest: datetime) -> Any:
-        occurrence: Any = reminder.c.occurrence
+    def _unnamed(self, earliest: datetime, after: int = 0) -> sa.Select[Any]:
+        """Ids of the rule's open reminders within grace (and past id ``after``) whose
+        occurrence no row named.
+
+        The open reminders are read from the index of open occurrences alone (rule,
+        occurrence: nothing of the table is read for a reminder that was named); only the
+        unnamed ones are then read for their planned time. On SQLite ``INDEXED BY`` says so
+        (its planner would take the (rule, status, send_at) index and read every reminder's
+        row: 7x slower at 200,000 reminders).
+        """
+        open_ = self.open_reminders
+        occurrence: Any = open_.c.occurrence
         if self.rule.recurrence is not None:
             bare = sa.func.rtrim(occurrence, "0123456789-T:+.Z")
             occurrence = sa.func.substr(bare, 1, sa.func.length(bare) - 1)
         seen = sa.table(self.TABLE, sa.column("occurrence", sa.Text))
         named = sa.exists().where(seen.c.occurrence == occurrence)
-        return sa.and_(self._open(earliest), ~named)
+        # The statuses in the index's own order: SQLite uses a partial index for a query
+        # whose WHERE has its condition term for term.
+        unnamed = sa.select(open_.c.id).where(
+            open_.c.rule == self.rule.name,
+            open_.c.status.in_(sorted(OPEN)),
+            open_.c.id > after,
+            ~named,
+        )
+        # Only the planned time outside: any other condition on the reminder there could lead
+        # SQLite to read a status index for every open reminder rather than the unnamed ids.
+        return sa.select(reminder.c.id).where(
+            reminder.c.id.in_(unnamed), reminder.c.planned_at >= earliest
+        )
+
+    def _run(self, query: sa.Select[Any]) -> list[Any]:
+        index = OPEN_OCCURRENCE_INDEX
+        found = state_db.execute_indexed_by(self.conn, query, self.open_reminders, index)
+        return list(found.scalars())
 
     def index(self) -> None:
         """Index the seen occurrences once they are all in: one sort, then a probe a reminder."""
@@ -162,8 +190,8 @@ class _Seen:
             self.conn.exec_driver_sql(f"ANALYZE {self.TABLE}")
 
     def vanished_count(self, earliest: datetime) -> int:
-        query = sa.select(sa.func.count()).select_from(reminder).where(self._unnamed(earliest))
-        return int(self.conn.execute(query).scalar_one())
+        query = sa.select(sa.func.count()).select_from(self._unnamed(earliest).subquery())
+        return int(self._run(query)[0])
 
     def vanished(self, earliest: datetime, chunk: int) -> Iterator[list[int]]:
         """Ids of the open reminders within grace no row named, ``chunk`` at a time (by id,
@@ -171,14 +199,8 @@ class _Seen:
         last = 0
         while True:
             with self.conn.begin():
-                ids = list(
-                    self.conn.execute(
-                        sa.select(reminder.c.id)
-                        .where(self._unnamed(earliest), reminder.c.id > last)
-                        .order_by(reminder.c.id)
-                        .limit(chunk)
-                    ).scalars()
-                )
+                query = self._unnamed(earliest, last).order_by(reminder.c.id).limit(chunk)
+                ids = self._run(query)
             if not ids:
                 return
             yield ids
