@@ -163,3 +163,24 @@ def test_dispose_engines_lets_go_of_the_matching_ones_only(tmp_path: Path) -> No
         assert state_db.engine_for(second) is kept
     finally:
         state_db.dispose_engines(str(tmp_path))
+
+
+def test_revisions_read_without_alembic_agree_with_alembic(state_url: str) -> None:
+    """current_revision and head_revision read the version table and the migration files
+    themselves (importing alembic would slow every command's start): alembic says the same."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(state_db.alembic_config("sqlite://"))
+    assert state_db.head_revision() == scripts.get_current_head()
+
+    def alembic_current() -> str | None:
+        with state_db.engine_for(state_url).connect() as conn:
+            options = {"version_table": models.VERSION_TABLE}
+            return MigrationContext.configure(conn, opts=options).get_current_revision()
+
+    assert state_db.current_revision(state_url) is None and alembic_current() is None
+    for revision in ("0001", "0007", "head"):
+        state_db.upgrade(state_url, revision)
+        assert state_db.current_revision(state_url) == alembic_current() is not None
+    assert state_db.current_revision(state_url) == state_db.head_revision()
