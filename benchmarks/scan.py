@@ -213,12 +213,30 @@ def build_mysql(url: str, rows: int) -> None:
 
 # --- measured children ----------------------------------------------------------------------------
 
+# The command, timed whole (``seconds``, ``cpu``: its start included, as a cron job pays it) and
+# its scan alone (``scan_seconds``, ``scan_cpu``: scan_all, what the scheduler pays a cycle, its
+# process started once).
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
     from reminders.cli import main
+
     started = time.perf_counter()
     cpu_started = time.process_time()
+    from reminders import scan  # in the command's time: its start-up is the command's
+
+    scanned = {}
+    scan_all = scan.scan_all
+
+    def timed_scan_all(*args, **kwargs):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            return scan_all(*args, **kwargs)
+        finally:
+            scanned["scan_seconds"] = time.perf_counter() - started
+            scanned["scan_cpu"] = time.process_time() - cpu_started
+
+    scan.scan_all = timed_scan_all
     try:
         main(sys.argv[1:])
     except SystemExit as exc:
@@ -227,7 +245,7 @@ _CHILD = textwrap.dedent(
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = time.process_time() - cpu_started
     result = {"code": code, "seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "cpu": cpu}
-    print(json.dumps(result), file=sys.stderr)
+    print(json.dumps({**result, **scanned}), file=sys.stderr)
     """
 )
 
@@ -416,7 +434,7 @@ def run(
 
     rows = int(counts["rows"])
     print(f"\n{label}: {rows:,} rows, {reminders:,} reminders")
-    print(f"  {'':34}{'seconds':>9}{'CPU s':>8}{'rows/s':>11}{'peak RSS':>11}")
+    print(f"  {'':34}{'seconds':>9}{'CPU s':>8}{'rows/s':>11}{'peak RSS':>11}{'scan alone: s':>15}")
     measured: list[tuple[str, dict[str, float], int]] = [
         ("first scan", first, rows),
         ("unchanged full rescan", again, rows),
@@ -429,14 +447,13 @@ def run(
         ("bare streaming read", read, rows),
     ]
     for name, m, n in measured:
+        alone = f"{m['scan_seconds']:>9.2f} ({m['scan_cpu']:.2f})" if "scan_seconds" in m else ""
         print(
             f"  {name:34}{m['seconds']:>9.2f}{m['cpu']:>8.2f}{n / m['seconds']:>11,.0f}"
-            f"{m['rss_mb']:>8.0f} MB"
+            f"{m['rss_mb']:>8.0f} MB{alone}"
         )
-    first_ratio = (reminders / first["seconds"]) / (reminders / write["seconds"])
-    rescan_ratio = (rows / again["seconds"]) / (rows / read["seconds"])
-    print(f"  first scan / raw write path, rows/s: {first_ratio:.2f} (target >= 0.5)")
-    print(f"  unchanged full rescan / bare read, rows/s: {rescan_ratio:.2f} (target >= 0.3)")
+    # Each target twice: by the command's time (its start-up included, as a cron job runs it)
+    # and by the scan's own (as the scheduler runs it, its process started once).
     result: dict[str, Any] = {
         "database": label,
         "rows": rows,
@@ -448,11 +465,27 @@ def run(
         "rss_rescan": again["rss_mb"],
         "cpu_first": first["cpu"],
         "cpu_rescan": again["cpu"],
+        "scan_first": first["scan_seconds"],
+        "scan_rescan": again["scan_seconds"],
     }
+    for key in ("seconds", "scan_seconds"):
+        how = "command" if key == "seconds" else "scan alone"
+        first_ratio = write["seconds"] / first[key]
+        rescan_ratio = read["seconds"] / again[key]
+        print(f"  {how}: first scan / raw write path, rows/s: {first_ratio:.2f} (target >= 0.5)")
+        print(
+            f"  {how}: unchanged full rescan / bare read, rows/s: {rescan_ratio:.2f} "
+            "(target >= 0.3)"
+        )
+        if later is not None:
+            share = later[key] / again[key]
+            print(f"  {how}: incremental / unchanged full rescan, time: {share:.1%} (target <= 5%)")
     if later is not None:
-        share = later["seconds"] / again["seconds"]
-        print(f"  incremental / unchanged full rescan, time: {share:.1%} (target <= 5%)")
-        result.update(incremental=later["seconds"], rss_incremental=later["rss_mb"])
+        result.update(
+            incremental=later["seconds"],
+            scan_incremental=later["scan_seconds"],
+            rss_incremental=later["rss_mb"],
+        )
     peak = max(m["rss_mb"] for _, m, _ in measured[:3])
     print(f"  peak RSS of the scans: {peak:.0f} MB (target < 300 MB)")
     return result

@@ -192,14 +192,21 @@ def move_each(
         if row["source"] not in sources:
             raise TransitionNotAllowed(row["source"], target)
     r = reminder
-    columns = {**(values or {}), "status": Status(target).value, "updated_at": now}
     # One equality per status, not status IN (...): SQLAlchemy refuses an expanding IN in an
     # executemany.
     still = sa.or_(*(r.c.status == old for old in sorted(sources)))
-    conn.execute(
-        sa.update(r).where(r.c.id == sa.bindparam(f"{_PARAM}id"), still).values(**columns),
-        [{f"{_PARAM}{k}": v for k, v in row.items()} for row in rows],
-    )
+    # A reminder that stays in its status (a scan moving a pending one's date) is not given its
+    # status again: SQLite rewrites every index entry of a column a statement sets, even to the
+    # same value, and the status is in six of the reminder's indexes.
+    staying = [row for row in rows if row["source"] == target]
+    leaving = [row for row in rows if row["source"] != target]
+    for group, status in ((staying, {}), (leaving, {"status": Status(target).value})):
+        if group:
+            columns = {**(values or {}), **status, "updated_at": now}
+            conn.execute(
+                sa.update(r).where(r.c.id == sa.bindparam(f"{_PARAM}id"), still).values(**columns),
+                [{f"{_PARAM}{k}": v for k, v in row.items()} for row in group],
+            )
     conn.execute(
         event.insert(),
         [_event(row["id"], row["source"], target, row.get("reason"), now) for row in rows],

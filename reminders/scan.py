@@ -250,7 +250,11 @@ def scan_rule(
     try:
         # The run is recorded under the rule's lock, so a run left ``running`` while nothing
         # holds the lock is known to be stale (its process died; see state_db.scan_alive).
-        with state.connect() as conn, state_db.rule_lock(conn, rule.name) as alone:
+        with (
+            state.connect() as conn,
+            state_db.rule_lock(conn, rule.name) as alone,
+            state_db.bulk_cache(conn),
+        ):
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)
@@ -686,7 +690,8 @@ def _apply_batch(
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    created = state_db.copy_ignoring_conflicts(conn, reminder, inserts)
+    # On a rule's first scan nothing can be there yet (PostgreSQL: COPY straight into the table).
+    created = state_db.copy_ignoring_conflicts(conn, reminder, inserts, new=fresh)
     counts.created += created
     reminder_counts.created(conn, rule.name, PENDING, created)
     replan = {

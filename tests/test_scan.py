@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from reminders import codec, lifecycle, models
+from reminders.clock import parse_instant
 from tests.rules_fixtures import NOW, REFILLS, Project, lite, project, project_at
 
 __all__ = ["lite", "project"]
@@ -817,16 +818,46 @@ def test_an_occurrence_column_the_query_does_not_return_skips_every_row(lite: Pr
     }
 
 
-def test_a_row_returned_twice_makes_one_set_of_reminders(lite: Project) -> None:
-    _rules(
-        lite,
-        "ORDER BY rx.id",
-        "UNION ALL SELECT 1, 'Lisinopril', '2027-03-17', 1, 'Ann', NULL, NULL, NULL",
+TWICE = "UNION ALL SELECT 1, 'Lisinopril', '2027-03-17', 1, 'Ann', NULL, NULL, NULL"
+
+
+def test_a_row_returned_twice_makes_one_set_of_reminders(project: Project) -> None:
+    """On a rule's first scan PostgreSQL copies the batch straight into the table; a row
+    returned twice makes that copy fail, and the batch is inserted skipping what exists."""
+    _rules(project, "ORDER BY rx.id", TWICE)
+    project.ok("db", "upgrade")
+    assert counts(project)["created"] == 6
+    assert counts(project)["created"] == 0
+    assert len(project.reminders()) == 6
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_a_row_returned_twice_in_another_batch_makes_one_set_of_reminders(
+    project: Project, chunk: int
+) -> None:
+    """The repeat in a later batch of the first scan than the row's first time (chunk 1: each
+    row a batch; 2: the repeat with a new row, whose reminders are made all the same)."""
+    from reminders.app import App
+    from reminders.scan import scan_rule
+
+    _rules(project, "ORDER BY rx.id", TWICE)
+    project.ok("db", "upgrade")
+    app = App(project.root / "config.yaml")
+    rule = app.ruleset.rule("refill-due")
+    now = parse_instant(NOW)
+    first = scan_rule(app.config, rule, app.state, app.business, now, chunk=chunk)
+    assert (first.rows, first.created, first.error) == (4, 6, None)
+    keys = [(r["occurrence"], r["offset"]) for r in project.reminders()]
+    assert len(keys) == len(set(keys)) == 6
+    again = scan_rule(app.config, rule, app.state, app.business, now, chunk=chunk)
+    assert (again.rows, again.created, again.moved, again.canceled, again.error) == (
+        4,
+        0,
+        0,
+        0,
+        None,
     )
-    lite.ok("db", "upgrade")
-    assert counts(lite)["created"] == 6
-    assert counts(lite)["created"] == 0
-    assert len(lite.reminders()) == 6
+    assert [(r["occurrence"], r["offset"]) for r in project.reminders()] == keys
 
 
 def test_a_reminder_whose_stored_digest_is_not_ours_is_refreshed(scanned: Project) -> None:
