@@ -250,11 +250,7 @@ def scan_rule(
     try:
         # The run is recorded under the rule's lock, so a run left ``running`` while nothing
         # holds the lock is known to be stale (its process died; see state_db.scan_alive).
-        with (
-            state.connect() as conn,
-            state_db.rule_lock(conn, rule.name) as alone,
-            state_db.bulk_cache(conn),
-        ):
+        with state.connect() as conn, state_db.rule_lock(conn, rule.name) as alone:
             with conn.begin():
                 if alone:
                     _end_stale_runs(conn, rule.name)

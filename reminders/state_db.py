@@ -163,31 +163,6 @@ def ensure_current(url: str) -> None:
         )
 
 
-# Pages of the state DB a bulk writer (a scan) keeps in memory on SQLite, in KiB: a scan moving
-# or inserting thousands of reminders updates each of their indexes at random places, and with
-# SQLite's default cache (2 MiB) nearly every one of those updates reads its pages again
-# (benchmarks/scan.py: 2,000 date moves at 200,000 reminders took 0.28 s with it, 0.03 s with
-# this). It counts in the scan's memory (the peak RSS stays under 300 MB); it is given back when
-# the connection returns to the pool.
-BULK_CACHE_KIB = 131072
-
-
-@contextmanager
-def bulk_cache(conn: Connection) -> Iterator[None]:
-    """A larger page cache for ``conn`` while it writes in bulk (SQLite; elsewhere nothing)."""
-    if conn.dialect.name != "sqlite":
-        yield
-        return
-    raw = conn.connection.driver_connection  # a PRAGMA outside any transaction of SQLAlchemy's
-    assert raw is not None
-    before = int(raw.execute("PRAGMA cache_size").fetchone()[0])
-    raw.execute(f"PRAGMA cache_size = -{BULK_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        raw.execute(f"PRAGMA cache_size = {before}")
-
-
 @contextmanager
 def rule_lock(conn: Connection, rule: str) -> Iterator[bool]:
     """Hold a per-rule lock for a scan; yields whether no other scan of the rule is running.
