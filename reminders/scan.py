@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -731,7 +731,7 @@ def _cancel(conn: Connection, cancels: list[dict[str, Any]], now: datetime) -> N
     move_each(conn, cancels, source=OPEN, target=CANCELED, now=now, values=values)
 
 
-_EXISTING_COLUMNS = (
+_EXISTING_COLUMNS = (  # a _Stored
     reminder.c.id,
     reminder.c.occurrence,
     reminder.c.offset,
@@ -787,37 +787,62 @@ def _stored_digests(
     return found
 
 
-Existing = dict[str, dict[str, Any]]  # key -> offset -> row (id, occurrence, ..., row_hash)
+class _Stored(NamedTuple):
+    """A reminder as a scan compares it with what its row now plans."""
+
+    id: int
+    occurrence: str
+    offset: str
+    planned_at: datetime
+    status: str
+    row_hash: str
+    reason: str | None
+
+
+Existing = dict[str, dict[str, _Stored]]  # key -> offset -> reminder
 
 
 def _existing(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, Existing]:
-    """Existing reminders of these occurrences: occurrence -> key -> offset -> row.
+    """Existing reminders of these occurrences: occurrence -> key -> offset -> reminder.
 
     For a recurring rule the stored keys are ``occurrence@date``, grouped under the occurrence.
+    The rows come from the driver as tuples (SQLAlchemy's rows cost more than the lookup); only
+    the planned time is converted, by its column's own type.
     """
     found: dict[str, Existing] = {}
     if not keys:
         return found
+    convert = reminder.c.planned_at.type.dialect_impl(conn.dialect).result_processor(
+        conn.dialect, None
+    )
+
+    def add(base: str, query: sa.Select[Any]) -> None:
+        for part in business_db.batches(conn.execute(query), _LOOKUP):
+            for row in part:
+                stored = _Stored(*row)
+                if convert is not None and isinstance(stored.planned_at, str):
+                    stored = stored._replace(planned_at=convert(stored.planned_at))
+                key = stored.occurrence
+                found.setdefault(base or key, {}).setdefault(key, {})[stored.offset] = stored
+
     if rule.recurrence is None:
         for start in range(0, len(keys), _LOOKUP):
             chunk = keys[start : start + _LOOKUP]
-            rows = conn.execute(
+            add(
+                "",
                 sa.select(*_EXISTING_COLUMNS).where(
                     reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
-                )
+                ),
             )
-            for r in rows:
-                found.setdefault(r.occurrence, {}).setdefault(r.occurrence, {})[r.offset] = r
         return found
     for base in keys:
-        rows = conn.execute(
+        add(
+            base,
             sa.select(*_EXISTING_COLUMNS).where(
                 reminder.c.rule == rule.name,
                 reminder.c.occurrence.like(f"{_escape(base)}@%", escape="\\"),
-            )
+            ),
         )
-        for r in rows:
-            found.setdefault(base, {}).setdefault(r.occurrence, {})[r.offset] = r
     return found
 
 
