@@ -28,6 +28,18 @@ metadata = sa.MetaData(
 )
 
 
+def status_is(*statuses: str) -> str:
+    """``(status = 'a' OR status = 'b' ...)``: a partial index's condition on the status, for
+    SQLite, and the text a query writes to use that index.
+
+    Not ``status IN (...)``: SQLite (3.40) checks an IN of three or more values by building a
+    temporary table of them each time, and a partial index's condition is checked for every row
+    whose indexed column changes: a new ``updated_at`` for a pending reminder cost 45 us of CPU
+    with the IN, 9 with the ORs (migration 0013).
+    """
+    return "(" + " OR ".join(f"status = '{status}'" for status in statuses) + ")"
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """An aware UTC datetime: refuses naive values, returns aware UTC values on every backend."""
 
@@ -102,7 +114,7 @@ reminder = sa.Table(
         "send_at",
         "rule",
         postgresql_where=sa.text("status IN ('pending', 'queued', 'sending')"),
-        sqlite_where=sa.text("status IN ('pending', 'queued', 'sending')"),
+        sqlite_where=sa.text(status_is("pending", "queued", "sending")),
     ),
 )
 
@@ -360,13 +372,16 @@ sa.Index(
 # Final reminders by their last change: what retention prunes first (migration 0009, and
 # reminders.prune, which writes its condition with the same text so PostgreSQL uses it).
 # (lifecycle.FINAL, written out: lifecycle imports this module; a test compares the two.)
-FINAL_SQL = "status IN ('canceled', 'delivered', 'failed', 'sent', 'undelivered')"
+FINAL_SQL = status_is("canceled", "delivered", "failed", "sent", "undelivered")
 FINAL_INDEX = "ix_reminders_reminder_final_updated_at"
 sa.Index(
     FINAL_INDEX,
     reminder.c.updated_at,
     reminder.c.id,
-    postgresql_where=sa.text(FINAL_SQL),
+    # PostgreSQL's as migration 0009 made it: its planner proves FINAL_SQL implies it.
+    postgresql_where=sa.text(
+        "status IN ('canceled', 'delivered', 'failed', 'sent', 'undelivered')"
+    ),
     sqlite_where=sa.text(FINAL_SQL),
 )
 # A rule's outcomes (the console's rule page): its open reminders by occurrence, read from the

@@ -184,3 +184,37 @@ def test_revisions_read_without_alembic_agree_with_alembic(state_url: str) -> No
         state_db.upgrade(state_url, revision)
         assert state_db.current_revision(state_url) == alembic_current() is not None
     assert state_db.current_revision(state_url) == state_db.head_revision()
+
+
+def test_sqlite_partial_indexes_on_the_status_are_written_with_or(tmp_path: Path) -> None:
+    """SQLite checks a partial index's ``status IN (3+ values)`` through a temporary table each
+    time a row's indexed column changes (migration 0013): the two such indexes are ORs there,
+    from a new database and from one migrated from 0012 and back."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    names = ("ix_reminders_reminder_final_updated_at", "ix_reminders_reminder_unsent_send_at")
+
+    def conditions() -> list[str]:
+        with state_db.engine_for(url).connect() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?) "
+                "ORDER BY name",
+                names,
+            )
+            return [sql.split(" WHERE ", 1)[1] for (sql,) in found]
+
+    state_db.upgrade(url, "0012")
+    assert all(" IN (" in where and " OR " not in where for where in conditions())
+    state_db.upgrade(url)
+    assert conditions() == [
+        models.FINAL_SQL,
+        "(status = 'pending' OR status = 'queued' OR status = 'sending')",
+    ]
+    with state_db.engine_for(url).connect() as conn:
+        cfg = state_db.alembic_config(url)
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0012")
+        conn.commit()
+    assert all(" IN (" in where and " OR " not in where for where in conditions())
+    state_db.dispose_engines(url)
