@@ -1,4 +1,6 @@
-"""The Twilio channel's own HTTP transport (urllib3), against real servers on 127.0.0.1.
+"""The Twilio channel's HTTP transports, against real servers on 127.0.0.1: the direct one
+(``DirectHttpClient``, :mod:`reminders.channels.http1`; its failures: tests/test_http1.py) and
+urllib3's, used behind a proxy (``Urllib3HttpClient``, with its failures here).
 
 A recording server of this module's own answers as Twilio does and keeps every request as it
 arrived (method, target, headers, raw body) and the connections it accepted; it also serves as an
@@ -41,7 +43,8 @@ from urllib3.exceptions import (
 
 from reminders.channels import Message, TwilioChannel
 from reminders.channels.twilio import twilio_error
-from reminders.channels.twilio_http import Urllib3HttpClient, basic_auth
+from reminders.channels.http1 import Origin
+from reminders.channels.twilio_http import DirectHttpClient, Urllib3HttpClient, basic_auth
 from reminders.errors import AmbiguousError, ConfigError, TransientError
 from tests import services
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
@@ -408,6 +411,10 @@ class _CountingSocket:
         self.sock = sock
         self.writes: list[bytes] = []
 
+    def send(self, data: bytes) -> int:
+        self.writes.append(bytes(data))
+        return self.sock.send(data)
+
     def sendall(self, data: bytes) -> None:
         self.writes.append(bytes(data))
         self.sock.sendall(data)
@@ -416,20 +423,39 @@ class _CountingSocket:
         return getattr(self.sock, name)
 
 
+def origin_of(recorder: Recorder) -> Origin:
+    return Origin("http", "127.0.0.1", recorder.port)
+
+
 def test_a_request_is_written_in_one_send(recorder: Recorder) -> None:
     """Headers and body leave in one write (one segment, one wake-up of the server); a GET,
-    without a body, as before."""
+    without a body, in one write too."""
     channel = channel_for(recorder.url)
+    assert isinstance(channel._http, DirectHttpClient)
     assert channel.send(sms()).startswith("SM")
-    [(_manager, pool, _path)] = channel._http._targets.values()
-    [conn] = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
-    counting = conn.sock = _CountingSocket(conn.sock)
+    [conn] = channel._http.pools.get(origin_of(recorder))._idle
+    counting = conn.sock = _CountingSocket(conn.sock)  # type: ignore[assignment]
     assert channel.send(sms()).startswith("SM")
     [write] = counting.writes
     head, _, body = write.partition(b"\r\n\r\n")
     assert head.startswith(b"POST " + MESSAGES.encode()) and body == recorder.seen[-1].body
     answer = channel._http.request("GET", recorder.url + MESSAGES)
     assert answer.status_code == 200 and len(counting.writes) == 2
+    assert counting.writes[1].startswith(b"GET ") and counting.writes[1].endswith(b"\r\n\r\n")
+    assert recorder.connections == 1
+
+
+def test_urllib3_writes_a_request_in_one_send(recorder: Recorder) -> None:
+    """The same for the transport used behind a proxy."""
+    http = transport(recorder.url)
+    http.request("POST", recorder.url + MESSAGES, data={"To": TO})
+    [(_manager, pool, _path)] = http._targets.values()
+    [conn] = [c for c in pool.pool.queue if c is not None]  # type: ignore[union-attr]
+    counting = conn.sock = _CountingSocket(conn.sock)
+    http.request("POST", recorder.url + MESSAGES, data={"To": TO})
+    [write] = counting.writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST " + MESSAGES.encode()) and body == recorder.seen[-1].body
 
 
 def test_close_drops_the_pooled_connections(recorder: Recorder) -> None:
@@ -443,18 +469,22 @@ def test_close_drops_the_pooled_connections(recorder: Recorder) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_opens_its_own_connections(recorder: Recorder) -> None:
     channel = channel_for(recorder.url)
+    assert isinstance(channel._http, DirectHttpClient)
+    pools = channel._http.pools
     channel.send(sms())
-    parent_pool = channel._http.pool
+    parent_pool = pools.get(origin_of(recorder))
     pid = os.fork()
     if pid == 0:  # the child: a new pool, a new connection, and a message sent
         try:
-            ok = channel.send(sms()).startswith("SM") and channel._http.pool is not parent_pool
+            ok = channel.send(sms()).startswith("SM")
+            ok = ok and pools.get(origin_of(recorder)) is not parent_pool
         except BaseException:
             ok = False
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert channel.send(sms()).startswith("SM") and channel._http.pool is parent_pool
+    assert channel.send(sms()).startswith("SM")
+    assert pools.get(origin_of(recorder)) is parent_pool and parent_pool.opened == 1
     assert recorder.connections == 2 and len(recorder.seen) == 3
 
 
@@ -596,7 +626,7 @@ def test_no_proxy_bypasses_the_proxy(monkeypatch: pytest.MonkeyPatch, recorder: 
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{services.free_port()}")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
     channel = channel_for(recorder.url)
-    assert type(channel._http.pool) is urllib3.PoolManager
+    assert isinstance(channel._http, DirectHttpClient)
     assert channel.send(sms()).startswith("SM")
     assert recorder.seen[0].target == MESSAGES
 
@@ -612,9 +642,21 @@ def test_https_proxy_for_twilio(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pool_settings(recorder: Recorder) -> None:
     channel = channel_for(recorder.url, concurrency=5, timeout=2.5)
-    pool = channel._http.pool
-    assert type(pool) is urllib3.PoolManager
-    settings = pool.connection_pool_kw
+    http = channel._http
+    assert isinstance(http, DirectHttpClient)
+    assert (http.pools.maxsize, http.pools.timeout) == (5, 2.5)
+    assert http.pools.context is None  # no TLS to an http:// API: no CA bundle loaded
+    secure = TwilioChannel(ACCOUNT_SID, AUTH_TOKEN, from_=FROM, concurrency=3)._http
+    assert isinstance(secure, DirectHttpClient) and secure.pools.context is not None
+    assert secure.pools.context.verify_mode == ssl.CERT_REQUIRED
+    assert secure.pools.context.check_hostname
+
+
+def test_urllib3_pool_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{services.free_port()}")
+    channel = channel_for("http://api.example.com", concurrency=5, timeout=2.5)
+    assert isinstance(channel._http, Urllib3HttpClient)
+    settings = channel._http.pool.connection_pool_kw
     assert (settings["maxsize"], settings["block"]) == (5, True)
     assert settings["retries"].total is False  # no retry, no redirect
     assert (settings["timeout"].connect_timeout, settings["timeout"].read_timeout) == (2.5, 2.5)

@@ -57,7 +57,8 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as HTTPTimeoutError
 
 from reminders.channels.base import Channel, Message, body_digest
-from reminders.channels.twilio_http import FORM, Urllib3HttpClient
+from reminders.channels.http1 import ConnectTimeout, HTTPFailure, NotSent, ReadTimeout
+from reminders.channels.twilio_http import FORM, http_client
 from reminders.config import SmsConfig
 from reminders.errors import (
     AmbiguousError,
@@ -102,6 +103,20 @@ def twilio_error(exc: Exception, to: str = "") -> ChannelError:
             return TransientError(text, code=str(code))
         return PermanentError(text, code=str(code))
     recipient = f" sending to {mask(to)}" if to else ""
+    if isinstance(exc, HTTPFailure):  # the direct transport (reminders.channels.http1)
+        if isinstance(exc, ConnectTimeout):
+            return TransientError(f"Twilio did not accept a connection in time{recipient}: {exc}")
+        if isinstance(exc, NotSent):  # nothing of the request left: safe to send again
+            return TransientError(f"Twilio could not be reached{recipient}: {exc}")
+        if isinstance(exc, ReadTimeout):
+            return AmbiguousError(
+                f"Twilio did not answer in time{recipient} (the message may have been sent): {exc}"
+            )
+        # Disconnected, BadAnswer: the request was written, no whole answer came back.
+        return AmbiguousError(
+            f"Twilio closed the connection before answering{recipient} "
+            f"(the message may have been sent): {exc}"
+        )
     if isinstance(exc, MaxRetryError) and exc.reason is not None:
         exc = exc.reason  # not raised with retries=False; the cause is what matters
     # NewConnectionError (refused, unreachable, unknown host) subclasses ConnectTimeoutError.
@@ -189,7 +204,7 @@ class TwilioChannel(Channel):
         # One pool of `concurrency` connections: send_many calls running at once (rate-limited
         # waves) share them rather than opening and discarding more. No retries: the engine
         # retries, and records it.
-        self._http = Urllib3HttpClient(base_url, maxsize=concurrency, timeout=timeout)
+        self._http = http_client(base_url, maxsize=concurrency, timeout=timeout)
         self._client = Client(account_sid, auth_token, http_client=self._http)
         if api_url is not None:
             # No base-URL argument in twilio 9: set the domain's base_url. TWILIO_EDGE and
@@ -255,7 +270,13 @@ class TwilioChannel(Channel):
                 raise self._version.exception(
                     "POST", self._create_path, answer, "Unable to create record"
                 )
-        except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
+        except (
+            TwilioRestException,
+            TwilioServiceException,
+            HTTPFailure,
+            HTTPError,
+            OSError,
+        ) as exc:
             raise twilio_error(exc, message.to) from exc
         return str(json.loads(answer.text)["sid"])
 
@@ -293,7 +314,13 @@ class TwilioChannel(Channel):
                 page = page.next_page()
                 if page is None:
                     return None
-        except (TwilioRestException, TwilioServiceException, HTTPError, OSError) as exc:
+        except (
+            TwilioRestException,
+            TwilioServiceException,
+            HTTPFailure,
+            HTTPError,
+            OSError,
+        ) as exc:
             raise LookupFailed(str(twilio_error(exc, to))) from exc
         except TwilioException as exc:  # "Unable to fetch page", with the HTTP answer
             raise LookupFailed(f"Twilio's Messages list: {mask_numbers_in(str(exc))}") from exc

@@ -1,13 +1,20 @@
-"""The HTTP transport of the Twilio channel: ``twilio``'s ``HttpClient`` interface on urllib3.
+"""The HTTP transports of the Twilio channel: ``twilio``'s ``HttpClient`` interface, twice.
 
-twilio's own ``TwilioHttpClient`` sends through ``requests`` (a prepared request, hooks, a cookie
-jar, the adapter, environment merging) before urllib3 does the work; this client builds the request
-itself and hands it to one ``urllib3.PoolManager``. Everything a send needs from the environment
+- :class:`DirectHttpClient`, when the API is reached directly (no proxy): requests on kept-alive
+  connections of the project's own lean HTTP/1.1 client (:mod:`reminders.channels.http1`), which
+  tells a failure before the request left (safe to resend) from one after (ambiguous) exactly.
+- :class:`Urllib3HttpClient`, when the environment names a proxy for the API (``HTTPS_PROXY``,
+  ``HTTP_PROXY``, ``ALL_PROXY``, SOCKS through PySocks, ``NO_PROXY`` honoured): urllib3's
+  ``ProxyManager`` (CONNECT tunnels, proxy credentials), as before.
+
+:func:`http_client` picks one. twilio's own ``TwilioHttpClient`` sends through ``requests`` (a
+prepared request, hooks, a cookie jar, the adapter, environment merging) before urllib3 does the
+work; both of these build the request themselves. Everything a send needs from the environment
 (proxy, CA bundle) is read once, when the client is built.
 
-What it sends is what ``requests`` sent for twilio: the form (or JSON) body, the query string, the
-Basic ``Authorization`` header and twilio's own headers (User-Agent, Accept, ...). It never
-retries and never follows a redirect (the engine retries, and records every attempt); urllib3's
+What they send is what ``requests`` sent for twilio: the form (or JSON) body, the query string,
+the Basic ``Authorization`` header and twilio's own headers (User-Agent, Accept, ...). They never
+retry and never follow a redirect (the engine retries, and records every attempt); their
 exceptions are left to the caller (:func:`reminders.channels.twilio.twilio_error` maps them).
 """
 
@@ -20,7 +27,7 @@ import ssl
 import threading
 from base64 import b64encode
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import certifi
 import urllib3
@@ -38,6 +45,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import parse_url
 from urllib3.util.ssl_ import create_urllib3_context
 
+from reminders.channels import http1
 from reminders.errors import ConfigError
 from reminders.phone import mask_numbers_in
 
@@ -73,6 +81,140 @@ def basic_auth(user: str, password: str) -> str:
     """An ``Authorization`` value, encoded as ``requests.auth.HTTPBasicAuth`` encodes it."""
     token = b64encode(user.encode("latin1") + b":" + password.encode("latin1")).decode("ascii")
     return f"Basic {token}"
+
+
+def http_client(
+    base_url: str, *, maxsize: int, timeout: float, log: logging.Logger = logger
+) -> DirectHttpClient | Urllib3HttpClient:
+    """The transport for ``base_url``: urllib3 behind the proxy the environment names for it,
+    else the direct one."""
+    if environ_proxy(base_url) is not None:
+        return Urllib3HttpClient(base_url, maxsize=maxsize, timeout=timeout, log=log)
+    return DirectHttpClient(base_url, maxsize=maxsize, timeout=timeout, log=log)
+
+
+def _form_body(sent: dict[str, str], data: dict[str, object] | None) -> bytes | None:
+    """The request's body: JSON for a JSON content type, else the form (``Content-Type`` set on
+    ``sent`` when absent), as ``requests`` encoded it for twilio; None without data."""
+    if not data:
+        return None
+    content_type = sent.get("Content-Type")
+    if content_type in _JSON_TYPES:
+        return json.dumps(data, allow_nan=False).encode()
+    if content_type is None:
+        sent["Content-Type"] = FORM
+    return urlencode(data, doseq=True).encode("ascii")
+
+
+class _Credentials:
+    """The ``Authorization`` value of each (user, password), encoded once."""
+
+    _auth: dict[tuple[str, str], str]
+
+    def _authorization(self, auth: tuple[str, str]) -> str:
+        value = self._auth.get(auth)
+        if value is None:
+            value = basic_auth(*auth)
+            if len(self._auth) >= 8:  # credentials that change: keep a few, not every one
+                self._auth.clear()
+            self._auth[auth] = value
+        return value
+
+
+class DirectHttpClient(_Credentials, HttpClient):
+    """twilio's ``HttpClient`` on :mod:`reminders.channels.http1`: no proxy.
+
+    ``maxsize`` connections are kept an origin, and no more are opened: a request waits for a
+    free one (so batches sent at once share them). ``timeout`` (seconds) is the connect timeout
+    and the timeout of each read and write. A forked child opens its own connections. Failures
+    are :class:`http1.HTTPFailure` (``NotSent`` or ``MaybeSent``).
+    """
+
+    proxy_url = None
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        maxsize: int,
+        timeout: float,
+        log: logging.Logger = logger,
+    ) -> None:
+        super().__init__(log, is_async=False, timeout=timeout)
+        self.maxsize = maxsize
+        self.ca_bundle = ca_bundle()
+        self._ssl_context: ssl.SSLContext | None = None
+        self.pools = http1.Pools(maxsize, timeout, None)
+        if urlsplit(base_url).scheme == "https":  # a wrong CA bundle shows at start
+            self._context()
+        self._auth: dict[tuple[str, str], str] = {}
+        # url -> (its origin, the request target, the Host value): see _target
+        self._targets: dict[str, tuple[http1.Origin, str, str]] = {}
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            try:
+                self._ssl_context = _ssl_context(self.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:  # a wrong path would fail every send
+                raise ConfigError(
+                    f"channels.sms: cannot load the CA bundle {self.ca_bundle}: {exc}"
+                ) from exc
+            self.pools.context = self._ssl_context
+        return self._ssl_context
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> Response:
+        """Send one request and read its whole answer. Redirects are never followed."""
+        method = method.upper()
+        if timeout is not None and timeout <= 0:
+            raise ValueError(timeout)
+        sent = dict(headers) if headers else {}
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
+        body = _form_body(sent, data)
+        if auth is not None:
+            sent["Authorization"] = self._authorization(auth)
+        origin, target, host = self._target(url)
+        head = http1.request_head(method, target, host, sent, body)
+        pool = self.pools.get(origin)
+        answer = pool.request(method, head + body if body else head, timeout)
+        response = Response(answer.status, answer.body.decode("utf-8", "replace"), answer.headers)
+        if self.logger.isEnabledFor(logging.DEBUG):  # never the form or the headers
+            path = mask_numbers_in(url.split("?", 1)[0])
+            self.logger.debug("Twilio %s %s: HTTP %s", method, path, answer.status)
+        return response
+
+    def _target(self, url: str) -> tuple[http1.Origin, str, str]:
+        """The origin, request target and Host value of ``url``, kept a URL (the same few URLs
+        are asked again and again)."""
+        found = self._targets.get(url)
+        if found is None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r}")
+            if parts.scheme == "https":
+                self._context()
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            origin = http1.Origin(parts.scheme, parts.hostname, port)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if len(self._targets) >= _TARGETS:
+                self._targets.clear()  # URLs with changing query strings: keep a few
+            found = self._targets[url] = (origin, target, origin.host_header)
+        return found
+
+    def close(self) -> None:
+        """Close every idle connection (new ones are opened if the client is used again)."""
+        self._targets.clear()
+        self.pools.close()
 
 
 class _OneWrite:
@@ -118,7 +260,7 @@ class _HTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _OneWriteHTTPSConnection
 
 
-class Urllib3HttpClient(HttpClient):
+class Urllib3HttpClient(_Credentials, HttpClient):
     """twilio's ``HttpClient`` on one ``urllib3.PoolManager`` (a ``ProxyManager`` behind a proxy).
 
     ``base_url`` is the API's URL, read for the proxy the environment names for it. ``maxsize``
@@ -195,15 +337,6 @@ class Urllib3HttpClient(HttpClient):
                 self._pid = os.getpid()
             return self.pool
 
-    def _authorization(self, auth: tuple[str, str]) -> str:
-        value = self._auth.get(auth)
-        if value is None:
-            value = basic_auth(*auth)
-            if len(self._auth) >= 8:  # credentials that change: keep a few, not every one
-                self._auth.clear()
-            self._auth[auth] = value
-        return value
-
     def request(
         self,
         method: str,
@@ -230,15 +363,7 @@ class Urllib3HttpClient(HttpClient):
         sent = dict(headers) if headers else {}
         if params:
             url += ("&" if "?" in url else "?") + urlencode(params, doseq=True)
-        body: bytes | None = None
-        if data:
-            content_type = sent.get("Content-Type")
-            if content_type in _JSON_TYPES:
-                body = json.dumps(data, allow_nan=False).encode()
-            else:
-                body = urlencode(data, doseq=True).encode("ascii")
-                if content_type is None:
-                    sent["Content-Type"] = FORM
+        body = _form_body(sent, data)
         if auth is not None:
             sent["Authorization"] = self._authorization(auth)
         answer = self._open(
