@@ -42,8 +42,8 @@ from urllib3.exceptions import (
 )
 
 from reminders.channels import Message, TwilioChannel
-from reminders.channels.twilio import twilio_error
 from reminders.channels.http1 import Origin
+from reminders.channels.twilio import twilio_error
 from reminders.channels.twilio_http import DirectHttpClient, Urllib3HttpClient, basic_auth
 from reminders.errors import AmbiguousError, ConfigError, TransientError
 from tests import services
