@@ -30,6 +30,8 @@ import certifi
 import pytest
 import requests.auth
 import urllib3
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from urllib3.exceptions import (
@@ -44,7 +46,12 @@ from urllib3.exceptions import (
 from reminders.channels import Message, TwilioChannel
 from reminders.channels.http1 import Origin
 from reminders.channels.twilio import twilio_error
-from reminders.channels.twilio_http import DirectHttpClient, Urllib3HttpClient, basic_auth
+from reminders.channels.twilio_http import (
+    DirectHttpClient,
+    Urllib3HttpClient,
+    basic_auth,
+    form_encode,
+)
 from reminders.errors import AmbiguousError, ConfigError, TransientError
 from tests import services
 from tests.twilio_stub import ACCOUNT_SID, AUTH_TOKEN, TwilioStub
@@ -734,3 +741,34 @@ def test_stub_accepts_what_the_transport_sends() -> None:
             wrong.send(sms())
         assert stub.forms[0] == {"To": TO, "From": FROM, "Body": BODY}
         assert stub.accepted[TO] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.one_of(
+            st.text(max_size=80),
+            st.lists(st.text(max_size=20), max_size=3),
+            st.integers(),
+            st.booleans(),
+            st.binary(max_size=10),
+        ),
+        max_size=6,
+    )
+)
+def test_form_encoding_is_urlencodes(data: dict[str, object]) -> None:
+    """The form a send posts is urlencode's, byte for byte (emoji, spaces, ``&``, ``=``, lists)."""
+    assert form_encode(data) == urlencode(data, doseq=True)
+
+
+def test_form_encoding_of_a_message() -> None:
+    form = {"To": TO, "From": FROM, "Body": "Café ☕ & more = 100%\nReply DONE"}
+    assert (
+        form_encode(form)
+        == urlencode(form)
+        == (
+            "To=%2B14155550100&From=%2B15005550006&Body=Caf%C3%A9+%E2%98%95+%26+more+%3D+100%25"
+            "%0AReply+DONE"
+        )
+    )

@@ -103,7 +103,29 @@ def _form_body(sent: dict[str, str], data: dict[str, object] | None) -> bytes | 
         return json.dumps(data, allow_nan=False).encode()
     if content_type is None:
         sent["Content-Type"] = FORM
-    return urlencode(data, doseq=True).encode("ascii")
+    return form_encode(data).encode("ascii")
+
+
+# quote_plus(safe=""), a byte at a time: what urlencode writes for each byte of UTF-8
+_SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
+_FORM_TABLE = {b: chr(b) if b in _SAFE else "+" if b == 32 else f"%{b:02X}" for b in range(256)}
+
+
+def form_encode(data: dict[str, object]) -> str:
+    """``urlencode(data, doseq=True)``, the same text, with each string field encoded by one
+    ``str.translate`` instead of a Python step a character (about 10 us less a message).
+    Anything but a string key and value is left to ``urlencode``."""
+    parts = []
+    for key, value in data.items():
+        if type(key) is str and type(value) is str:
+            parts.append(
+                key.encode().decode("latin-1").translate(_FORM_TABLE)
+                + "="
+                + value.encode().decode("latin-1").translate(_FORM_TABLE)
+            )
+        else:
+            parts.append(urlencode({key: value}, doseq=True))
+    return "&".join(p for p in parts if p)
 
 
 class _Credentials:
