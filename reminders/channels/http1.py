@@ -189,10 +189,11 @@ class Connection:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            poller = select.poll()  # not select(): a descriptor past 1023 is fine
+            poller.register(sock, select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):  # closed under us
             return False
-        return not readable
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

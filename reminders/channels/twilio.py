@@ -2,9 +2,11 @@
 
 Errors are mapped in one place, :func:`twilio_error`. Ambiguous (Twilio may have the message:
 recorded ``unknown`` and reconciled with Twilio's Messages list, never retried blind): a read
-timeout after the request was written, the connection reset or closed before an answer, HTTP 5xx
-(Twilio 20500). Transient (nothing was sent: retry with backoff): HTTP 429 and Twilio 20429
-("always safe to retry"), a connection that could not be made, and the account-level
+timeout after the request was written, the connection reset or closed before an answer, an
+answer that is not HTTP, HTTP 5xx (Twilio 20500). Transient (nothing was sent: retry with
+backoff): HTTP 429 and Twilio 20429 ("always safe to retry"), a connection that could not be made
+(DNS, refused, timed out, the TLS handshake or certificate), a request the kernel took no byte of,
+and the account-level
 answers 401/403/404 (wrong credentials, a suspended account, a wrong account SID or ``api_url``):
 those fail every message alike, so they wait for ops rather than push every customer onto the next
 channel. Permanent: 21211 invalid number, 21614 not a mobile number, 21408 region not enabled,
@@ -31,6 +33,14 @@ the stub (one thread, 7 x 500 sends, medians): 0.346 -> 0.271 ms of CPU a send w
 per-call objects, and the transport's request 0.228 -> 0.188 ms with the pool kept. A request's
 headers and body leave in one write (http.client writes them apart): 0.247 -> 0.228 ms a send
 (15 x 500 sends to the threaded stub, medians).
+
+Since then, with no proxy named, requests go through the project's own HTTP/1.1 client
+(:mod:`reminders.channels.http1`; urllib3 stays behind a proxy): one write, the answer read with a
+few ``bytes`` operations, a pool of kept-alive connections checked before reuse. Measured alone
+against the threaded stub (one thread, 5 x 1,000 sends, medians): 0.253 -> 0.094 ms of CPU a
+send, then 0.088 ms with the form encoded by ``str.translate``; a bare socket exchange of the same
+bytes costs 0.054 ms. Its failures tell before the request left (``NotSent``: transient) from
+after (``MaybeSent``: ambiguous) exactly; see that module.
 """
 
 from __future__ import annotations
