@@ -10,6 +10,7 @@ blind), through the channel as the engine sees it.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -30,6 +31,7 @@ from reminders.channels.http1 import (
     Origin,
     Pool,
     ReadTimeout,
+    _Refused,
     request_head,
 )
 from reminders.channels.twilio_http import DirectHttpClient
@@ -388,6 +390,30 @@ def test_untrusted_certificate_is_not_sent(
     with pytest.raises(TransientError, match="CERTIFICATE_VERIFY_FAILED") as caught:
         channel_for(url).send(sms())
     assert isinstance(caught.value.__cause__, NotSent)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(("size", "sent"), [(2_000, False), (40_000, True)])
+def test_a_refused_tls_write_is_not_sent_only_within_one_record(
+    serve: Callable[..., Scripted], tls_files: TlsFiles, size: int, sent: bool
+) -> None:
+    """The server resets the connection right after the TLS handshake: the write fails. A
+    request that fits one TLS record left nothing the server could read (refused: the pool sends
+    it again on a new connection); a longer one may have left whole records before the error,
+    so it counts as possibly sent."""
+    context = tls_files.server_context()
+
+    def handshake_then_reset(conn: socket.socket, server: Scripted) -> None:
+        reset(context.wrap_socket(conn, server_side=True))
+
+    server = serve(handshake_then_reset)
+    client = ssl.create_default_context(cafile=str(tls_files.cert))
+    conn = Connection.open(Origin("https", "127.0.0.1", server.origin.port), 2.0, client)
+    time.sleep(0.3)  # the reset has arrived
+    body = b"x" * size
+    data = request_head("POST", "/", "h", {}, body) + body
+    with pytest.raises(Disconnected if sent else _Refused):
+        conn.exchange("POST", data)
     assert server.requests == []
 
 

@@ -46,9 +46,12 @@ import ssl
 import threading
 from dataclasses import dataclass
 
+from reminders.errors import RuntimeFailure
+
 _READ_SIZE = 65536
 _MAX_HEAD = 65536  # bytes of status line and headers before the answer is not HTTP
 _MAX_LINE = 4096  # a chunk-size or trailer line
+_TLS_RECORD = 16384  # the most plaintext one TLS record carries
 _NO_BODY_STATUSES = frozenset({204, 304})
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")  # as http.client refuses in a request target
 _BAD_VALUE = re.compile(r"[\r\n\x00]")  # a header value that would forge another header
@@ -56,8 +59,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # a chunk size
 
 
-class HTTPFailure(Exception):
-    """A request that got no whole answer. ``sent``: whether it may have reached the server."""
+class HTTPFailure(RuntimeFailure):
+    """A request that got no whole answer. ``sent``: whether it may have reached the server.
+    (The Twilio channel maps each to a ``ChannelError``: see ``twilio_error``.)"""
 
     sent = True
 
@@ -216,6 +220,10 @@ class Connection:
         try:
             written = sock.send(data)
         except OSError as exc:  # a timeout too: no byte was taken
+            if isinstance(sock, ssl.SSLSocket) and len(data) > _TLS_RECORD:
+                # TLS writes whole records: some may have left before the error. (A part of
+                # one record cannot be read by the server: one record's worth is exact.)
+                raise Disconnected(f"writing the request failed: {exc}") from exc
             raise _Refused(exc) from exc
         try:
             if written < len(data):
