@@ -160,6 +160,12 @@ LIST_MAX_PAGES = 20
 CLOCK_SKEW = timedelta(seconds=30)
 
 
+# What a request to Twilio can fail with, whichever transport carried it: Twilio's error answers,
+# the direct transport's failures, urllib3's (behind a proxy), the socket's. twilio_error tells
+# them apart.
+_SEND_ERRORS = (TwilioRestException, TwilioServiceException, HTTPFailure, HTTPError, OSError)
+
+
 @dataclass(frozen=True)
 class Found:
     """A message in Twilio's records: its SID, its status there (queued, sent, delivered...) and
@@ -280,13 +286,7 @@ class TwilioChannel(Channel):
                 raise self._version.exception(
                     "POST", self._create_path, answer, "Unable to create record"
                 )
-        except (
-            TwilioRestException,
-            TwilioServiceException,
-            HTTPFailure,
-            HTTPError,
-            OSError,
-        ) as exc:
+        except _SEND_ERRORS as exc:
             raise twilio_error(exc, message.to) from exc
         return str(json.loads(answer.text)["sid"])
 
@@ -324,13 +324,7 @@ class TwilioChannel(Channel):
                 page = page.next_page()
                 if page is None:
                     return None
-        except (
-            TwilioRestException,
-            TwilioServiceException,
-            HTTPFailure,
-            HTTPError,
-            OSError,
-        ) as exc:
+        except _SEND_ERRORS as exc:
             raise LookupFailed(str(twilio_error(exc, to))) from exc
         except TwilioException as exc:  # "Unable to fetch page", with the HTTP answer
             raise LookupFailed(f"Twilio's Messages list: {mask_numbers_in(str(exc))}") from exc
