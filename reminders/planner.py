@@ -160,6 +160,10 @@ class Planner:
         if customer is None or customer == "":
             column = self._id_column
             raise RowError(column, f"no customer id: column {column} is missing or empty")
+        return occurrence, str(customer), self.digest(row)
+
+    def digest(self, row: Sequence[Any]) -> bytes:
+        """The raw digest of a row given as a tuple (see :meth:`bind`)."""
         # repr of the values is several times cheaper than JSON and as exact for what databases
         # return (str, numbers, dates, Decimal, bytes, UUID); a value whose repr is its address
         # would differ every scan, so such a row is digested as typed JSON instead.
@@ -168,7 +172,7 @@ class Planner:
             text = codec.dumps(dict(zip(self.keys, row, strict=True)))
         hasher = self.hasher.copy()
         hasher.update(text.encode())
-        return occurrence, str(customer), hasher.digest()
+        return hasher.digest()
 
     @staticmethod
     def _span(offset: sendtime.Offset) -> timedelta:

@@ -24,8 +24,10 @@ How a scan stays fast and small (``benchmarks/scan.py`` measures it, up to ten m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +51,7 @@ from .rules import QUERY_PARAMETERS, Rule
 
 if TYPE_CHECKING:
     from .app import App
+    from .open_digests import OpenDigests
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +113,52 @@ class _Seen:
     """
 
     TABLE = "reminders_scan_seen"
+    # A full rescan's open reminders no row's digest matched (see only()): the candidates.
+    UNMATCHED = "reminders_scan_unmatched"
 
     def __init__(self, conn: Connection, rule: Rule) -> None:
         self.conn = conn
         self.rule = rule
         self.postgresql = conn.dialect.name == "postgresql"
         self.open_reminders = reminder.alias("open_reminders")
+        self.unmatched: sa.TableClause | None = None
+        self.none_unnamed = False  # known without asking: no open reminder can have vanished
         with conn.begin():
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.TABLE}")
+            for table in (self.TABLE, self.UNMATCHED):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
             conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.TABLE} (occurrence TEXT)")
 
     def add(self, occurrences: list[str]) -> None:
         """Record occurrences seen (in the caller's transaction)."""
-        if not occurrences:
+        self._insert(self.TABLE, "occurrence", occurrences)
+
+    def _insert(self, table: str, column: str, values: list[str]) -> None:
+        if not values:
             return
         if self.postgresql:
             raw = self.conn.connection.driver_connection
             assert raw is not None
-            with raw.cursor().copy(f"COPY {self.TABLE} (occurrence) FROM STDIN") as copy:
-                for occurrence in occurrences:
-                    copy.write_row((occurrence,))
+            with raw.cursor().copy(f"COPY {table} ({column}) FROM STDIN") as copy:
+                for value in values:
+                    copy.write_row((value,))
             return
         self.conn.exec_driver_sql(
-            f"INSERT INTO {self.TABLE} (occurrence) VALUES (?)", [(o,) for o in occurrences]
+            f"INSERT INTO {table} ({column}) VALUES (?)", [(v,) for v in values]
         )
+
+    def only(self, known: OpenDigests, chunk: int) -> None:
+        """Narrow the vanished to the open reminders whose digest no row matched (a full
+        rescan's: a matched one's occurrence was named by its row, which was not recorded). With
+        none left unmatched nothing vanished, and nothing is asked of the database; otherwise
+        the unmatched digests go to a temporary table the anti-join reads."""
+        if not known.unmatched_count():
+            self.none_unnamed = True
+            return
+        self.conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.UNMATCHED} (row_hash TEXT)")
+        for digests in known.unmatched(chunk):
+            self._insert(self.UNMATCHED, "row_hash", digests)
+        self.conn.exec_driver_sql(f"CREATE INDEX {self.UNMATCHED}_h ON {self.UNMATCHED} (row_hash)")
+        self.unmatched = sa.table(self.UNMATCHED, sa.column("row_hash", sa.Text))
 
     def _open(self, earliest: datetime) -> Any:
         return sa.and_(
@@ -172,11 +197,13 @@ class _Seen:
             open_.c.id > after,
             ~named,
         )
-        # Only the planned time outside: any other condition on the reminder there could lead
-        # SQLite to read a status index for every open reminder rather than the unnamed ids.
-        return sa.select(reminder.c.id).where(
-            reminder.c.id.in_(unnamed), reminder.c.planned_at >= earliest
-        )
+        # Only the planned time (and a full rescan's digest) outside: any other condition on
+        # the reminder there could lead SQLite to read a status index for every open reminder
+        # rather than the unnamed ids.
+        outside = [reminder.c.id.in_(unnamed), reminder.c.planned_at >= earliest]
+        if self.unmatched is not None:
+            outside.append(reminder.c.row_hash.in_(sa.select(self.unmatched.c.row_hash)))
+        return sa.select(reminder.c.id).where(*outside)
 
     def _run(self, query: sa.Select[Any]) -> list[Any]:
         index = OPEN_OCCURRENCE_INDEX
@@ -188,6 +215,8 @@ class _Seen:
         self.conn.exec_driver_sql(f"CREATE INDEX {self.TABLE}_o ON {self.TABLE} (occurrence)")
         if self.postgresql:
             self.conn.exec_driver_sql(f"ANALYZE {self.TABLE}")
+            if self.unmatched is not None:
+                self.conn.exec_driver_sql(f"ANALYZE {self.UNMATCHED}")
 
     def vanished_count(self, earliest: datetime) -> int:
         query = sa.select(sa.func.count()).select_from(self._unnamed(earliest).subquery())
@@ -210,7 +239,8 @@ class _Seen:
         if self.conn.in_transaction():
             self.conn.rollback()
         with self.conn.begin():
-            self.conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.TABLE}")
+            for table in (self.TABLE, self.UNMATCHED):
+                self.conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
 
 
 def scan_rule(
@@ -270,6 +300,10 @@ def scan_rule(
                 # Customers who switched this rule off get no new reminders; their open ones
                 # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
+                # A full rescan compares the rows with its open reminders' digests in memory.
+                known = None
+                if seen is not None and not fresh and rule.recurrence is None:
+                    known = _open_digests(conn, rule, planner.earliest)
             params = _query_params(rule.query, now, config, since)
             number = 0
             what = f"rule {rule.name}"
@@ -283,7 +317,7 @@ def scan_rule(
                     planner.bind(keys)
                 with conn.begin(), phases.spent("apply"):
                     number = _apply_batch(
-                        conn, planner, rows, number, counts, seen, fresh, now, off
+                        conn, planner, rows, number, counts, seen, fresh, now, off, known
                     )
                 if progress:
                     progress(len(rows))
@@ -295,15 +329,19 @@ def scan_rule(
                 return counts
             earliest = planner.earliest
             with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "compare"):
-                seen.index()
-                vanished = seen.vanished_count(earliest)
-                known = seen.open_count(earliest) if vanished else 0
+                if known is not None:
+                    seen.only(known, chunk)
+                vanished = 0
+                if not seen.none_unnamed:
+                    seen.index()
+                    vanished = seen.vanished_count(earliest)
+                open_count = seen.open_count(earliest) if vanished else 0
             limit = config.scan.max_cancel
-            if not allow_mass_cancel and is_mass_cancel(vanished, known, limit):
+            if not allow_mass_cancel and is_mass_cancel(vanished, open_count, limit):
                 counts.held = vanished
                 counts.error = (
-                    f"rule {rule.name}: {vanished} of its {known} open reminders "
-                    f"({vanished / known:.0%}) would be canceled because the query no "
+                    f"rule {rule.name}: {vanished} of its {open_count} open reminders "
+                    f"({vanished / open_count:.0%}) would be canceled because the query no "
                     f"longer returns their rows, more than scan.max_cancel ({limit:.0%}) allows: "
                     "none was canceled. If the rows are really gone (not a truncated table or a "
                     f"broken WHERE), run `reminders scan --rule {rule.name} --allow-mass-cancel`"
@@ -510,7 +548,7 @@ Item = tuple[int, Sequence[Any], str, str, str]  # row number, row, occurrence, 
 
 
 def _classify(
-    planner: Planner, rows: Sequence[Sequence[Any]], number: int, counts: ScanCounts
+    planner: Planner, rows: Sequence[Sequence[Any]], numbers: Iterable[int], counts: ScanCounts
 ) -> tuple[list[Item], list[str]]:
     """A batch's rows identified (occurrence, customer, digest); bad rows are skipped. Also the
     occurrences the batch names, bad rows' included when they still name one: a bad row keeps
@@ -523,8 +561,7 @@ def _classify(
     items: list[Item] = []
     named: list[str] = []
     key_of, id_index, hasher = planner.key_of, planner.id_index, planner.hasher
-    for row in rows:
-        number += 1
+    for number, row in zip(numbers, rows, strict=True):
         occurrence: str | None
         try:
             occurrence = key_of(row)
@@ -556,6 +593,34 @@ def _classify(
     return items, named
 
 
+def _unknown(
+    known: OpenDigests,
+    planner: Planner,
+    rows: Sequence[Sequence[Any]],
+    numbers: Sequence[int],
+    counts: ScanCounts,
+) -> tuple[Sequence[Sequence[Any]], Sequence[int]]:
+    """The rows of a batch whose digest no open reminder carries, and their row numbers; the
+    reminders of the others are counted unchanged. The scan's hottest loop on a rescan: the
+    digest of :meth:`Planner.digest` written out inline."""
+    copy = planner.hasher.copy
+    digests: list[bytes] = []
+    append = digests.append
+    for row, text in zip(rows, [repr(tuple(row)).encode() for row in rows], strict=True):
+        if b" at 0x" in text:
+            append(planner.digest(row))
+            continue
+        digest = copy()
+        digest.update(text)
+        append(digest.digest())
+    found, newly = known.match(b"".join(digests))
+    counts.unchanged += newly
+    if found.all():
+        return [], []
+    left = [int(i) for i in (~found).nonzero()[0]]
+    return [rows[i] for i in left], [numbers[i] for i in left]
+
+
 def _apply_batch(
     conn: Connection,
     planner: Planner,
@@ -566,21 +631,29 @@ def _apply_batch(
     fresh: bool,
     now: datetime,
     off: frozenset[str] = frozenset(),
+    known: OpenDigests | None = None,
 ) -> int:
     """Apply one batch of rows, in the caller's transaction: look up the reminders of its
     occurrences (none on a rule's first scan), then insert, move, restore, refresh and cancel
-    what the rows ask for. ``seen`` (a full scan's) records the occurrences named."""
+    what the rows ask for. ``seen`` (a full scan's) records the occurrences named; ``known``
+    (a full rescan's, see :mod:`reminders.open_digests`) vouches for the unchanged rows, which
+    then need neither."""
     rule = planner.rule
     recurring = rule.recurrence is not None
-    absent, named = _classify(planner, rows, number, counts)
+    counts.rows += len(rows)
+    numbers: Sequence[int] = range(number + 1, number + 1 + len(rows))
+    number += len(rows)
+    if known is not None:
+        rows, numbers = _unknown(known, planner, rows, numbers, counts)
+        if not rows:
+            return number
+    absent, named = _classify(planner, rows, numbers, counts)
     if seen is not None:
         seen.add(named)
     changed: list[Item] = []
     if recurring and not fresh:
         # Each occurrence's dates come and go with now: always looked up and planned.
         changed, absent = absent, []
-    number += len(rows)
-    counts.rows += len(rows)
     if absent and not fresh:
         # One query for the batch: a row whose digest its reminders carry is unchanged.
         stored = _stored_digests(conn, rule, [item[2] for item in absent], planner.earliest)
@@ -785,6 +858,60 @@ def _stored_digests(
                 same = not gone and (known is None or known == digest)
                 found[occurrence] = (digest if same else "", count + bool(open_))
     return found
+
+
+def _open_digests(conn: Connection, rule: Rule, earliest: datetime) -> OpenDigests | None:
+    """The digests of the rule's open reminders within grace, in memory (a full rescan's, see
+    :mod:`reminders.open_digests`); None for a rule with more open reminders than it holds.
+
+    With one offset an occurrence has one open reminder. With several, its reminders are read
+    together (in occurrence order) and those that disagree (one moved while another was with a
+    worker) are ambiguous: their row is compared in the state DB, which refreshes them all.
+    """
+    from .open_digests import LIMIT, OpenDigests, Overflow
+
+    open_ = sa.and_(reminder.c.rule == rule.name, reminder.c.status.in_(sorted(OPEN)))
+    capacity = conn.execute(sa.select(sa.func.count()).where(open_)).scalar_one()
+    if capacity > LIMIT:
+        return None
+    known = OpenDigests(capacity)
+    try:
+        _load_digests(conn, rule, open_, earliest, known)
+    except Overflow:  # reminders added while it loaded: compared the other way, this time
+        return None
+    known.freeze()
+    return known
+
+
+def _load_digests(
+    conn: Connection, rule: Rule, open_: Any, earliest: datetime, known: OpenDigests
+) -> None:
+    grouped = len(rule.offsets) > 1
+    columns = (reminder.c.occurrence, reminder.c.row_hash) if grouped else (reminder.c.row_hash,)
+    query = sa.select(*columns).where(open_, reminder.c.planned_at >= earliest)
+    if grouped:
+        query = query.order_by(reminder.c.occurrence)
+    if conn.dialect.name != "sqlite":
+        query = query.execution_options(stream_results=True, yield_per=_LOOKUP)
+    # SQLite reads the index of open occurrences, the rule's open reminders alone.
+    found = state_db.execute_indexed_by(conn, query, reminder, OPEN_OCCURRENCE_INDEX)
+    parts = business_db.batches(found, _LOOKUP)
+    if not grouped:
+        for part in parts:
+            known.add_hex([digest for (digest,) in part])
+    else:
+        agreeing: list[str] = []
+        rows = itertools.chain.from_iterable(parts)
+        for _, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+            digests = [digest for _, digest in group]
+            if len(set(digests)) > 1:
+                known.add_hex(digests, ambiguous=True)
+                continue
+            agreeing += digests
+            if len(agreeing) >= _LOOKUP:
+                known.add_hex(agreeing)
+                agreeing = []
+        known.add_hex(agreeing)
 
 
 class _Stored(NamedTuple):

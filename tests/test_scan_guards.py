@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from reminders import lifecycle
 from reminders.clock import parse_instant
 from reminders.lifecycle import CANCELED, PENDING
@@ -186,13 +188,22 @@ def test_a_query_past_source_query_timeout_is_stopped_and_applies_nothing(
 # --- the comparison in chunks -----------------------------------------------------------------
 
 
-def test_a_full_scan_compares_in_chunks_and_cancels_exactly_the_vanished(project: Project) -> None:
+@pytest.mark.parametrize("in_memory", [True, False], ids=["digests-in-memory", "lookups"])
+def test_a_full_scan_compares_in_chunks_and_cancels_exactly_the_vanished(
+    project: Project, in_memory: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With chunks of 7 the rows, the lookups and the cancels of vanished reminders each take
-    many transactions; what they add up to is exact, and the guard still sees the whole."""
+    many transactions; what they add up to is exact, and the guard still sees the whole. Both
+    ways of comparing: the open reminders' digests in memory, and (a rule with more open
+    reminders than that holds) a lookup in the state DB a batch."""
     import sqlalchemy as sa
 
+    from reminders import open_digests
     from reminders.app import App
     from reminders.scan import scan_rule
+
+    if not in_memory:
+        monkeypatch.setattr(open_digests, "LIMIT", 0)
 
     _populate(project, 100)
     project.ok("db", "upgrade")
@@ -213,9 +224,16 @@ def test_a_full_scan_compares_in_chunks_and_cancels_exactly_the_vanished(project
     assert (held.rows, held.unchanged, held.held, held.canceled) == (40, 80, 120, 0)
     assert held.error and "120 of its 200 open reminders" in held.error
     assert _statuses(project) == {PENDING: 200}
-    # Every batch of 7 rows looked its reminders up on its own (6 batches).
     lookups = [s for s in statements if "row_hash" in s and "SELECT" in s.upper()]
-    assert len(lookups) == 6
+    if in_memory:
+        # The digests read once (both offsets' reminders, by occurrence), then only the
+        # unmatched ones' reminders counted: no lookup a batch.
+        assert len(lookups) == 2, lookups
+        assert "ORDER BY reminders_reminder.occurrence" in lookups[0]
+        assert "reminders_scan_unmatched" in lookups[1]
+    else:
+        # Every batch of 7 rows looked its reminders up on its own (6 batches).
+        assert len(lookups) == 6
     statements.clear()
     done = scan_rule(
         app.config, rule, app.state, app.business, now, chunk=7, allow_mass_cancel=True
