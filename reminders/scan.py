@@ -123,10 +123,9 @@ class _Seen:
         self.open_reminders = reminder.alias("open_reminders")
         self.unmatched: sa.TableClause | None = None
         self.none_unnamed = False  # known without asking: no open reminder can have vanished
-        with conn.begin():
-            for table in (self.TABLE, self.UNMATCHED):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
-            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.TABLE} (occurrence TEXT)")
+        for table in (self.TABLE, self.UNMATCHED):  # in the caller's transaction
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {self.TABLE} (occurrence TEXT)")
 
     def add(self, occurrences: list[str]) -> None:
         """Record occurrences seen (in the caller's transaction)."""
@@ -287,8 +286,6 @@ def scan_rule(
                 counts.kind, since = scan_kind(conn, rule, now, digest, full=full)
                 run_id = _start_run(conn, rule.name, now, counts.kind, digest)
             incremental = counts.kind == INCREMENTAL
-            # An incremental scan cancels nothing, so needs no record of what it saw.
-            seen = None if incremental else _Seen(conn, rule)
             with conn.begin(), timed(SCAN_PHASE_SECONDS, rule.name, "load"):
                 # A rule with no reminders at all (its first scan) needs no lookups per batch.
                 fresh = (
@@ -297,12 +294,15 @@ def scan_rule(
                     ).first()
                     is None
                 )
+                # An incremental scan cancels nothing, and a first scan has nothing to cancel:
+                # only a full rescan needs a record of what it saw.
+                seen = None if incremental or fresh else _Seen(conn, rule)
                 # Customers who switched this rule off get no new reminders; their open ones
                 # are left to the send-time re-check (consent), which also sees a switch back on.
                 off = frozenset(consent.turned_off(conn, rule.name, rule.channels))
                 # A full rescan compares the rows with its open reminders' digests in memory.
                 known = None
-                if seen is not None and not fresh and rule.recurrence is None:
+                if seen is not None and rule.recurrence is None:
                     known = _open_digests(conn, rule, planner.earliest)
             params = _query_params(rule.query, now, config, since)
             number = 0
@@ -324,7 +324,7 @@ def scan_rule(
                 if should_stop is not None and (why := should_stop()):
                     raise KeyboardInterrupt(why)
             phases.observe(rule.name)
-            if seen is None:  # what it did not read may be unchanged: nothing vanished here
+            if seen is None:  # a first or incremental scan: nothing vanished here
                 _finish_run(state, run_id, counts, now, "done")
                 return counts
             earliest = planner.earliest
