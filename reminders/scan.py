@@ -31,6 +31,7 @@ import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -311,18 +312,41 @@ def scan_rule(
             # Reading the business DB and applying its rows alternate batch by batch: each
             # phase's time is the sum of its turns.
             phases = _PhaseClock()
-            for keys, rows in phases.each("query", batches):
-                if number == 0:
-                    _check_columns(rule, keys)
-                    planner.bind(keys)
-                with conn.begin(), phases.spent("apply"):
-                    number = _apply_batch(
-                        conn, planner, rows, number, counts, seen, fresh, now, off, known
-                    )
-                if progress:
-                    progress(len(rows))
-                if should_stop is not None and (why := should_stop()):
-                    raise KeyboardInterrupt(why)
+            behind = _Behind(conn, counts, now) if fresh else None
+            try:
+                for keys, rows in phases.each("query", batches):
+                    if number == 0:
+                        _check_columns(rule, keys)
+                        planner.bind(keys)
+                    if behind is not None:  # looks nothing up: no transaction to plan in
+                        with phases.spent("apply"):
+                            number = _apply_batch(
+                                conn,
+                                planner,
+                                rows,
+                                number,
+                                counts,
+                                None,
+                                fresh,
+                                now,
+                                off,
+                                write=behind.write,
+                            )
+                    else:
+                        with conn.begin(), phases.spent("apply"):
+                            number = _apply_batch(
+                                conn, planner, rows, number, counts, seen, fresh, now, off, known
+                            )
+                    if progress:
+                        progress(len(rows))
+                    if should_stop is not None and (why := should_stop()):
+                        raise KeyboardInterrupt(why)
+                if behind is not None:
+                    with phases.spent("apply"):
+                        behind.wait()
+            finally:
+                if behind is not None:
+                    behind.close()
             phases.observe(rule.name)
             if seen is None:  # a first or incremental scan: nothing vanished here
                 _finish_run(state, run_id, counts, now, "done")
@@ -632,12 +656,14 @@ def _apply_batch(
     now: datetime,
     off: frozenset[str] = frozenset(),
     known: OpenDigests | None = None,
+    write: Callable[[_Changes], None] | None = None,
 ) -> int:
     """Apply one batch of rows, in the caller's transaction: look up the reminders of its
     occurrences (none on a rule's first scan), then insert, move, restore, refresh and cancel
     what the rows ask for. ``seen`` (a full scan's) records the occurrences named; ``known``
     (a full rescan's, see :mod:`reminders.open_digests`) vouches for the unchanged rows, which
-    then need neither."""
+    then need neither. ``write`` takes the batch's changes to write them later (a first scan's:
+    see :class:`_Behind`); without it they are written here."""
     rule = planner.rule
     recurring = rule.recurrence is not None
     counts.rows += len(rows)
@@ -759,37 +785,94 @@ def _apply_batch(
                             "reason": f"canceled: offset {offset} is no longer planned for it",
                         }
                     )
-    # On a rule's first scan nothing can be there yet (PostgreSQL: COPY straight into the table).
-    created = state_db.copy_ignoring_conflicts(conn, reminder, inserts, new=fresh)
-    counts.created += created
-    reminder_counts.created(conn, rule.name, PENDING, created)
-    replan = {
-        "planned_at": param("planned"),
-        "send_at": param("planned"),
-        "job_id": None,
-        "data": param("data"),
-        "row_hash": param("hash"),
-        "reason": param("reason"),
-    }
-    if moves:
-        move_each(conn, moves, source=OPEN, target=PENDING, now=now, values=replan)
-        counts.moved += len(moves)
-    if restores:
-        anew = {**replan, "attempts": 0, "channel_index": 0, "queued_at": None}
-        move_each(conn, restores, source=CANCELED, target=PENDING, now=now, values=anew)
-        counts.restored += len(restores)
-    if refreshes:
-        conn.execute(
-            reminder.update()
-            .where(reminder.c.id == sa.bindparam("rid"))
-            .values(data=sa.bindparam("data"), row_hash=sa.bindparam("hash")),
-            refreshes,
-        )
-        counts.unchanged += len(refreshes)
-    if cancels:
-        _cancel(conn, cancels, now)
-        counts.canceled += len(cancels)
+    changes = _Changes(rule.name, fresh, inserts, moves, restores, refreshes, cancels)
+    if write is None:
+        changes.write(conn, counts, now)
+    else:
+        write(changes)
     return number
+
+
+@dataclass
+class _Changes:
+    """What a batch's rows ask of the state DB."""
+
+    rule: str
+    fresh: bool  # the rule's first scan: nothing can be there yet
+    inserts: list[dict[str, Any]]
+    moves: list[dict[str, Any]]
+    restores: list[dict[str, Any]]
+    refreshes: list[dict[str, Any]]
+    cancels: list[dict[str, Any]]
+
+    def write(self, conn: Connection, counts: ScanCounts, now: datetime) -> None:
+        """Write them, in the caller's transaction."""
+        # On a first scan nothing can be there yet (PostgreSQL: COPY straight into the table).
+        created = state_db.copy_ignoring_conflicts(conn, reminder, self.inserts, new=self.fresh)
+        counts.created += created
+        reminder_counts.created(conn, self.rule, PENDING, created)
+        replan = {
+            "planned_at": param("planned"),
+            "send_at": param("planned"),
+            "job_id": None,
+            "data": param("data"),
+            "row_hash": param("hash"),
+            "reason": param("reason"),
+        }
+        if self.moves:
+            move_each(conn, self.moves, source=OPEN, target=PENDING, now=now, values=replan)
+            counts.moved += len(self.moves)
+        if self.restores:
+            anew = {**replan, "attempts": 0, "channel_index": 0, "queued_at": None}
+            move_each(conn, self.restores, source=CANCELED, target=PENDING, now=now, values=anew)
+            counts.restored += len(self.restores)
+        if self.refreshes:
+            conn.execute(
+                reminder.update()
+                .where(reminder.c.id == sa.bindparam("rid"))
+                .values(data=sa.bindparam("data"), row_hash=sa.bindparam("hash")),
+                self.refreshes,
+            )
+            counts.unchanged += len(self.refreshes)
+        if self.cancels:
+            _cancel(conn, self.cancels, now)
+            counts.canceled += len(self.cancels)
+
+
+class _Behind:
+    """A first scan's writes, one batch behind: each batch written in its own transaction on a
+    thread of its own while the next is read and planned.
+
+    A first scan looks nothing up, so planning a batch needs nothing of the state DB, and the
+    database writes one batch (on PostgreSQL in its own process) while Python plans the next:
+    the drivers wait for the database without the GIL. At most one batch is being written and
+    one planned; the scan's connection is the writer's alone until :meth:`wait` returns.
+    """
+
+    def __init__(self, conn: Connection, counts: ScanCounts, now: datetime) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.conn, self.counts, self.now = conn, counts, now
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="scan-write")
+        self._pending: Future[None] | None = None
+
+    def write(self, changes: _Changes) -> None:
+        """Write ``changes`` once the batch before is written (raising what that one raised)."""
+        self.wait()
+        self._pending = self._pool.submit(self._write, changes)
+
+    def _write(self, changes: _Changes) -> None:
+        with self.conn.begin():
+            changes.write(self.conn, self.counts, self.now)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let the batch being written finish (a scan stopping stops between transactions)."""
+        self._pool.shutdown(wait=True)
 
 
 MOVED = "moved: the due date changed"
