@@ -28,6 +28,7 @@ The layout, for speed and a memory peak no higher than the index itself:
 
 from __future__ import annotations
 
+import binascii
 import math
 from collections.abc import Iterator, Sequence
 
@@ -97,6 +98,17 @@ class OpenDigests:
                 self.odd.append(digest)
                 self.size += 1
         self.add(b"".join(good), ambiguous=ambiguous)
+
+    def add_lines(self, lines: bytes) -> None:
+        """Add reminders' digests as PostgreSQL's COPY writes them: hex, a line each."""
+        count = lines.count(b"\n")
+        if len(lines) == (HEX + 1) * count and lines[HEX :: HEX + 1] == b"\n" * count:
+            try:
+                self.add(binascii.unhexlify(lines.replace(b"\n", b"")))
+                return
+            except binascii.Error:
+                pass
+        self.add_hex(lines.decode().splitlines())
 
     def add(self, digests: bytes, *, ambiguous: bool = False) -> None:
         """Add reminders' digests, concatenated (12 bytes each). Raises :class:`Overflow`

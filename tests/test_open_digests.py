@@ -134,3 +134,18 @@ def test_the_directory_search_agrees_with_numpy_at_every_size() -> None:
         assert index.hi.tolist() == packed["hi"][order].tolist()
         found, newly = index.match(b"".join(held))
         assert found.all() and newly == count, count
+
+
+def test_digests_as_copy_writes_them_a_line_each() -> None:
+    """PostgreSQL's COPY lines: the usual ones parsed at once, another writer's kept as they
+    are, whatever the mix."""
+    held = _digests(6)
+    lines = b"".join(d.hex().encode() + b"\n" for d in held)
+    index = OpenDigests(10)
+    index.add_lines(lines[: 25 * 3])
+    index.add_lines(lines[25 * 3 :] + b"x\n" + b"z" * 24 + b"\n")
+    index.freeze()
+    assert index.size == 8
+    found, newly = index.match(b"".join(held))
+    assert found.all() and newly == 6
+    assert next(index.unmatched(10)) == ["x", "z" * 24]
