@@ -688,9 +688,18 @@ def _apply_batch(
     if recurring and not fresh:
         # Each occurrence's dates come and go with now: always looked up and planned.
         changed, absent = absent, []
+    existing: dict[str, Existing] | None = None
     if absent and not fresh:
         # One query for the batch: a row whose digest its reminders carry is unchanged.
-        stored = _stored_digests(conn, rule, [item[2] for item in absent], planner.earliest)
+        keys = [item[2] for item in absent]
+        if seen is None or known is not None:
+            # The rows asking are mostly changed ones (an incremental scan's, or those a full
+            # rescan's digests did not vouch for): one lookup of their reminders whole tells
+            # which are unchanged and holds what planning the others needs.
+            existing = _existing(conn, rule, keys)
+            stored = {key: _agreed(found, planner.earliest) for key, found in existing.items()}
+        else:
+            stored = _stored_digests(conn, rule, keys, planner.earliest)
         new = []
         for item in absent:
             kept = stored.get(item[2])
@@ -703,7 +712,8 @@ def _apply_batch(
         absent = new
     # Absent rows need no lookup: what they plan is inserted, and an insert that meets an
     # existing (past grace) reminder is skipped, which is what a scan does with those.
-    existing = _existing(conn, rule, [item[2] for item in changed])
+    if existing is None:
+        existing = _existing(conn, rule, [item[2] for item in changed])
     identified = sorted(changed + absent, key=lambda item: item[0])
     inserts: list[dict[str, Any]] = []
     moves: list[dict[str, Any]] = []
@@ -1023,6 +1033,22 @@ def _copy_digests(conn: Connection, query: sa.Select[Any], known: OpenDigests) -
                 known.add_lines(b"".join(lines))
                 lines = []
     known.add_lines(b"".join(lines))
+
+
+def _agreed(found: Existing, earliest: datetime) -> tuple[str, int]:
+    """What :func:`_stored_digests` says of an occurrence, from its reminders at hand."""
+    digests = {stored.row_hash for by_offset in found.values() for stored in by_offset.values()}
+    gone = any(
+        stored.status == CANCELED and stored.reason == VANISHED
+        for by_offset in found.values()
+        for stored in by_offset.values()
+    )
+    open_ = sum(
+        stored.status in OPEN and stored.planned_at >= earliest
+        for by_offset in found.values()
+        for stored in by_offset.values()
+    )
+    return (digests.pop() if len(digests) == 1 and not gone else "", open_)
 
 
 class _Stored(NamedTuple):
