@@ -23,7 +23,8 @@ The layout, for speed and a memory peak no higher than the index itself:
 - A directory of the first position of each of about ``n / 4`` prefixes (their top bits) turns
   a lookup into a binary search over a handful of entries: a few vectorised steps for a whole
   batch, each a gather whose cache misses overlap, where a binary search over the whole array
-  waits for one miss after another (3x slower at a million, 4x at ten million).
+  waits for one miss after another: measured at 230 ns a digest at a million and at ten million
+  entries, against numpy's ``searchsorted`` at 270 and 760.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from .errors import RemindersError
 
 DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u4")])  # a row digest: BLAKE2b's 12 bytes
 SIZE = DIGEST.itemsize
@@ -44,8 +47,9 @@ _REGION_SHIFT = np.uint64(56)
 _PER_PREFIX = 4  # entries a directory prefix holds on average
 
 
-class Overflow(Exception):
-    """More digests than the index was made for (reminders added while it loaded)."""
+class Overflow(RemindersError):
+    """More digests than the index was made for (reminders added while it loaded): the scan
+    compares the other way."""
 
 
 class OpenDigests:
