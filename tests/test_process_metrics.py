@@ -67,6 +67,15 @@ def test_a_scan_observes_its_phases(shop: Shop) -> None:
         "load": 1.0,
         "query": 1.0,
         "apply": 1.0,
-        "compare": 1.0,  # a full scan (the first)
+        "compare": 0.0,  # a first scan: nothing to compare with, nothing can have vanished
+        "cancel": 0.0,
+    }
+    shop.ok("scan", now=SCAN_AT)  # a full rescan compares
+    again = {phase: count(phase) for phase in before}
+    assert {phase: again[phase] - after[phase] for phase in before} == {
+        "load": 1.0,
+        "query": 1.0,
+        "apply": 1.0,
+        "compare": 1.0,
         "cancel": 0.0,  # nothing vanished
     }
