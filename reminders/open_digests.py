@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -45,6 +46,14 @@ UNMATCHED, MATCHED, AMBIGUOUS = 0, 1, 2  # an entry's state
 _REGIONS = 256
 _REGION_SHIFT = np.uint64(56)
 _PER_PREFIX = 4  # entries a directory prefix holds on average
+
+
+_COPY_ESCAPE = re.compile(r"\\(.)")
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _unescape(found: re.Match[str]) -> str:
+    return _COPY_ESCAPES.get(found[1], found[1])
 
 
 class Overflow(RemindersError):
@@ -112,7 +121,11 @@ class OpenDigests:
                 return
             except binascii.Error:
                 pass
-        self.add_hex(lines.decode().splitlines())
+        # COPY's text format writes a backslash, and the controls it escapes, with a backslash.
+        text = lines.decode().removesuffix("\n")
+        self.add_hex(
+            [_COPY_ESCAPE.sub(_unescape, line) for line in text.split("\n")] if text else []
+        )
 
     def add(self, digests: bytes, *, ambiguous: bool = False) -> None:
         """Add reminders' digests, concatenated (12 bytes each). Raises :class:`Overflow`

@@ -143,9 +143,10 @@ def test_digests_as_copy_writes_them_a_line_each() -> None:
     lines = b"".join(d.hex().encode() + b"\n" for d in held)
     index = OpenDigests(10)
     index.add_lines(lines[: 25 * 3])
-    index.add_lines(lines[25 * 3 :] + b"x\n" + b"z" * 24 + b"\n")
+    index.add_lines(lines[25 * 3 :] + b"x\n" + b"z" * 24 + b"\n" + b"a\\\\b\\tc\n")
     index.freeze()
-    assert index.size == 8
+    assert index.size == 9
     found, newly = index.match(b"".join(held))
     assert found.all() and newly == 6
-    assert next(index.unmatched(10)) == ["x", "z" * 24]
+    # As the reminders carry them: COPY's escapes (a backslash, a tab) undone.
+    assert next(index.unmatched(10)) == ["x", "z" * 24, "a\\b\tc"]
