@@ -5,8 +5,8 @@ digest (:meth:`reminders.planner.Planner.identify`: the rule's schedule settings
 of the row). Asked of the state DB, that is a lookup a row, and the row's occurrence recorded for
 the vanished check. Asked of this index, it is a few vectorised steps a batch: the digests of
 the rule's open reminders within grace, loaded once at the start of the scan, about 14 bytes a
-reminder (the 12-byte digest, a state byte, a share of the directory). At ten million open
-reminders that is about 140 MB; a rule with more than :data:`LIMIT` is compared the other way.
+reminder (the 12-byte digest, a state byte, a share of the directory). Ten million open
+reminders measured 165 MB; a rule with more than :data:`LIMIT` is compared the other way.
 
 A row whose digest is here is unchanged and names its occurrence: its reminders are marked
 matched and nothing else is done for it. A row whose digest is not here (new, changed, or one
@@ -41,7 +41,7 @@ from .errors import RemindersError
 DIGEST = np.dtype([("hi", "<u8"), ("lo", "<u4")])  # a row digest: BLAKE2b's 12 bytes
 SIZE = DIGEST.itemsize
 HEX = 2 * SIZE
-LIMIT = 16_000_000  # open reminders of a rule the index holds at most (about 225 MB)
+LIMIT = 12_000_000  # open reminders of a rule the index holds at most: about 200 MB of them
 UNMATCHED, MATCHED, AMBIGUOUS = 0, 1, 2  # an entry's state
 _REGIONS = 256
 _REGION_SHIFT = np.uint64(56)
