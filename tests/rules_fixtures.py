@@ -249,6 +249,30 @@ class Project:
     def due(self, text: str | None) -> Any:
         return date_value(text, self.backend)
 
+    def refillable(self, count: int) -> None:
+        """Only ``count`` patients, one refillable prescription each, due 2027-03-20 (with the
+        default rule's two offsets, two reminders each)."""
+        self.sql("DELETE FROM prescriptions")
+        self.sql("DELETE FROM patients")
+        self.sql(
+            "INSERT INTO patients (id, first_name, phone, email, timezone) "
+            "VALUES (:id, :name, :phone, :email, NULL)",
+            [
+                {
+                    "id": i,
+                    "name": f"P{i}",
+                    "phone": f"+1212555{i:04d}",
+                    "email": f"p{i}@example.com",
+                }
+                for i in range(1, count + 1)
+            ],
+        )
+        self.sql(
+            "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
+            "VALUES (:id, :id, 'Lisinopril', :due)",
+            [{"id": i, "due": self.due("2027-03-20")} for i in range(1, count + 1)],
+        )
+
     def sql(self, statement: str, params: Mapping[str, Any] | list[Any] | None = None) -> None:
         """Run a statement on the business DB, committed."""
         with self.business.begin() as conn:

@@ -25,25 +25,6 @@ __all__ = ["project"]
 PATIENTS = 30  # 60 open reminders: above the guard's floor of 20
 
 
-def _populate(p: Project, count: int = PATIENTS) -> None:
-    """``count`` patients, one refillable prescription each, due 2027-03-20 (two reminders)."""
-    p.sql("DELETE FROM prescriptions")
-    p.sql("DELETE FROM patients")
-    p.sql(
-        "INSERT INTO patients (id, first_name, phone, email, timezone) "
-        "VALUES (:id, :name, :phone, :email, NULL)",
-        [
-            {"id": i, "name": f"P{i}", "phone": f"+1212555{i:04d}", "email": f"p{i}@example.com"}
-            for i in range(1, count + 1)
-        ],
-    )
-    p.sql(
-        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
-        "VALUES (:id, :id, 'Lisinopril', :due)",
-        [{"id": i, "due": p.due("2027-03-20")} for i in range(1, count + 1)],
-    )
-
-
 def _statuses(p: Project) -> dict[str, int]:
     found: dict[str, int] = {}
     for row in p.reminders():
@@ -67,7 +48,7 @@ def test_the_guards_threshold() -> None:
 
 def test_an_emptied_table_cancels_nothing_fails_and_says_how_to_proceed(project: Project) -> None:
     project.ok("db", "upgrade")
-    _populate(project)
+    project.refillable(PATIENTS)
     assert _scan(project)[1]["created"] == 2 * PATIENTS
     project.sql("DELETE FROM prescriptions")  # a truncated table, as the scan sees it
     code, counts, err = _scan(project)
@@ -87,7 +68,7 @@ def test_an_emptied_table_cancels_nothing_fails_and_says_how_to_proceed(project:
 
 def test_the_guarded_scan_still_creates_and_moves(project: Project) -> None:
     project.ok("db", "upgrade")
-    _populate(project)
+    project.refillable(PATIENTS)
     _scan(project)
     # Most rows vanish (a broken WHERE), one moves, one is new.
     project.sql("DELETE FROM prescriptions WHERE id > 2")
@@ -105,7 +86,7 @@ def test_the_guarded_scan_still_creates_and_moves(project: Project) -> None:
 
 def test_a_normal_days_cancellations_are_not_held(project: Project) -> None:
     project.ok("db", "upgrade")
-    _populate(project)
+    project.refillable(PATIENTS)
     _scan(project)
     project.sql("DELETE FROM prescriptions WHERE id <= 5")  # 10 of 60: a day's refills done
     code, counts, _ = _scan(project)
@@ -205,7 +186,7 @@ def test_a_full_scan_compares_in_chunks_and_cancels_exactly_the_vanished(
     if not in_memory:
         monkeypatch.setattr(open_digests, "LIMIT", 0)
 
-    _populate(project, 100)
+    project.refillable(100)
     project.ok("db", "upgrade")
     app = App(project.root / "config.yaml")
     rule = app.ruleset.rule("refill-due")

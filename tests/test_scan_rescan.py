@@ -22,24 +22,6 @@ __all__ = ["project"]
 PATIENTS = 30  # 60 open reminders (two offsets each)
 
 
-def _populate(p: Project) -> None:
-    p.sql("DELETE FROM prescriptions")
-    p.sql("DELETE FROM patients")
-    p.sql(
-        "INSERT INTO patients (id, first_name, phone, email, timezone) "
-        "VALUES (:id, :name, :phone, :email, NULL)",
-        [
-            {"id": i, "name": f"P{i}", "phone": f"+1212555{i:04d}", "email": f"p{i}@example.com"}
-            for i in range(1, PATIENTS + 1)
-        ],
-    )
-    p.sql(
-        "INSERT INTO prescriptions (id, patient_id, drug_name, runs_out_on) "
-        "VALUES (:id, :id, 'Lisinopril', :due)",
-        [{"id": i, "due": p.due("2027-03-20")} for i in range(1, PATIENTS + 1)],
-    )
-
-
 def _scan(p: Project) -> dict[str, Any]:
     result = p.run("scan", "--json", "--full", now=NOW)
     assert result.code == 0, result.err
@@ -58,7 +40,7 @@ def _set_digest(p: Project, occurrence: str, digest: str, offset: str | None = N
 
 def _first_scan(p: Project) -> None:
     p.ok("db", "upgrade")
-    _populate(p)
+    p.refillable(PATIENTS)
     assert _scan(p)["created"] == 2 * PATIENTS
 
 
