@@ -37,7 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -326,25 +326,22 @@ def scan_rule(
                     if number == 0:
                         _check_columns(rule, keys)
                         planner.bind(keys)
-                    if behind is not None:  # looks nothing up: no transaction to plan in
-                        with phases.spent("apply"):
-                            number = _apply_batch(
-                                conn,
-                                planner,
-                                rows,
-                                number,
-                                counts,
-                                None,
-                                fresh,
-                                now,
-                                off,
-                                write=behind.write,
-                            )
-                    else:
-                        with conn.begin(), phases.spent("apply"):
-                            number = _apply_batch(
-                                conn, planner, rows, number, counts, seen, fresh, now, off, known
-                            )
+                    # A first scan on PostgreSQL looks nothing up: no transaction to plan in.
+                    planning = nullcontext() if behind is not None else conn.begin()
+                    with planning, phases.spent("apply"):
+                        number = _apply_batch(
+                            conn,
+                            planner,
+                            rows,
+                            number,
+                            counts,
+                            seen,
+                            fresh,
+                            now,
+                            off,
+                            known,
+                            write=None if behind is None else behind.write,
+                        )
                     if progress:
                         progress(len(rows))
                     if should_stop is not None and (why := should_stop()):
