@@ -353,6 +353,8 @@ def scan_rule(
                 if behind is not None:
                     behind.close()
             phases.observe(rule.name)
+            if fresh and counts.created >= ANALYZE_AFTER:
+                state_db.analyze(conn, reminder)
             if seen is None:  # a first or incremental scan: nothing vanished here
                 _finish_run(state, run_id, counts, now, "done")
                 return counts
@@ -912,6 +914,10 @@ _EXISTING_COLUMNS = (  # a _Stored
     reminder.c.row_hash,
     reminder.c.reason,
 )
+
+# A rule's first scan that created at least this many reminders has the state DB's statistics
+# refreshed (see state_db.analyze).
+ANALYZE_AFTER = 10_000
 
 # Keys a query looks up at once: a scan batch (business_db.stream's 2000) in one statement.
 _LOOKUP = 5000

@@ -8,14 +8,16 @@ match alone would cancel, or miss, something.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
-from reminders import models
+from reminders import models, scan
 from reminders.lifecycle import CANCELED, PENDING
 from reminders.scan import VANISHED
-from tests.rules_fixtures import NOW, Project, project, refills_yaml
+from tests.rules_fixtures import NOW, Project, project, project_at, refills_yaml
 
 __all__ = ["project"]
 
@@ -135,3 +137,30 @@ def test_reminders_past_grace_or_not_open_are_left_alone_when_their_row_vanishes
     by_key = project.by_key()
     assert by_key[("6", "-3d")]["status"] == "sent"
     assert by_key[("6", "0d")]["status"] == CANCELED
+
+
+def _reltuples(p: Project) -> float:
+    with p.state.connect() as conn:
+        return float(
+            conn.execute(
+                sa.text("SELECT reltuples FROM pg_class WHERE relname = :t"),
+                {"t": models.reminder.name},
+            ).scalar_one()
+        )
+
+
+def test_a_first_scan_that_filled_the_table_leaves_postgresql_statistics_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL plans the next scan's lookups from statistics: a first scan that created many
+    reminders refreshes them (ANALYZE) instead of leaving the table looking empty until
+    autovacuum comes by. A small one leaves them to autovacuum (-1: never analyzed). Under
+    autovacuum's own threshold (50 changed rows) either way, so only the scan can have done it."""
+    monkeypatch.setattr(scan, "ANALYZE_AFTER", 40)
+    for patients, reltuples in ((20, 40.0), (19, -1.0)):
+        with project_at(tmp_path / str(patients), "postgresql") as made:
+            p = made.setup()
+            p.ok("db", "upgrade")
+            p.refillable(patients)
+            assert _scan(p)["created"] == 2 * patients
+            assert _reltuples(p) == reltuples
