@@ -2,7 +2,8 @@
 
 Each test writes a Harbor Market database with the demo's schema (``reminders.demo.data``),
 points a config at the shipped ``rules/`` and ``templates/`` (as installed: ``reminders/demo/``),
-and runs the real thing: scan, dispatch to a real Redis (database 8), a burst worker, the outbox.
+and runs the real thing: scan, dispatch to a real Redis (the tests' database, conftest's
+``redis_url``), a burst worker, the outbox.
 The clock is the engine's (``REMINDERS_NOW``). New York customers unless said otherwise;
 2027-03-14 is the day US clocks go forward, so reminders before it are at 15:00Z (10:00 EST) and
 after it at 14:00Z.
@@ -12,22 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 
 from reminders import clock, codec, models, sms, state_db
 from reminders.app import App
 from reminders.demo import RULES, TEMPLATES, data
-from tests import services
 from tests.rules_fixtures import OUTBOX_CHANNELS, config_yaml
 
-REDIS_DB = 8
 NOW = "2027-03-09T15:30:00Z"  # 10:30 in New York
 
 CONFIG = config_yaml(
@@ -135,16 +132,9 @@ class Shop:
 
 
 @pytest.fixture
-def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
-    url = services.redis_url(REDIS_DB)
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> Shop:
     logging.getLogger("reminders").addHandler(logging.NullHandler())
-    try:
-        yield Shop(tmp_path, url, monkeypatch)
-    finally:
-        client.flushdb()
-        client.close()
+    return Shop(tmp_path, redis_url, monkeypatch)
 
 
 def utc(text: str) -> datetime:
@@ -163,7 +153,9 @@ def one_segment(text: str) -> None:
 # --- the shipped files ----------------------------------------------------------------------------
 
 
-def test_the_shipped_rules_and_templates_validate_without_warnings(tmp_path: Path) -> None:
+def test_the_shipped_rules_and_templates_validate_without_warnings(
+    tmp_path: Path, redis_url: str
+) -> None:
     from reminders.validate import validate_all
 
     config = Path(__file__).resolve().parents[1] / "config.yaml"
@@ -172,7 +164,7 @@ def test_the_shipped_rules_and_templates_validate_without_warnings(tmp_path: Pat
     # Against the demo business's schema: every query prepared, every template name returned.
     data.create(tmp_path / "business.db").close()
     (tmp_path / "config.yaml").write_text(
-        CONFIG.format(redis="redis://127.0.0.1:6379/8", rules=RULES, templates=TEMPLATES)
+        CONFIG.format(redis=redis_url, rules=RULES, templates=TEMPLATES)
     )
     assert validate_all(App(tmp_path / "config.yaml")) == []
     assert {r.name for r in app.ruleset.rules} == {
@@ -194,7 +186,7 @@ def test_the_shipped_rules_and_templates_validate_without_warnings(tmp_path: Pat
 
 
 def test_every_sms_of_the_demo_data_fits_one_gsm7_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
 ) -> None:
     """Rendered as a worker would (``reminders preview``), for every row of the demo business."""
     from reminders.preview import preview_rule
@@ -202,9 +194,7 @@ def test_every_sms_of_the_demo_data_fits_one_gsm7_segment(
     monkeypatch.setenv(clock.ENV, NOW)
     data.generate(tmp_path / "business.db", utc(NOW))
     config = tmp_path / "config.yaml"
-    config.write_text(
-        CONFIG.format(redis="redis://127.0.0.1:6379/8", rules=RULES, templates=TEMPLATES)
-    )
+    config.write_text(CONFIG.format(redis=redis_url, rules=RULES, templates=TEMPLATES))
     app = App(config)
     texts = spanish = 0
     for rule in app.ruleset.rules:
