@@ -81,9 +81,10 @@ FILL = [
 
 
 def project(folder: Path, state_url: str, redis_url: str) -> Path:
-    """The repository's example config, rules and templates, on the benchmark's state DB."""
+    """The repository's example config, rules, templates and digest, on the benchmark's state DB."""
     shutil.copytree(ROOT / "rules", folder / "rules")
     shutil.copytree(ROOT / "templates", folder / "templates")
+    shutil.copytree(ROOT / "examples", folder / "examples")  # the config's daily digest
     text = (ROOT / "config.yaml").read_text()
     text = text.replace("url: sqlite:///reminders.db", f"url: {state_url}")
     text = text.replace(
