@@ -7,8 +7,8 @@ the engine keeps (messages, opt-outs), so they only grow while those rows are ke
 
 Reminders by rule and status and messages by rule, channel, status and code are read from the
 counts kept as the rows change (:mod:`reminders.counts`: a few dozen rows, however many reminders
-and messages there are); the due and unsent reminders from the partial index of the unsent ones by
-send time (migration 0006), and the last scans with one indexed lookup a rule. The labels are
+and messages there are); the due and unsent reminders from the index of the reminders by status
+and send time, one range a status, and the last scans with one indexed lookup a rule. The labels are
 bounded: rules, statuses, channels, queues, provider error codes and opt-out sources; never a
 customer, an address or a reminder.
 
@@ -65,8 +65,8 @@ def _code(value: str | None) -> str:
 def oldest_due_unsent(conn: Connection, now: datetime) -> tuple[dict[str, int], float]:
     """Reminders due and not sent, by rule, and the age in seconds of the oldest (0 when none).
 
-    One query, on the partial index of the unsent reminders by send time: it reads the due ones
-    only, however many are scheduled for later.
+    One query, on the index of the reminders by (status, send_at, rule), read alone: it reads
+    the due ones of each unsent status only, however many are scheduled for later or done.
     """
     by_rule: dict[str, int] = {}
     oldest: datetime | None = None

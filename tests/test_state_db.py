@@ -189,7 +189,8 @@ def test_revisions_read_without_alembic_agree_with_alembic(state_url: str) -> No
 def test_sqlite_partial_indexes_on_the_status_are_written_with_or(tmp_path: Path) -> None:
     """SQLite checks a partial index's ``status IN (3+ values)`` through a temporary table each
     time a row's indexed column changes (migration 0013): the two such indexes are ORs there,
-    from a new database and from one migrated from 0012 and back."""
+    migrated from 0012 and back. Migration 0014 drops the unsent one and gives it back, as 0013
+    left it, on the way down."""
     from alembic import command
 
     url = f"sqlite:///{tmp_path / 'state.db'}"
@@ -204,17 +205,22 @@ def test_sqlite_partial_indexes_on_the_status_are_written_with_or(tmp_path: Path
             )
             return [sql.split(" WHERE ", 1)[1] for (sql,) in found]
 
+    def downgrade(revision: str) -> None:
+        with state_db.engine_for(url).connect() as conn:
+            cfg = state_db.alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+            conn.commit()
+
+    ors = [models.FINAL_SQL, "(status = 'pending' OR status = 'queued' OR status = 'sending')"]
     state_db.upgrade(url, "0012")
     assert all(" IN (" in where and " OR " not in where for where in conditions())
+    state_db.upgrade(url, "0013")
+    assert conditions() == ors
     state_db.upgrade(url)
-    assert conditions() == [
-        models.FINAL_SQL,
-        "(status = 'pending' OR status = 'queued' OR status = 'sending')",
-    ]
-    with state_db.engine_for(url).connect() as conn:
-        cfg = state_db.alembic_config(url)
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0012")
-        conn.commit()
+    assert conditions() == [models.FINAL_SQL]
+    downgrade("0013")
+    assert conditions() == ors
+    downgrade("0012")
     assert all(" IN (" in where and " OR " not in where for where in conditions())
     state_db.dispose_engines(url)
