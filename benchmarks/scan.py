@@ -598,15 +598,17 @@ def summary(results: list[dict[str, Any]]) -> None:
 
 
 def chart(results: list[dict[str, Any]], path: Path) -> None:
-    """Time against rows, log-log, a panel a database (matplotlib, the ``bench`` extra)."""
+    """Time against rows, log-log, a panel a database one above the other (matplotlib, the
+    ``bench`` extra): narrow enough to stay legible when a phone shrinks it to its width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 11})
     databases = list(dict.fromkeys(str(r["database"]) for r in results))
     figure, axes = plt.subplots(
-        1, len(databases), figsize=(6 * len(databases), 4.6), sharey=True, squeeze=False
+        len(databases), 1, figsize=(6.4, 3.4 * len(databases) + 1.0), sharex=True, squeeze=False
     )
     lines = (
         ("first", "first scan", "o-"),
@@ -616,7 +618,7 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         ("read", "bare streaming read", "s:"),
         ("move", "raw move path, 1% changed", "^:"),
     )
-    for axis, database in zip(axes[0], databases, strict=True):
+    for (axis,), database in zip(axes, databases, strict=True):
         found = sorted(
             (r for r in results if r["database"] == database),
             key=lambda r: int(r["rows"]),
@@ -629,13 +631,13 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_title(database)
-        axis.set_xlabel("rows")
+        axis.set_ylabel("seconds")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("seconds")
+    axes[-1][0].set_xlabel("rows")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    figure.suptitle("reminders scan: time against rows (benchmarks/scan.py)")
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=10)
+    figure.suptitle("reminders scan: time against rows")
+    figure.tight_layout(rect=(0, 0.85 / (3.4 * len(databases) + 1.0), 1, 1))
     figure.savefig(path, dpi=110)
     print(f"chart: {path}")
 
