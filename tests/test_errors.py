@@ -15,6 +15,10 @@ def _public_exceptions() -> dict[str, type[BaseException]]:
     for info in pkgutil.walk_packages(reminders.__path__, "reminders."):
         if info.name.startswith("reminders.migrations"):
             continue  # alembic's scripts, run by alembic only
+        if info.name == "reminders.rq_settings":
+            # RQ's settings module: importing it loads ./config.yaml and starts the embedded
+            # Redis beside it (what `rq worker -c` needs); it defines no class.
+            continue
         module = importlib.import_module(info.name)
         for name, value in vars(module).items():
             if (
