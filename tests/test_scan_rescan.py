@@ -3,7 +3,8 @@ PostgreSQL: what it must get right that a lookup a row got right by construction
 
 A row whose digest an open reminder carries is unchanged and is not recorded as seen; only the
 reminders no row matched can have vanished. So each case here is one where trusting a digest
-match alone would cancel, or miss, something.
+match alone would cancel, or miss, something. Last, the statistics a first scan leaves
+PostgreSQL to plan the next scan's lookups with.
 """
 
 from __future__ import annotations
