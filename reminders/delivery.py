@@ -51,7 +51,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import caps, clock, codec, consent, dberrors, fallback, pause, phone, policies
+from . import caps, clock, codec, consent, dberrors, fallback, pause, phone, policies, state_db
 from . import counts as reminder_counts
 from .channels.base import Channel, body_digest
 from .compose import (
@@ -252,10 +252,11 @@ class Delivery:
         state = self.app.state
         r = reminder
         with state.connect() as conn:
+            status = state_db.by_id_alone(conn, r.c.status)  # the ids pick the rows
             rows = (
                 conn.execute(
                     sa.select(r).where(
-                        r.c.id.in_(list(ids)), r.c.status == QUEUED, r.c.job_id == job_id
+                        r.c.id.in_(list(ids)), status == QUEUED, r.c.job_id == job_id
                     )
                 )
                 .mappings()

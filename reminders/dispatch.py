@@ -32,7 +32,7 @@ from rq.worker import Worker
 from sqlalchemy.engine import Connection
 
 from . import counts as reminder_counts
-from . import redis_conn
+from . import redis_conn, state_db
 from .config import Config
 from .errors import ServiceUnavailable
 from .lifecycle import FAILED, PENDING, QUEUED, SENDING, UNKNOWN, move
@@ -178,10 +178,12 @@ class Dispatcher:
         r = reminder
         with self.state.connect() as conn:
             paused = sorted(paused_rules(conn))  # a paused rule's reminders wait (pause.py)
+        # Given ids pick the rows: SQLite must not read the status's index instead (state_db).
+        status = state_db.by_id_alone(self.state, r.c.status) if ids else r.c.status
         while True:
             query = (
                 sa.select(r.c.id, r.c.rule, r.c.channel_index)
-                .where(r.c.status == PENDING, r.c.send_at <= now)
+                .where(status == PENDING, r.c.send_at <= now)
                 .order_by(r.c.send_at, r.c.id)
                 .limit(SELECT_CHUNK)
             )
@@ -427,7 +429,9 @@ def retry(
         raise ValueError(f"retry takes failed, sending or unknown reminders, not {from_status}")
     r = reminder
     now = app.now()
-    query = sa.select(r.c.id, r.c.reason).where(r.c.status == from_status).order_by(r.c.id)
+    # Given ids pick the rows: SQLite must not read the status's index instead (state_db).
+    status = state_db.by_id_alone(app.state, r.c.status) if ids else r.c.status
+    query = sa.select(r.c.id, r.c.reason).where(status == from_status).order_by(r.c.id)
     if rule:
         app.ruleset.rule(rule)  # an unknown name is a usage error naming the rules
         query = query.where(r.c.rule == rule)

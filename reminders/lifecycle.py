@@ -144,11 +144,13 @@ def move(
     changed: list[int] = []
     events: list[dict[str, Any]] = []
     left: Counter[tuple[str, str]] = Counter()
+    # The ids pick the rows: SQLite must not read the status's index instead (state_db).
+    status = state_db.by_id_alone(conn, r.c.status)
     for old in sources:
         for start in range(0, len(wanted), _CHUNK):
             got = conn.execute(
                 sa.update(r)
-                .where(r.c.id.in_(wanted[start : start + _CHUNK]), r.c.status == old, *where)
+                .where(r.c.id.in_(wanted[start : start + _CHUNK]), status == old, *where)
                 .values(**columns)
                 .returning(r.c.id, r.c.rule)
             ).all()
