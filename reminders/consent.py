@@ -32,6 +32,7 @@ from .models import consent_event, optout, preference
 
 ANY = "*"
 TURNED_OFF = "turned off by the customer"
+_CHUNK = 5000  # customers or addresses a query (View.load)
 
 # opt-out sources (optout.source): who or what stopped the address
 STOP = "stop"
@@ -297,12 +298,14 @@ class View:
         by_channel: dict[str, list[str]] = {}
         for channel, address in pairs:
             by_channel.setdefault(channel, []).append(address)
+        # Each list as one parameter (state_db.in_values): the console's forecast asks for
+        # thousands at once, which 500 placeholders a query took 0.24 s to read at 7,500.
         for channel, found in by_channel.items():
-            for start in range(0, len(found), 500):
+            for start in range(0, len(found), _CHUNK):
                 rows = conn.execute(
                     sa.select(optout.c.address, optout.c.source).where(
                         optout.c.channel == channel,
-                        optout.c.address.in_(found[start : start + 500]),
+                        state_db.in_values(conn, optout.c.address, found[start : start + _CHUNK]),
                     )
                 )
                 for row in rows:
@@ -310,14 +313,15 @@ class View:
         ids = sorted({str(c) for c in customer_ids})
         for customer_id in ids:
             view.choices.setdefault(customer_id, {})
-        for start in range(0, len(ids), 500):
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
             rows = conn.execute(
                 sa.select(
                     preference.c.customer_id,
                     preference.c.rule,
                     preference.c.channel,
                     preference.c.enabled,
-                ).where(preference.c.customer_id.in_(ids[start : start + 500]))
+                ).where(state_db.in_values(conn, preference.c.customer_id, chunk))
             )
             for row in rows:
                 view.choices[row.customer_id][(row.rule, row.channel)] = bool(row.enabled)

@@ -15,6 +15,8 @@ gets nothing at ``Chloe@Example.com``.
 
 from __future__ import annotations
 
+import functools
+
 from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
 from reminders.errors import PermanentError
@@ -27,12 +29,21 @@ def validated(raw: str) -> ValidatedEmail:
     text = (raw or "").strip()
     if not text:
         raise PermanentError("no email address", code="invalid_address")
+    found, error = _validated(text)
+    if found is None:
+        raise PermanentError(error, code="invalid_address")
+    return found
+
+
+# Checked for every reminder of the customer's, and by the console's forecast for every pending
+# one (about 0.13 ms an address): the outcome depends on the text alone.
+@functools.lru_cache(maxsize=32_768)
+def _validated(text: str) -> tuple[ValidatedEmail | None, str]:
+    """(the validated address, "") or (None, why it cannot be used)."""
     try:
-        return validate_email(text, check_deliverability=False)
+        return validate_email(text, check_deliverability=False), ""
     except EmailNotValidError as exc:
-        raise PermanentError(
-            f"not a usable email address {mask_email(text)}: {exc}", code="invalid_address"
-        ) from None
+        return None, f"not a usable email address {mask_email(text)}: {exc}"
 
 
 def check(raw: str) -> str:

@@ -8,6 +8,7 @@ logs never carry a whole number: :func:`mask` keeps the country code and the las
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -27,23 +28,33 @@ def normalize(raw: str, region: str | None = "US") -> str:
     text = (raw or "").strip()
     if not text:
         raise PermanentError("no phone number", code="invalid_number")
+    number, error = _checked(text, region)
+    if number is None:
+        raise PermanentError(error, code="invalid_number")
+    return number
+
+
+# A customer's number is checked for every reminder of theirs, and the console's forecast checks
+# every pending one's: phonenumbers takes about 0.15 ms a valid number and 0.4 ms an invalid one
+# (its message names the region). The outcome depends on the text and the region alone.
+@functools.lru_cache(maxsize=32_768)
+def _checked(text: str, region: str | None) -> tuple[str | None, str]:
+    """(E.164, "") for a valid number; (None, why not) otherwise."""
     try:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException as exc:
         reason = _PARSE_REASONS.get(exc.error_type, "cannot be read as a phone number")
         if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE and not region:
             reason = "has no country code (write it as +<country code><number>)"
-        raise PermanentError(f"phone number {mask(text)} {reason}", code="invalid_number") from None
+        return None, f"phone number {mask(text)} {reason}"
     if not phonenumbers.is_valid_number(number):
         where = phonenumbers.region_code_for_number(number)
         if (not where or where == phonenumbers.UNKNOWN_REGION) and number.country_code:
             where = phonenumbers.region_code_for_country_code(number.country_code)
         if not where or where == phonenumbers.UNKNOWN_REGION:
             where = f"+{number.country_code}"
-        raise PermanentError(
-            f"phone number {mask(text)} is not a valid number for {where}", code="invalid_number"
-        )
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        return None, f"phone number {mask(text)} is not a valid number for {where}"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
 
 
 _PARSE_REASONS = {

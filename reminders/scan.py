@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import operator
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -921,22 +919,11 @@ ANALYZE_AFTER = 10_000
 
 # Keys a query looks up at once: a scan batch (business_db.stream's 2000) in one statement.
 _LOOKUP = 5000
-# SQLite has JSON built in from 3.38 (and Python's builds had the JSON1 extension long before).
-_SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
 
 
 def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
-    """``occurrence IN keys`` as one parameter: a statement prepared once, not thousands of
-    placeholders for SQLAlchemy to expand and the driver to parse for every batch."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        param = sa.bindparam("keys", keys, type_=ARRAY(sa.String()))
-        return reminder.c.occurrence == sa.any_(param)
-    if conn.dialect.name == "sqlite" and _SQLITE_JSON:
-        listed = sa.func.json_each(sa.bindparam("keys", json.dumps(keys))).table_valued("value")
-        return reminder.c.occurrence.in_(sa.select(listed.c.value))
-    return reminder.c.occurrence.in_(keys)
+    """``occurrence IN keys`` as one parameter (:func:`state_db.in_values`)."""
+    return state_db.in_values(conn, reminder.c.occurrence, keys)
 
 
 def _stored_digests(

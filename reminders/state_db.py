@@ -14,6 +14,7 @@ import json
 import logging
 import operator
 import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -89,6 +90,27 @@ def execute_indexed_by(
         named = f"FROM {table.name}"  # type: ignore[attr-defined]
     assert sql.count(named) == 1, sql
     return conn.exec_driver_sql(sql.replace(named, f"{named} INDEXED BY {index}"))
+
+
+# SQLite has JSON built in from 3.38 (and Python's builds had the JSON1 extension long before).
+_SQLITE_JSON = sqlite3.sqlite_version_info >= (3, 38)
+
+
+def in_values(
+    bind: Connection | Engine, column: sa.ColumnElement[Any], values: list[str]
+) -> sa.ColumnElement[bool]:
+    """``column IN values`` as one parameter: a statement prepared once, not thousands of
+    placeholders for SQLAlchemy to expand and the driver to parse each time (PostgreSQL: an
+    array and ``= ANY``; SQLite: a JSON array through ``json_each``)."""
+    if bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        param = sa.bindparam(None, values, type_=ARRAY(sa.String()))
+        return column == sa.any_(param)
+    if bind.dialect.name == "sqlite" and _SQLITE_JSON:
+        listed = sa.func.json_each(sa.bindparam(None, json.dumps(values))).table_valued("value")
+        return column.in_(sa.select(listed.c.value))
+    return column.in_(values)
 
 
 def by_id_alone(bind: Connection | Engine, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from reminders.errors import PermanentError
@@ -90,3 +92,33 @@ def test_mask_numbers_in_provider_text() -> None:
     assert mask_numbers_in(text) == (
         "The 'To' number +1******0001 is not a valid phone number. Error 21211."
     )
+
+
+def test_a_number_or_address_checked_again_gets_the_same_answer_from_the_cache() -> None:
+    """The outcome of a check is kept (the console's forecast checks every pending reminder's
+    number and address): a second check of the same text answers the same, a failure raises a
+    new error each time, and the kept answer is used."""
+    from reminders import email_address, phone
+
+    def outcome(check: Any, raw: str) -> tuple[str, str]:
+        try:
+            return "ok", str(check(raw))
+        except PermanentError as exc:
+            return exc.code or "", str(exc)
+
+    cases = [
+        (lambda raw: normalize(raw, "US"), "(415) 555-2671", phone._checked),
+        (lambda raw: normalize(raw, "US"), "+1 415 000 0999", phone._checked),
+        (lambda raw: normalize(raw, "US"), "call me", phone._checked),
+        (email_address.check, "Chloe@Example.COM", email_address._validated),
+        (email_address.check, "chloe..x@example.com", email_address._validated),
+    ]
+    for check, raw, cache in cases:
+        first = outcome(check, raw)
+        hits = cache.cache_info().hits
+        assert outcome(check, raw) == first
+        assert cache.cache_info().hits == hits + 1, raw
+    assert outcome(*cases[0][:2]) == ("ok", "+14155552671")
+    assert outcome(*cases[1][:2])[0] == "invalid_number"
+    assert outcome(*cases[3][:2]) == ("ok", "Chloe@example.com")
+    assert outcome(*cases[4][:2])[0] == "invalid_address"
