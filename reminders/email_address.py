@@ -17,39 +17,42 @@ from __future__ import annotations
 
 import functools
 
-from email_validator import EmailNotValidError, ValidatedEmail, validate_email
+from email_validator import EmailNotValidError, validate_email
 
 from reminders.errors import PermanentError
 from reminders.phone import mask_email
 
 
-def validated(raw: str) -> ValidatedEmail:
-    """``raw`` checked by email-validator (syntax only); raises ``PermanentError`` (code
-    ``invalid_address``) with the masked address and the reason it cannot be used."""
+def _checked(raw: str) -> tuple[str, str]:
+    """``raw`` checked by email-validator (syntax only): the address as sent and its wire form.
+    Raises ``PermanentError`` (code ``invalid_address``) with the masked address and the reason
+    it cannot be used."""
     text = (raw or "").strip()
     if not text:
         raise PermanentError("no email address", code="invalid_address")
-    found, error = _validated(text)
-    if found is None:
+    normalized, wire, error = _validated(text)
+    if error:
         raise PermanentError(error, code="invalid_address")
-    return found
+    return normalized, wire
 
 
 # Checked for every reminder of the customer's, and by the console's forecast for every pending
-# one (about 0.13 ms an address): the outcome depends on the text alone.
+# one (about 0.13 ms an address): the outcome depends on the text alone. Strings are kept, not
+# email-validator's result (a dozen attributes).
 @functools.lru_cache(maxsize=32_768)
-def _validated(text: str) -> tuple[ValidatedEmail | None, str]:
-    """(the validated address, "") or (None, why it cannot be used)."""
+def _validated(text: str) -> tuple[str, str, str]:
+    """(the address as sent, its wire form, "") or ("", "", why it cannot be used)."""
     try:
-        return validate_email(text, check_deliverability=False), ""
+        found = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
-        return None, f"not a usable email address {mask_email(text)}: {exc}"
+        return "", "", f"not a usable email address {mask_email(text)}: {exc}"
+    return str(found.normalized), str(found.ascii_email or found.normalized), ""
 
 
 def check(raw: str) -> str:
     """The address to send to: its local part as written, its domain normalised (lowercase,
     IDNA). Raises ``PermanentError`` when it cannot be used, saying why."""
-    return str(validated(raw).normalized)
+    return _checked(raw)[0]
 
 
 def wire_form(address: str) -> str:
@@ -58,5 +61,4 @@ def wire_form(address: str) -> str:
 
     Raises ``PermanentError`` when it cannot be used.
     """
-    found = validated(address)
-    return str(found.ascii_email or found.normalized)
+    return _checked(address)[1]
