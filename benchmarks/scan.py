@@ -607,8 +607,9 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
 
     plt.rcParams.update({"font.size": 11})
     databases = list(dict.fromkeys(str(r["database"]) for r in results))
+    height = 3.4 * len(databases) + 1.0  # inches: a panel a database, and the legend
     figure, axes = plt.subplots(
-        len(databases), 1, figsize=(6.4, 3.4 * len(databases) + 1.0), sharex=True, squeeze=False
+        len(databases), 1, figsize=(6.4, height), sharex=True, squeeze=False
     )
     lines = (
         ("first", "first scan", "o-"),
@@ -637,7 +638,7 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=10)
     figure.suptitle("reminders scan: time against rows")
-    figure.tight_layout(rect=(0, 0.85 / (3.4 * len(databases) + 1.0), 1, 1))
+    figure.tight_layout(rect=(0, 0.85 / height, 1, 1))
     figure.savefig(path, dpi=110)
     print(f"chart: {path}")
 

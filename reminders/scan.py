@@ -352,7 +352,7 @@ def scan_rule(
                     behind.close()
             phases.observe(rule.name)
             if fresh and counts.created >= ANALYZE_AFTER:
-                state_db.analyze(conn, reminder)
+                state_db.analyze(state, reminder)
             if seen is None:  # a first or incremental scan: nothing vanished here
                 _finish_run(state, run_id, counts, now, "done")
                 return counts
@@ -921,11 +921,6 @@ ANALYZE_AFTER = 10_000
 _LOOKUP = 5000
 
 
-def _occurrence_in(conn: Connection, keys: list[str]) -> sa.ColumnElement[bool]:
-    """``occurrence IN keys`` as one parameter (:func:`state_db.in_values`)."""
-    return state_db.in_values(conn, reminder.c.occurrence, keys)
-
-
 def _stored_digests(
     conn: Connection, rule: Rule, keys: list[str], earliest: datetime
 ) -> dict[str, tuple[str, int]]:
@@ -941,7 +936,7 @@ def _stored_digests(
     for start in range(0, len(keys), _LOOKUP):
         chunk = keys[start : start + _LOOKUP]
         query = sa.select(reminder.c.occurrence, reminder.c.row_hash, vanished, within).where(
-            reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
+            reminder.c.rule == rule.name, state_db.in_values(conn, reminder.c.occurrence, chunk)
         )
         # Plain tuples from the driver: SQLAlchemy's rows cost more than the lookup itself.
         for part in business_db.batches(conn.execute(query), _LOOKUP):
@@ -1085,7 +1080,8 @@ def _existing(conn: Connection, rule: Rule, keys: list[str]) -> dict[str, Existi
             add(
                 "",
                 sa.select(*_EXISTING_COLUMNS).where(
-                    reminder.c.rule == rule.name, _occurrence_in(conn, chunk)
+                    reminder.c.rule == rule.name,
+                    state_db.in_values(conn, reminder.c.occurrence, chunk),
                 ),
             )
         return found

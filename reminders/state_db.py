@@ -277,7 +277,7 @@ def _flock(handle: Any, how: int) -> bool:
     return True
 
 
-def analyze(conn: Connection, table: sa.Table) -> None:
+def analyze(engine: Engine, table: sa.Table) -> None:
     """Refresh PostgreSQL's statistics of ``table`` after a bulk load (a rule's first scan).
 
     PostgreSQL plans from statistics that autovacuum refreshes a minute or so after a big
@@ -291,12 +291,12 @@ def analyze(conn: Connection, table: sa.Table) -> None:
     was checked against that planner: nothing is done there. A failure (a role that may not
     analyze the table) is logged and does not fail the scan.
     """
-    if conn.dialect.name != "postgresql":
+    if engine.dialect.name != "postgresql":
         return
-    name = conn.dialect.identifier_preparer.format_table(table)
-    try:  # on a connection of its own: committed whatever the caller's transaction does
-        with conn.engine.begin() as own:
-            own.exec_driver_sql(f"ANALYZE {name}")
+    name = engine.dialect.identifier_preparer.format_table(table)
+    try:  # on a connection of its own: committed whatever a caller's transaction does
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ANALYZE {name}")
     except sa.exc.DBAPIError as exc:
         log.warning("state DB: could not ANALYZE %s: %s", name, exc.orig)
 

@@ -41,10 +41,10 @@ def _set_digest(p: Project, occurrence: str, digest: str, offset: str | None = N
         assert conn.execute(sa.update(r).where(*where).values(row_hash=digest)).rowcount
 
 
-def _first_scan(p: Project) -> None:
+def _first_scan(p: Project, patients: int = PATIENTS) -> None:
     p.ok("db", "upgrade")
-    p.refillable(PATIENTS)
-    assert _scan(p)["created"] == 2 * PATIENTS
+    p.refillable(patients)
+    assert _scan(p)["created"] == 2 * patients
 
 
 def test_changed_deleted_and_unchanged_rows_in_one_rescan(project: Project) -> None:
@@ -161,7 +161,5 @@ def test_a_first_scan_that_filled_the_table_leaves_postgresql_statistics_of_it(
     for patients, reltuples in ((20, 40.0), (19, -1.0)):
         with project_at(tmp_path / str(patients), "postgresql") as made:
             p = made.setup()
-            p.ok("db", "upgrade")
-            p.refillable(patients)
-            assert _scan(p)["created"] == 2 * patients
+            _first_scan(p, patients)
             assert _reltuples(p) == reltuples
